@@ -1,0 +1,89 @@
+"""shardsave: TensorFlow-compatible checkpoints for MPI training jobs, without TensorFlow.
+
+Every rank writes its own data file; a coordinator writes one merged index in TF's V2
+format. Restore gives each rank the part of each variable it owns now, on any number of
+ranks. See README.md and docs/.
+"""
+
+from . import errors
+from ._inspect import print_tensors_in_checkpoint_file
+from .checkpoint_state import (
+    CheckpointState,
+    checkpoint_exists,
+    get_checkpoint_state,
+    latest_checkpoint,
+    update_checkpoint_state,
+)
+from .errors import (
+    AbortedError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ShardsaveError,
+)
+from .initializers import (
+    constant_initializer,
+    ones_initializer,
+    random_normal_initializer,
+    random_uniform_initializer,
+    zeros_initializer,
+)
+from .partitioners import (
+    fixed_size_partitioner,
+    min_max_variable_partitioner,
+    variable_axis_size_partitioner,
+)
+from .reader import CheckpointReader, list_variables, load_variable
+from .saver import Saver
+from .variables import (
+    Graph,
+    PartitionedVariable,
+    Variable,
+    get_default_graph,
+    get_variable,
+    global_variables,
+    reset_default_graph,
+    trainable_variables,
+)
+
+NewCheckpointReader = CheckpointReader
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortedError",
+    "CheckpointReader",
+    "CheckpointState",
+    "DataLossError",
+    "FailedPreconditionError",
+    "Graph",
+    "InvalidArgumentError",
+    "NewCheckpointReader",
+    "NotFoundError",
+    "PartitionedVariable",
+    "Saver",
+    "ShardsaveError",
+    "Variable",
+    "checkpoint_exists",
+    "constant_initializer",
+    "errors",
+    "fixed_size_partitioner",
+    "get_checkpoint_state",
+    "get_default_graph",
+    "get_variable",
+    "global_variables",
+    "latest_checkpoint",
+    "list_variables",
+    "load_variable",
+    "min_max_variable_partitioner",
+    "ones_initializer",
+    "print_tensors_in_checkpoint_file",
+    "random_normal_initializer",
+    "random_uniform_initializer",
+    "reset_default_graph",
+    "trainable_variables",
+    "update_checkpoint_state",
+    "variable_axis_size_partitioner",
+    "zeros_initializer",
+]

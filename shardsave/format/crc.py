@@ -1,0 +1,73 @@
+"""CRC32C (Castagnoli) and LevelDB's checksum masking.
+
+The C implementation comes from the ``crc32c`` package, which uses the CPU's CRC
+instructions and releases the GIL, so a second thread can checksum while another writes.
+"""
+
+from __future__ import annotations
+
+import crc32c as _crc32c
+
+_MASK_DELTA = 0xA282EAD8
+_U32 = 0xFFFFFFFF
+
+
+def crc32c(data, value: int = 0) -> int:
+    """CRC32C of ``data`` (any buffer), continuing from ``value``."""
+    return _crc32c.crc32c(data, value)
+
+
+def mask(crc: int) -> int:
+    """LevelDB's masking: rotate right by 15 bits and add a constant."""
+    return ((((crc >> 15) | (crc << 17)) & _U32) + _MASK_DELTA) & _U32
+
+
+def unmask(masked: int) -> int:
+    rot = (masked - _MASK_DELTA) & _U32
+    return ((rot >> 17) | (rot << 15)) & _U32
+
+
+def masked_crc32c(data) -> int:
+    return mask(crc32c(data))
+
+
+# --- Combining checksums -------------------------------------------------------------
+# crc(A + B) == shift(crc(A), len(B)) ^ crc(B), where shift(., n) is linear over GF(2)
+# (crc(A) followed by n zero bytes, minus the constant that the zeros alone contribute).
+# Its 32 columns are found with 33 CRCs over zeros, then folded into 4 byte tables so
+# that one combine is 4 lookups: cheap enough to checksum every block of a tensor once
+# and derive the whole tensor's checksum from the blocks.
+
+_shift_tables: dict[int, tuple[list[int], ...]] = {}
+
+
+def _tables_for(length: int) -> tuple[list[int], ...]:
+    tables = _shift_tables.get(length)
+    if tables is None:
+        zeros = bytes(length)
+        base = crc32c(zeros, 0)
+        cols = [crc32c(zeros, 1 << bit) ^ base for bit in range(32)]
+        tables = tuple(
+            [_fold(cols[8 * k : 8 * k + 8], b) for b in range(256)] for k in range(4)
+        )
+        if len(_shift_tables) > 64:
+            _shift_tables.clear()
+        _shift_tables[length] = tables
+    return tables
+
+
+def _fold(cols: list[int], byte: int) -> int:
+    out = 0
+    for bit in range(8):
+        if byte >> bit & 1:
+            out ^= cols[bit]
+    return out
+
+
+def combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC32C of A + B from the (unmasked) CRCs of A and B and the length of B."""
+    if len_b == 0:
+        return crc_a
+    t0, t1, t2, t3 = _tables_for(len_b)
+    shifted = t0[crc_a & 0xFF] ^ t1[crc_a >> 8 & 0xFF] ^ t2[crc_a >> 16 & 0xFF] ^ t3[crc_a >> 24]
+    return shifted ^ crc_b

@@ -1,0 +1,206 @@
+"""LevelDB-style sorted table, as TensorFlow's ``core/lib/io/table_builder.cc`` writes it.
+
+Layout (docs/FORMAT.md, "The index file")::
+
+    [data block][trailer] ... [metaindex block][trailer] [index block][trailer] [footer]
+
+A block is a run of prefix-compressed entries ``varint32 shared, varint32 unshared,
+varint32 value_len, key_suffix, value`` followed by fixed32 restart offsets and a fixed32
+count. The 5-byte trailer is a compression type (0) and the masked CRC32C of the block
+plus that type byte. The 48-byte footer holds the metaindex and index block handles,
+zero padding to 40 bytes and the magic number. The builder mirrors TF's choices
+(256 KiB blocks, restarts every 16 entries, 1 in the index block, shortest separators)
+so that the files come out byte-identical to TF's; the reader accepts any valid table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from . import crc
+from .coding import DecodeError, decode_fixed32, decode_varint, encode_fixed32, encode_varint
+
+BLOCK_SIZE = 256 * 1024
+RESTART_INTERVAL = 16
+TRAILER_SIZE = 5
+FOOTER_SIZE = 48
+MAGIC = 0xDB4775248B80FB57
+NO_COMPRESSION = 0
+SNAPPY_COMPRESSION = 1
+
+
+class _BlockBuilder:
+    def __init__(self, restart_interval: int):
+        self.restart_interval = restart_interval
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf = bytearray()
+        self.restarts = [0]
+        self.counter = 0
+        self.last_key = b""
+
+    def empty(self) -> bool:
+        return not self.buf
+
+    def size_estimate(self) -> int:
+        return len(self.buf) + 4 * len(self.restarts) + 4
+
+    def add(self, key: bytes, value: bytes) -> None:
+        shared = 0
+        if self.counter < self.restart_interval:
+            last = self.last_key
+            limit = min(len(last), len(key))
+            while shared < limit and last[shared] == key[shared]:
+                shared += 1
+        else:
+            self.restarts.append(len(self.buf))
+            self.counter = 0
+        buf = self.buf
+        buf += encode_varint(shared)
+        buf += encode_varint(len(key) - shared)
+        buf += encode_varint(len(value))
+        buf += key[shared:]
+        buf += value
+        self.last_key = key
+        self.counter += 1
+
+    def finish(self) -> bytes:
+        out = self.buf
+        for r in self.restarts:
+            out += encode_fixed32(r)
+        out += encode_fixed32(len(self.restarts))
+        return bytes(out)
+
+
+def _shortest_separator(start: bytes, limit: bytes) -> bytes:
+    """LevelDB's BytewiseComparator::FindShortestSeparator."""
+    n = min(len(start), len(limit))
+    i = 0
+    while i < n and start[i] == limit[i]:
+        i += 1
+    if i < n:
+        byte = start[i]
+        if byte < 0xFF and byte + 1 < limit[i]:
+            return start[:i] + bytes((byte + 1,))
+    return start
+
+
+def _short_successor(key: bytes) -> bytes:
+    """LevelDB's BytewiseComparator::FindShortSuccessor."""
+    for i, byte in enumerate(key):
+        if byte != 0xFF:
+            return key[:i] + bytes((byte + 1,))
+    return key
+
+
+def _handle(offset: int, size: int) -> bytes:
+    return encode_varint(offset) + encode_varint(size)
+
+
+def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SIZE) -> bytes:
+    """Serialize ``(key, value)`` pairs, which must come in strictly increasing key order."""
+    out = bytearray()
+    data_block = _BlockBuilder(RESTART_INTERVAL)
+    index_block = _BlockBuilder(1)
+    pending_handle: bytes | None = None
+    last_key: bytes | None = None
+
+    def write_block(block: _BlockBuilder) -> bytes:
+        contents = block.finish()
+        offset = len(out)
+        out.extend(contents)
+        out.append(NO_COMPRESSION)
+        out.extend(encode_fixed32(crc.mask(crc.crc32c(b"\x00", crc.crc32c(contents)))))
+        block.reset()
+        return _handle(offset, len(contents))
+
+    for key, value in items:
+        if last_key is not None and key <= last_key:
+            raise ValueError(f"table keys out of order: {last_key!r} then {key!r}")
+        if pending_handle is not None:
+            index_block.add(_shortest_separator(last_key, key), pending_handle)
+            pending_handle = None
+        last_key = key
+        data_block.add(key, value)
+        if data_block.size_estimate() >= block_size:
+            pending_handle = write_block(data_block)
+
+    if not data_block.empty():
+        pending_handle = write_block(data_block)
+    metaindex_handle = write_block(_BlockBuilder(RESTART_INTERVAL))
+    if pending_handle is not None:
+        index_block.add(_short_successor(last_key), pending_handle)
+    index_handle = write_block(index_block)
+    footer = metaindex_handle + index_handle
+    footer += bytes(40 - len(footer))
+    footer += encode_fixed32(MAGIC & 0xFFFFFFFF) + encode_fixed32(MAGIC >> 32)
+    out.extend(footer)
+    return bytes(out)
+
+
+def _read_handle(buf, pos: int) -> tuple[int, int, int]:
+    offset, pos = decode_varint(buf, pos)
+    size, pos = decode_varint(buf, pos)
+    return offset, size, pos
+
+
+def _block_contents(data: memoryview, offset: int, size: int, what: str) -> memoryview:
+    end = offset + size
+    if end + TRAILER_SIZE > len(data) or size < 4:
+        raise DecodeError(f"{what} at offset {offset} (size {size}) runs past the end of the file")
+    contents = data[offset:end]
+    ctype = data[end]
+    stored = decode_fixed32(data, end + 1)
+    actual = crc.mask(crc.crc32c(data[end : end + 1], crc.crc32c(contents)))
+    if stored != actual:
+        raise DecodeError(
+            f"{what} at offset {offset}: checksum does not match: "
+            f"stored {stored:#010x} vs. calculated {actual:#010x}"
+        )
+    if ctype == SNAPPY_COMPRESSION:
+        raise DecodeError(f"{what} at offset {offset} is Snappy-compressed, which is not supported")
+    if ctype != NO_COMPRESSION:
+        raise DecodeError(f"{what} at offset {offset} has unknown compression type {ctype}")
+    return contents
+
+
+def _block_entries(contents: memoryview, what: str) -> list[tuple[bytes, bytes]]:
+    num_restarts = decode_fixed32(contents, len(contents) - 4)
+    limit = len(contents) - 4 - 4 * num_restarts
+    if num_restarts == 0 or limit < 0:
+        raise DecodeError(f"{what}: bad restart count {num_restarts}")
+    entries = []
+    key = b""
+    pos = 0
+    while pos < limit:
+        shared, pos = decode_varint(contents, pos, limit)
+        unshared, pos = decode_varint(contents, pos, limit)
+        vlen, pos = decode_varint(contents, pos, limit)
+        if shared > len(key) or pos + unshared + vlen > limit:
+            raise DecodeError(f"{what}: corrupt entry at block offset {pos}")
+        key = key[:shared] + bytes(contents[pos : pos + unshared])
+        pos += unshared
+        entries.append((key, bytes(contents[pos : pos + vlen])))
+        pos += vlen
+    return entries
+
+
+def read_table(data: bytes | memoryview) -> list[tuple[bytes, bytes]]:
+    """All ``(key, value)`` pairs of a table, checking every block's checksum."""
+    data = memoryview(data)
+    if len(data) < FOOTER_SIZE:
+        raise DecodeError(f"file is {len(data)} bytes, shorter than the {FOOTER_SIZE}-byte footer")
+    footer = data[len(data) - FOOTER_SIZE :]
+    magic = decode_fixed32(footer, 40) | (decode_fixed32(footer, 44) << 32)
+    if magic != MAGIC:
+        raise DecodeError(f"bad magic number {magic:#018x} (not a checkpoint index)")
+    _, _, pos = _read_handle(footer, 0)
+    index_offset, index_size, _ = _read_handle(footer, pos)
+    index = _block_contents(data, index_offset, index_size, "index block")
+    entries: list[tuple[bytes, bytes]] = []
+    for _, handle in _block_entries(index, "index block"):
+        offset, size, _ = _read_handle(handle, 0)
+        block = _block_contents(data, offset, size, "data block")
+        entries.extend(_block_entries(block, f"data block at offset {offset}"))
+    return entries

@@ -1,0 +1,277 @@
+"""Fills destination arrays from a checkpoint, reading only the bytes they need.
+
+For every destination block the loader intersects it with the stored pieces of its
+tensor (plan.py), turns each intersection into a byte span of a data file widened to
+whole checksum blocks, merges spans that touch, fetches them in parallel, verifies every
+block against its stored CRC32C and copies the regions into place. A span that is a
+whole large entry and the whole destination is read straight into the destination.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import storage
+from .errors import DataLossError, InvalidArgumentError, NotFoundError
+from .format import crc, dtypes
+from .format.bundle import BundleEntry, Index
+from .format.strings import decode_strings
+from .plan import Block, Span, align_span, c_strides, coalesce, region_span
+from .writer import byte_view
+
+DIRECT_MIN_BYTES = 1 << 20
+VERIFY_THREADS = 2
+
+
+@dataclass
+class Target:
+    """Fill ``out`` (shape ``block.shape``) with region ``block`` of stored tensor ``name``."""
+
+    name: str
+    block: Block
+    out: np.ndarray
+
+
+@dataclass
+class LoadStats:
+    bytes_read: int = 0
+    requests: int = 0
+    bytes_needed: int = 0
+    files: set = field(default_factory=set)
+
+
+@dataclass
+class _Read:
+    """One intersection of a target with a stored piece, and where its bytes come from."""
+
+    target: Target
+    entry: BundleEntry
+    name: str
+    piece: Block
+    region: Block  # relative to the piece
+    span: Span  # entry-relative, aligned to checksum blocks
+    buffer: np.ndarray | None = None  # uint8 holding at least the span
+    buffer_offset: int = 0  # where span.start sits in buffer
+    direct: bool = False
+
+
+def data_file_name(prefix: str, shard_id: int, num_shards: int) -> str:
+    return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
+
+
+def stored_pieces(index: Index, name: str) -> tuple[BundleEntry, list[tuple[Block, BundleEntry]]]:
+    """The full entry of ``name`` and its pieces (one whole piece for a plain tensor)."""
+    full = index.entries[name]
+    if name in index.pieces:
+        pieces = [(Block.from_extents(ext, full.shape), e) for ext, e in index.pieces[name].items()]
+    else:
+        pieces = [(Block.whole(full.shape), full)]
+    return full, pieces
+
+
+def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> LoadStats:
+    """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
+    stats = LoadStats()
+    reads = _plan(prefix, index, targets, stats)
+    num_shards = index.header.num_shards
+    by_shard: dict[int, list[_Read]] = defaultdict(list)
+    for r in reads:
+        by_shard[r.entry.shard_id].append(r)
+    for shard_id, shard_reads in sorted(by_shard.items()):
+        if shard_id >= num_shards:
+            raise DataLossError(
+                f"{prefix.url}.index: tensor {shard_reads[0].name!r} is in shard {shard_id}, "
+                f"but the checkpoint has {num_shards} shard(s)"
+            )
+        file_loc = prefix.with_path(data_file_name(prefix.path, shard_id, num_shards))
+        ranges = _assign_buffers(shard_reads)
+        stats.requests += len(ranges)
+        stats.bytes_read += sum(len(buf) for _, buf in ranges)
+        stats.files.add(file_loc.url)
+        storage.read_ranges(file_loc, ranges)
+        _verify(file_loc, shard_reads)
+    for r in reads:
+        _scatter(r)
+    return stats
+
+
+def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats) -> list[_Read]:
+    reads: list[_Read] = []
+    for t in targets:
+        if t.name not in index.entries:
+            raise NotFoundError(f"{prefix.url}: tensor {t.name!r} not found in checkpoint")
+        full, pieces = stored_pieces(index, t.name)
+        dtype = dtypes.to_numpy(full.dtype)
+        stats.bytes_needed += t.block.size * (dtype.itemsize if full.dtype != dtypes.DT_STRING else 0)
+        covered = 0
+        for piece, entry in pieces:
+            inter = piece.intersect(t.block) if t.block.size else None
+            if inter is None:
+                continue
+            covered += inter.size
+            region = Block(
+                tuple(a - b for a, b in zip(inter.offset, piece.offset, strict=True)), inter.shape
+            )
+            _check_entry_size(prefix, t.name, entry, piece, dtype)
+            if full.dtype == dtypes.DT_STRING or not entry.block_size:
+                span = Span(0, entry.size)
+            else:
+                span = align_span(region_span(piece.shape, region, dtype.itemsize),
+                                  entry.block_size, entry.size)
+            direct = (
+                full.dtype != dtypes.DT_STRING
+                and entry.size >= DIRECT_MIN_BYTES
+                and inter == t.block
+                and region.shape == piece.shape
+                and t.out.flags.c_contiguous
+            )
+            reads.append(_Read(t, entry, t.name, piece, region, span, direct=direct))
+        if covered != t.block.size:
+            raise DataLossError(
+                f"{prefix.url}: the stored pieces of {t.name!r} cover {covered} of the "
+                f"{t.block.size} elements of the requested region at offset "
+                f"{list(t.block.offset)} with shape {list(t.block.shape)}"
+            )
+    return reads
+
+
+def _check_entry_size(prefix, name: str, entry: BundleEntry, piece: Block, dtype: np.dtype) -> None:
+    if entry.dtype == dtypes.DT_STRING:
+        return
+    expected = piece.size * dtype.itemsize
+    if entry.size != expected:
+        raise DataLossError(
+            f"{prefix.url}.index: tensor {name!r} has {entry.size} bytes stored, its shape "
+            f"{list(piece.shape)} of {dtype} needs {expected}"
+        )
+
+
+def _assign_buffers(reads: list[_Read]) -> list[tuple[int, memoryview]]:
+    """Give every read a buffer; reads whose spans touch share one buffer."""
+    ranges: list[tuple[int, memoryview]] = []
+    shared = []
+    for r in reads:
+        if r.direct:
+            r.buffer = r.target.out
+            ranges.append((r.entry.offset, byte_view(r.target.out)))
+        else:
+            shared.append(r)
+    spans = [(r.entry.offset + r.span.start, r.entry.offset + r.span.stop) for r in shared]
+    merged = coalesce(spans)
+    buffers = [(start, np.empty(stop - start, np.uint8)) for start, stop in merged]
+    starts = [start for start, _ in merged]
+    import bisect
+
+    for r, (start, _) in zip(shared, spans, strict=True):
+        i = bisect.bisect_right(starts, start) - 1
+        r.buffer = buffers[i][1]
+        r.buffer_offset = start - buffers[i][0]
+    ranges += [(start, memoryview(buf)) for start, buf in buffers]
+    return ranges
+
+
+def _span_bytes(r: _Read) -> memoryview:
+    if r.direct:
+        return byte_view(r.buffer)
+    return memoryview(r.buffer)[r.buffer_offset : r.buffer_offset + r.span.stop - r.span.start]
+
+
+def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
+    def check(r: _Read) -> None:
+        data = _span_bytes(r)
+        e = r.entry
+        if r.entry.dtype == dtypes.DT_STRING:
+            return  # checked while decoding
+        if e.block_size and e.block_crcs:
+            bs = e.block_size
+            first = r.span.start // bs
+            for i, start in enumerate(range(0, len(data), bs)):
+                stored = int.from_bytes(e.block_crcs[4 * (first + i) : 4 * (first + i) + 4], "little")
+                actual = crc.mask(crc.crc32c(data[start : start + bs]))
+                if stored != actual:
+                    raise DataLossError(
+                        f"{file_loc.url}: checksum does not match for tensor {r.name!r} "
+                        f"(bytes {e.offset + r.span.start + start}..): stored {stored:#010x} "
+                        f"vs. calculated {actual:#010x}"
+                    )
+        else:
+            actual = crc.mask(crc.crc32c(data))
+            if actual != e.crc32c:
+                raise DataLossError(
+                    f"{file_loc.url}: checksum does not match for tensor {r.name!r} "
+                    f"(offset {e.offset}, {e.size} bytes): stored {e.crc32c:#010x} "
+                    f"vs. calculated {actual:#010x}"
+                )
+
+    if sum(r.span.stop - r.span.start for r in reads) < (4 << 20):
+        for r in reads:
+            check(r)
+        return
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        for fut in [pool.submit(check, r) for r in reads]:
+            fut.result()
+
+
+def _scatter(r: _Read) -> None:
+    t = r.target
+    dest = tuple(
+        slice(o - b, o - b + n)
+        for o, b, n in zip(
+            (p + q for p, q in zip(r.piece.offset, r.region.offset, strict=True)),
+            t.block.offset,
+            r.region.shape,
+            strict=True,
+        )
+    )
+    if r.direct:
+        return
+    data = _span_bytes(r)
+    if r.entry.dtype == dtypes.DT_STRING:
+        values, actual = decode_or_raise(bytes(data), r)
+        src = values[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
+        t.out[dest] = src
+        return
+    dtype = t.out.dtype
+    itemsize = dtype.itemsize
+    strides = tuple(s * itemsize for s in c_strides(r.piece.shape))
+    first = sum(o * s for o, s in zip(r.region.offset, strides, strict=True))
+    src = np.ndarray(
+        r.region.shape,
+        dtype=dtypes.to_numpy(r.entry.dtype),
+        buffer=data,
+        offset=first - r.span.start,
+        strides=strides,
+    )
+    t.out[dest] = src
+
+
+def decode_or_raise(data: bytes, r: _Read) -> tuple[np.ndarray, int]:
+    try:
+        values, actual = decode_strings(data, r.piece.shape)
+    except ValueError as exc:
+        raise DataLossError(f"string tensor {r.name!r} is damaged: {exc}") from exc
+    if actual != r.entry.crc32c:
+        raise DataLossError(
+            f"checksum does not match for string tensor {r.name!r}: stored "
+            f"{r.entry.crc32c:#010x} vs. calculated {actual:#010x}"
+        )
+    return values, actual
+
+
+def check_target_dtype(name: str, stored: int, wanted: np.dtype) -> None:
+    have = dtypes.to_numpy(stored)
+    if have != wanted and not (dtypes.is_string(have) and dtypes.is_string(wanted)):
+        raise InvalidArgumentError(
+            f"tensor {name!r}: checkpoint holds dtype {dtypes.tf_name(stored)}, "
+            f"the variable has dtype {wanted}"
+        )
+
+
+def total_elements(shape: Sequence[int]) -> int:
+    return math.prod(shape)

@@ -1,0 +1,254 @@
+"""Pure planning: which rank writes which block, and which bytes a reader must fetch.
+
+Nothing here does I/O or talks to other ranks; the saver and the loader hand it plain data
+(names, shapes, blocks, ranks) and carry out what it returns, so the planning can be
+tested exhaustively in one process for any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import InvalidArgumentError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A rectangular region of a tensor: start ``offset`` and ``shape`` in every dimension."""
+
+    offset: Shape
+    shape: Shape
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def end(self) -> Shape:
+        return tuple(o + s for o, s in zip(self.offset, self.shape, strict=True))
+
+    def intersect(self, other: Block) -> Block | None:
+        """The common region, or None when they do not overlap (or it is empty)."""
+        lo = tuple(max(a, b) for a, b in zip(self.offset, other.offset, strict=True))
+        hi = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))
+        if any(h <= low for low, h in zip(lo, hi, strict=True)):
+            return None
+        return Block(lo, tuple(h - low for low, h in zip(lo, hi, strict=True)))
+
+    def is_whole(self, global_shape: Shape) -> bool:
+        return all(o == 0 for o in self.offset) and self.shape == tuple(global_shape)
+
+    def extents(self) -> tuple[tuple[int, int], ...]:
+        """TF's slice extents ``(start, length)``; like TF's partitioned variables, a
+        dimension taken whole is written with its explicit length, not as ``-1``."""
+        return tuple(zip(self.offset, self.shape, strict=True))
+
+    @classmethod
+    def from_extents(cls, extents: Sequence[tuple[int, int]], global_shape: Shape) -> Block:
+        offset = tuple(start for start, _ in extents)
+        shape = tuple(
+            g if length == -1 else length for (_, length), g in zip(extents, global_shape, strict=True)
+        )
+        return cls(offset, shape)
+
+    @classmethod
+    def whole(cls, shape: Shape) -> Block:
+        return cls((0,) * len(shape), tuple(shape))
+
+    def spec(self, global_shape: Shape) -> str:
+        """TF's text form: ``"10 4 0,4:-"``."""
+        dims = ":".join(
+            "-" if o == 0 and n == g else f"{o},{n}"
+            for o, n, g in zip(self.offset, self.shape, global_shape, strict=True)
+        )
+        return " ".join(str(d) for d in global_shape) + (" " + dims if dims else "")
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    """What a rank tells the others about one block it holds."""
+
+    name: str
+    dtype: int
+    global_shape: Shape
+    block: Block
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One block to write: the rank and its local item index, and the slice extents."""
+
+    name: str
+    rank: int
+    index: int
+    extents: tuple[tuple[int, int], ...] | None
+    """None for a plain entry (the block is the whole tensor)."""
+    nbytes: int
+
+
+@dataclass
+class SavePlan:
+    writes: list[list[Assignment]]
+    """For each rank, the blocks it writes, in the order it writes them."""
+    sliced: dict[str, tuple[int, Shape, list[tuple[tuple[int, int], ...]]]]
+    """Tensors stored in pieces: name -> (dtype, global shape, every piece's extents)."""
+
+    def bytes_per_rank(self) -> list[int]:
+        return [sum(a.nbytes for a in ws) for ws in self.writes]
+
+
+def _describe_ranks(ranks: Sequence[int]) -> str:
+    return ", ".join(str(r) for r in sorted(set(ranks)))
+
+
+def _check_agreement(name: str, holders: list[tuple[int, int, BlockMeta]]) -> None:
+    variants: dict[tuple[int, Shape], list[int]] = defaultdict(list)
+    for rank, _, meta in holders:
+        variants[(meta.dtype, meta.global_shape)].append(rank)
+    if len(variants) > 1:
+        from .format.dtypes import tf_name
+
+        detail = "; ".join(
+            f"ranks {_describe_ranks(ranks)} have dtype {tf_name(dt)} and global shape {list(shape)}"
+            for (dt, shape), ranks in variants.items()
+        )
+        raise InvalidArgumentError(f"ranks disagree on variable {name!r}: {detail}")
+
+
+def _check_tiling(name: str, global_shape: Shape, blocks: dict[Block, list[int]]) -> None:
+    for block, ranks in blocks.items():
+        if len(block.shape) != len(global_shape) or any(
+            o < 0 or e > g for o, e, g in zip(block.offset, block.end, global_shape, strict=True)
+        ):
+            raise InvalidArgumentError(
+                f"variable {name!r}: block at offset {list(block.offset)} with shape "
+                f"{list(block.shape)} on rank(s) {_describe_ranks(ranks)} lies outside the "
+                f"global shape {list(global_shape)}"
+            )
+    items = sorted(blocks.items(), key=lambda kv: kv[0].offset)
+    for i, (a, ranks_a) in enumerate(items):
+        for b, ranks_b in items[i + 1 :]:
+            if b.offset[0] >= a.end[0]:
+                break
+            if a.intersect(b) is not None:
+                raise InvalidArgumentError(
+                    f"variable {name!r}: blocks overlap: offset {list(a.offset)} shape "
+                    f"{list(a.shape)} on rank(s) {_describe_ranks(ranks_a)} and offset "
+                    f"{list(b.offset)} shape {list(b.shape)} on rank(s) {_describe_ranks(ranks_b)}"
+                )
+    covered = sum(b.size for b in blocks)
+    total = math.prod(global_shape)
+    if covered != total:
+        raise InvalidArgumentError(
+            f"variable {name!r}: blocks cover {covered} of {total} elements of global shape "
+            f"{list(global_shape)}: a gap is left (held by ranks "
+            f"{_describe_ranks([r for rs in blocks.values() for r in rs])})"
+        )
+
+
+def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
+    """Validate every rank's blocks and decide who writes what.
+
+    Identical blocks held by several ranks (replicated variables) are written once, by
+    the holder with the fewest bytes assigned so far; blocks held by one rank are written
+    by it. Raises InvalidArgumentError, identically on every rank, when ranks disagree on
+    a variable's dtype or global shape, or its blocks overlap or leave a gap.
+    """
+    nranks = len(metas_by_rank)
+    by_name: dict[str, list[tuple[int, int, BlockMeta]]] = defaultdict(list)
+    for rank, metas in enumerate(metas_by_rank):
+        for index, meta in enumerate(metas):
+            by_name[meta.name].append((rank, index, meta))
+
+    # (name, block) -> holders as (rank, index); one entry per distinct block
+    distinct: list[tuple[str, Block, BlockMeta, list[tuple[int, int]]]] = []
+    sliced: dict[str, tuple[int, Shape, list[tuple[tuple[int, int], ...]]]] = {}
+    for name in sorted(by_name):
+        holders = by_name[name]
+        _check_agreement(name, holders)
+        meta0 = holders[0][2]
+        blocks: dict[Block, list[tuple[int, int]]] = defaultdict(list)
+        block_meta: dict[Block, BlockMeta] = {}
+        for rank, index, meta in holders:
+            blocks[meta.block].append((rank, index))
+            block_meta.setdefault(meta.block, meta)
+        if math.prod(meta0.global_shape) == 0:
+            whole = Block.whole(meta0.global_shape)
+            distinct.append((name, whole, meta0, [h for hs in blocks.values() for h in hs]))
+            continue
+        if len(blocks) > 1 or not next(iter(blocks)).is_whole(meta0.global_shape):
+            _check_tiling(name, meta0.global_shape, {b: [r for r, _ in hs] for b, hs in blocks.items()})
+            sliced[name] = (
+                meta0.dtype,
+                meta0.global_shape,
+                [b.extents() for b in sorted(blocks, key=lambda b: b.offset)],
+            )
+        for block, hs in blocks.items():
+            distinct.append((name, block, block_meta[block], hs))
+
+    load = [0] * nranks
+    writes: list[list[Assignment]] = [[] for _ in range(nranks)]
+    single = [d for d in distinct if len(d[3]) == 1]
+    shared = [d for d in distinct if len(d[3]) > 1]
+    shared.sort(key=lambda d: (-d[2].nbytes, d[0], d[1].offset))
+    for name, block, meta, hs in single + shared:
+        rank, index = min(hs, key=lambda h: (load[h[0]], h[0]))
+        load[rank] += meta.nbytes
+        extents = block.extents() if name in sliced else None
+        writes[rank].append(Assignment(name, rank, index, extents, meta.nbytes))
+    for ws in writes:
+        ws.sort(key=lambda a: (a.name, a.extents or ()))
+    return SavePlan(writes, sliced)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes ``[start, stop)`` of a stored piece that cover a region of it."""
+
+    start: int
+    stop: int
+
+
+def region_span(piece_shape: Shape, region: Block, itemsize: int) -> Span:
+    """The smallest byte range of a C-ordered piece that holds ``region`` (piece-relative)."""
+    if not piece_shape:
+        return Span(0, itemsize)
+    strides = c_strides(piece_shape)
+    first = sum(o * s for o, s in zip(region.offset, strides, strict=True))
+    last = sum((o + n - 1) * s for o, n, s in zip(region.offset, region.shape, strides, strict=True))
+    return Span(first * itemsize, (last + 1) * itemsize)
+
+
+def c_strides(shape: Shape) -> Shape:
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return tuple(strides)
+
+
+def align_span(span: Span, block_size: int, total: int) -> Span:
+    """Widen a span to whole checksum blocks so that every byte read can be verified."""
+    start = span.start - span.start % block_size
+    stop = min(total, -(-span.stop // block_size) * block_size)
+    return Span(start, stop)
+
+
+def coalesce(ranges: Sequence[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:
+    """Merge ``[start, stop)`` ranges that overlap or lie within ``max_gap`` of each other."""
+    merged: list[list[int]] = []
+    for start, stop in sorted(ranges):
+        if merged and start <= merged[-1][1] + max_gap:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [(a, b) for a, b in merged]

@@ -1,0 +1,425 @@
+"""The Saver: collective save and restore of a set of variables, as ``tf.train.Saver``.
+
+Per rank, ``save`` runs (every step ends in :meth:`Comm.agree`, so a failure anywhere
+makes every rank raise the same error and none waits forever):
+
+1. list this rank's blocks (name, dtype, global shape, block) and check them;
+2. all-gather the lists; every rank computes the same plan (plan.py): who writes which
+   block, replicated blocks once, and the checks of shapes, overlaps and gaps;
+3. the coordinator creates the directory and removes an old index at this prefix, so an
+   index never points at data being rewritten;
+4. every rank streams its blocks into ``P.data-<rank>-of-<size>`` (writer.py);
+5. the coordinator gathers the index entries, checks every data file has the expected
+   size, publishes ``P.index`` atomically (the commit point), then writes the state
+   file and deletes checkpoints that retention lets go.
+
+``restore``: the coordinator reads the index once and broadcasts it; every rank plans and
+reads only the byte ranges its own blocks need (loader.py) into fresh arrays, and only
+when every rank succeeded do the variables take the new values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint_state, storage
+from .comm import Comm
+from .errors import (
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from .format import dtypes
+from .format.bundle import BundleEntry, BundleHeader, Index, build_index, entry_key, parse_index
+from .format.coding import DecodeError
+from .loader import LoadStats, Target, data_file_name, load
+from .plan import Block, BlockMeta, make_save_plan
+from .variables import PartitionedVariable, Variable, global_variables
+from .writer import write_data_file
+
+VarList = Mapping[str, Any] | Iterable[Any] | None
+
+
+def _blocks_of(var: Any) -> list[Variable]:
+    if isinstance(var, Variable):
+        return [var]
+    if isinstance(var, PartitionedVariable):
+        return list(var.parts)
+    if isinstance(var, list | tuple) and all(isinstance(v, Variable) for v in var):
+        return list(var)
+    raise InvalidArgumentError(f"cannot save {var!r}: expected a Variable, a PartitionedVariable or a list of parts")
+
+
+def _saveables(var_list: VarList) -> dict[str, list[Variable]]:
+    """``{name in checkpoint: this rank's blocks}`` from TF's forms of ``var_list``."""
+    if var_list is None:
+        var_list = global_variables()
+    if isinstance(var_list, Mapping):
+        return {str(name): _blocks_of(v) for name, v in var_list.items()}
+    out: dict[str, list[Variable]] = {}
+    for var in var_list:
+        name = getattr(var, "name", None)
+        if name is None:
+            raise InvalidArgumentError(f"cannot save {var!r}: it has no name")
+        if name in out:
+            raise InvalidArgumentError(f"at least two variables have the same name: {name!r}")
+        out[name] = _blocks_of(var)
+    return out
+
+
+class Saver:
+    """Saves and restores variables; every method is collective over ``comm``.
+
+    ``comm`` defaults to ``MPI.COMM_WORLD``; the Saver duplicates it once, here, so
+    constructing a Saver is collective too. ``storage_options`` (or a ready fsspec
+    ``fs``) apply to every path given to ``save`` and ``restore``.
+    """
+
+    def __init__(
+        self,
+        var_list: VarList = None,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float = 10000.0,
+        pad_step_number: bool = False,
+        save_relative_paths: bool = False,
+        allow_empty: bool = False,
+        reshape: bool = False,
+        *,
+        comm: Any = None,
+        storage_options: dict | None = None,
+        fs: Any = None,
+        fsync: bool = True,
+        filename: str | None = None,
+    ):
+        self._var_list = var_list
+        self._saveables = _saveables(var_list)
+        if not self._saveables and not allow_empty:
+            raise InvalidArgumentError("no variables to save (pass allow_empty=True to save none)")
+        self.max_to_keep = max_to_keep
+        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
+        self.pad_step_number = pad_step_number
+        self.save_relative_paths = save_relative_paths
+        self.allow_empty = allow_empty
+        self.reshape = reshape
+        self.storage_options = storage_options
+        self.fs = fs
+        self.fsync = fsync
+        self.filename = filename
+        self._comm = Comm.create(comm)
+        self._last_checkpoints: list[tuple[str, float]] = []
+        self._next_checkpoint_time = time.time() + keep_checkpoint_every_n_hours * 3600
+        self._last_preserved_timestamp: float | None = None
+        self.last_restore_stats: LoadStats | None = None
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def comm(self) -> Comm:
+        return self._comm
+
+    @property
+    def last_checkpoints(self) -> list[str]:
+        """Checkpoints not yet deleted by retention, oldest first."""
+        return [p for p, _ in self._last_checkpoints]
+
+    def set_last_checkpoints_with_time(self, last_checkpoints_with_time: list[tuple[str, float]]) -> None:
+        self._last_checkpoints = list(last_checkpoints_with_time)
+
+    def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
+        """Adopt the committed ones of ``checkpoint_paths`` (e.g. after a restart)."""
+        now = time.time()
+        kept = []
+        for path in checkpoint_paths:
+            loc = self._resolve(path + ".index")
+            if storage.exists(loc):
+                mtime = storage.info(loc)["mtime"] or now
+                kept.append((path, mtime))
+        self._last_checkpoints = sorted(kept, key=lambda pt: pt[1])
+
+    def _resolve(self, path: str) -> storage.Location:
+        return storage.resolve(path, self.storage_options, self.fs)
+
+    def _prefix(self, save_path: str | os.PathLike, global_step: Any) -> str:
+        save_path = os.fspath(save_path)
+        if global_step is None:
+            return save_path
+        step = int(np.asarray(global_step.value if isinstance(global_step, Variable) else global_step))
+        return f"{save_path}-{step:08d}" if self.pad_step_number else f"{save_path}-{step}"
+
+    # ------------------------------------------------------------------------- save
+    def _local_items(self, prefix: str) -> list[tuple[str, Variable, np.ndarray]]:
+        items = []
+        for name, blocks in self._saveables.items():
+            for var in blocks:
+                if not var.initialized:
+                    raise FailedPreconditionError(
+                        f"saving {prefix}: variable {name!r} is not initialized; "
+                        "initialize, assign or restore it before saving"
+                    )
+                try:
+                    dtypes.to_tf(var.dtype)
+                except ValueError as exc:
+                    raise InvalidArgumentError(f"saving {prefix}: variable {name!r}: {exc}") from None
+                items.append((name, var, var.value))
+        return items
+
+    def save(
+        self,
+        save_path: str | os.PathLike,
+        global_step: Any = None,
+        latest_filename: str | None = "checkpoint",
+        write_state: bool = True,
+        *,
+        write_meta_graph: bool = False,
+    ) -> str:
+        """Write a checkpoint and return its prefix (``save_path-<step>`` with a step).
+
+        Collective; every rank returns the same prefix or raises the same error. A failed
+        save commits nothing: the previous checkpoint stays the latest.
+        """
+        comm = self._comm
+        prefix = self._prefix(save_path, global_step)
+        what = f"saving {prefix}"
+        loc = self._resolve(prefix)
+        metas: list[BlockMeta] = []
+        items: list[tuple[str, Variable, np.ndarray]] = []
+        err = None
+        try:
+            items = self._local_items(prefix)
+            metas = [
+                BlockMeta(name, dtypes.to_tf(arr.dtype), var.global_shape, var.block, _nbytes(arr))
+                for name, var, arr in items
+            ]
+        except Exception as exc:  # noqa: BLE001 - reported to every rank by agree()
+            err = exc
+        comm.agree(err, what)
+        try:
+            plan = make_save_plan(comm.allgather(metas))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{what}: {exc}") from None
+
+        # The directory exists and no stale index points at the files about to be rewritten.
+        err = None
+        if comm.is_coordinator:
+            try:
+                storage.makedirs(loc.parent)
+                storage.remove([loc.with_path(loc.path + ".index")])
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+        comm.agree(err, what)
+
+        data_loc = loc.with_path(data_file_name(loc.path, comm.rank, comm.size))
+        entries: list[tuple[bytes, BundleEntry]] = []
+        err = None
+        out = None
+        try:
+            out = storage.Writer(data_loc, fsync=self.fsync)
+            todo = [(entry_key(a.name, a.extents), items[a.index][2]) for a in plan.writes[comm.rank]]
+            entries = write_data_file(out, todo, comm.rank)
+            out.close()
+        except Exception as exc:  # noqa: BLE001
+            err = exc
+            if out is not None:
+                out.abort()
+        try:
+            comm.agree(err, what)
+        except Exception:
+            storage.remove([data_loc])
+            raise
+
+        gathered = comm.gather((entries, out.written if out else 0))
+        err = None
+        timestamp = time.time()
+        if comm.is_coordinator:
+            try:
+                self._commit(loc, prefix, plan.sliced, gathered, latest_filename, write_state, timestamp)
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+        comm.agree(err, what)
+        timestamp = comm.bcast(timestamp)
+        self._record(prefix, timestamp, latest_filename, write_state)
+        return prefix
+
+    def _commit(self, loc, prefix, sliced, gathered, latest_filename, write_state, timestamp) -> None:
+        nranks = len(gathered)
+        for rank, (_, written) in enumerate(gathered):
+            data_loc = loc.with_path(data_file_name(loc.path, rank, nranks))
+            found = storage.size(data_loc)
+            if found != written:
+                raise DataLossError(
+                    f"{data_loc.url}: rank {rank} wrote {written} bytes but the coordinator sees "
+                    f"{'no file' if found is None else f'{found} bytes'}; do all ranks write to the "
+                    "same shared filesystem? (node-local disks and memory:// cannot hold a "
+                    "multi-process checkpoint)"
+                )
+        all_entries = [e for entries, _ in gathered for e in entries]
+        for name, (tf_type, shape, slices) in sliced.items():
+            all_entries.append((entry_key(name), BundleEntry(dtype=tf_type, shape=shape, slices=tuple(slices))))
+        index = build_index(BundleHeader(num_shards=nranks), all_entries)
+        storage.fsync_dir(loc.parent)
+        storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync)
+        # leftovers of earlier saves of this prefix with another number of ranks
+        current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
+        stale = [f for f in storage.glob(loc.parent, loc.name + ".data-*-of-*") if f.name not in current]
+        storage.remove(stale)
+        if write_state:
+            self._write_state(prefix, timestamp, latest_filename, coordinator=True)
+
+    def _record(self, prefix: str, timestamp: float, latest_filename, write_state) -> None:
+        """Retention bookkeeping, identical on every rank; deletion on the coordinator."""
+        if not self.max_to_keep:
+            return
+        self._last_checkpoints = [(p, t) for p, t in self._last_checkpoints if p != prefix]
+        self._last_checkpoints.append((prefix, timestamp))
+        doomed = []
+        while len(self._last_checkpoints) > self.max_to_keep:
+            path, t = self._last_checkpoints.pop(0)
+            if t > self._next_checkpoint_time:
+                self._next_checkpoint_time += self.keep_checkpoint_every_n_hours * 3600
+                self._last_preserved_timestamp = t
+                continue
+            doomed.append(path)
+        if self._comm.is_coordinator:
+            if write_state and (doomed or self._last_preserved_timestamp):
+                self._write_state(prefix, timestamp, latest_filename, coordinator=True)
+            for path in doomed:
+                delete_checkpoint_files(self._resolve(path))
+
+    def _write_state(self, prefix: str, timestamp: float, latest_filename, coordinator: bool) -> None:
+        kept = [(p, t) for p, t in self._last_checkpoints if p != prefix]
+        if self.max_to_keep:
+            kept = kept[-(self.max_to_keep - 1):] if self.max_to_keep > 1 else []
+        kept.append((prefix, timestamp))
+        checkpoint_state.update_checkpoint_state(
+            checkpoint_state.dirname(prefix),
+            prefix,
+            [p for p, _ in kept],
+            latest_filename=latest_filename,
+            all_model_checkpoint_timestamps=[t for _, t in kept],
+            last_preserved_timestamp=self._last_preserved_timestamp,
+            save_relative_paths=self.save_relative_paths,
+            storage_options=self.storage_options,
+            fs=self.fs,
+        )
+
+    # ---------------------------------------------------------------------- restore
+    def restore(self, save_path: str | os.PathLike) -> None:
+        """Give every variable its value from the checkpoint at ``save_path``.
+
+        Collective. Each rank reads only the bytes its own blocks need, whatever the
+        layout the checkpoint was saved with. On any error on any rank every rank raises
+        and no variable changes.
+        """
+        if save_path is None:
+            raise InvalidArgumentError("cannot restore: save_path is None")
+        comm = self._comm
+        prefix = os.fspath(save_path)
+        what = f"restoring {prefix}"
+        loc = self._resolve(prefix)
+        index = read_index(loc, comm, what)
+        err = None
+        updates: list[tuple[Variable, np.ndarray]] = []
+        try:
+            targets, updates = self._targets(prefix, index)
+            self.last_restore_stats = load(loc, index, targets)
+            updates = [(var, _finish(var, arr)) for var, arr in updates]
+        except Exception as exc:  # noqa: BLE001
+            err = exc
+        comm.agree(err, what)
+        for var, arr in updates:
+            var._set(arr)
+
+    def _targets(self, prefix: str, index: Index) -> tuple[list[Target], list[tuple[Variable, np.ndarray]]]:
+        targets, updates = [], []
+        for name, blocks in self._saveables.items():
+            full = index.entries.get(name)
+            if full is None:
+                close = difflib.get_close_matches(name, list(index.entries), n=3)
+                hint = f"; close names in the checkpoint: {', '.join(map(repr, close))}" if close else ""
+                raise NotFoundError(f"{prefix}: variable {name!r} not found in checkpoint{hint}")
+            try:
+                stored = dtypes.to_numpy(full.dtype)
+            except ValueError as exc:
+                raise InvalidArgumentError(f"{prefix}: variable {name!r}: {exc}") from None
+            for var in blocks:
+                if stored != var.dtype and not (dtypes.is_string(stored) and dtypes.is_string(var.dtype)):
+                    raise InvalidArgumentError(
+                        f"{prefix}: variable {name!r} has dtype {var.dtype}, the checkpoint holds "
+                        f"{dtypes.tf_name(full.dtype)}"
+                    )
+                if tuple(var.global_shape) != tuple(full.shape):
+                    same_size = math.prod(var.global_shape) == math.prod(full.shape)
+                    if not (self.reshape and same_size and not var.is_sliced):
+                        raise InvalidArgumentError(
+                            f"{prefix}: variable {name!r} has shape {list(var.global_shape)}, the "
+                            f"checkpoint holds shape {list(full.shape)}"
+                            + ("" if self.reshape else " (reshape=True allows this when sizes agree)")
+                        )
+                    out = np.empty(full.shape, dtype=stored)
+                    targets.append(Target(name, Block.whole(full.shape), out))
+                    updates.append((var, out))
+                    continue
+                out = np.empty(var.shape, dtype=stored)
+                targets.append(Target(name, var.block, out))
+                updates.append((var, out))
+        return targets, updates
+
+    def wait_until_finished(self) -> None:
+        """Saves are synchronous for now; kept for API compatibility."""
+
+
+def _nbytes(arr: np.ndarray) -> int:
+    if arr.dtype.kind == "O":
+        return sum(len(x) if isinstance(x, bytes | str) else 0 for x in arr.reshape(-1)) + arr.size
+    return arr.nbytes
+
+
+def _finish(var: Variable, arr: np.ndarray) -> np.ndarray:
+    if arr.shape != var.shape:
+        arr = arr.reshape(var.shape)
+    return arr
+
+
+def read_index(loc: storage.Location, comm: Comm, what: str) -> Index:
+    """The coordinator reads ``P.index`` once; every rank gets its parsed form."""
+    data = None
+    err = None
+    if comm.is_coordinator:
+        try:
+            data = read_index_bytes(loc)
+        except Exception as exc:  # noqa: BLE001
+            err = exc
+    comm.agree(err, what)
+    data = comm.bcast(data)
+    return parse_index_or_raise(loc, data)
+
+
+def read_index_bytes(loc: storage.Location) -> bytes:
+    index_loc = loc.with_path(loc.path + ".index")
+    try:
+        return storage.read_bytes(index_loc)
+    except NotFoundError:
+        raise NotFoundError(
+            f"no checkpoint at {loc.url}: {index_loc.url} does not exist"
+        ) from None
+
+
+def parse_index_or_raise(loc: storage.Location, data: bytes) -> Index:
+    try:
+        return parse_index(data)
+    except (DecodeError, ValueError, IndexError) as exc:
+        raise DataLossError(f"{loc.url}.index is not a valid checkpoint index: {exc}") from exc
+
+
+def delete_checkpoint_files(loc: storage.Location) -> None:
+    """Remove a checkpoint: its index first (so it stops counting), then its data files."""
+    storage.remove([loc.with_path(loc.path + ".index")])
+    storage.remove(storage.glob(loc.parent, loc.name + ".data-*-of-*"))
+    storage.remove([loc.with_path(loc.path + ".meta")])
