@@ -134,14 +134,18 @@ class Saver:
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt the committed ones of ``checkpoint_paths`` (e.g. after a restart)."""
-        now = time.time()
-        kept = []
-        for path in checkpoint_paths:
-            loc = self._resolve(path + ".index")
-            if storage.exists(loc):
-                mtime = storage.info(loc)["mtime"] or now
-                kept.append((path, mtime))
-        self._last_checkpoints = sorted(kept, key=lambda pt: pt[1])
+        kept, err = [], None
+        if self._comm.is_coordinator:
+            now = time.time()
+            try:
+                for path in checkpoint_paths:
+                    loc = self._resolve(path + ".index")
+                    if storage.exists(loc):
+                        kept.append((path, storage.info(loc)["mtime"] or now))
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+        self._comm.agree(err, "recovering the list of checkpoints")
+        self._last_checkpoints = sorted(self._comm.bcast(kept), key=lambda pt: pt[1])
 
     def _resolve(self, path: str) -> storage.Location:
         return storage.resolve(path, self.storage_options, self.fs)

@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh machine with Python 3 and make:
+#   make demo   create the environment, run a 4-rank training job, resume it on 2 ranks
+#   make test   create the environment and run every test (lint, unit, TF oracle, MPI, S3)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= /tmp/shardsave-demo
+
+.PHONY: all env demo seeds test lint bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,s3,mpi]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+seeds: $(STAMP)
+	rm -rf $(DEMO)/seed && mkdir -p $(DEMO)/seed
+	$(BIN)/python examples/save_model.py $(DEMO)/seed/model.ckpt
+	$(BIN)/python examples/restore_model.py $(DEMO)/seed/model.ckpt
+	$(BIN)/python examples/restore_subset.py $(DEMO)/seed/model.ckpt
+	$(BIN)/python examples/inspect_model.py $(DEMO)/seed/model.ckpt
+
+demo: $(STAMP) seeds
+	rm -rf $(DEMO)/run $(DEMO)/straight
+	@echo "== 4 ranks train 100 steps, checkpointing every 20"
+	$(BIN)/mpiexec -n 4 $(BIN)/python -m mpi4py examples/mpi_train.py --ckpt-dir $(DEMO)/run --steps 100 --save-every 20
+	@echo "== 2 ranks resume from the latest checkpoint and train to step 200"
+	$(BIN)/mpiexec -n 2 $(BIN)/python -m mpi4py examples/mpi_train.py --ckpt-dir $(DEMO)/run --steps 200 --save-every 20 --resume
+	@echo "== the same 200 steps straight on 1 rank, for comparison (same sha256 expected)"
+	$(BIN)/mpiexec -n 1 $(BIN)/python -m mpi4py examples/mpi_train.py --ckpt-dir $(DEMO)/straight --steps 200 --save-every 200
+	$(BIN)/shardsave ls $(DEMO)/run
+	$(BIN)/shardsave inspect $(DEMO)/run
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) $(DEMO)
