@@ -147,7 +147,7 @@ def _check_tiling(name: str, global_shape: Shape, blocks: dict[Block, list[int]]
     if covered != total:
         raise InvalidArgumentError(
             f"variable {name!r}: blocks cover {covered} of {total} elements of global shape "
-            f"{list(global_shape)}: a gap is left (held by ranks "
+            f"{list(global_shape)}: a gap is left (blocks held by rank(s) "
             f"{_describe_ranks([r for rs in blocks.values() for r in rs])})"
         )
 
