@@ -39,6 +39,15 @@ class Comm:
         return cls(comm.Dup())
 
     @property
+    def thread_multiple(self) -> bool:
+        """Whether background threads may make MPI calls while the application does."""
+        if self._comm is None:
+            return True
+        from mpi4py import MPI
+
+        return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+
+    @property
     def is_coordinator(self) -> bool:
         return self.rank == 0
 

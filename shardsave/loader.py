@@ -9,10 +9,10 @@ whole large entry and the whole destination is read straight into the destinatio
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +26,6 @@ from .plan import Block, Span, align_span, c_strides, coalesce, region_span
 from .writer import byte_view
 
 DIRECT_MIN_BYTES = 1 << 20
-VERIFY_THREADS = 2
 
 
 @dataclass
@@ -90,12 +89,11 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> L
                 f"but the checkpoint has {num_shards} shard(s)"
             )
         file_loc = prefix.with_path(data_file_name(prefix.path, shard_id, num_shards))
-        ranges = _assign_buffers(shard_reads)
+        ranges, groups = _assign_buffers(shard_reads)
         stats.requests += len(ranges)
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)
-        storage.read_ranges(file_loc, ranges)
-        _verify(file_loc, shard_reads)
+        storage.read_ranges(file_loc, ranges, after=lambda i, f=file_loc, g=groups: _verify(f, g[i]))
     for r in reads:
         _scatter(r)
     return stats
@@ -152,28 +150,34 @@ def _check_entry_size(prefix, name: str, entry: BundleEntry, piece: Block, dtype
         )
 
 
-def _assign_buffers(reads: list[_Read]) -> list[tuple[int, memoryview]]:
-    """Give every read a buffer; reads whose spans touch share one buffer."""
+def _assign_buffers(reads: list[_Read]) -> tuple[list[tuple[int, memoryview]], list[list[_Read]]]:
+    """Give every read a buffer; reads whose spans touch share one buffer.
+
+    Returns the ranges to fetch and, for each range, the reads it serves.
+    """
     ranges: list[tuple[int, memoryview]] = []
+    groups: list[list[_Read]] = []
     shared = []
     for r in reads:
         if r.direct:
             r.buffer = r.target.out
             ranges.append((r.entry.offset, byte_view(r.target.out)))
+            groups.append([r])
         else:
             shared.append(r)
     spans = [(r.entry.offset + r.span.start, r.entry.offset + r.span.stop) for r in shared]
     merged = coalesce(spans)
     buffers = [(start, np.empty(stop - start, np.uint8)) for start, stop in merged]
     starts = [start for start, _ in merged]
-    import bisect
-
+    first_group = len(groups)
+    groups += [[] for _ in merged]
     for r, (start, _) in zip(shared, spans, strict=True):
         i = bisect.bisect_right(starts, start) - 1
         r.buffer = buffers[i][1]
         r.buffer_offset = start - buffers[i][0]
+        groups[first_group + i].append(r)
     ranges += [(start, memoryview(buf)) for start, buf in buffers]
-    return ranges
+    return ranges, groups
 
 
 def _span_bytes(r: _Read) -> memoryview:
@@ -209,13 +213,8 @@ def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
                     f"vs. calculated {actual:#010x}"
                 )
 
-    if sum(r.span.stop - r.span.start for r in reads) < (4 << 20):
-        for r in reads:
-            check(r)
-        return
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-        for fut in [pool.submit(check, r) for r in reads]:
-            fut.result()
+    for r in reads:
+        check(r)
 
 
 def _scatter(r: _Read) -> None:

@@ -20,10 +20,14 @@ when every rank succeeded do the variables take the new values.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import math
 import os
+import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -42,6 +46,7 @@ from .format.bundle import BundleEntry, BundleHeader, Index, build_index, entry_
 from .format.coding import DecodeError
 from .loader import LoadStats, Target, data_file_name, load
 from .plan import Block, BlockMeta, make_save_plan
+from .staging import StagingBuffers
 from .variables import PartitionedVariable, Variable, global_variables
 from .writer import write_data_file
 
@@ -118,6 +123,8 @@ class Saver:
         self._next_checkpoint_time = time.time() + keep_checkpoint_every_n_hours * 3600
         self._last_preserved_timestamp: float | None = None
         self.last_restore_stats: LoadStats | None = None
+        self._pending: SaveHandle | None = None
+        self._staging = StagingBuffers()
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -182,16 +189,57 @@ class Saver:
         write_state: bool = True,
         *,
         write_meta_graph: bool = False,
-    ) -> str:
+        blocking: bool = True,
+    ) -> str | SaveHandle:
         """Write a checkpoint and return its prefix (``save_path-<step>`` with a step).
 
         Collective; every rank returns the same prefix or raises the same error. A failed
         save commits nothing: the previous checkpoint stays the latest.
+
+        With ``blocking=False`` it returns a :class:`SaveHandle` as soon as this rank's
+        variables are copied into staging buffers (training may change them right away);
+        the writes and the commit go on in a background thread. ``handle.result()`` gives
+        the prefix or raises the save's error. A later save or restore, and interpreter
+        exit, wait for it first, so a checkpoint is never silently dropped.
         """
-        comm = self._comm
+        self.wait_until_finished()
         prefix = self._prefix(save_path, global_step)
-        what = f"saving {prefix}"
         loc = self._resolve(prefix)
+        plan, items = self._plan_save(prefix)
+        todo = [(entry_key(a.name, a.extents), items[a.index][2]) for a in plan.writes[self._comm.rank]]
+        if blocking:
+            return self._write_and_commit(prefix, loc, plan, todo, latest_filename, write_state)
+        if self._comm.size > 1 and not self._comm.thread_multiple:
+            raise FailedPreconditionError(
+                "a non-blocking save needs MPI initialized with MPI_THREAD_MULTIPLE "
+                "(mpi4py's default); this MPI provides less"
+            )
+        staged = self._staging.stage(todo)
+        handle = SaveHandle(prefix)
+        thread = threading.Thread(
+            target=handle._run,
+            args=(self._write_and_commit, prefix, loc, plan, staged, latest_filename, write_state),
+            name=f"shardsave-save-{prefix}",
+        )
+        self._pending = handle
+        _register_exit_join(self)
+        thread.start()
+        handle._thread = thread
+        return handle
+
+    def wait_until_finished(self) -> None:
+        """Wait for a pending non-blocking save; raise its error if nobody has seen it."""
+        handle, self._pending = self._pending, None
+        if handle is not None:
+            handle._join()
+            if handle._error is not None and not handle._error_seen:
+                handle._error_seen = True
+                raise handle._error
+
+    def _plan_save(self, prefix: str):
+        """Steps 1-2: list and check this rank's blocks; agree with all ranks on a plan."""
+        comm = self._comm
+        what = f"saving {prefix}"
         metas: list[BlockMeta] = []
         items: list[tuple[str, Variable, np.ndarray]] = []
         err = None
@@ -208,7 +256,12 @@ class Saver:
             plan = make_save_plan(comm.allgather(metas))
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"{what}: {exc}") from None
+        return plan, items
 
+    def _write_and_commit(self, prefix, loc, plan, todo, latest_filename, write_state) -> str:
+        """Steps 3-5: prepare the directory, write this rank's data file, commit."""
+        comm = self._comm
+        what = f"saving {prefix}"
         # The directory exists and no stale index points at the files about to be rewritten.
         err = None
         if comm.is_coordinator:
@@ -225,7 +278,6 @@ class Saver:
         out = None
         try:
             out = storage.Writer(data_loc, fsync=self.fsync)
-            todo = [(entry_key(a.name, a.extents), items[a.index][2]) for a in plan.writes[comm.rank]]
             entries = write_data_file(out, todo, comm.rank)
             out.close()
         except Exception as exc:  # noqa: BLE001
@@ -323,6 +375,7 @@ class Saver:
         """
         if save_path is None:
             raise InvalidArgumentError("cannot restore: save_path is None")
+        self.wait_until_finished()
         comm = self._comm
         prefix = os.fspath(save_path)
         what = f"restoring {prefix}"
@@ -375,9 +428,6 @@ class Saver:
                 updates.append((var, out))
         return targets, updates
 
-    def wait_until_finished(self) -> None:
-        """Saves are synchronous for now; kept for API compatibility."""
-
 
 def _nbytes(arr: np.ndarray) -> int:
     if arr.dtype.kind == "O":
@@ -427,3 +477,64 @@ def delete_checkpoint_files(loc: storage.Location) -> None:
     storage.remove([loc.with_path(loc.path + ".index")])
     storage.remove(storage.glob(loc.parent, loc.name + ".data-*-of-*"))
     storage.remove([loc.with_path(loc.path + ".meta")])
+
+
+class SaveHandle:
+    """The pending result of ``Saver.save(..., blocking=False)``."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._done = threading.Event()
+        self._result: str | None = None
+        self._error: BaseException | None = None
+        self._error_seen = False
+        self._thread: threading.Thread | None = None
+
+    def _run(self, fn, *args) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def _join(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> str:
+        """The prefix once the save has committed; raises the save's error."""
+        if not self._join(timeout):
+            raise TimeoutError(f"save of {self.prefix} still running after {timeout}s")
+        if self._error is not None:
+            self._error_seen = True
+            raise self._error
+        return self._result
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self._error else "done")
+        return f"<SaveHandle {self.prefix} {state}>"
+
+
+_exit_joins: weakref.WeakSet = weakref.WeakSet()
+
+
+def _register_exit_join(saver: Saver) -> None:
+    if not _exit_joins:
+        # threading's own exit hooks run before concurrent.futures stops accepting work
+        # (the save's I/O threads need it) and before MPI is finalized; plain atexit
+        # would be too late for both.
+        register = getattr(threading, "_register_atexit", atexit.register)
+        register(_join_all_at_exit)
+    _exit_joins.add(saver)
+
+
+def _join_all_at_exit() -> None:
+    """Finish pending background saves before the interpreter (and MPI) shut down."""
+    for saver in list(_exit_joins):
+        try:
+            saver.wait_until_finished()
+        except BaseException as exc:  # noqa: BLE001 - nobody is left to raise to
+            print(f"shardsave: a background save failed: {exc}", file=sys.stderr)

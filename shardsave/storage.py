@@ -15,7 +15,7 @@ import errno
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +140,10 @@ class Writer:
         self.written = 0
         with translate_errors(loc, "creating"):
             if loc.is_local:
+                # Unlink rather than truncate an old file: readers of the old one keep it,
+                # and ext4 flushes a truncated-then-rewritten file on close (auto_da_alloc).
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(loc.path)
                 self._file = open(loc.path, "wb", buffering=0)  # noqa: SIM115
             else:
                 self._file = loc.fs.open(loc.path, "wb")
@@ -240,15 +244,23 @@ def info(loc: Location) -> dict:
         return {"size": int(d.get("size") or 0), "mtime": mtime}
 
 
-def read_ranges(loc: Location, ranges: Sequence[tuple[int, memoryview]]) -> None:
-    """Fill each ``(offset, buffer)`` with the file's bytes at ``offset``, in parallel."""
+def read_ranges(
+    loc: Location,
+    ranges: Sequence[tuple[int, memoryview]],
+    after: Callable[[int], None] | None = None,
+) -> None:
+    """Fill each ``(offset, buffer)`` with the file's bytes at ``offset``, in parallel.
+
+    ``after(i)``, if given, runs as soon as range ``i`` is filled (in an I/O thread for
+    local files), so checking the bytes overlaps with reading the next ones.
+    """
     if not ranges:
         return
     with translate_errors(loc, "reading"):
         if loc.is_local:
             fd = os.open(loc.path, os.O_RDONLY)
             try:
-                _pread_all(fd, ranges, loc)
+                _pread_all(fd, ranges, loc, after)
             finally:
                 os.close(fd)
         else:
@@ -261,6 +273,9 @@ def read_ranges(loc: Location, ranges: Sequence[tuple[int, memoryview]]) -> None
                 if len(blob) != len(buf):
                     raise _short_read(loc, off, len(buf), len(blob))
                 buf[:] = blob
+            if after is not None:
+                for fut in [io_pool().submit(after, i) for i in range(len(ranges))]:
+                    fut.result()
 
 
 def _short_read(loc: Location, offset: int, want: int, got: int) -> ShardsaveError:
@@ -271,9 +286,9 @@ def _short_read(loc: Location, offset: int, want: int, got: int) -> ShardsaveErr
     )
 
 
-def _pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location) -> None:
-    def one(item: tuple[int, memoryview]) -> None:
-        offset, buf = item
+def _pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location, after) -> None:
+    def one(i: int) -> None:
+        offset, buf = ranges[i]
         view = memoryview(buf).cast("B")
         done = 0
         while done < len(view):
@@ -281,10 +296,22 @@ def _pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location)
             if n == 0:
                 raise _short_read(loc, offset, len(view), done)
             done += n
+        if after is not None:
+            after(i)
 
     if len(ranges) == 1:
-        one(ranges[0])
+        one(0)
         return
-    with ThreadPoolExecutor(min(READ_THREADS, len(ranges))) as pool:
-        for fut in [pool.submit(one, r) for r in ranges]:
-            fut.result()
+    for fut in [io_pool().submit(one, i) for i in range(len(ranges))]:
+        fut.result()
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """Threads shared by all reads (file I/O and CRC32C release the GIL)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardsave-io")
+    return _pool

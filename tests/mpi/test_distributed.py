@@ -262,3 +262,21 @@ def test_failed_restore_changes_no_variable_on_any_rank(comm, root, phase):
         ss.Saver([repl, other], comm=comm).restore(os.path.join(d, "model-1"))
     assert "no_such_variable" in str(info.value)
     assert np.all(repl.value == 7.0), "a failed restore changed a variable"
+
+
+def test_non_blocking_save_while_the_application_communicates(comm, root, phase):
+    only("save", phase)
+    d = os.path.join(root, f"async{comm.size}")
+    shape = (4096, 64)
+    (r0, _), (nr, nc) = block("rows", shape, comm.rank, comm.size)
+    want = global_value("a", shape, np.float32)
+    v = ss.Variable("a", want[r0 : r0 + nr].copy(), global_shape=shape, offset=(r0, 0), register=False)
+    saver = ss.Saver([v], comm=comm)
+    handle = saver.save(os.path.join(d, "model"), global_step=5, blocking=False)
+    v.value[:] = -7  # the staged copy is what gets saved
+    for _ in range(20):  # the application's own traffic on COMM_WORLD meanwhile
+        total = comm.allreduce(comm.rank)
+        assert total == comm.size * (comm.size - 1) // 2
+    assert handle.result(timeout=120) == os.path.join(d, "model-5")
+    saver.restore(os.path.join(d, "model-5"))
+    assert np.array_equal(v.value, want[r0 : r0 + nr])
