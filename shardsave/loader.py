@@ -58,6 +58,7 @@ class _Read:
     buffer: np.ndarray | None = None  # uint8 holding at least the span
     buffer_offset: int = 0  # where span.start sits in buffer
     direct: bool = False
+    strings: np.ndarray | None = None  # decoded (and verified) DT_STRING piece
 
 
 def data_file_name(prefix: str, shard_id: int, num_shards: int) -> str:
@@ -93,7 +94,11 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> L
         stats.requests += len(ranges)
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)
-        storage.read_ranges(file_loc, ranges, after=lambda i, f=file_loc, g=groups: _verify(f, g[i]))
+        try:
+            storage.read_ranges(file_loc, ranges, after=lambda i, f=file_loc, g=groups: _verify(f, g[i]))
+        except DataLossError as exc:
+            names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
+            raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
     for r in reads:
         _scatter(r)
     return stats
@@ -191,7 +196,8 @@ def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
         data = _span_bytes(r)
         e = r.entry
         if r.entry.dtype == dtypes.DT_STRING:
-            return  # checked while decoding
+            r.strings = _decode_strings(file_loc, bytes(data), r)
+            return
         if e.block_size and e.block_crcs:
             bs = e.block_size
             first = r.span.start // bs
@@ -232,8 +238,7 @@ def _scatter(r: _Read) -> None:
         return
     data = _span_bytes(r)
     if r.entry.dtype == dtypes.DT_STRING:
-        values, actual = decode_or_raise(bytes(data), r)
-        src = values[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
+        src = r.strings[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
         t.out[dest] = src
         return
     dtype = t.out.dtype
@@ -250,17 +255,17 @@ def _scatter(r: _Read) -> None:
     t.out[dest] = src
 
 
-def decode_or_raise(data: bytes, r: _Read) -> tuple[np.ndarray, int]:
+def _decode_strings(file_loc: storage.Location, data: bytes, r: _Read) -> np.ndarray:
+    where = f"{file_loc.url}: string tensor {r.name!r} (offset {r.entry.offset}, {r.entry.size} bytes)"
     try:
         values, actual = decode_strings(data, r.piece.shape)
     except ValueError as exc:
-        raise DataLossError(f"string tensor {r.name!r} is damaged: {exc}") from exc
+        raise DataLossError(f"{where} is damaged: {exc}") from exc
     if actual != r.entry.crc32c:
         raise DataLossError(
-            f"checksum does not match for string tensor {r.name!r}: stored "
-            f"{r.entry.crc32c:#010x} vs. calculated {actual:#010x}"
+            f"{where}: checksum does not match: stored {r.entry.crc32c:#010x} vs. calculated {actual:#010x}"
         )
-    return values, actual
+    return values
 
 
 def check_target_dtype(name: str, stored: int, wanted: np.dtype) -> None:

@@ -39,7 +39,7 @@ class CheckpointReader:
         if entry is None:
             import difflib
 
-            close = difflib.get_close_matches(name, list(self._index.entries), n=3)
+            close = difflib.get_close_matches(name, list(self._index.entries), n=3, cutoff=0.5)
             hint = f"; close names: {', '.join(map(repr, close))}" if close else ""
             raise NotFoundError(f"{self.prefix}: tensor {name!r} not found in checkpoint{hint}")
         return entry

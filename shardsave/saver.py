@@ -178,6 +178,8 @@ class Saver:
                     dtypes.to_tf(var.dtype)
                 except ValueError as exc:
                     raise InvalidArgumentError(f"saving {prefix}: variable {name!r}: {exc}") from None
+                if var.dtype.kind == "O":
+                    _check_strings(prefix, name, var.value)
                 items.append((name, var, var.value))
         return items
 
@@ -398,7 +400,7 @@ class Saver:
         for name, blocks in self._saveables.items():
             full = index.entries.get(name)
             if full is None:
-                close = difflib.get_close_matches(name, list(index.entries), n=3)
+                close = difflib.get_close_matches(name, list(index.entries), n=3, cutoff=0.5)
                 hint = f"; close names in the checkpoint: {', '.join(map(repr, close))}" if close else ""
                 raise NotFoundError(f"{prefix}: variable {name!r} not found in checkpoint{hint}")
             try:
@@ -427,6 +429,16 @@ class Saver:
                 targets.append(Target(name, var.block, out))
                 updates.append((var, out))
         return targets, updates
+
+
+def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:
+    """Object arrays are string tensors: every element must be bytes or str."""
+    for i, item in enumerate(arr.reshape(-1)):
+        if not isinstance(item, bytes | str | np.bytes_):
+            raise InvalidArgumentError(
+                f"saving {prefix}: variable {name!r} has dtype object, which is stored as a string "
+                f"tensor, but element {i} is {type(item).__name__} {item!r}, not bytes or str"
+            )
 
 
 def _nbytes(arr: np.ndarray) -> int:

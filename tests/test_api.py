@@ -676,8 +676,6 @@ def test_flipped_data_byte_names_file_tensor_and_checksums(tmp_path):
     np.testing.assert_array_equal(ss.load_variable(prefix, "big"), np.arange(100_000, dtype=np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: loader.decode_or_raise: a damaged DT_STRING entry's "
-                   "DataLossError does not name the data file")
 def test_flipped_string_byte_names_file_tensor_and_checksums(tmp_path):
     prefix = save_simple(tmp_path / "m", s=np.array([b"hello", b"world"], dtype=object))
     entry = ss.CheckpointReader(prefix).get_entries().entries["s"]
@@ -704,8 +702,6 @@ def test_truncated_data_file(tmp_path, keep):
     assert (big.value == 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: storage._short_read: a truncated data file's "
-                   "DataLossError names the file but not the tensor")
 def test_truncated_data_file_names_tensor(tmp_path):
     prefix = save_simple(tmp_path / "m", big=np.arange(100_000, dtype=np.float32))
     data_file = Path(prefix + DATA_FILE)
@@ -766,16 +762,12 @@ def test_unsupported_dtype_rejected_before_writing(tmp_path, dtype):
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: saver.Saver._local_items does not check the elements of "
-                   "object arrays; writer raises a bare TypeError mid-write")
 def test_object_array_of_non_bytes_is_invalid_argument(tmp_path):
     ss.Variable("objs", np.array([1, 2], dtype=object))
     with pytest.raises(ss.InvalidArgumentError, match="'objs'"):
         ss.Saver().save(str(tmp_path / "m"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: saver.Saver.save removes the old P.index before the "
-                   "object-array elements are found unencodable, so the previous checkpoint is lost")
 def test_object_array_of_non_bytes_leaves_previous_checkpoint(tmp_path):
     prefix = save_simple(tmp_path / "m", ok=np.ones(2))
     ss.Variable("ok", np.ones(2))

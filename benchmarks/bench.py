@@ -1,0 +1,218 @@
+"""One benchmark measurement, on every rank of ``mpiexec -n N python bench.py ...``.
+
+Prints one JSON object (rank 0) with medians over ``--repeat`` runs after a warm-up.
+``run.py`` launches this for each workload and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import shardsave as ss
+from shardsave.plan import Block
+
+COMM = MPI.COMM_WORLD
+RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+
+
+def rows_of(n: int, rank: int, size: int) -> tuple[int, int]:
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, base + (1 if rank < extra else 0)
+
+
+def transformer_like(gib: float, rank: int, size: int):
+    """A few large float32 matrices (row-sharded) and many small vectors (replicated)."""
+    n_small, small = 1000, 4096
+    big_bytes = gib * 2**30 - n_small * small * 4
+    side = 4096
+    n_big = max(1, int(big_bytes // (side * side * 4)))
+    out = []
+    for i in range(n_big):
+        r0, nr = rows_of(side, rank, size)
+        arr = np.random.default_rng(i).standard_normal((nr, side), dtype=np.float32)
+        out.append(ss.Variable(f"layer{i:02d}/kernel", arr, global_shape=(side, side), offset=(r0, 0), register=False))
+    for i in range(n_small):
+        out.append(ss.Variable(f"layer{i % 50:02d}/norm{i:04d}", np.full(small, i, np.float32), register=False))
+    return out
+
+
+def many_small(count: int = 20000, nbytes: int = 1024):
+    return [ss.Variable(f"var{i:05d}", np.full(nbytes // 4, i, np.float32), register=False) for i in range(count)]
+
+
+def timed(fn) -> float:
+    COMM.Barrier()
+    t = time.perf_counter()
+    fn()
+    COMM.Barrier()
+    return time.perf_counter() - t
+
+
+def raw_write(path: str, arrays, fsync: bool) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    with open(path, "wb", buffering=0) as f:
+        for a in arrays:
+            f.write(memoryview(a).cast("B"))
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def raw_read(path: str, outs) -> None:
+    with open(path, "rb", buffering=0) as f:
+        for o in outs:
+            view = memoryview(o).cast("B")
+            if f.readinto(view) < len(view):
+                f.seek(0)
+                f.readinto(view)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def bench_save_restore(args) -> dict:
+    variables = transformer_like(args.gib, RANK, SIZE) if args.workload == "a" else many_small()
+    directory = args.dir
+    if RANK == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+    COMM.Barrier()
+    saver = ss.Saver(variables, max_to_keep=1, comm=COMM, fsync=args.fsync)
+    # what this rank writes and what it reads back, for raw
+    plan, items = saver._plan_save("bench")
+    mine = [items[a.index][2] for a in plan.writes[RANK]]
+    needed = [np.empty_like(v.value) for v in variables]
+    prefix = os.path.join(directory, "ckpt")
+    raw_path = os.path.join(directory, f"raw-{RANK}")
+
+    def ss_save():
+        saver.save(prefix)
+
+    def ss_restore():
+        saver.restore(prefix)
+
+    def ss_nonblocking():
+        saver.save(prefix, blocking=False)
+
+    staging = [np.empty_like(a) for a in mine]
+
+    def copy_only():
+        for dst, src in zip(staging, mine, strict=True):
+            np.copyto(dst, src)
+
+    runs = {k: [] for k in ("raw_write", "ss_save", "raw_read", "ss_restore", "copy", "nonblocking_call")}
+    for i in range(args.repeat + 1):
+        rw = timed(lambda: raw_write(raw_path, mine, args.fsync))
+        sw = timed(ss_save)
+        rr = timed(lambda: raw_read(raw_path, needed))
+        sr = timed(ss_restore)
+        cp = timed(copy_only)
+        nb = timed(ss_nonblocking)
+        saver.wait_until_finished()
+        if i:  # the first round is the warm-up
+            for k, v in zip(runs, (rw, sw, rr, sr, cp, nb), strict=True):
+                runs[k].append(v)
+    written = COMM.allreduce(sum(a.nbytes for a in mine))
+    read = COMM.allreduce(sum(a.nbytes for a in needed))
+    out = {k: median(v) for k, v in runs.items()}
+    out.update(bytes_written=written, bytes_read=read, ranks=SIZE, fsync=args.fsync,
+               save_ratio=out["raw_write"] / out["ss_save"], restore_ratio=out["raw_read"] / out["ss_restore"],
+               nonblocking_vs_copy=out["nonblocking_call"] / out["copy"])
+    return out
+
+
+def bench_memory(args) -> dict:
+    """Peak RSS above the variables for a blocking save, and above the targets for a restore."""
+    directory = args.dir
+    variables = transformer_like(args.gib, 0, 1)
+    state = sum(v.value.nbytes for v in variables)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ss.Saver(variables, comm=MPI.COMM_SELF, fsync=args.fsync).save(os.path.join(directory, "mem"))
+    save_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"state_bytes": state, "save_extra_bytes": save_peak}
+
+
+def bench_restore_memory(args) -> dict:
+    variables = [ss.Variable(n, dtype=np.float32, shape=s, register=False)
+                 for n, s in ss.list_variables(os.path.join(args.dir, "mem"))]
+    targets = sum(int(np.prod(v.shape)) * 4 for v in variables)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ss.Saver(variables, comm=MPI.COMM_SELF).restore(os.path.join(args.dir, "mem"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"target_bytes": targets, "restore_peak_bytes": peak, "restore_extra_bytes": peak - targets}
+
+
+def bench_reshard_save(args) -> dict:
+    variables = transformer_like(args.gib, RANK, SIZE)
+    if RANK == 0:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    COMM.Barrier()
+    ss.Saver(variables, comm=COMM, fsync=args.fsync).save(os.path.join(args.dir, "ckpt"))
+    return {"saved_by": SIZE}
+
+
+def bench_reshard_restore(args) -> dict:
+    prefix = os.path.join(args.dir, "ckpt")
+    reader_shapes = dict(ss.list_variables(prefix)) if RANK == 0 else None
+    shapes = COMM.bcast(reader_shapes)
+    variables = []
+    for name, shape in sorted(shapes.items()):
+        if len(shape) == 2:
+            r0, nr = rows_of(shape[0], RANK, SIZE)
+            variables.append(ss.Variable(name, dtype=np.float32, shape=(nr, shape[1]), global_shape=shape,
+                                         offset=(r0, 0), register=False))
+        else:
+            variables.append(ss.Variable(name, dtype=np.float32, shape=shape, register=False))
+    saver = ss.Saver(variables, comm=COMM)
+    needed = [np.empty(v.shape, np.float32) for v in variables]
+    raw_path = os.path.join(args.dir, f"raw-{RANK}")
+    raw_write(raw_path, needed, fsync=False)
+    times, raw_times, read = [], [], 0
+    for i in range(args.repeat + 1):
+        t = timed(lambda: saver.restore(prefix))
+        r = timed(lambda: raw_read(raw_path, needed))
+        if i:
+            times.append(t)
+            raw_times.append(r)
+        read = saver.last_restore_stats.bytes_read
+    total_read = COMM.allreduce(read)
+    total_needed = COMM.allreduce(sum(a.nbytes for a in needed))
+    return {"ranks": SIZE, "bytes_read": total_read, "bytes_needed": total_needed,
+            "read_amplification": total_read / total_needed, "ss_restore": median(times),
+            "raw_read": median(raw_times), "restore_ratio": median(raw_times) / median(times)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workload", required=True, choices=["a", "b", "memory", "restore-memory", "reshard-save",
+                                                         "reshard-restore"])
+    p.add_argument("--dir", required=True)
+    p.add_argument("--gib", type=float, default=1.0)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--fsync", type=int, default=1)
+    args = p.parse_args()
+    fn = {"a": bench_save_restore, "b": bench_save_restore, "memory": bench_memory,
+          "restore-memory": bench_restore_memory, "reshard-save": bench_reshard_save,
+          "reshard-restore": bench_reshard_restore}[args.workload]
+    result = fn(args)
+    if RANK == 0:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
