@@ -52,14 +52,18 @@ def get_checkpoint_state(
     storage_options: dict | None = None,
     fs: Any = None,
 ) -> CheckpointState | None:
-    """The directory's state, with paths joined to the directory; None if it has none."""
+    """The directory's state, with paths joined to the directory; None if it has none.
+
+    As TF, a directory that does not exist has no state; but an S3 bucket that does not
+    exist raises :class:`NotFoundError` (a typo must not look like a fresh start).
+    """
     checkpoint_dir = os.fspath(checkpoint_dir)
     loc = storage.resolve(checkpoint_dir, storage_options, fs).child(latest_filename or "checkpoint")
     try:
-        data = storage.read_bytes(loc)
-    except NotFoundError:
-        return None
+        data = storage.read_bytes(loc, missing_ok=True)  # a missing S3 bucket still raises
     except IsADirectoryError:
+        return None
+    if data is None:
         return None
     try:
         state = decode_state(data)
@@ -85,7 +89,8 @@ def latest_checkpoint(
     """The newest committed checkpoint listed in the directory's state file, or None.
 
     Unlike TF, when the newest listed checkpoint has no index (its save died half-way),
-    this falls back to the newest older one that does.
+    this falls back to the newest older one that does. Every call asks the storage afresh
+    (no cached listing), so it sees what other processes committed meanwhile.
     """
     state = get_checkpoint_state(checkpoint_dir, latest_filename, storage_options=storage_options, fs=fs)
     if state is None:

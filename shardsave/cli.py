@@ -1,14 +1,21 @@
 """The ``shardsave`` command: inspect, ls and gc checkpoints on any fsspec URL.
 
-Storage options for fsspec (e.g. an S3 endpoint) come from ``--storage-options JSON`` or
-the environment variable ``SHARDSAVE_STORAGE_OPTIONS``; S3 credentials from the usual AWS
-chain (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ...).
+Storage options for fsspec (e.g. an S3 endpoint) come from ``--storage-options JSON`` or,
+when that flag is absent, the environment variable ``SHARDSAVE_STORAGE_OPTIONS`` (the
+flag wins; they are not merged). S3 endpoint and credentials otherwise come from the
+usual AWS chain: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE``, ``~/.aws``, instance roles.
+
+``gc`` deletes what failed saves left: data files of checkpoints that have no index, temp
+files of interrupted publishes, and on S3 unfinished multipart uploads of data files. Run
+it when no job is saving to the directory: a save in progress looks the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import math
 import os
@@ -24,20 +31,32 @@ from .format import dtypes
 from .reader import CheckpointReader
 
 _STEP = re.compile(r"-(\d+)$")
+_DATA = re.compile(r"\.data-\d{5,}-of-\d{5,}")
+
+
+_OPTIONS_HELP = "fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://minio:9000\"}' (default: $SHARDSAVE_STORAGE_OPTIONS)"
+_EPILOG = """Storage: PATH and DIR may be local paths or fsspec URLs (s3://bucket/run).
+fsspec options come from --storage-options JSON or else $SHARDSAVE_STORAGE_OPTIONS;
+S3 endpoint and credentials also from the AWS chain ($AWS_ENDPOINT_URL,
+$AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY, $AWS_PROFILE, ~/.aws, instance roles)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardsave", description="Inspect and manage shardsave/TensorFlow checkpoints.")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help="fsspec storage options as JSON (default: $SHARDSAVE_STORAGE_OPTIONS)")
+    parser = argparse.ArgumentParser(prog="shardsave", description="Inspect and manage shardsave/TensorFlow checkpoints.",
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storage-options", default=None, metavar="JSON", help=_OPTIONS_HELP)
+    # also accepted after the subcommand (shardsave ls DIR --storage-options ...)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage-options", default=argparse.SUPPRESS, metavar="JSON", help=_OPTIONS_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="list the tensors of a checkpoint (prefix or directory)")
+    p = sub.add_parser("inspect", parents=[common], help="list the tensors of a checkpoint (prefix or directory)")
     p.add_argument("path", help="checkpoint prefix, or a directory with a 'checkpoint' state file")
     p.add_argument("--tensor", default=None, help="show only this tensor")
     p.add_argument("--values", action="store_true", help="print tensor values too")
-    p = sub.add_parser("ls", help="list the checkpoints of a directory, newest last")
+    p = sub.add_parser("ls", parents=[common], help="list the checkpoints of a directory, newest last")
     p.add_argument("directory")
-    p = sub.add_parser("gc", help="delete leftovers of failed saves (data files with no index)")
+    p = sub.add_parser("gc", parents=[common], help="delete leftovers of failed saves: data files with no index, "
+                       "temp files, unfinished S3 uploads (run when no job is saving there)")
     p.add_argument("directory")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     return parser
@@ -78,18 +97,20 @@ def cmd_inspect(args, options) -> None:
 
 
 def _checkpoints(directory: str, options) -> list[dict]:
-    loc = storage.resolve(directory, options)
+    """The committed checkpoints of ``directory``, from one listing of it."""
+    files = storage.scan(storage.resolve(directory, options))
     out = []
-    for index_loc in storage.glob(loc, "*.index"):
+    for index_loc, index_info in files:
+        if not index_loc.name.endswith(".index"):
+            continue
         name = index_loc.name[: -len(".index")]
-        files = [index_loc] + storage.glob(loc, name + ".data-*-of-*")
-        infos = [storage.info(f) for f in files]
+        data = [i for f, i in files if f.name.startswith(name + ".data-") and _DATA.fullmatch(f.name[len(name):])]
         step = _STEP.search(name)
         out.append({
             "prefix": name,
             "step": int(step.group(1)) if step else None,
-            "bytes": sum(i["size"] for i in infos),
-            "mtime": infos[0]["mtime"] or 0.0,
+            "bytes": index_info["size"] + sum(i["size"] for i in data),
+            "mtime": index_info["mtime"] or 0.0,
         })
     out.sort(key=lambda c: (c["mtime"], c["step"] or 0))
     return out
@@ -110,26 +131,36 @@ def cmd_ls(args, options) -> None:
         print(f"{c['prefix']:<32} {step:>8} {c['bytes']:>12}  {when}{mark}")
 
 
-def leftovers(directory: str, options) -> list[storage.Location]:
-    """Data files whose checkpoint has no index, and temp files of interrupted publishes."""
+def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tuple]]:
+    """What failed saves left behind in ``directory``: data files whose checkpoint has no
+    index, temp files of interrupted publishes, and (S3) unfinished uploads of data files."""
     loc = storage.resolve(directory, options)
-    committed = {f.name[: -len(".index")] for f in storage.glob(loc, "*.index")}
-    out = []
-    for f in storage.glob(loc, "*.data-*-of-*"):
-        prefix = f.name.rsplit(".data-", 1)[0]
-        if prefix not in committed:
-            out.append(f)
-    out += storage.glob(loc, "*.index.tmp*") + storage.glob(loc, "checkpoint.tmp*")
-    return out
+    files = [f for f, _ in storage.scan(loc)]
+    committed = {f.name[: -len(".index")] for f in files if f.name.endswith(".index")}
+
+    def orphan(name: str) -> bool:
+        prefix, sep, rest = name.rpartition(".data-")
+        return bool(sep) and _DATA.fullmatch(".data-" + rest) is not None and prefix not in committed
+
+    doomed = [f for f in files if orphan(f.name)]
+    doomed += [f for f in files if fnmatch.fnmatchcase(f.name, "*.index.tmp*") or f.name.startswith("checkpoint.tmp")]
+    uploads = [u for u in storage.pending_uploads(loc, "*.data-*-of-*") if orphan(u[0].name)]
+    return doomed, uploads
 
 
 def cmd_gc(args, options) -> None:
-    doomed = leftovers(args.directory, options)
+    doomed, uploads = leftovers(args.directory, options)
+    verb = "would delete " if args.dry_run else "deleting "
     for f in doomed:
-        print(("would delete " if args.dry_run else "deleting ") + f.url)
+        print(verb + f.url)
+    for f, _, _ in uploads:
+        print(("would abort " if args.dry_run else "aborting ") + "unfinished upload of " + f.url)
     if not args.dry_run:
         storage.remove(doomed)
-    print(f"{len(doomed)} leftover file(s)" + (" found" if args.dry_run else " deleted"))
+        for f, upload_id, _ in uploads:
+            storage.abort_upload(f, upload_id)
+    done = "found" if args.dry_run else "deleted"
+    print(f"{len(doomed)} leftover file(s) {done}" + (f", {len(uploads)} unfinished upload(s)" if uploads else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ class LoadStats:
     files: set = field(default_factory=set)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Read:
     """One intersection of a target with a stored piece, and where its bytes come from."""
 
@@ -58,6 +58,7 @@ class _Read:
     buffer: np.ndarray | None = None  # uint8 holding at least the span
     buffer_offset: int = 0  # where span.start sits in buffer
     direct: bool = False
+    whole: bool = False  # the whole stored entry is the whole target
     strings: np.ndarray | None = None  # decoded (and verified) DT_STRING piece
 
 
@@ -107,8 +108,18 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> L
 def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats) -> list[_Read]:
     reads: list[_Read] = []
     for t in targets:
-        if t.name not in index.entries:
+        full = index.entries.get(t.name)
+        if full is None:
             raise NotFoundError(f"{prefix.url}: tensor {t.name!r} not found in checkpoint")
+        if t.block.shape == full.shape and full.dtype != dtypes.DT_STRING and t.name not in index.pieces:
+            # fast path: a whole plain tensor (most of the variables of most checkpoints)
+            size = t.out.nbytes
+            if full.size != size:
+                _check_entry_size(prefix, t.name, full, t.block, t.out.dtype)
+            stats.bytes_needed += size
+            reads.append(_Read(t, full, t.name, t.block, t.block, Span(0, size),
+                               direct=size >= DIRECT_MIN_BYTES, whole=True))
+            continue
         full, pieces = stored_pieces(index, t.name)
         dtype = dtypes.to_numpy(full.dtype)
         stats.bytes_needed += t.block.size * (dtype.itemsize if full.dtype != dtypes.DT_STRING else 0)
@@ -224,6 +235,10 @@ def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
 
 
 def _scatter(r: _Read) -> None:
+    if r.whole:
+        if not r.direct:
+            byte_view(r.target.out)[:] = _span_bytes(r)
+        return
     t = r.target
     dest = tuple(
         slice(o - b, o - b + n)

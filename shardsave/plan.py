@@ -8,18 +8,22 @@ tested exhaustively in one process for any number of ranks.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import InvalidArgumentError
 
 Shape = tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Block:
-    """A rectangular region of a tensor: start ``offset`` and ``shape`` in every dimension."""
+class Block(NamedTuple):
+    """A rectangular region of a tensor: start ``offset`` and ``shape`` in every dimension.
+
+    A named tuple rather than a dataclass: plans of a million blocks build many of them.
+    """
 
     offset: Shape
     shape: Shape
@@ -30,15 +34,18 @@ class Block:
 
     @property
     def end(self) -> Shape:
-        return tuple(o + s for o, s in zip(self.offset, self.shape, strict=True))
+        return tuple(map(operator.add, self.offset, self.shape))
 
     def intersect(self, other: Block) -> Block | None:
         """The common region, or None when they do not overlap (or it is empty)."""
-        lo = tuple(max(a, b) for a, b in zip(self.offset, other.offset, strict=True))
-        hi = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))
-        if any(h <= low for low, h in zip(lo, hi, strict=True)):
+        if self == other:
+            return self if 0 not in self.shape else None
+        lo = tuple(map(max, self.offset, other.offset))
+        hi = tuple(map(min, self.end, other.end))
+        shape = tuple(map(operator.sub, hi, lo))
+        if any(n <= 0 for n in shape):
             return None
-        return Block(lo, tuple(h - low for low, h in zip(lo, hi, strict=True)))
+        return Block(lo, shape)
 
     def is_whole(self, global_shape: Shape) -> bool:
         return all(o == 0 for o in self.offset) and self.shape == tuple(global_shape)
@@ -69,8 +76,7 @@ class Block:
         return " ".join(str(d) for d in global_shape) + (" " + dims if dims else "")
 
 
-@dataclass(frozen=True)
-class BlockMeta:
+class BlockMeta(NamedTuple):
     """What a rank tells the others about one block it holds."""
 
     name: str
@@ -80,8 +86,7 @@ class BlockMeta:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class Assignment:
+class Assignment(NamedTuple):
     """One block to write: the rank and its local item index, and the slice extents."""
 
     name: str
@@ -161,18 +166,26 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
     a variable's dtype or global shape, or its blocks overlap or leave a gap.
     """
     nranks = len(metas_by_rank)
-    by_name: dict[str, list[tuple[int, int, BlockMeta]]] = defaultdict(list)
+    by_name: dict[str, list[tuple[int, int, BlockMeta]]] = {}
     for rank, metas in enumerate(metas_by_rank):
         for index, meta in enumerate(metas):
-            by_name[meta.name].append((rank, index, meta))
+            holders = by_name.get(meta.name)
+            if holders is None:
+                by_name[meta.name] = [(rank, index, meta)]
+            else:
+                holders.append((rank, index, meta))
 
     # (name, block) -> holders as (rank, index); one entry per distinct block
     distinct: list[tuple[str, Block, BlockMeta, list[tuple[int, int]]]] = []
     sliced: dict[str, tuple[int, Shape, list[tuple[tuple[int, int], ...]]]] = {}
     for name in sorted(by_name):
         holders = by_name[name]
-        _check_agreement(name, holders)
         meta0 = holders[0][2]
+        if len(holders) == 1 and meta0.block.shape == meta0.global_shape:
+            # the common case, fast: one rank holds the whole tensor
+            distinct.append((name, meta0.block, meta0, [holders[0][:2]]))
+            continue
+        _check_agreement(name, holders)
         blocks: dict[Block, list[tuple[int, int]]] = defaultdict(list)
         block_meta: dict[Block, BlockMeta] = {}
         for rank, index, meta in holders:
@@ -198,7 +211,7 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
     shared = [d for d in distinct if len(d[3]) > 1]
     shared.sort(key=lambda d: (-d[2].nbytes, d[0], d[1].offset))
     for name, block, meta, hs in single + shared:
-        rank, index = min(hs, key=lambda h: (load[h[0]], h[0]))
+        rank, index = hs[0] if len(hs) == 1 else min(hs, key=lambda h: (load[h[0]], h[0]))
         load[rank] += meta.nbytes
         extents = block.extents() if name in sliced else None
         writes[rank].append(Assignment(name, rank, index, extents, meta.nbytes))

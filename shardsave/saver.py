@@ -322,7 +322,7 @@ class Saver:
             all_entries.append((entry_key(name), BundleEntry(dtype=tf_type, shape=shape, slices=tuple(slices))))
         index = build_index(BundleHeader(num_shards=nranks), all_entries)
         storage.fsync_dir(loc.parent)
-        storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync)
+        storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync, exclusive=True)
         # leftovers of earlier saves of this prefix with another number of ranks
         current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
         stale = [f for f in storage.glob(loc.parent, loc.name + ".data-*-of-*") if f.name not in current]

@@ -6,12 +6,36 @@ fast path through ``os`` (unbuffered writes straight from array buffers, ``os.pr
 into preallocated buffers, fsync before publish); every other filesystem goes through
 fsspec (streamed writes, ``cat_ranges`` for ranged reads, one PUT to publish).
 Backend errors are translated here into shardsave's error classes.
+
+S3 (s3fs) specifics, all decided here:
+
+- Freshness. s3fs caches directory listings per filesystem object, and fsspec shares one
+  object per set of options in a process, so a listing made once would hide the files
+  other ranks or jobs wrote since. Every query of state that other processes change
+  (``exists``, ``size``, ``info``, ``glob``, ``scan``) drops the cache of that path first.
+- Writes. A data file goes up as one multipart upload: parts of :data:`PART_BYTES` are
+  sent while the next is filled, at most :data:`UPLOAD_CONCURRENCY` in flight, so a rank
+  holds at most that many parts in memory, never a copy of its whole file; a file smaller
+  than one part is a single PUT. :func:`publish` is one PUT, create-only
+  (``If-None-Match: *``) for the index, on stores that support it.
+- Errors. A missing bucket and access denied fail at once (:class:`NotFoundError`,
+  :class:`PermissionDeniedError`, naming the URL); a missing bucket is never created.
+  Transient errors (throttling, 5xx, dropped or refused connections, timeouts) are
+  retried by botocore (``AWS_MAX_ATTEMPTS``/``AWS_RETRY_MODE`` or
+  ``storage_options={"config_kwargs": {"retries": {...}}}``) and, around it, by s3fs
+  (5 attempts, backoff from 0.1 s); shardsave adds no retry loop of its own.
+- Endpoint and credentials come from the usual AWS chain, ``AWS_ENDPOINT_URL`` included
+  (botocore reads it), or from ``storage_options`` (``endpoint_url``, ``key``, ``secret``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import errno
+import fnmatch
 import os
 import posixpath
 import uuid
@@ -23,9 +47,25 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import InvalidArgumentError, NotFoundError, PermissionDeniedError, ShardsaveError
+from .errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ShardsaveError,
+)
 
 READ_THREADS = 8
+PART_BYTES = 8 << 20
+"""Size of one part of an S3 multipart upload (S3 needs at least 5 MiB but for the last)."""
+UPLOAD_CONCURRENCY = 8
+"""Parts of one file in flight at once; memory per writing rank is about this times
+:data:`PART_BYTES`."""
+WRITE_CHUNK = 8 << 20
+"""Other fsspec filesystems get writes of at most this many bytes at a time, so their
+write buffers never hold a copy of a whole large array."""
+_MIN_PART = 5 << 20
+_MAX_PARTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -38,6 +78,10 @@ class Location:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_s3(self) -> bool:
+        return _is_s3(self.fs)
 
     @property
     def url(self) -> str:
@@ -63,6 +107,11 @@ class Location:
         return posixpath.basename(self.path.rstrip("/"))
 
 
+def _is_s3(fs: Any) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "s3" in protocols and hasattr(fs, "_call_s3")
+
+
 def resolve(
     url_or_path: str | os.PathLike,
     storage_options: dict | None = None,
@@ -78,9 +127,25 @@ def resolve(
         return Location(fs, fs._strip_protocol(text))
     try:
         fs, path = fsspec.core.url_to_fs(text, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:
+    except (ImportError, ValueError, TypeError) as exc:
         raise InvalidArgumentError(f"cannot open {text!r}: {exc}") from exc
     return Location(fs, path)
+
+
+def _missing_bucket(exc: BaseException) -> bool:
+    """Whether an S3 error (as s3fs translated it) says the bucket does not exist."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 5:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _bucket_of(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
 
 
 @contextlib.contextmanager
@@ -92,15 +157,24 @@ def translate_errors(location: Location | str, action: str) -> Iterator[None]:
     except ShardsaveError:
         raise
     except FileNotFoundError as exc:
+        if _missing_bucket(exc):
+            raise NotFoundError(f"{action} {url}: bucket {_bucket_of(url)!r} does not exist") from exc
         raise NotFoundError(f"{action} {url}: not found ({exc})") from exc
     except PermissionError as exc:
         raise PermissionDeniedError(f"{action} {url}: permission denied ({exc})") from exc
+
+
+def _fresh(loc: Location) -> None:
+    """Forget cached listings of ``loc`` and its parents: other processes write here."""
+    if not loc.is_local:
+        loc.fs.invalidate_cache(loc.path)
 
 
 def exists(loc: Location) -> bool:
     with translate_errors(loc, "checking"):
         if loc.is_local:
             return os.path.exists(loc.path)
+        _fresh(loc)
         return loc.fs.exists(loc.path)
 
 
@@ -110,29 +184,56 @@ def size(loc: Location) -> int | None:
         try:
             if loc.is_local:
                 return os.stat(loc.path).st_size
+            _fresh(loc)
             return int(loc.fs.size(loc.path))
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if _missing_bucket(exc):
+                raise
             return None
 
 
 def makedirs(loc: Location) -> None:
+    """Create a directory; on S3 (no directories) check that the bucket exists instead.
+
+    s3fs's own ``makedirs`` would create a missing bucket: a typo in a bucket name must
+    fail, not make a new bucket.
+    """
     with translate_errors(loc, "creating directory"):
         if loc.is_local:
             os.makedirs(loc.path, exist_ok=True)
+        elif loc.is_s3:
+            bucket = loc.path.split("/", 1)[0]
+            try:
+                loc.fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise NotFoundError(f"writing to {loc.url}: bucket {bucket!r} does not exist") from None
         else:
             loc.fs.makedirs(loc.path, exist_ok=True)
 
 
-def read_bytes(loc: Location) -> bytes:
+def read_bytes(loc: Location, missing_ok: bool = False) -> bytes | None:
+    """The whole file; None if it does not exist and ``missing_ok`` (a missing S3 bucket
+    still raises :class:`NotFoundError`)."""
     with translate_errors(loc, "reading"):
-        if loc.is_local:
-            with open(loc.path, "rb") as f:
-                return f.read()
-        return loc.fs.cat_file(loc.path)
+        try:
+            if loc.is_local:
+                with open(loc.path, "rb") as f:
+                    return f.read()
+            return loc.fs.cat_file(loc.path)
+        except FileNotFoundError as exc:
+            if missing_ok and not _missing_bucket(exc):
+                return None
+            raise
 
 
 class Writer:
-    """Streams one data file: ``write`` buffers straight through, ``close`` makes it durable."""
+    """Streams one data file: ``write`` buffers straight through, ``close`` makes it durable.
+
+    Local files: unbuffered ``write`` from the caller's buffer, fsync on close. S3: a
+    multipart upload with concurrent parts (:class:`_MultipartUpload`). Other fsspec
+    filesystems: their own buffered file, fed at most :data:`WRITE_CHUNK` at a time.
+    ``abort`` leaves no object behind on S3 (the upload is aborted, not completed).
+    """
 
     def __init__(self, loc: Location, fsync: bool = True):
         self.loc = loc
@@ -145,17 +246,27 @@ class Writer:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(loc.path)
                 self._file = open(loc.path, "wb", buffering=0)  # noqa: SIM115
+            elif loc.is_s3:
+                self._file = _MultipartUpload(loc)
             else:
                 self._file = loc.fs.open(loc.path, "wb")
 
     def write(self, buffer) -> None:
         view = memoryview(buffer).cast("B")
         with translate_errors(self.loc, "writing"):
-            while view:
-                n = self._file.write(view)
-                n = len(view) if n is None else n
-                self.written += n
-                view = view[n:]
+            if self.loc.is_local:
+                while view:
+                    n = self._file.write(view)
+                    n = len(view) if n is None else n
+                    self.written += n
+                    view = view[n:]
+            elif self.loc.is_s3:
+                self._file.write(view)
+                self.written += len(view)
+            else:
+                for start in range(0, len(view), WRITE_CHUNK):
+                    self._file.write(view[start : start + WRITE_CHUNK])
+                self.written += len(view)
 
     def close(self) -> None:
         with translate_errors(self.loc, "closing"):
@@ -165,11 +276,98 @@ class Writer:
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
-            self._file.close()
+            if self.loc.is_s3:
+                self._file.abort()
+            else:
+                self._file.close()
 
 
-def publish(loc: Location, data: bytes, fsync: bool = True) -> None:
-    """Make ``data`` appear at ``loc`` all at once (the commit point of a checkpoint)."""
+class _MultipartUpload:
+    """One S3 object written as a stream of parts, several in flight at once.
+
+    Parts are sent on s3fs's event loop (its retries and error translation included)
+    while the caller fills the next one; part ``n`` is ``PART_BYTES * (1 + n // 1000)``
+    bytes, so 10,000 parts reach far beyond any one rank's file. Nothing is visible until
+    ``close`` completes the upload.
+    """
+
+    def __init__(self, loc: Location):
+        self.fs = loc.fs
+        self.path = loc.path
+        self.bucket, self.key, _ = loc.fs.split_path(loc.path)
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.inflight: collections.deque = collections.deque()
+        self.parts: list[dict] = []
+
+    def _part_size(self) -> int:
+        started = len(self.parts) + len(self.inflight)
+        return max(PART_BYTES, _MIN_PART) * (1 + started // 1000)
+
+    def write(self, view: memoryview) -> None:
+        while view:
+            room = self._part_size() - len(self.buffer)
+            self.buffer += view[:room]
+            view = view[room:]
+            if len(self.buffer) >= self._part_size():
+                self._send()
+
+    def _send(self) -> None:
+        if self.upload_id is None:
+            out = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)
+            self.upload_id = out["UploadId"]
+        number = len(self.parts) + len(self.inflight) + 1
+        if number > _MAX_PARTS:
+            raise InvalidArgumentError(f"s3://{self.path}: more than {_MAX_PARTS} parts")
+        body, self.buffer = self.buffer, bytearray()
+        coro = self.fs._call_s3(
+            "upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+            PartNumber=number, Body=body,
+        )
+        self.inflight.append((number, asyncio.run_coroutine_threadsafe(coro, self.fs.loop)))
+        while len(self.inflight) >= max(1, UPLOAD_CONCURRENCY):
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        number, future = self.inflight.popleft()
+        self.parts.append({"PartNumber": number, "ETag": future.result()["ETag"]})
+
+    def close(self) -> None:
+        if self.upload_id is None:
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+        else:
+            if self.buffer:
+                self._send()
+            while self.inflight:
+                self._finish_one()
+            self.fs.call_s3(
+                "complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                UploadId=self.upload_id, MultipartUpload={"Parts": self.parts},
+            )
+        self.buffer = bytearray()
+        self.fs.invalidate_cache(self.path)
+
+    def abort(self) -> None:
+        futures = [f for _, f in self.inflight]
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures, timeout=60)
+        self.inflight.clear()
+        self.buffer = bytearray()
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+
+
+def publish(loc: Location, data: bytes, fsync: bool = True, *, exclusive: bool = False) -> None:
+    """Make ``data`` appear at ``loc`` all at once (the commit point of a checkpoint).
+
+    Locally: a temp file, fsync, ``os.replace``, fsync of the directory. Elsewhere: one
+    PUT. ``exclusive`` makes that PUT create-only (``If-None-Match: *`` on S3) where the
+    store supports it, so a file that appeared meanwhile (another job saving to the same
+    prefix) is never overwritten: :class:`FailedPreconditionError`. Locally the replace
+    always overwrites (the saver removes an old index before it rewrites data).
+    """
     with translate_errors(loc, "publishing"):
         if loc.is_local:
             tmp = f"{loc.path}.tmp{uuid.uuid4().hex}"
@@ -186,8 +384,27 @@ def publish(loc: Location, data: bytes, fsync: bool = True) -> None:
                 raise
             if fsync:
                 fsync_dir(loc.parent)
-        else:
-            loc.fs.pipe_file(loc.path, data)
+            return
+        # s3fs: one PUT up to S3's 5 GiB limit, not a multipart upload
+        extra = {"chunksize": 5 << 30} if loc.is_s3 else {}
+        try:
+            if exclusive:
+                try:
+                    loc.fs.pipe_file(loc.path, data, mode="create", **extra)
+                    return
+                except FileExistsError:
+                    raise FailedPreconditionError(
+                        f"publishing {loc.url}: it appeared while this save was running; is "
+                        "another job saving to the same prefix?"
+                    ) from None
+                except (NotImplementedError, TypeError):
+                    pass  # a filesystem without create-only writes
+                except OSError as exc:  # a store that rejects If-None-Match (501)
+                    if exc.errno != errno.ENOSYS:
+                        raise
+            loc.fs.pipe_file(loc.path, data, **extra)
+        finally:
+            _fresh(loc)
 
 
 def fsync_dir(loc: Location) -> None:
@@ -204,31 +421,100 @@ def fsync_dir(loc: Location) -> None:
 
 
 def remove(locs: Sequence[Location]) -> None:
-    """Delete files; missing ones are fine."""
+    """Delete files; missing ones are fine. On S3 one request deletes up to 1000."""
+    s3: dict[int, list[Location]] = {}
     for loc in locs:
+        if loc.is_s3:
+            s3.setdefault(id(loc.fs), []).append(loc)
+            continue
         with translate_errors(loc, "deleting"), contextlib.suppress(FileNotFoundError):
             if loc.is_local:
                 os.unlink(loc.path)
             else:
                 loc.fs.rm_file(loc.path)
+    for group in s3.values():
+        _delete_objects(group)
+
+
+def _delete_objects(locs: list[Location]) -> None:
+    """S3 DeleteObjects, 1000 keys a request (``fs.rm`` would glob names with ``[*?``)."""
+    fs = locs[0].fs
+    by_bucket: dict[str, list[Location]] = {}
+    for loc in locs:
+        by_bucket.setdefault(fs.split_path(loc.path)[0], []).append(loc)
+    for bucket, group in by_bucket.items():
+        for i in range(0, len(group), 1000):
+            chunk = group[i : i + 1000]
+            keys = [{"Key": fs.split_path(loc.path)[1]} for loc in chunk]
+            with translate_errors(chunk[0], "deleting"):
+                out = fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            for loc in chunk:
+                fs.invalidate_cache(loc.path)
+            for err in out.get("Errors", []):
+                url = f"s3://{bucket}/{err.get('Key')}"
+                if err.get("Code") == "AccessDenied":
+                    raise PermissionDeniedError(f"deleting {url}: permission denied ({err.get('Message')})")
+                if err.get("Code") != "NoSuchKey":
+                    raise OSError(errno.EIO, f"deleting {url}: {err.get('Code')}: {err.get('Message')}")
+
+
+def _listing(loc: Location) -> list[dict]:
+    """``[{"name", "size", "mtime"}]`` of the files directly in directory ``loc``, fresh;
+    [] if it does not exist (but a missing S3 bucket raises)."""
+    with translate_errors(loc, "listing"):
+        if loc.is_local:
+            try:
+                with os.scandir(loc.path) as it:
+                    out = []
+                    for entry in it:
+                        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                            if entry.is_file():
+                                st = entry.stat()
+                                out.append({"name": entry.name, "size": st.st_size, "mtime": st.st_mtime})
+                    return out
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        _fresh(loc)
+        try:
+            entries = loc.fs.ls(loc.path, detail=True)
+        except FileNotFoundError as exc:
+            if _missing_bucket(exc):
+                raise
+            return []
+        return [
+            {"name": posixpath.basename(d["name"].rstrip("/")), "size": int(d.get("size") or 0), "mtime": _mtime(d)}
+            for d in entries
+            if d.get("type", "file") == "file"
+        ]
+
+
+def _mtime(d: dict) -> float | None:
+    mtime = d.get("LastModified") or d.get("mtime") or d.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return mtime
 
 
 def glob(loc: Location, pattern: str) -> list[Location]:
     """Files in the directory ``loc`` whose names match ``pattern`` (fnmatch)."""
-    import fnmatch
-
-    with translate_errors(loc, "listing"):
-        if loc.is_local:
+    if loc.is_local:
+        with translate_errors(loc, "listing"):
             try:
                 names = os.listdir(loc.path)
             except FileNotFoundError:
                 return []
-        else:
-            try:
-                names = [posixpath.basename(p.rstrip("/")) for p in loc.fs.ls(loc.path, detail=False)]
-            except FileNotFoundError:
-                return []
+    else:
+        names = [d["name"] for d in _listing(loc)]
     return [loc.child(n) for n in sorted(names) if fnmatch.fnmatchcase(n, pattern)]
+
+
+def scan(loc: Location, pattern: str = "*") -> list[tuple[Location, dict]]:
+    """Like :func:`glob`, with each file's ``{"size", "mtime"}``, from one listing."""
+    return [
+        (loc.child(d["name"]), {"size": d["size"], "mtime": d["mtime"]})
+        for d in sorted(_listing(loc), key=lambda d: d["name"])
+        if fnmatch.fnmatchcase(d["name"], pattern)
+    ]
 
 
 def info(loc: Location) -> dict:
@@ -237,11 +523,40 @@ def info(loc: Location) -> dict:
         if loc.is_local:
             st = os.stat(loc.path)
             return {"size": st.st_size, "mtime": st.st_mtime}
+        _fresh(loc)
         d = loc.fs.info(loc.path)
-        mtime = d.get("LastModified") or d.get("mtime") or d.get("created")
-        if hasattr(mtime, "timestamp"):
-            mtime = mtime.timestamp()
-        return {"size": int(d.get("size") or 0), "mtime": mtime}
+        return {"size": int(d.get("size") or 0), "mtime": _mtime(d)}
+
+
+def pending_uploads(loc: Location, pattern: str = "*") -> list[tuple[Location, str, float | None]]:
+    """Unfinished S3 multipart uploads of files directly in directory ``loc`` whose names
+    match ``pattern``: ``(location, upload id, start time)``. Their parts are invisible
+    but stored (and billed) until aborted. [] on other filesystems."""
+    if not loc.is_s3:
+        return []
+    bucket, key, _ = loc.fs.split_path(loc.path)
+    prefix = key.rstrip("/") + "/" if key else ""
+    out = []
+    with translate_errors(loc, "listing uploads in"):
+        kwargs = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            page = loc.fs.call_s3("list_multipart_uploads", **kwargs)
+            for u in page.get("Uploads", []):
+                name = u["Key"][len(prefix):]
+                if "/" not in name and fnmatch.fnmatchcase(name, pattern):
+                    started = u.get("Initiated")
+                    out.append((loc.child(name), u["UploadId"], started.timestamp() if started else None))
+            if not page.get("IsTruncated"):
+                break
+            kwargs.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+    return sorted(out, key=lambda t: t[0].path)
+
+
+def abort_upload(loc: Location, upload_id: str) -> None:
+    """Abort one unfinished multipart upload (from :func:`pending_uploads`)."""
+    bucket, key, _ = loc.fs.split_path(loc.path)
+    with translate_errors(loc, "aborting upload of"), contextlib.suppress(FileNotFoundError):
+        loc.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
 
 
 def read_ranges(

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import proto, table
-from .coding import DecodeError, to_int64
+from .coding import DecodeError, decode_varint, encode_varint, to_int64
 from .ordered_code import decode_slice_key, encode_slice_key
 
 Extent = tuple[int, int]
@@ -110,8 +111,9 @@ def decode_slice(data: bytes) -> tuple[Extent, ...]:
     return tuple(extents)
 
 
-@dataclass(frozen=True)
-class BundleEntry:
+class BundleEntry(NamedTuple):
+    """One tensor (or one piece of a sliced tensor) in the index."""
+
     dtype: int
     shape: tuple[int, ...]
     shard_id: int = 0
@@ -124,22 +126,24 @@ class BundleEntry:
     """Packed little-endian masked CRC32C of each ``block_size`` run of the entry's bytes."""
 
     def encode(self) -> bytes:
-        out = proto.varint_field(1, self.dtype) if self.dtype else b""
-        out += proto.bytes_field(2, encode_shape(self.shape))
+        # Hand-unrolled (fields in number order, zeros omitted as proto3 does): an index
+        # may hold a million entries, so this is on the hot path of every save.
+        out = [_TAG_DTYPE, encode_varint(self.dtype)] if self.dtype else []
+        out.append(_shape_field(self.shape))
         if self.shard_id:
-            out += proto.varint_field(3, self.shard_id)
+            out += (_TAG_SHARD, encode_varint(self.shard_id))
         if self.offset:
-            out += proto.varint_field(4, self.offset)
+            out += (_TAG_OFFSET, encode_varint(self.offset))
         if self.size:
-            out += proto.varint_field(5, self.size)
+            out += (_TAG_SIZE, encode_varint(self.size))
         if self.crc32c:
-            out += proto.fixed32_field(6, self.crc32c)
-        for s in self.slices:
-            out += proto.bytes_field(7, encode_slice(s))
+            out += (_TAG_CRC, self.crc32c.to_bytes(4, "little"))
+        for sl in self.slices:
+            out.append(proto.bytes_field(7, encode_slice(sl)))
         if self.block_size:
-            out += proto.varint_field(FIELD_BLOCK_SIZE, self.block_size)
-            out += proto.bytes_field(FIELD_BLOCK_CRCS, self.block_crcs)
-        return out
+            out += (_TAG_BLOCK_SIZE, encode_varint(self.block_size))
+            out += (_TAG_BLOCK_CRCS, encode_varint(len(self.block_crcs)), self.block_crcs)
+        return b"".join(out)
 
     @classmethod
     def decode(cls, data: bytes) -> BundleEntry:
@@ -147,26 +151,90 @@ class BundleEntry:
         shape: tuple[int, ...] = ()
         slices = []
         block_crcs = b""
-        for num, _, value in proto.iter_fields(data):
-            if num == 1:
+        pos, end = 0, len(data)
+        while pos < end:
+            key = data[pos]  # one-byte varints inline: this loop runs for every entry
+            pos += 1
+            if key > 0x7F:
+                key, pos = decode_varint(data, pos - 1)
+            field_number, wire = key >> 3, key & 7
+            if wire == proto.VARINT:
+                if pos >= end:
+                    raise DecodeError("truncated varint")
+                value = data[pos]
+                pos += 1
+                if value > 0x7F:
+                    value, pos = decode_varint(data, pos - 1)
+            elif wire == proto.LENGTH_DELIMITED:
+                length, pos = decode_varint(data, pos)
+                if pos + length > end:
+                    raise DecodeError("length-delimited field runs past the entry")
+                value = data[pos : pos + length]
+                pos += length
+            elif wire == proto.FIXED32:
+                if pos + 4 > end:
+                    raise DecodeError("truncated fixed32 field")
+                value = int.from_bytes(data[pos : pos + 4], "little")
+                pos += 4
+            elif wire == proto.FIXED64:
+                if pos + 8 > end:
+                    raise DecodeError("truncated fixed64 field")
+                value = int.from_bytes(data[pos : pos + 8], "little")
+                pos += 8
+            else:
+                raise DecodeError(f"unsupported wire type {wire}")
+            expected = _ENTRY_WIRE.get(field_number)
+            if expected is not None and wire != expected:
+                raise DecodeError(f"entry field {field_number} has wire type {wire}, expected {expected}")
+            if field_number == 1:
                 dtype = value
-            elif num == 2:
-                shape = decode_shape(value)
-            elif num == 3:
+            elif field_number == 2:
+                shape = _decode_shape_cached(bytes(value))
+            elif field_number == 3:
                 shard_id = value
-            elif num == 4:
+            elif field_number == 4:
                 offset = value
-            elif num == 5:
+            elif field_number == 5:
                 size = value
-            elif num == 6:
+            elif field_number == 6:
                 crc = value
-            elif num == 7:
+            elif field_number == 7:
                 slices.append(decode_slice(value))
-            elif num == FIELD_BLOCK_SIZE:
+            elif field_number == FIELD_BLOCK_SIZE:
                 block_size = value
-            elif num == FIELD_BLOCK_CRCS:
-                block_crcs = value
+            elif field_number == FIELD_BLOCK_CRCS:
+                block_crcs = bytes(value)
         return cls(dtype, shape, shard_id, offset, size, crc, tuple(slices), block_size, block_crcs)
+
+
+_ENTRY_WIRE = {1: proto.VARINT, 2: proto.LENGTH_DELIMITED, 3: proto.VARINT, 4: proto.VARINT,
+               5: proto.VARINT, 6: proto.FIXED32, 7: proto.LENGTH_DELIMITED,
+               FIELD_BLOCK_SIZE: proto.VARINT, FIELD_BLOCK_CRCS: proto.LENGTH_DELIMITED}
+_TAG_DTYPE, _TAG_SHARD, _TAG_OFFSET, _TAG_SIZE = b"\x08", b"\x18", b"\x20", b"\x28"
+_TAG_CRC = b"\x35"
+_TAG_BLOCK_SIZE = proto.tag(FIELD_BLOCK_SIZE, proto.VARINT)
+_TAG_BLOCK_CRCS = proto.tag(FIELD_BLOCK_CRCS, proto.LENGTH_DELIMITED)
+_shape_fields: dict[tuple[int, ...], bytes] = {}
+_shapes: dict[bytes, tuple[int, ...]] = {}
+
+
+def _shape_field(shape: tuple[int, ...]) -> bytes:
+    """Field 2 (the TensorShapeProto) of an entry; shapes repeat, so they are cached."""
+    out = _shape_fields.get(shape)
+    if out is None:
+        out = proto.bytes_field(2, encode_shape(shape))
+        if len(_shape_fields) < 65536:
+            _shape_fields[shape] = out
+    return out
+
+
+def _decode_shape_cached(data: bytes) -> tuple[int, ...]:
+    shape = _shapes.get(data)
+    if shape is None:
+        shape = decode_shape(data)
+        if len(_shapes) < 65536:
+            _shapes[data] = shape
+    return shape
 
 
 @dataclass(frozen=True)

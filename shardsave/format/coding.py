@@ -12,8 +12,13 @@ class DecodeError(ValueError):
     """Bytes that do not decode; callers turn it into a DataLossError naming the file."""
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
+
+
 def encode_varint(value: int) -> bytes:
     """Unsigned LEB128; negative int64 values are encoded as their two's complement."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if value < 0:
         value += 1 << 64
     if value < 0x80:
@@ -29,19 +34,21 @@ def encode_varint(value: int) -> bytes:
 def decode_varint(buf: bytes | memoryview, pos: int, limit: int | None = None) -> tuple[int, int]:
     """Return ``(value, new_pos)``; raise DecodeError on a truncated or overlong varint."""
     end = len(buf) if limit is None else limit
+    if pos < end and buf[pos] < 0x80:  # the common one-byte case
+        return buf[pos], pos + 1
     result = 0
     shift = 0
-    while True:
-        if pos >= end:
-            raise DecodeError("truncated varint")
+    stop = min(end, pos + 10)
+    while pos < stop:
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
+        if byte < 0x80:
             return result, pos
         shift += 7
-        if shift > 63:
-            raise DecodeError("varint longer than 10 bytes")
+    if pos >= end:
+        raise DecodeError("truncated varint")
+    raise DecodeError("varint longer than 10 bytes")
 
 
 def encode_fixed32(value: int) -> bytes:

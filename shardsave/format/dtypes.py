@@ -30,6 +30,8 @@ _TF_TYPES: dict[int, tuple[str, np.dtype | None]] = {
 }
 _FROM_NUMPY = {dt: num for num, (_, dt) in _TF_TYPES.items() if dt is not None}
 
+_BY_ID: dict[int, tuple[object, int]] = {}
+
 STRING_DTYPE = np.dtype(object)
 """Strings live in numpy arrays of ``bytes`` objects (dtype=object)."""
 
@@ -40,7 +42,16 @@ def is_string(dtype: np.dtype) -> bool:
 
 def to_tf(dtype: np.dtype) -> int:
     """TF DataType number of a numpy dtype; ValueError if the format cannot hold it."""
+    hit = _BY_ID.get(id(dtype))  # dtype hashing is slow; this is called per tensor
+    if hit is not None and hit[0] is dtype:
+        return hit[1]
+    original = dtype
     dtype = np.dtype(dtype)
+    found = _FROM_NUMPY.get(dtype)
+    if found is not None:
+        if len(_BY_ID) < 256:
+            _BY_ID[id(original)] = (original, found)
+        return found
     if is_string(dtype):
         return DT_STRING
     try:
