@@ -7,6 +7,7 @@ Prints one JSON object (rank 0) with medians over ``--repeat`` runs after a warm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -59,10 +60,8 @@ def timed(fn) -> float:
 
 
 def raw_write(path: str, arrays, fsync: bool) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
     with open(path, "wb", buffering=0) as f:
         for a in arrays:
             f.write(memoryview(a).cast("B"))

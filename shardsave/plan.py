@@ -68,11 +68,8 @@ class Block(NamedTuple):
         return cls((0,) * len(shape), tuple(shape))
 
     def spec(self, global_shape: Shape) -> str:
-        """TF's text form: ``"10 4 0,4:-"``."""
-        dims = ":".join(
-            "-" if o == 0 and n == g else f"{o},{n}"
-            for o, n, g in zip(self.offset, self.shape, global_shape, strict=True)
-        )
+        """TF's text form, lengths spelled out as in partitioned variables: ``"10 4 0,4:0,4"``."""
+        dims = ":".join(f"{o},{n}" for o, n in zip(self.offset, self.shape, strict=True))
         return " ".join(str(d) for d in global_shape) + (" " + dims if dims else "")
 
 
@@ -181,7 +178,7 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
     for name in sorted(by_name):
         holders = by_name[name]
         meta0 = holders[0][2]
-        if len(holders) == 1 and meta0.block.shape == meta0.global_shape:
+        if len(holders) == 1 and meta0.block.is_whole(meta0.global_shape):
             # the common case, fast: one rank holds the whole tensor
             distinct.append((name, meta0.block, meta0, [holders[0][:2]]))
             continue

@@ -208,7 +208,7 @@ class Saver:
         prefix = self._prefix(save_path, global_step)
         loc = self._resolve(prefix)
         plan, items = self._plan_save(prefix)
-        todo = [(entry_key(a.name, a.extents), items[a.index][2]) for a in plan.writes[self._comm.rank]]
+        todo = [(entry_key(a.name, a.extents), _entry_array(a, items[a.index])) for a in plan.writes[self._comm.rank]]
         if blocking:
             return self._write_and_commit(prefix, loc, plan, todo, latest_filename, write_state)
         if self._comm.size > 1 and not self._comm.thread_multiple:
@@ -429,6 +429,15 @@ class Saver:
                 targets.append(Target(name, var.block, out))
                 updates.append((var, out))
         return targets, updates
+
+
+def _entry_array(assignment, item: tuple[str, Variable, np.ndarray]) -> np.ndarray:
+    """The array to write for an assignment. A plain entry always has the global shape:
+    a zero-size tensor split over ranks is stored whole, as one empty entry."""
+    _, var, arr = item
+    if assignment.extents is None and arr.shape != var.global_shape:
+        return np.empty(var.global_shape, dtype=arr.dtype)
+    return arr
 
 
 def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:

@@ -515,14 +515,11 @@ def test_entry_decode_wrong_wire_type_raises_decode_error(message):
         b"\x3a\x04\x0a\x02\x0a\x00",  # slice: Extent.start as bytes
     ],
 )
-@pytest.mark.xfail(strict=True, reason="BUG: decode_shape/decode_slice do not check the wire types of nested "
-                   "fields (TypeError instead of DecodeError)")
 def test_entry_decode_nested_wrong_wire_type_raises_decode_error(message):
     with pytest.raises(DecodeError):
         BundleEntry.decode(message)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: BundleHeader.decode does not check wire types (TypeError)")
 def test_header_decode_wrong_wire_type_raises_decode_error():
     with pytest.raises(DecodeError):
         BundleHeader.decode(b"\x08\x01\x18\x01")  # version (field 3) as a varint
@@ -754,8 +751,6 @@ def test_state_bad_text_raises(text):
 
 
 @pytest.mark.parametrize("char", list(LINE_BREAKS_OTHER_THAN_NEWLINE))
-@pytest.mark.xfail(strict=True, reason="BUG: decode_state splits lines with str.splitlines(), which breaks "
-                   "at U+0085, U+2028, U+2029 inside a quoted path that TF writes unescaped")
 def test_state_parses_tf_unescaped_line_separator_in_path(char):
     # protobuf's text printer (TF's update_checkpoint_state) writes non-ASCII UTF-8 as is
     text = f'model_checkpoint_path: "run{char}1/model.ckpt"\n'.encode()

@@ -29,6 +29,15 @@ FIELD_BLOCK_SIZE = 1000
 FIELD_BLOCK_CRCS = 1001
 
 
+V, L = proto.VARINT, proto.LENGTH_DELIMITED
+_HEADER_WIRE = {1: V, 2: V, 3: L}
+_VERSION_WIRE = {1: V, 2: V, 3: V}
+_SHAPE_WIRE = {2: L, 3: V}
+_DIM_WIRE = {1: V, 2: L}
+_SLICE_WIRE = {1: L}
+_EXTENT_WIRE = {1: V, 2: V}
+
+
 @dataclass(frozen=True)
 class BundleHeader:
     num_shards: int = 1
@@ -52,13 +61,13 @@ class BundleHeader:
     @classmethod
     def decode(cls, data: bytes) -> BundleHeader:
         values = {"num_shards": 0, "endianness": 0, "producer": 0, "min_consumer": 0}
-        for num, _, value in proto.iter_fields(data):
+        for num, _, value in proto.iter_fields(data, _HEADER_WIRE):
             if num == 1:
                 values["num_shards"] = value
             elif num == 2:
                 values["endianness"] = value
             elif num == 3:
-                for vnum, _, vvalue in proto.iter_fields(value):
+                for vnum, _, vvalue in proto.iter_fields(value, _VERSION_WIRE):
                     if vnum == 1:
                         values["producer"] = vvalue
                     elif vnum == 2:
@@ -73,10 +82,10 @@ def encode_shape(shape: Sequence[int]) -> bytes:
 
 def decode_shape(data: bytes) -> tuple[int, ...]:
     dims = []
-    for num, _, value in proto.iter_fields(data):
+    for num, _, value in proto.iter_fields(data, _SHAPE_WIRE):
         if num == 2:
             size = 0
-            for dnum, _, dvalue in proto.iter_fields(value):
+            for dnum, _, dvalue in proto.iter_fields(value, _DIM_WIRE):
                 if dnum == 1:
                     size = to_int64(dvalue)
             dims.append(size)
@@ -99,10 +108,10 @@ def encode_slice(extents: Sequence[Extent]) -> bytes:
 
 def decode_slice(data: bytes) -> tuple[Extent, ...]:
     extents = []
-    for num, _, value in proto.iter_fields(data):
+    for num, _, value in proto.iter_fields(data, _SLICE_WIRE):
         if num == 1:
             start, length = 0, -1
-            for enum, _, evalue in proto.iter_fields(value):
+            for enum, _, evalue in proto.iter_fields(value, _EXTENT_WIRE):
                 if enum == 1:
                     start = to_int64(evalue)
                 elif enum == 2:

@@ -29,8 +29,14 @@ def fixed32_field(field: int, value: int) -> bytes:
     return tag(field, FIXED32) + value.to_bytes(4, "little")
 
 
-def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, object]]:
-    """Yield ``(field_number, wire_type, value)``; value is an int or a bytes slice."""
+def iter_fields(
+    buf: bytes | memoryview, expected: dict[int, int] | None = None
+) -> Iterator[tuple[int, int, object]]:
+    """Yield ``(field_number, wire_type, value)``; value is an int or a bytes slice.
+
+    ``expected`` maps field numbers to the wire type they must have; a known field with
+    another wire type is damage (DecodeError), not a value of the wrong Python type.
+    """
     pos = 0
     end = len(buf)
     while pos < end:
@@ -54,4 +60,6 @@ def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, object]]:
             pos += 8
         else:
             raise DecodeError(f"unsupported wire type {wire_type}")
+        if expected is not None and expected.get(field, wire_type) != wire_type:
+            raise DecodeError(f"field {field} has wire type {wire_type}, expected {expected[field]}")
         yield field, wire_type, value

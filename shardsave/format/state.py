@@ -90,7 +90,10 @@ def decode_state(data: bytes) -> CheckpointState:
     """Parse the text format; raise DecodeError naming the line that does not parse."""
     state = CheckpointState()
     text = data.decode("utf-8", errors="surrogateescape")
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() would also split at U+2028 and friends,
+    # which protobuf's text printer leaves raw inside strings
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = _LINE.fullmatch(line)

@@ -1,0 +1,1 @@
+"""Helpers for the fault tests: scripts run under mpiexec, and how to launch them."""

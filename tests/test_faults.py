@@ -1,0 +1,118 @@
+"""Crash consistency under mpiexec, on local files and on S3 (moto's server).
+
+Each test runs tests/faults/crash_save.py on 3 ranks: two good saves, then a third save
+during which a process is SIGKILLed, either a rank in the middle of writing its data file
+(``writer``, a new checkpoint) or the coordinator just before it publishes the index
+(``index``, while re-saving a checkpoint that the state file already names, so its old
+index is gone). Then, in this process: the job died instead of hanging, the newest
+committed checkpoint is still ``latest_checkpoint`` and restores bit-exact, ``shardsave
+gc`` lists and removes exactly what the failed save left, and a later successful save of
+the same prefix (on another rank count) removes those leftovers by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from faults.common import HERE, assign, check_equal, make_vars, run_mpi
+
+import shardsave as ss
+from shardsave import cli, storage
+
+SCRIPT = os.path.join(HERE, "crash_save.py")
+RANKS = 3
+SMALL_ROWS = 60
+BIG_ROWS = 3 * 5500  # 5.6 MB a rank: with 5 MiB parts the killed rank leaves an unfinished upload
+PART = 5 << 20
+
+
+def gc(directory: str, options, capsys, dry_run: bool) -> tuple[list[str], str]:
+    argv = ["--storage-options", json.dumps(options)] if options else []
+    argv += ["gc", directory] + (["--dry-run"] if dry_run else [])
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    verb = "would delete " if dry_run else "deleting "
+    return sorted(line[len(verb):] for line in out.splitlines() if line.startswith(verb)), out
+
+
+def names(directory: str, options) -> list[str]:
+    return [f.name for f in storage.glob(storage.resolve(directory, options), "*")]
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """(directory, storage options, environment) on local disk or on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "run"), None, dict(os.environ)
+    server = request.getfixturevalue("s3_server")
+    return request.getfixturevalue("s3_dir"), server.options(), server.env()
+
+
+@pytest.mark.parametrize("fault", ["writer", "index"])
+def test_killed_save_keeps_previous_checkpoint(fault, where, capsys):
+    directory, options, env = where
+    s3 = options is not None
+    rows = BIG_ROWS if s3 and fault == "writer" else SMALL_ROWS
+    crash_step, previous = (3, 2) if fault == "writer" else (2, 1)
+    args = [SCRIPT, "--dir", directory, "--rows", str(rows), "--steps", "1", "2",
+            "--crash-step", str(crash_step), "--fault", fault, "--part-bytes", str(PART)]
+    if s3:
+        args += ["--storage-options", json.dumps(options)]
+    proc = run_mpi(RANKS, args, env=env, timeout=120)
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode != 0, log
+    assert f"saved {directory}/model.ckpt-2" in proc.stdout, log
+    assert "should have crashed" not in proc.stdout, log
+
+    # the newest committed checkpoint is the latest, and restores bit for bit
+    latest = ss.latest_checkpoint(directory, storage_options=options)
+    assert latest == f"{directory}/model.ckpt-{previous}"
+    if fault == "index":  # the state file names the checkpoint whose index was removed
+        state = ss.get_checkpoint_state(directory, storage_options=options)
+        assert state.model_checkpoint_path == f"{directory}/model.ckpt-2"
+    variables = make_vars(rows)
+    ss.Saver(storage_options=options).restore(latest)
+    check_equal(variables, previous, rows)
+
+    # what the failed save left: its data files, and no index
+    crashed = f"model.ckpt-{crash_step}"
+    present = names(directory, options)
+    assert crashed + ".index" not in present
+    data = [f"{crashed}.data-{r:05d}-of-{RANKS:05d}" for r in range(RANKS)]
+    # on S3 the killed rank's object was never completed; locally its file is there, short
+    expected = [data[0], data[2]] if fault == "writer" and s3 else data
+    assert sorted(n for n in present if n.startswith(crashed + ".")) == expected
+    urls = sorted(f"{directory}/{n}" for n in expected)
+
+    listed, out = gc(directory, options, capsys, dry_run=True)
+    assert listed == urls, out
+    if fault == "writer" and s3:
+        assert f"would abort unfinished upload of {directory}/{data[1]}" in out
+        assert [u[0].name for u in storage.pending_uploads(storage.resolve(directory, options))] == [data[1]]
+    kept = {n: storage.read_bytes(storage.resolve(f"{directory}/{n}", options)) for n in expected}
+
+    deleted, out = gc(directory, options, capsys, dry_run=False)
+    assert deleted == urls, out
+    after = names(directory, options)
+    assert not [n for n in after if n.startswith(crashed + ".")]
+    assert set(present) - set(expected) <= set(after)  # nothing else went
+    assert storage.pending_uploads(storage.resolve(directory, options)) == []
+    assert gc(directory, options, capsys, dry_run=True)[0] == []
+    assert ss.latest_checkpoint(directory, storage_options=options) == latest
+
+    # the leftovers again; a later successful save of that prefix on 1 rank removes them
+    for n, blob in kept.items():
+        storage.publish(storage.resolve(f"{directory}/{n}", options), blob)
+    variables = make_vars(rows)
+    assign(variables, crash_step, rows)
+    prefix = ss.Saver(storage_options=options).save(f"{directory}/model.ckpt", global_step=crash_step)
+    assert prefix == f"{directory}/{crashed}"
+    assert sorted(n for n in names(directory, options) if n.startswith(crashed + ".")) == [
+        f"{crashed}.data-00000-of-00001", f"{crashed}.index"]
+    assert gc(directory, options, capsys, dry_run=True)[0] == []
+    assert ss.latest_checkpoint(directory, storage_options=options) == prefix
+    variables = make_vars(rows)
+    ss.Saver(storage_options=options).restore(prefix)
+    check_equal(variables, crash_step, rows)
