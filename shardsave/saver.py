@@ -42,7 +42,7 @@ from .errors import (
     NotFoundError,
 )
 from .format import dtypes
-from .format.bundle import BundleEntry, BundleHeader, Index, build_index, entry_key, parse_index
+from .format.bundle import BundleEntry, Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
 from .loader import LoadStats, Target, data_file_name, load
 from .plan import Block, BlockMeta, make_save_plan
@@ -292,7 +292,7 @@ class Saver:
             storage.remove([data_loc])
             raise
 
-        gathered = comm.gather((entries, out.written if out else 0))
+        gathered = comm.gather((encode_rank_part(entries, plan.sliced), out.written if out else 0))
         err = None
         timestamp = time.time()
         if comm.is_coordinator:
@@ -317,10 +317,9 @@ class Saver:
                     "same shared filesystem? (node-local disks and memory:// cannot hold a "
                     "multi-process checkpoint)"
                 )
-        all_entries = [e for entries, _ in gathered for e in entries]
-        for name, (tf_type, shape, slices) in sliced.items():
-            all_entries.append((entry_key(name), BundleEntry(dtype=tf_type, shape=shape, slices=tuple(slices))))
-        index = build_index(BundleHeader(num_shards=nranks), all_entries)
+        index = merge_index(
+            nranks, [part for part, _ in gathered], {name: (dt, shape) for name, (dt, shape, _) in sliced.items()}
+        )
         storage.fsync_dir(loc.parent)
         storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync, exclusive=True)
         # leftovers of earlier saves of this prefix with another number of ranks

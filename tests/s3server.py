@@ -105,8 +105,8 @@ class S3Server:
 
     def set_auth(self, enabled: bool) -> None:
         """Make the server check credentials and IAM policies (moto's reset-auth)."""
-        req = urllib.request.Request(self.endpoint + "/moto-api/reset-auth",
-                                     data=b"0" if enabled else b"inf", method="POST")
+        req = urllib.request.Request(self.endpoint + "/moto-api/reset-auth", data=b"0" if enabled else b"inf",
+                                     headers={"Content-Type": "application/octet-stream"}, method="POST")
         with urllib.request.urlopen(req, timeout=10):
             pass
 

@@ -12,13 +12,13 @@ shardsave's extension fields (ignored by TensorFlow, which skips unknown fields)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import proto, table
 from .coding import DecodeError, decode_varint, encode_varint, to_int64
-from .ordered_code import decode_slice_key, encode_slice_key
+from .ordered_code import decode_slice_key, encode_slice_key, write_string
 
 Extent = tuple[int, int]
 """(start, length) of one dimension; length -1 means the whole dimension."""
@@ -95,15 +95,14 @@ def decode_shape(data: bytes) -> tuple[int, ...]:
 
 
 def encode_slice(extents: Sequence[Extent]) -> bytes:
-    out = b""
+    out = []
     for start, length in extents:
-        ext = b""
-        if length != -1:
-            if start:
-                ext += proto.varint_field(1, start)
-            ext += proto.varint_field(2, length)
-        out += proto.bytes_field(1, ext)
-    return out
+        if length == -1:
+            out.append(b"\x0a\x00")
+            continue
+        ext = (b"\x08" + encode_varint(start) if start else b"") + b"\x10" + encode_varint(length)
+        out.append(b"\x0a" + encode_varint(len(ext)) + ext)
+    return b"".join(out)
 
 
 def decode_slice(data: bytes) -> tuple[Extent, ...]:
@@ -148,7 +147,8 @@ class BundleEntry(NamedTuple):
         if self.crc32c:
             out += (_TAG_CRC, self.crc32c.to_bytes(4, "little"))
         for sl in self.slices:
-            out.append(proto.bytes_field(7, encode_slice(sl)))
+            body = encode_slice(sl)
+            out += (b"\x3a", encode_varint(len(body)), body)
         if self.block_size:
             out += (_TAG_BLOCK_SIZE, encode_varint(self.block_size))
             out += (_TAG_BLOCK_CRCS, encode_varint(len(self.block_crcs)), self.block_crcs)
@@ -208,12 +208,13 @@ class BundleEntry(NamedTuple):
             elif field_number == 6:
                 crc = value
             elif field_number == 7:
-                slices.append(decode_slice(value))
+                slices.append(bytes(value))
             elif field_number == FIELD_BLOCK_SIZE:
                 block_size = value
             elif field_number == FIELD_BLOCK_CRCS:
                 block_crcs = bytes(value)
-        return cls(dtype, shape, shard_id, offset, size, crc, tuple(slices), block_size, block_crcs)
+        return cls(dtype, shape, shard_id, offset, size, crc, LazySlices(slices) if slices else (),
+                   block_size, block_crcs)
 
 
 _ENTRY_WIRE = {1: proto.VARINT, 2: proto.LENGTH_DELIMITED, 3: proto.VARINT, 4: proto.VARINT,
@@ -246,6 +247,98 @@ def _decode_shape_cached(data: bytes) -> tuple[int, ...]:
     return shape
 
 
+class LazySlices(tuple):
+    """The ``slices`` of a full entry, decoded on first use.
+
+    A sliced tensor saved by many ranks lists one slice per piece; an index may hold a
+    million of them, and most readers only need the pieces' own keys, so decoding waits.
+    """
+
+    def __new__(cls, raw: list[bytes]):
+        self = super().__new__(cls)
+        self._raw = raw
+        self._decoded = None
+        return self
+
+    def _value(self) -> tuple:
+        if self._decoded is None:
+            self._decoded = tuple(decode_slice(r) for r in self._raw)
+        return self._decoded
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __iter__(self):
+        return iter(self._value())
+
+    def __getitem__(self, i):
+        return self._value()[i]
+
+    def __eq__(self, other) -> bool:
+        return self._value() == tuple(other) if isinstance(other, tuple) else NotImplemented
+
+    def __ne__(self, other) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = tuple.__hash__
+
+    def __bool__(self) -> bool:
+        return bool(self._raw)
+
+    def __repr__(self) -> str:
+        return repr(self._value())
+
+
+class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
+    """For each sliced tensor, its pieces' entries by extents, decoded per tensor on use.
+
+    The slice keys of one tensor are contiguous in the sorted index (they all start with
+    the tensor's encoded name), so only the table blocks that hold them are parsed.
+    """
+
+    def __init__(self, reader: table.TableReader, counts: dict[str, int]):
+        self._reader = reader
+        self._counts = counts  # name -> number of slices its full entry lists
+        self._cache: dict[str, dict[tuple[Extent, ...], BundleEntry]] = {}
+
+    def __getitem__(self, name: str) -> dict[tuple[Extent, ...], BundleEntry]:
+        found = self._cache.get(name)
+        if found is not None:
+            return found
+        if name not in self._counts:
+            raise KeyError(name)
+        prefix = b"\x00" + write_string(name.encode("utf-8", errors="surrogateescape"))
+        out: dict[tuple[Extent, ...], BundleEntry] = {}
+        for key, value in self._reader.range(prefix, prefix + b"\xff"):
+            try:
+                key_name, extents = decode_slice_key(key)
+            except ValueError as exc:
+                raise DecodeError(f"bad slice key {key!r}: {exc}") from exc
+            if key_name == name:
+                out[tuple(extents)] = BundleEntry.decode(value)
+        if len(out) != self._counts[name]:
+            raise DecodeError(
+                f"tensor {name!r}: its entry lists {self._counts[name]} slices, the index holds {len(out)}"
+            )
+        self._cache[name] = out
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._counts
+
+    def __iter__(self):
+        return iter(self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(self.items()) == dict(other.items())
+
+
 @dataclass(frozen=True)
 class Index:
     """A parsed index: the header, the full entries by name, and the slice entries."""
@@ -253,8 +346,8 @@ class Index:
     header: BundleHeader
     entries: dict[str, BundleEntry]
     """Plain entries and the full entries of sliced tensors, by tensor name."""
-    pieces: dict[str, dict[tuple[Extent, ...], BundleEntry]]
-    """For each sliced tensor, its pieces' entries by extents."""
+    pieces: Mapping[str, dict[tuple[Extent, ...], BundleEntry]]
+    """For each sliced tensor, its pieces' entries by extents (decoded on use)."""
 
 
 def build_index(
@@ -266,6 +359,48 @@ def build_index(
     return table.build_table([(b"", header.encode())] + items)
 
 
+class RankIndexPart(NamedTuple):
+    """What one rank sends the coordinator: its entries and slice protos, encoded.
+
+    Encoding happens on every rank in parallel, so the coordinator's merge is a sort and
+    a concatenation, whatever the number of ranks.
+    """
+
+    entries: list[tuple[bytes, bytes]]
+    """``(key, encoded BundleEntryProto)`` of every entry this rank wrote."""
+    slices: list[tuple[str, tuple[Extent, ...], bytes]]
+    """``(name, extents, encoded TensorSliceProto)`` of every piece of a sliced tensor."""
+
+
+def encode_rank_part(entries: Iterable[tuple[bytes, BundleEntry]], sliced_names) -> RankIndexPart:
+    """Encode a rank's entries; pieces of tensors in ``sliced_names`` also give their slices."""
+    encoded, slices = [], []
+    for key, entry in entries:
+        encoded.append((key, entry.encode()))
+        if key[:1] == b"\x00":
+            name, extents = decode_slice_key(key)
+            if name in sliced_names:
+                slices.append((name, tuple(extents), encode_slice(extents)))
+    return RankIndexPart(encoded, slices)
+
+
+def merge_index(num_shards: int, parts: Sequence[RankIndexPart], sliced: Mapping[str, tuple[int, tuple[int, ...]]]) -> bytes:
+    """The coordinator's merge: every rank's entries plus one full entry per sliced
+    tensor (``sliced``: name -> (dtype, global shape)), listing its slices in order."""
+    items = [pair for part in parts for pair in part.entries]
+    groups: dict[str, list[tuple[tuple[Extent, ...], bytes]]] = {name: [] for name in sliced}
+    for part in parts:
+        for name, extents, proto_bytes in part.slices:
+            groups[name].append((extents, proto_bytes))
+    for name, (dtype, shape) in sliced.items():
+        body = [BundleEntry(dtype, tuple(shape)).encode()]
+        for _, proto_bytes in sorted(groups[name]):
+            body += (b"\x3a", encode_varint(len(proto_bytes)), proto_bytes)
+        items.append((entry_key(name), b"".join(body)))
+    items.sort()
+    return table.build_table([(b"", BundleHeader(num_shards=num_shards).encode())] + items)
+
+
 def entry_key(name: str, extents: Sequence[Extent] | None = None) -> bytes:
     """The index key of a plain tensor (``extents`` None) or of one piece of a sliced one."""
     if extents is None:
@@ -274,31 +409,48 @@ def entry_key(name: str, extents: Sequence[Extent] | None = None) -> bytes:
 
 
 def parse_index(data: bytes | memoryview) -> Index:
-    """Parse a whole index file; raise DecodeError on damage."""
-    pairs = table.read_table(data)
-    if not pairs or pairs[0][0] != b"":
+    """Parse an index file; raise DecodeError on damage.
+
+    Every block's checksum is checked and the plain and full entries are decoded now; the
+    pieces of a sliced tensor when first used (``Index.pieces[name]``, which may also
+    raise DecodeError), so opening an index of a million slices stays cheap.
+    """
+    reader = table.TableReader(data)
+    head = reader.block(0)[:2] if len(reader) else []
+    if not head or head[0][0] != b"":
         raise DecodeError("index has no header entry")
-    header = BundleHeader.decode(pairs[0][1])
+    header = BundleHeader.decode(head[0][1])
     if header.endianness != LITTLE_ENDIAN:
         raise DecodeError("big-endian checkpoints are not supported")
     if header.min_consumer > TENSOR_BUNDLE_VERSION:
         raise DecodeError(f"checkpoint needs a reader of version {header.min_consumer}")
     entries: dict[str, BundleEntry] = {}
-    pieces: dict[str, dict[tuple[Extent, ...], BundleEntry]] = {}
-    for key, value in pairs[1:]:
+    counts: dict[str, int] = {}
+    for key, value in reader.range(b"\x01"):  # slice keys start with 0x00: names follow them
+        name = key.decode("utf-8", errors="surrogateescape")
         entry = BundleEntry.decode(value)
-        if key[:1] == b"\x00":
-            try:
-                name, extents = decode_slice_key(key)
-            except ValueError as exc:
-                raise DecodeError(f"bad slice key {key!r}: {exc}") from exc
-            pieces.setdefault(name, {})[tuple(extents)] = entry
-        else:
-            entries[key.decode("utf-8", errors="surrogateescape")] = entry
-    for name in pieces:
-        if name not in entries:
+        entries[name] = entry
+        if entry.slices:
+            counts[name] = len(entry.slices)
+    if not counts and len(head) > 1 and head[1][0][:1] == b"\x00":
+        _explain_slice_mismatch([k for k, _ in reader.range(b"\x00", b"\x01")], counts)
+    return Index(header, entries, Pieces(reader, counts))
+
+
+def _explain_slice_mismatch(slice_keys: list[bytes], counts: dict[str, int]) -> None:
+    """Raise a DecodeError that says which slice entries do not match the full entries."""
+    found: dict[str, int] = {}
+    for key in slice_keys:
+        try:
+            name, _ = decode_slice_key(key)
+        except ValueError as exc:
+            raise DecodeError(f"bad slice key {key!r}: {exc}") from exc
+        if name not in counts:
             raise DecodeError(f"slices of {name!r} have no full entry")
-    return Index(header, entries, pieces)
+        found[name] = found.get(name, 0) + 1
+    for name, count in counts.items():
+        if found.get(name, 0) != count:
+            raise DecodeError(f"tensor {name!r}: its entry lists {count} slices, the index holds {found.get(name, 0)}")
 
 
 def encode_block_crcs(crcs: Iterable[int]) -> bytes:
