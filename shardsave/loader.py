@@ -28,7 +28,7 @@ from .writer import byte_view
 DIRECT_MIN_BYTES = 1 << 20
 
 
-@dataclass
+@dataclass(slots=True)
 class Target:
     """Fill ``out`` (shape ``block.shape``) with region ``block`` of stored tensor ``name``."""
 
@@ -96,12 +96,10 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> L
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)
         try:
-            storage.read_ranges(file_loc, ranges, after=lambda i, f=file_loc, g=groups: _verify(f, g[i]))
+            storage.read_ranges(file_loc, ranges, after=lambda i, f=file_loc, g=groups: _verify_and_place(f, g[i]))
         except DataLossError as exc:
             names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
             raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
-    for r in reads:
-        _scatter(r)
     return stats
 
 
@@ -232,6 +230,14 @@ def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
 
     for r in reads:
         check(r)
+
+
+def _verify_and_place(file_loc: storage.Location, reads: list[_Read]) -> None:
+    """Check the bytes of one fetched range, then copy them into their targets (the
+    targets are fresh arrays, so a later failure still leaves every variable as it was)."""
+    _verify(file_loc, reads)
+    for r in reads:
+        _scatter(r)
 
 
 def _scatter(r: _Read) -> None:

@@ -165,23 +165,26 @@ class Saver:
         return f"{save_path}-{step:08d}" if self.pad_step_number else f"{save_path}-{step}"
 
     # ------------------------------------------------------------------------- save
-    def _local_items(self, prefix: str) -> list[tuple[str, Variable, np.ndarray]]:
-        items = []
+    def _local_items(self, prefix: str) -> tuple[list[tuple[str, Variable, np.ndarray]], list[BlockMeta]]:
+        """This rank's blocks, checked, and what it tells the other ranks about them."""
+        items, metas = [], []
         for name, blocks in self._saveables.items():
             for var in blocks:
-                if not var.initialized:
+                arr = var._value
+                if arr is None:
                     raise FailedPreconditionError(
                         f"saving {prefix}: variable {name!r} is not initialized; "
                         "initialize, assign or restore it before saving"
                     )
                 try:
-                    dtypes.to_tf(var.dtype)
+                    tf_type = dtypes.to_tf(arr.dtype)
                 except ValueError as exc:
                     raise InvalidArgumentError(f"saving {prefix}: variable {name!r}: {exc}") from None
-                if var.dtype.kind == "O":
-                    _check_strings(prefix, name, var.value)
-                items.append((name, var, var.value))
-        return items
+                if tf_type == dtypes.DT_STRING:
+                    _check_strings(prefix, name, arr)
+                items.append((name, var, arr))
+                metas.append(BlockMeta(name, tf_type, var.global_shape, Block(var.offset, var.shape), _nbytes(arr)))
+        return items, metas
 
     def save(
         self,
@@ -246,11 +249,7 @@ class Saver:
         items: list[tuple[str, Variable, np.ndarray]] = []
         err = None
         try:
-            items = self._local_items(prefix)
-            metas = [
-                BlockMeta(name, dtypes.to_tf(arr.dtype), var.global_shape, var.block, _nbytes(arr))
-                for name, var, arr in items
-            ]
+            items, metas = self._local_items(prefix)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by agree()
             err = exc
         comm.agree(err, what)
@@ -320,7 +319,8 @@ class Saver:
         index = merge_index(
             nranks, [part for part, _ in gathered], {name: (dt, shape) for name, (dt, shape, _) in sliced.items()}
         )
-        storage.fsync_dir(loc.parent)
+        if self.fsync:  # the data files reach the disk before the index that names them
+            storage.fsync_dir(loc.parent)
         storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync, exclusive=True)
         # leftovers of earlier saves of this prefix with another number of ranks
         current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
@@ -450,7 +450,7 @@ def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:
 
 
 def _nbytes(arr: np.ndarray) -> int:
-    if arr.dtype.kind == "O":
+    if arr.dtype.hasobject:
         return sum(len(x) if isinstance(x, bytes | str) else 0 for x in arr.reshape(-1)) + arr.size
     return arr.nbytes
 

@@ -309,7 +309,7 @@ class _MultipartUpload:
             room = self._part_size() - len(self.buffer)
             self.buffer += view[:room]
             view = view[room:]
-            if False:
+            if len(self.buffer) >= self._part_size():
                 self._send()
 
     def _send(self) -> None:

@@ -49,48 +49,43 @@ def write_data_file(
 ) -> list[tuple[bytes, BundleEntry]]:
     """Write ``(key, array)`` items in order; return ``(key, entry)`` for the index."""
     entries: list[tuple[bytes, BundleEntry]] = []
+    append = entries.append
     batch = bytearray()
     pos = 0
+    to_tf, crc32c, mask = dtypes.to_tf, crc.crc32c, crc.mask
     with ThreadPoolExecutor(1) as checksummer:
         for key, array in items:
-            tf_type = dtypes.to_tf(array.dtype)
-            shape = tuple(int(d) for d in array.shape)
+            tf_type = to_tf(array.dtype)
+            blocks = b""
             if tf_type == dtypes.DT_STRING:
                 data, masked = encode_strings(array)
-                view, blocks = memoryview(data), b""
-            else:
-                view = byte_view(np.ascontiguousarray(array))
-                masked = blocks = None
-            if len(view) < BATCH_BYTES:
-                if masked is None:
-                    masked, blocks = checksum_blocks(view)
-                batch += view
-                if len(batch) >= BATCH_BYTES:
-                    out.write(batch)
-                    batch = bytearray()
+                size = len(data)
+                batch += data
+            elif array.nbytes < BATCH_BYTES:
+                # small: one copy into the batch buffer is the cheapest path (tobytes
+                # also handles non-contiguous arrays and ml_dtypes)
+                data = array.tobytes()
+                size = len(data)
+                if size > CHECKSUM_BLOCK:
+                    masked, blocks = checksum_blocks(memoryview(data))
+                else:
+                    masked = mask(crc32c(data))
+                batch += data
             else:
                 if batch:
                     out.write(batch)
                     batch = bytearray()
+                view = byte_view(np.ascontiguousarray(array))
+                size = len(view)
                 pending = checksummer.submit(checksum_blocks, view)
                 out.write(view)
                 masked, blocks = pending.result()
-            entries.append(
-                (
-                    key,
-                    BundleEntry(
-                        dtype=tf_type,
-                        shape=shape,
-                        shard_id=shard_id,
-                        offset=pos,
-                        size=len(view),
-                        crc32c=masked,
-                        block_size=CHECKSUM_BLOCK if blocks else 0,
-                        block_crcs=blocks,
-                    ),
-                )
-            )
-            pos += len(view)
+            if len(batch) >= BATCH_BYTES:
+                out.write(batch)
+                batch = bytearray()
+            append((key, BundleEntry(tf_type, array.shape, shard_id, pos, size, masked, (),
+                                     CHECKSUM_BLOCK if blocks else 0, blocks)))
+            pos += size
         if batch:
             out.write(batch)
     return entries

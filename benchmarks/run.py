@@ -1,0 +1,120 @@
+"""``make bench``: every workload, side by side with the machine's raw bandwidth.
+
+Prints a table and writes benchmarks/results/latest.json. Each figure is the median of
+--repeat runs after a warm-up; ratios are against raw ``write``/``readinto`` of the same
+bytes by the same number of processes, measured in the same run.
+
+    python benchmarks/run.py [--quick] [--gib 1.0] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+MPIEXEC = shutil.which("mpiexec", path=BIN) or "mpiexec"
+
+
+def mpi(n: int, *args: str) -> dict:
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", os.path.join(HERE, "bench.py"), *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def py(script: str, *args: str) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, script), *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gib", type=float, default=1.0, help="size of workload (a)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke run")
+    p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /tmp)")
+    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 b c e mem tf s3")
+    args = p.parse_args()
+    if args.quick:
+        args.gib, args.repeat = 0.125, 2
+    scratch = args.dir or tempfile.mkdtemp(prefix="shardsave-bench-")
+    common = ["--repeat", str(args.repeat), "--gib", str(args.gib)]
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                 "platform": platform.platform()},
+                     "when": time.strftime("%Y-%m-%d %H:%M:%S"), "gib": args.gib, "repeat": args.repeat}
+    rows = []
+
+    def row(name, r, keys):
+        results[name] = r
+        rows.append((name, r, keys))
+        print(f"done: {name}", file=sys.stderr, flush=True)
+
+    for fsync in (1, 0):
+        tag = "durable" if fsync else "no-fsync"
+        if "a" not in args.skip:
+            row(f"a 1 rank {tag}", mpi(1, "--workload", "a", "--dir", f"{scratch}/a1", "--fsync", str(fsync), *common),
+                "save")
+        if "a2" not in args.skip:
+            row(f"a 2 ranks {tag}", mpi(2, "--workload", "a", "--dir", f"{scratch}/a2", "--fsync", str(fsync), *common),
+                "save")
+    if "b" not in args.skip:
+        row("b 20k x 1 KiB", mpi(1, "--workload", "b", "--dir", f"{scratch}/b", "--repeat", str(args.repeat)), "small")
+    if "c" not in args.skip:
+        mpi(4, "--workload", "reshard-save", "--dir", f"{scratch}/c", *common)
+        row("c reshard 4->3", mpi(3, "--workload", "reshard-restore", "--dir", f"{scratch}/c", *common), "reshard")
+    if "mem" not in args.skip:
+        m = mpi(1, "--workload", "memory", "--dir", f"{scratch}/m", *common)
+        m.update(mpi(1, "--workload", "restore-memory", "--dir", f"{scratch}/m", *common))
+        row("memory", m, "memory")
+    if "e" not in args.skip:
+        ranks = 100 if args.quick else 1000
+        row("e index 1M entries" if not args.quick else "e index 100k entries",
+            py("index_bench.py", "--ranks", str(ranks), "--variables", "1000", "--path", f"{scratch}/e.index"),
+            "index")
+    if "tf" not in args.skip:
+        try:
+            row("tf Saver 1 rank", py("tf_bench.py", "--dir", f"{scratch}/tf", *common), "save")
+        except subprocess.CalledProcessError as exc:
+            print(f"TensorFlow comparison skipped: {exc.stderr[-300:]}", file=sys.stderr)
+
+    print()
+    print(f"{'workload':<26} {'raw':>9} {'shardsave':>10} {'ratio':>7}   {'raw':>9} {'shardsave':>10} {'ratio':>7}")
+    print(f"{'':<26} {'save s':>9} {'save s':>10} {'':>7}   {'restore s':>9} {'restore s':>10}")
+    for name, r, kind in rows:
+        if kind in ("save", "small"):
+            print(f"{name:<26} {r['raw_write']:9.3f} {r['ss_save']:10.3f} {r['save_ratio']:7.2f}   "
+                  f"{r['raw_read']:9.3f} {r['ss_restore']:10.3f} {r['restore_ratio']:7.2f}"
+                  + (f"   non-blocking call {r['nonblocking_call']:.3f}s = {r['nonblocking_vs_copy']:.2f} x copy"
+                     if "nonblocking_call" in r else ""))
+            if kind == "small":
+                print(f"{'':<26} save + restore: {r['ss_save'] + r['ss_restore']:.3f} s")
+        elif kind == "reshard":
+            print(f"{name:<26} {'':>9} {'':>10} {'':>7}   {r['raw_read']:9.3f} {r['ss_restore']:10.3f} "
+                  f"{r['restore_ratio']:7.2f}   read {r['read_amplification']:.4f} x the bytes needed")
+        elif kind == "memory":
+            print(f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
+                  f"restore peak above the targets: {r['restore_extra_bytes'] / 2**20:.1f} MiB")
+        elif kind == "index":
+            print(f"{name:<26} merge {r['merge_s']:.2f} s, write {r['write_s']:.2f} s, read {r['read_s']:.2f} s "
+                  f"= {r['total_s']:.2f} s; {r['bytes_per_entry']:.1f} bytes/entry")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    out = os.path.join(HERE, "results", "latest.json")
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {out}")
+    if not args.dir:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
