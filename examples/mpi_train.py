@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 
 import numpy as np
@@ -42,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-to-keep", type=int, default=3)
-    p.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
+    p.add_argument("--storage-options", default=os.environ.get("SHARDSAVE_STORAGE_OPTIONS"),
+                   help="fsspec storage options as JSON (default: $SHARDSAVE_STORAGE_OPTIONS)")
     p.add_argument("--dump", default=None, help="write the final parameters to this .npz (rank 0)")
     return p.parse_args(argv)
 
