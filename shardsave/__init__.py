@@ -34,6 +34,7 @@ from .partitioners import (
     min_max_variable_partitioner,
     variable_axis_size_partitioner,
 )
+from .pending import SaveHandle
 from .reader import CheckpointReader, list_variables, load_variable
 from .saver import Saver
 from .variables import (
@@ -62,6 +63,7 @@ __all__ = [
     "NewCheckpointReader",
     "NotFoundError",
     "PartitionedVariable",
+    "SaveHandle",
     "Saver",
     "ShardsaveError",
     "Variable",

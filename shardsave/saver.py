@@ -20,14 +20,11 @@ when every rank succeeded do the variables take the new values.
 
 from __future__ import annotations
 
-import atexit
 import difflib
 import math
 import os
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,6 +42,7 @@ from .format import dtypes
 from .format.bundle import BundleEntry, Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
 from .loader import LoadStats, Target, data_file_name, load
+from .pending import SaveHandle, register_exit_join
 from .plan import Block, BlockMeta, make_save_plan
 from .staging import StagingBuffers
 from .variables import PartitionedVariable, Variable, global_variables
@@ -227,7 +225,7 @@ class Saver:
             name=f"shardsave-save-{prefix}",
         )
         self._pending = handle
-        _register_exit_join(self)
+        register_exit_join(self)
         thread.start()
         handle._thread = thread
         return handle
@@ -497,64 +495,3 @@ def delete_checkpoint_files(loc: storage.Location) -> None:
     storage.remove([loc.with_path(loc.path + ".index")])
     storage.remove(storage.glob(loc.parent, loc.name + ".data-*-of-*"))
     storage.remove([loc.with_path(loc.path + ".meta")])
-
-
-class SaveHandle:
-    """The pending result of ``Saver.save(..., blocking=False)``."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self._done = threading.Event()
-        self._result: str | None = None
-        self._error: BaseException | None = None
-        self._error_seen = False
-        self._thread: threading.Thread | None = None
-
-    def _run(self, fn, *args) -> None:
-        try:
-            self._result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def _join(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> str:
-        """The prefix once the save has committed; raises the save's error."""
-        if not self._join(timeout):
-            raise TimeoutError(f"save of {self.prefix} still running after {timeout}s")
-        if self._error is not None:
-            self._error_seen = True
-            raise self._error
-        return self._result
-
-    def __repr__(self) -> str:
-        state = "running" if not self.done() else ("failed" if self._error else "done")
-        return f"<SaveHandle {self.prefix} {state}>"
-
-
-_exit_joins: weakref.WeakSet = weakref.WeakSet()
-
-
-def _register_exit_join(saver: Saver) -> None:
-    if not _exit_joins:
-        # threading's own exit hooks run before concurrent.futures stops accepting work
-        # (the save's I/O threads need it) and before MPI is finalized; plain atexit
-        # would be too late for both.
-        register = getattr(threading, "_register_atexit", atexit.register)
-        register(_join_all_at_exit)
-    _exit_joins.add(saver)
-
-
-def _join_all_at_exit() -> None:
-    """Finish pending background saves before the interpreter (and MPI) shut down."""
-    for saver in list(_exit_joins):
-        try:
-            saver.wait_until_finished()
-        except BaseException as exc:  # noqa: BLE001 - nobody is left to raise to
-            print(f"shardsave: a background save failed: {exc}", file=sys.stderr)
