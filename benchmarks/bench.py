@@ -52,6 +52,9 @@ def many_small(count: int = 20000, nbytes: int = 1024):
 
 
 def timed(fn) -> float:
+    # start every measurement with no dirty pages, so that no writer pays for the
+    # writeback of what the one before it left (throttling would move the cost around)
+    os.sync()
     COMM.Barrier()
     t = time.perf_counter()
     fn()
@@ -112,23 +115,31 @@ def bench_save_restore(args) -> dict:
         for dst, src in zip(staging, mine, strict=True):
             np.copyto(dst, src)
 
-    runs = {k: [] for k in ("raw_write", "ss_save", "raw_read", "ss_restore", "copy", "nonblocking_call")}
+    def raw_read_fresh():
+        raw_read(raw_path, [np.empty_like(a) for a in needed])
+
+    runs = {k: [] for k in ("raw_write", "ss_save", "raw_read", "ss_restore", "copy", "nonblocking_call",
+                            "raw_read_fresh")}
     for i in range(args.repeat + 1):
+        # each read follows its own write, so both read a file of the same age: a file
+        # read right after it was written and fsynced reads slower here (page cache state)
         rw = timed(lambda: raw_write(raw_path, mine, args.fsync))
-        sw = timed(ss_save)
         rr = timed(lambda: raw_read(raw_path, needed))
+        sw = timed(ss_save)
         sr = timed(ss_restore)
         cp = timed(copy_only)
         nb = timed(ss_nonblocking)
         saver.wait_until_finished()
+        rf = timed(raw_read_fresh)
         if i:  # the first round is the warm-up
-            for k, v in zip(runs, (rw, sw, rr, sr, cp, nb), strict=True):
+            for k, v in zip(runs, (rw, sw, rr, sr, cp, nb, rf), strict=True):
                 runs[k].append(v)
     written = COMM.allreduce(sum(a.nbytes for a in mine))
     read = COMM.allreduce(sum(a.nbytes for a in needed))
     out = {k: median(v) for k, v in runs.items()}
     out.update(bytes_written=written, bytes_read=read, ranks=SIZE, fsync=args.fsync,
                save_ratio=out["raw_write"] / out["ss_save"], restore_ratio=out["raw_read"] / out["ss_restore"],
+               restore_ratio_fresh=out["raw_read_fresh"] / out["ss_restore"],
                nonblocking_vs_copy=out["nonblocking_call"] / out["copy"])
     return out
 

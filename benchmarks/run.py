@@ -80,6 +80,11 @@ def main() -> int:
         row("e index 1M entries" if not args.quick else "e index 100k entries",
             py("index_bench.py", "--ranks", str(ranks), "--variables", "1000", "--path", f"{scratch}/e.index"),
             "index")
+    if "s3" not in args.skip:
+        try:
+            row("d S3 (moto), 1 rank", py("s3_bench.py", "--gib", str(min(args.gib, 0.25))), "s3")
+        except subprocess.CalledProcessError as exc:
+            print(f"S3 benchmark failed: {exc.stderr[-300:]}", file=sys.stderr)
     if "tf" not in args.skip:
         try:
             row("tf Saver 1 rank", py("tf_bench.py", "--dir", f"{scratch}/tf", *common), "save")
@@ -93,6 +98,8 @@ def main() -> int:
         if kind in ("save", "small"):
             print(f"{name:<26} {r['raw_write']:9.3f} {r['ss_save']:10.3f} {r['save_ratio']:7.2f}   "
                   f"{r['raw_read']:9.3f} {r['ss_restore']:10.3f} {r['restore_ratio']:7.2f}"
+                  + (f"   vs raw into fresh buffers {r['restore_ratio_fresh']:.2f}"
+                     if "restore_ratio_fresh" in r else "")
                   + (f"   non-blocking call {r['nonblocking_call']:.3f}s = {r['nonblocking_vs_copy']:.2f} x copy"
                      if "nonblocking_call" in r else ""))
             if kind == "small":
@@ -103,6 +110,10 @@ def main() -> int:
         elif kind == "memory":
             print(f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
                   f"restore peak above the targets: {r['restore_extra_bytes'] / 2**20:.1f} MiB")
+        elif kind == "s3":
+            print(f"{name:<26} {r['bytes'] / 2**20:.0f} MiB in {r['variables']} variables: save {r['save_s']:.2f} s "
+                  f"in {r['save_requests']} requests, restore {r['restore_s']:.2f} s in {r['restore_requests']} "
+                  f"requests ({r['restore_ranged_gets']} coalesced ranges, {r['restore_bytes_read'] / 2**20:.0f} MiB)")
         elif kind == "index":
             print(f"{name:<26} merge {r['merge_s']:.2f} s, write {r['write_s']:.2f} s, read {r['read_s']:.2f} s "
                   f"= {r['total_s']:.2f} s; {r['bytes_per_entry']:.1f} bytes/entry")
