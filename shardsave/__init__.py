@@ -20,7 +20,9 @@ from .errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ShardsaveError,
+    UnavailableError,
 )
 from .initializers import (
     constant_initializer,
@@ -63,9 +65,11 @@ __all__ = [
     "NewCheckpointReader",
     "NotFoundError",
     "PartitionedVariable",
+    "PermissionDeniedError",
     "SaveHandle",
     "Saver",
     "ShardsaveError",
+    "UnavailableError",
     "Variable",
     "checkpoint_exists",
     "constant_initializer",

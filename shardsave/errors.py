@@ -39,6 +39,10 @@ class PermissionDeniedError(ShardsaveError, PermissionError):
     """Storage refused access (credentials, bucket policy)."""
 
 
+class UnavailableError(ShardsaveError, ConnectionError):
+    """Storage could not be reached (wrong endpoint, network down), even after retries."""
+
+
 __all__ = [
     "AbortedError",
     "DataLossError",
@@ -47,4 +51,5 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ShardsaveError",
+    "UnavailableError",
 ]

@@ -304,9 +304,11 @@ class Saver:
 
     def _commit(self, loc, prefix, sliced, gathered, latest_filename, write_state, timestamp) -> None:
         nranks = len(gathered)
+        # one listing of the directory, not one request per rank (S3 with 1000s of ranks)
+        sizes = {f.name: meta["size"] for f, meta in storage.scan(loc.parent, loc.name + ".data-*")}
         for rank, (_, written) in enumerate(gathered):
             data_loc = loc.with_path(data_file_name(loc.path, rank, nranks))
-            found = storage.size(data_loc)
+            found = sizes.get(data_loc.name)
             if found != written:
                 raise DataLossError(
                     f"{data_loc.url}: rank {rank} wrote {written} bytes but the coordinator sees "
@@ -322,8 +324,7 @@ class Saver:
         storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync, exclusive=True)
         # leftovers of earlier saves of this prefix with another number of ranks
         current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
-        stale = [f for f in storage.glob(loc.parent, loc.name + ".data-*-of-*") if f.name not in current]
-        storage.remove(stale)
+        storage.remove([loc.parent.child(name) for name in sizes if name not in current and "-of-" in name])
         if write_state:
             self._write_state(prefix, timestamp, latest_filename, coordinator=True)
 

@@ -53,6 +53,7 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     ShardsaveError,
+    UnavailableError,
 )
 
 READ_THREADS = 8
@@ -162,6 +163,16 @@ def translate_errors(location: Location | str, action: str) -> Iterator[None]:
         raise NotFoundError(f"{action} {url}: not found ({exc})") from exc
     except PermissionError as exc:
         raise PermissionDeniedError(f"{action} {url}: permission denied ({exc})") from exc
+    except Exception as exc:
+        # botocore's EndpointConnectionError and friends: the store cannot be reached
+        # (wrong endpoint, network down) after the client's own retries
+        if type(exc).__name__ in _UNREACHABLE or isinstance(exc, ConnectionError):
+            raise UnavailableError(f"{action} {url}: storage unreachable: {exc}") from exc
+        raise
+
+
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError"}
 
 
 def _fresh(loc: Location) -> None:

@@ -416,3 +416,18 @@ def test_memory_filesystem_from_several_processes_fails_at_commit():
     err = proc.stdout + proc.stderr
     assert re.search("memory:///?shardsave-unshared/model.ckpt-1.data-00001-of-00002", err), err[-3000:]
     assert "same shared filesystem" in err and "memory://" in err, err[-3000:]
+
+
+def test_unreachable_endpoint_is_unavailable_error_naming_the_url():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
+               "config_kwargs": {"retries": {"max_attempts": 2}}}
+    with pytest.raises(ss.UnavailableError, match=r"s3://nowhere/run/checkpoint: storage unreachable"):
+        ss.latest_checkpoint("s3://nowhere/run", storage_options=options)
+    v = ss.Variable("x", np.zeros(3), register=False)
+    with pytest.raises(ss.UnavailableError, match="s3://nowhere/run"):
+        ss.Saver([v], storage_options=options).save("s3://nowhere/run/model")
