@@ -156,6 +156,9 @@ class BundleEntry(NamedTuple):
 
     @classmethod
     def decode(cls, data: bytes) -> BundleEntry:
+        fast = _decode_plain(data)
+        if fast is not None:
+            return fast
         dtype = shard_id = offset = size = crc = block_size = 0
         shape: tuple[int, ...] = ()
         slices = []
@@ -215,6 +218,38 @@ class BundleEntry(NamedTuple):
                 block_crcs = bytes(value)
         return cls(dtype, shape, shard_id, offset, size, crc, LazySlices(slices) if slices else (),
                    block_size, block_crcs)
+
+
+def _decode_plain(data: bytes) -> BundleEntry | None:
+    """The common entry, fast: fields 1-6 in order, as TF and shardsave write them.
+
+    Returns None for anything else (slices, extension fields, other orders, damage),
+    which the general decoder then handles or rejects.
+    """
+    end = len(data)
+    if end < 2 or data[0] != 0x08 or data[1] > 0x7F:
+        return None
+    dtype = data[1]
+    if end < 4 or data[2] != 0x12 or data[3] > 0x7F or 4 + data[3] > end:
+        return None
+    pos = 4 + data[3]
+    shape = _decode_shape_cached(data[4:pos])
+    shard_id = offset = size = crc = 0
+    try:
+        if pos < end and data[pos] == 0x18:
+            shard_id, pos = decode_varint(data, pos + 1)
+        if pos < end and data[pos] == 0x20:
+            offset, pos = decode_varint(data, pos + 1)
+        if pos < end and data[pos] == 0x28:
+            size, pos = decode_varint(data, pos + 1)
+    except DecodeError:
+        return None
+    if pos + 5 <= end and data[pos] == 0x35:
+        crc = int.from_bytes(data[pos + 1 : pos + 5], "little")
+        pos += 5
+    if pos != end:
+        return None
+    return BundleEntry(dtype, shape, shard_id, offset, size, crc)
 
 
 _ENTRY_WIRE = {1: proto.VARINT, 2: proto.LENGTH_DELIMITED, 3: proto.VARINT, 4: proto.VARINT,
