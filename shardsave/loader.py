@@ -10,7 +10,6 @@ whole large entry and the whole destination is read straight into the destinatio
 from __future__ import annotations
 
 import bisect
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import storage
-from .errors import DataLossError, InvalidArgumentError, NotFoundError
+from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.bundle import BundleEntry, Index
 from .format.strings import decode_strings
@@ -287,16 +286,3 @@ def _decode_strings(file_loc: storage.Location, data: bytes, r: _Read) -> np.nda
             f"{where}: checksum does not match: stored {r.entry.crc32c:#010x} vs. calculated {actual:#010x}"
         )
     return values
-
-
-def check_target_dtype(name: str, stored: int, wanted: np.dtype) -> None:
-    have = dtypes.to_numpy(stored)
-    if have != wanted and not (dtypes.is_string(have) and dtypes.is_string(wanted)):
-        raise InvalidArgumentError(
-            f"tensor {name!r}: checkpoint holds dtype {dtypes.tf_name(stored)}, "
-            f"the variable has dtype {wanted}"
-        )
-
-
-def total_elements(shape: Sequence[int]) -> int:
-    return math.prod(shape)

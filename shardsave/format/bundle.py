@@ -488,16 +488,15 @@ def _explain_slice_mismatch(slice_keys: list[bytes], counts: dict[str, int]) -> 
             raise DecodeError(f"tensor {name!r}: its entry lists {count} slices, the index holds {found.get(name, 0)}")
 
 
-def encode_block_crcs(crcs: Iterable[int]) -> bytes:
-    return b"".join(c.to_bytes(4, "little") for c in crcs)
-
-
 __all__ = [
     "BundleEntry",
     "BundleHeader",
     "Extent",
     "Index",
+    "RankIndexPart",
     "build_index",
+    "encode_rank_part",
     "entry_key",
+    "merge_index",
     "parse_index",
 ]
