@@ -86,7 +86,7 @@ def cmd_inspect(args, options) -> None:
     print(f"checkpoint: {reader.prefix}  ({index.header.num_shards} data file(s))")
     for name in names:
         entry = index.entries[name]
-        pieces = len(index.pieces.get(name, {}))
+        pieces = len(entry.slices)
         where = f"  [{pieces} slices]" if pieces else ""
         print(f"{name}  {dtypes.tf_name(entry.dtype)}  {list(entry.shape)}{where}")
         if args.values:

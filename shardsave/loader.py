@@ -20,6 +20,7 @@ from . import storage
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.bundle import BundleEntry, Index
+from .format.coding import DecodeError
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
 from .writer import byte_view
@@ -78,7 +79,10 @@ def stored_pieces(index: Index, name: str) -> tuple[BundleEntry, list[tuple[Bloc
 def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> LoadStats:
     """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
     stats = LoadStats()
-    reads = _plan(prefix, index, targets, stats)
+    try:
+        reads = _plan(prefix, index, targets, stats)
+    except DecodeError as exc:  # slice entries are decoded only now (bundle.Pieces)
+        raise DataLossError(f"{prefix.url}.index is damaged: {exc}") from exc
     num_shards = index.header.num_shards
     by_shard: dict[int, list[_Read]] = defaultdict(list)
     for r in reads:

@@ -817,3 +817,22 @@ def test_total_param_count_of_inspect(two_vars, capsys):
     ss.print_tensors_in_checkpoint_file(prefix, tensor_name="", all_tensors=False, all_tensor_names=True)
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == f"# Total number of params: {3 + math.prod([2, 2])}"
+
+
+def test_damaged_slice_entry_with_valid_table_checksums_is_data_loss(tmp_path):
+    """Slice entries are decoded lazily; damage found then is still a DataLossError."""
+    from shardsave.format import table
+
+    ss.reset_default_graph()
+    prefix = str(tmp_path / "m")
+    ss.get_variable("emb", [6, 2], initializer=ss.ones_initializer, partitioner=ss.fixed_size_partitioner(2))
+    ss.Saver().save(prefix)
+    with open(prefix + ".index", "rb") as f:
+        pairs = table.read_table(f.read())
+    # the first slice entry's value: a shape field sent as a varint (valid table, bad proto)
+    pairs = [(k, b"\x08\x01\x12\x02\x10\x05") if i == 1 else (k, v) for i, (k, v) in enumerate(pairs)]
+    assert pairs[1][0][:1] == b"\x00"
+    with open(prefix + ".index", "wb") as f:
+        f.write(table.build_table(pairs))
+    with pytest.raises(ss.DataLossError, match=r"m\.index is damaged"):
+        ss.load_variable(prefix, "emb")
