@@ -122,11 +122,6 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
         block.reset()
         return _handle(offset, len(contents))
 
-    # The data block is built inline (not through _BlockBuilder.add): this loop runs once
-    # per entry, a million times for a large index.
-    buf, restarts = data_block.buf, data_block.restarts
-    counter = 0
-    prev = b""
     for key, value in items:
         if last_key is not None and key <= last_key:
             raise ValueError(f"table keys out of order: {last_key!r} then {key!r}")
@@ -134,30 +129,11 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
             index_block.add(_shortest_separator(last_key, key), pending_handle)
             pending_handle = None
         last_key = key
-        if counter < RESTART_INTERVAL:
-            n = min(len(prev), len(key))
-            diff = int.from_bytes(prev[:n], "big") ^ int.from_bytes(key[:n], "big")
-            shared = n if not diff else n - 1 - (diff.bit_length() - 1) // 8
-        else:
-            restarts.append(len(buf))
-            counter = shared = 0
-        unshared, vlen = len(key) - shared, len(value)
-        if unshared < 0x80 and vlen < 0x80 and shared < 0x80:
-            buf += bytes((shared, unshared, vlen))
-        else:
-            buf += encode_varint(shared) + encode_varint(unshared) + encode_varint(vlen)
-        buf += key[shared:]
-        buf += value
-        counter += 1
-        prev = key
-        if len(buf) + 4 * len(restarts) + 4 >= block_size:
-            data_block.counter, data_block.last_key = counter, prev
+        data_block.add(key, value)
+        if data_block.size_estimate() >= block_size:
             pending_handle = write_block(data_block)
-            buf, restarts = data_block.buf, data_block.restarts
-            counter = 0
-            prev = b""
 
-    if buf:
+    if not data_block.empty():
         pending_handle = write_block(data_block)
     metaindex_handle = write_block(_BlockBuilder(RESTART_INTERVAL))
     if pending_handle is not None:
