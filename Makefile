@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= /tmp/shardsave-demo
 
-.PHONY: all env demo seeds test lint bench clean
+.PHONY: all env demo seeds test lint bench bench-peers clean
 
 all: test
 
@@ -46,5 +46,11 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
+# PyTorch DCP for side-by-side figures, in its own environment (run.py uses it when present).
+# Pinned to the CPU build this workplace keeps on disk; elsewhere PyPI's torch is several GB.
+bench-peers:
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install --quiet torch==2.13.0 numpy
+
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) .venv-peers $(DEMO)

@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke run")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /tmp)")
-    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 b c e mem tf s3")
+    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 b c e mem tf s3 dcp")
     args = p.parse_args()
     if args.quick:
         args.gib, args.repeat = 0.125, 2
@@ -85,6 +85,16 @@ def main() -> int:
             row("d S3 (moto), 1 rank", py("s3_bench.py", "--gib", str(min(args.gib, 0.25))), "s3")
         except subprocess.CalledProcessError as exc:
             print(f"S3 benchmark failed: {exc.stderr[-300:]}", file=sys.stderr)
+    peers = os.path.join(os.path.dirname(HERE), ".venv-peers", "bin", "python")
+    if "dcp" not in args.skip and os.path.exists(peers):
+        for wl, kind in (("a", "save"), ("b", "small")):
+            cmd = [peers, os.path.join(HERE, "dcp_bench.py"), "--dir", f"{scratch}/dcp", "--workload", wl,
+                   "--gib", str(args.gib), "--repeat", str(min(args.repeat, 3))]
+            try:
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
+                row(f"PyTorch DCP ({wl}) 1 rank", json.loads(out.stdout.strip().splitlines()[-1]), kind)
+            except subprocess.CalledProcessError as exc:
+                print(f"DCP comparison failed: {exc.stderr[-300:]}", file=sys.stderr)
     if "tf" not in args.skip:
         try:
             row("tf Saver 1 rank", py("tf_bench.py", "--dir", f"{scratch}/tf", *common), "save")
@@ -104,6 +114,8 @@ def main() -> int:
                      if "nonblocking_call" in r else ""))
             if kind == "small":
                 print(f"{'':<26} save + restore: {r['ss_save'] + r['ss_restore']:.3f} s")
+            if "note" in r:
+                print(f"{'':<26} ({r['note']})")
         elif kind == "reshard":
             print(f"{name:<26} {'':>9} {'':>10} {'':>7}   {r['raw_read']:9.3f} {r['ss_restore']:10.3f} "
                   f"{r['restore_ratio']:7.2f}   read {r['read_amplification']:.4f} x the bytes needed")

@@ -1,0 +1,91 @@
+"""PyTorch Distributed Checkpoint (DCP) on workloads (a) and (b), single process.
+
+Runs in the peers' environment (.venv-peers, `make bench-peers`), not the test one.
+DCP's FileSystemWriter fsyncs its files (sync_files=True), so raw here fsyncs too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def raw_write(path, arrays):
+    if os.path.exists(path):
+        os.unlink(path)
+    with open(path, "wb", buffering=0) as f:
+        for a in arrays:
+            f.write(memoryview(a).cast("B"))
+        os.fsync(f.fileno())
+
+
+def raw_read(path, outs):
+    with open(path, "rb", buffering=0) as f:
+        for o in outs:
+            f.readinto(memoryview(o).cast("B"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", required=True)
+    p.add_argument("--gib", type=float, default=1.0)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--workload", choices=["a", "b"], default="a")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    if args.workload == "a":
+        side, n_small, small = 4096, 1000, 4096
+        n_big = max(1, int((args.gib * 2**30 - n_small * small * 4) // (side * side * 4)))
+        arrays = [np.random.default_rng(i).standard_normal((side, side), dtype=np.float32) for i in range(n_big)]
+        arrays += [np.full(small, i, np.float32) for i in range(n_small)]
+    else:
+        arrays = [np.full(256, i, np.float32) for i in range(20000)]
+    state = {f"v{i}": torch.from_numpy(a) for i, a in enumerate(arrays)}
+    target = {k: torch.empty_like(v) for k, v in state.items()}
+    outs = [np.empty_like(a) for a in arrays]
+    runs = {"raw_write": [], "dcp_save": [], "raw_read": [], "dcp_restore": []}
+    for i in range(args.repeat + 1):
+        shutil.rmtree(args.dir, ignore_errors=True)
+        os.makedirs(args.dir)
+        os.sync()
+        t = time.perf_counter()
+        raw_write(os.path.join(args.dir, "raw"), arrays)
+        rw = time.perf_counter() - t
+        t = time.perf_counter()
+        raw_read(os.path.join(args.dir, "raw"), outs)
+        rr = time.perf_counter() - t
+        os.sync()
+        t = time.perf_counter()
+        dcp.save(state, checkpoint_id=os.path.join(args.dir, "dcp"))
+        sw = time.perf_counter() - t
+        t = time.perf_counter()
+        dcp.load(target, checkpoint_id=os.path.join(args.dir, "dcp"))
+        sr = time.perf_counter() - t
+        if i:
+            for k, v in zip(runs, (rw, sw, rr, sr), strict=True):
+                runs[k].append(v)
+    assert all(torch.equal(target[k], state[k]) for k in state)
+    out = {k: statistics.median(v) for k, v in runs.items()}
+    out["ss_save"], out["ss_restore"] = out.pop("dcp_save"), out.pop("dcp_restore")
+    out["save_ratio"] = out["raw_write"] / out["ss_save"]
+    out["restore_ratio"] = out["raw_read"] / out["ss_restore"]
+    out["note"] = f"PyTorch {torch.__version__} DCP, 1 process, loads in place into preallocated tensors"
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
