@@ -200,28 +200,30 @@ class Saver:
         save commits nothing: the previous checkpoint stays the latest.
 
         With ``blocking=False`` it returns a :class:`SaveHandle` as soon as this rank's
-        variables are copied into staging buffers (training may change them right away);
-        the writes and the commit go on in a background thread. ``handle.result()`` gives
+        variables are checked and copied into staging buffers (training may change them
+        right away); planning, the writes and the commit go on in a background thread. ``handle.result()`` gives
         the prefix or raises the save's error. A later save or restore, and interpreter
         exit, wait for it first, so a checkpoint is never silently dropped.
         """
         self.wait_until_finished()
         prefix = self._prefix(save_path, global_step)
         loc = self._resolve(prefix)
-        plan, items = self._plan_save(prefix)
-        todo = [(entry_key(a.name, a.extents), _entry_array(a, items[a.index])) for a in plan.writes[self._comm.rank]]
+        items, metas = self._checked_items(prefix)
         if blocking:
-            return self._write_and_commit(prefix, loc, plan, todo, latest_filename, write_state)
+            return self._plan_write_commit(prefix, loc, items, metas, latest_filename, write_state)
         if self._comm.size > 1 and not self._comm.thread_multiple:
             raise FailedPreconditionError(
                 "a non-blocking save needs MPI initialized with MPI_THREAD_MULTIPLE "
                 "(mpi4py's default); this MPI provides less"
             )
-        staged = self._staging.stage(todo)
+        # Only the copy happens now; planning (an all-gather), writing and the commit run
+        # in the background on the Saver's own communicator.
+        staged = self._staging.stage([((name, var.offset), arr) for name, var, arr in items])
+        items = [(name, var, copy) for (name, var, _), (_, copy) in zip(items, staged, strict=True)]
         handle = SaveHandle(prefix)
         thread = threading.Thread(
             target=handle._run,
-            args=(self._write_and_commit, prefix, loc, plan, staged, latest_filename, write_state),
+            args=(self._plan_write_commit, prefix, loc, items, metas, latest_filename, write_state),
             name=f"shardsave-save-{prefix}",
         )
         self._pending = handle
@@ -239,23 +241,27 @@ class Saver:
                 handle._error_seen = True
                 raise handle._error
 
-    def _plan_save(self, prefix: str):
-        """Steps 1-2: list and check this rank's blocks; agree with all ranks on a plan."""
-        comm = self._comm
-        what = f"saving {prefix}"
-        metas: list[BlockMeta] = []
+    def _checked_items(self, prefix: str):
+        """Step 1: list and check this rank's blocks; every rank raises if any rank failed."""
         items: list[tuple[str, Variable, np.ndarray]] = []
+        metas: list[BlockMeta] = []
         err = None
         try:
             items, metas = self._local_items(prefix)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by agree()
             err = exc
-        comm.agree(err, what)
+        self._comm.agree(err, f"saving {prefix}")
+        return items, metas
+
+    def _plan_write_commit(self, prefix, loc, items, metas, latest_filename, write_state) -> str:
+        """Step 2: agree on a plan (who writes which block); then write and commit."""
+        comm = self._comm
         try:
             plan = make_save_plan(comm.allgather(metas))
         except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"{what}: {exc}") from None
-        return plan, items
+            raise InvalidArgumentError(f"saving {prefix}: {exc}") from None
+        todo = [(entry_key(a.name, a.extents), _entry_array(a, items[a.index])) for a in plan.writes[comm.rank]]
+        return self._write_and_commit(prefix, loc, plan, todo, latest_filename, write_state)
 
     def _write_and_commit(self, prefix, loc, plan, todo, latest_filename, write_state) -> str:
         """Steps 3-5: prepare the directory, write this rank's data file, commit."""

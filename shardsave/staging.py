@@ -7,19 +7,19 @@ allocates nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
 
 class StagingBuffers:
     def __init__(self) -> None:
-        self._buffers: dict[bytes, np.ndarray] = {}
+        self._buffers: dict[Hashable, np.ndarray] = {}
 
-    def stage(self, items: Sequence[tuple[bytes, np.ndarray]]) -> list[tuple[bytes, np.ndarray]]:
+    def stage(self, items: Sequence[tuple[Hashable, np.ndarray]]) -> list[tuple[Hashable, np.ndarray]]:
         """Copy every ``(key, array)``; return the copies, in the same order."""
         staged = []
-        keep: dict[bytes, np.ndarray] = {}
+        keep: dict[Hashable, np.ndarray] = {}
         for key, array in items:
             if array.dtype.kind == "O":
                 copy = array.copy()  # bytes objects are immutable: a shallow copy is a copy

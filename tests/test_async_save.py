@@ -35,10 +35,10 @@ def test_staging_buffers_are_reused_between_saves(tmp_path):
     v = ss.Variable("v", np.arange(1000.0))
     saver = ss.Saver()
     saver.save(str(tmp_path / "m"), global_step=1, blocking=False).result()
-    first = saver._staging._buffers[b"v"]
+    first = saver._staging._buffers[("v", (0,))]
     v.assign(v.value + 1)
     saver.save(str(tmp_path / "m"), global_step=2, blocking=False).result()
-    assert saver._staging._buffers[b"v"] is first
+    assert saver._staging._buffers[("v", (0,))] is first
     assert np.array_equal(ss.load_variable(str(tmp_path / "m-2"), "v"), np.arange(1000.0) + 1)
 
 

@@ -280,3 +280,20 @@ def test_non_blocking_save_while_the_application_communicates(comm, root, phase)
     assert handle.result(timeout=120) == os.path.join(d, "model-5")
     saver.restore(os.path.join(d, "model-5"))
     assert np.array_equal(v.value, want[r0 : r0 + nr])
+
+
+def test_non_blocking_save_reports_plan_errors_through_the_handle(comm, root, phase):
+    only("save", phase)
+    if comm.size < 2:
+        pytest.skip("needs two ranks")
+    d = os.path.join(root, f"async-disagree{comm.size}")
+    cols = 4 if comm.rank == 0 else 5
+    v = ss.Variable("w", np.ones((1, cols), np.float32), global_shape=(comm.size, cols), offset=(comm.rank, 0),
+                    register=False)
+    saver = ss.Saver([v], comm=comm)
+    handle = saver.save(os.path.join(d, "model"), blocking=False)
+    with pytest.raises(ss.InvalidArgumentError, match="ranks disagree on variable 'w'"):
+        handle.result(timeout=120)
+    comm.Barrier()
+    assert glob.glob(os.path.join(d, "*")) == []
+    saver.wait_until_finished()  # seen through the handle: not raised again
