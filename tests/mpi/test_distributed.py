@@ -124,14 +124,19 @@ def test_rank_failure_mid_save_keeps_previous_checkpoint(comm, root, phase, monk
     assert np.array_equal(v.value, good[r0 : r0 + nr])
 
 
+def disagreeing_variable(comm):
+    """Rank 0 says "w" is [size, 4]; every other rank says [size, 5]."""
+    cols = 4 if comm.rank == 0 else 5
+    return ss.Variable("w", np.ones((1, cols), np.float32), global_shape=(comm.size, cols),
+                       offset=(comm.rank, 0), register=False)
+
+
 def test_ranks_disagreeing_on_shape_commit_nothing(comm, root, phase):
     only("save", phase)
     if comm.size < 2:
         pytest.skip("needs two ranks")
     d = os.path.join(root, f"disagree{comm.size}")
-    cols = 4 if comm.rank == 0 else 5
-    v = ss.Variable("w", np.ones((1, cols), np.float32), global_shape=(comm.size, cols), offset=(comm.rank, 0),
-                    register=False)
+    v = disagreeing_variable(comm)
     with pytest.raises(ss.InvalidArgumentError) as info:
         ss.Saver([v], comm=comm).save(os.path.join(d, "model"))
     message = str(info.value)
@@ -287,9 +292,7 @@ def test_non_blocking_save_reports_plan_errors_through_the_handle(comm, root, ph
     if comm.size < 2:
         pytest.skip("needs two ranks")
     d = os.path.join(root, f"async-disagree{comm.size}")
-    cols = 4 if comm.rank == 0 else 5
-    v = ss.Variable("w", np.ones((1, cols), np.float32), global_shape=(comm.size, cols), offset=(comm.rank, 0),
-                    register=False)
+    v = disagreeing_variable(comm)
     saver = ss.Saver([v], comm=comm)
     handle = saver.save(os.path.join(d, "model"), blocking=False)
     with pytest.raises(ss.InvalidArgumentError, match="ranks disagree on variable 'w'"):
