@@ -305,7 +305,8 @@ class Saver:
                 err = exc
         comm.agree(err, what)
         timestamp = comm.bcast(timestamp)
-        self._record(prefix, timestamp, latest_filename, write_state)
+        kept, _, self._next_checkpoint_time, self._last_preserved_timestamp = self._retention(prefix, timestamp)
+        self._last_checkpoints = kept
         return prefix
 
     def _commit(self, loc, prefix, sliced, gathered, latest_filename, write_state, timestamp) -> None:
@@ -331,41 +332,43 @@ class Saver:
         # leftovers of earlier saves of this prefix with another number of ranks
         current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
         storage.remove([loc.parent.child(name) for name in sizes if name not in current and "-of-" in name])
+        kept, doomed, _, preserved = self._retention(prefix, timestamp)
         if write_state:
-            self._write_state(prefix, timestamp, latest_filename, coordinator=True)
+            self._write_state(kept or [(prefix, timestamp)], latest_filename, preserved)
+        for path in doomed:
+            delete_checkpoint_files(self._resolve(path))
 
-    def _record(self, prefix: str, timestamp: float, latest_filename, write_state) -> None:
-        """Retention bookkeeping, identical on every rank; deletion on the coordinator."""
+    def _retention(self, prefix: str, timestamp: float):
+        """TF's retention after saving ``prefix``, computed without changing the Saver.
+
+        Returns the checkpoints kept (oldest first), those to delete, and the next
+        preservation time and last preserved timestamp. It is a pure function of the Saver's
+        state, the prefix and the coordinator's timestamp, so the coordinator (which writes
+        the state file and deletes) and every other rank (which only remember) agree.
+        """
+        next_time, preserved = self._next_checkpoint_time, self._last_preserved_timestamp
         if not self.max_to_keep:
-            return
-        self._last_checkpoints = [(p, t) for p, t in self._last_checkpoints if p != prefix]
-        self._last_checkpoints.append((prefix, timestamp))
+            return [], [], next_time, preserved
+        kept = [(p, t) for p, t in self._last_checkpoints if p != prefix] + [(prefix, timestamp)]
         doomed = []
-        while len(self._last_checkpoints) > self.max_to_keep:
-            path, t = self._last_checkpoints.pop(0)
-            if t > self._next_checkpoint_time:
-                self._next_checkpoint_time += self.keep_checkpoint_every_n_hours * 3600
-                self._last_preserved_timestamp = t
-                continue
-            doomed.append(path)
-        if self._comm.is_coordinator:
-            if write_state and (doomed or self._last_preserved_timestamp):
-                self._write_state(prefix, timestamp, latest_filename, coordinator=True)
-            for path in doomed:
-                delete_checkpoint_files(self._resolve(path))
+        while len(kept) > self.max_to_keep:
+            path, t = kept.pop(0)
+            if t > next_time:  # kept on disk for keep_checkpoint_every_n_hours, off the list
+                next_time += self.keep_checkpoint_every_n_hours * 3600
+                preserved = t
+            else:
+                doomed.append(path)
+        return kept, doomed, next_time, preserved
 
-    def _write_state(self, prefix: str, timestamp: float, latest_filename, coordinator: bool) -> None:
-        kept = [(p, t) for p, t in self._last_checkpoints if p != prefix]
-        if self.max_to_keep:
-            kept = kept[-(self.max_to_keep - 1):] if self.max_to_keep > 1 else []
-        kept.append((prefix, timestamp))
+    def _write_state(self, kept: list[tuple[str, float]], latest_filename, preserved: float | None) -> None:
+        prefix = kept[-1][0]
         checkpoint_state.update_checkpoint_state(
             checkpoint_state.dirname(prefix),
             prefix,
             [p for p, _ in kept],
             latest_filename=latest_filename,
             all_model_checkpoint_timestamps=[t for _, t in kept],
-            last_preserved_timestamp=self._last_preserved_timestamp,
+            last_preserved_timestamp=preserved,
             save_relative_paths=self.save_relative_paths,
             storage_options=self.storage_options,
             fs=self.fs,
