@@ -13,7 +13,7 @@ import os
 import random
 import time
 
-from shardsave.format.bundle import BundleEntry, encode_rank_part, entry_key, merge_index, parse_index
+from shardsave.format.bundle import encode_plain_entry, encode_rank_part, entry_key, merge_index, parse_index
 
 
 def synthetic_parts(ranks: int, variables: int, rows: int = 64, cols: int = 1024):
@@ -27,8 +27,7 @@ def synthetic_parts(ranks: int, variables: int, rows: int = 64, cols: int = 1024
         for name in sliced:
             size = rows * cols * 4
             key = entry_key(name, [(r * rows, rows), (0, cols)])
-            entries.append((key, BundleEntry(dtype=1, shape=(rows, cols), shard_id=r, offset=offset, size=size,
-                                             crc32c=rng.getrandbits(32))))
+            entries.append((key, encode_plain_entry(1, (rows, cols), r, offset, size, rng.getrandbits(32))))
             offset += size
         parts.append(encode_rank_part(entries, sliced))
     return parts, sliced

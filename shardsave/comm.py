@@ -60,6 +60,14 @@ class Comm:
     def allgather(self, obj: Any) -> list[Any]:
         return [obj] if self._comm is None else self._comm.allgather(obj)
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        if self._comm is None:
+            return flag
+        from mpi4py import MPI
+
+        return self._comm.allreduce(bool(flag), op=MPI.LAND)
+
     def barrier(self) -> None:
         if self._comm is not None:
             self._comm.Barrier()

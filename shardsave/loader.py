@@ -10,6 +10,7 @@ whole large entry and the whole destination is read straight into the destinatio
 from __future__ import annotations
 
 import bisect
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,102 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> L
             names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
             raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
     return stats
+
+
+SMALL_RANGE_BYTES = 8 << 20
+"""Contiguous small tensors are fetched in ranges of about this size (several in parallel)."""
+
+
+def is_small_plain(entry: BundleEntry) -> bool:
+    """Whether ``load_small`` reads this entry: a whole, small, non-string tensor (larger
+    ones are read straight into their own arrays)."""
+    return (entry.size < DIRECT_MIN_BYTES and entry.dtype != dtypes.DT_STRING and not entry.slices
+            and not entry.block_size)
+
+
+def load_small(prefix: storage.Location, index: Index, names: Sequence[str], stats: LoadStats) -> list[np.ndarray]:
+    """New arrays holding the stored tensors ``names`` (each ``is_small_plain``).
+
+    Column-wise, for checkpoints of many small tensors: neighbouring entries are fetched
+    together, their checksums verified in one pass per range, and the arrays are views of
+    the fetched buffers (copies where a view would be misaligned), so no per-tensor read,
+    buffer or copy is made.
+    """
+    entries = [index.entries[name] for name in names]
+    out: list[np.ndarray | None] = [None] * len(entries)
+    shards = np.fromiter((e.shard_id for e in entries), np.int64, len(entries))
+    for shard_id in np.unique(shards).tolist():
+        rows = np.flatnonzero(shards == shard_id)
+        if shard_id >= index.header.num_shards:
+            raise DataLossError(
+                f"{prefix.url}.index: tensor {names[rows[0]]!r} is in shard {shard_id}, "
+                f"but the checkpoint has {index.header.num_shards} shard(s)"
+            )
+        file_loc = prefix.with_path(data_file_name(prefix.path, shard_id, index.header.num_shards))
+        _load_small_shard(file_loc, [entries[i] for i in rows], names, rows.tolist(), out, stats)
+    return out
+
+
+def _load_small_shard(file_loc, entries, names, rows, out, stats) -> None:
+    n = len(entries)
+    tf_types, shapes, _, offsets, sizes, stored = list(zip(*entries, strict=True))[:6]
+    numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types)}
+    count_of = {shape: math.prod(shape) for shape in set(shapes)}
+    dts = [numpy_of[t] for t in tf_types]
+    itemsizes = np.fromiter((dt.itemsize for dt in dts), np.int64, n)
+    starts, sizes = np.array(offsets, np.int64), np.array(sizes, np.int64)
+    expected = np.fromiter(map(count_of.__getitem__, shapes), np.int64, n) * itemsizes
+    bad = np.flatnonzero(sizes != expected)
+    if len(bad):
+        j = int(bad[0])
+        raise DataLossError(
+            f"{file_loc.url}: tensor {names[rows[j]]!r} has {sizes[j]} bytes stored, its shape "
+            f"{list(shapes[j])} of {dts[j]} needs {expected[j]}"
+        )
+    stored = np.array(stored, np.uint64)
+    stats.bytes_needed += int(sizes.sum())
+    # ranges of entries that touch, cut at about SMALL_RANGE_BYTES
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], starts[order] + sizes[order]
+    reach = np.maximum.accumulate(e)
+    new = np.ones(n, bool)
+    new[1:] = s[1:] > reach[:-1]
+    first = np.flatnonzero(new)
+    bounds = []  # (first, stop) positions in ``order`` of each range
+    for a, b in zip(first.tolist(), [*first[1:].tolist(), n], strict=True):
+        while a < b:
+            stop = a + max(1, int(np.searchsorted(s[a:b], s[a] + SMALL_RANGE_BYTES, "left")))
+            bounds.append((a, min(stop, b)))
+            a = stop
+    buffers = [np.empty(int(reach[b - 1] - s[a]), np.uint8) for a, b in bounds]
+    stats.requests += len(bounds)
+    stats.bytes_read += sum(len(buf) for buf in buffers)
+    stats.files.add(file_loc.url)
+
+    def place(k: int) -> None:
+        a, b = bounds[k]
+        buf, view = buffers[k], memoryview(buffers[k])
+        picked = order[a:b]
+        rel, ends = s[a:b] - s[a], e[a:b] - s[a]
+        actual = np.array(crc.masked_crc32cs([view[x:y] for x, y in zip(rel.tolist(), ends.tolist(), strict=True)]),
+                          np.uint64)
+        wrong = np.flatnonzero(actual != stored[picked])
+        if len(wrong):
+            j = int(picked[wrong[0]])
+            raise DataLossError(
+                f"{file_loc.url}: checksum does not match for tensor {names[rows[j]]!r} "
+                f"(offset {offsets[j]}, {sizes[j]} bytes): stored {int(stored[j]):#010x} "
+                f"vs. calculated {int(actual[wrong[0]]):#010x}"
+            )
+        odd = (rel % itemsizes[picked] != 0) | (rel == ends)
+        for j, x in zip(picked[~odd].tolist(), rel[~odd].tolist(), strict=True):
+            out[rows[j]] = np.ndarray(shapes[j], dts[j], buf, x)
+        for j, x, y in zip(picked[odd].tolist(), rel[odd].tolist(), ends[odd].tolist(), strict=True):
+            # empty, or a view would be misaligned: an array of its own
+            out[rows[j]] = np.frombuffer(view[x:y], dts[j]).reshape(shapes[j]).copy()
+
+    storage.read_ranges(file_loc, [(int(s[a]), memoryview(buf)) for (a, _), buf in zip(bounds, buffers, strict=True)],
+                        after=place)
 
 
 def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats) -> list[_Read]:

@@ -172,15 +172,19 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
             else:
                 holders.append((rank, index, meta))
 
+    load = [0] * nranks
+    writes: list[list[Assignment]] = [[] for _ in range(nranks)]
     # (name, block) -> holders as (rank, index); one entry per distinct block
     distinct: list[tuple[str, Block, BlockMeta, list[tuple[int, int]]]] = []
     sliced: dict[str, tuple[int, Shape, list[tuple[tuple[int, int], ...]]]] = {}
     for name in sorted(by_name):
         holders = by_name[name]
         meta0 = holders[0][2]
-        if len(holders) == 1 and meta0.block.is_whole(meta0.global_shape):
-            # the common case, fast: one rank holds the whole tensor
-            distinct.append((name, meta0.block, meta0, [holders[0][:2]]))
+        if len(holders) == 1 and meta0.block.shape == meta0.global_shape and not any(meta0.block.offset):
+            # the common case, fast: one rank holds the whole tensor and writes it
+            rank, index, _ = holders[0]
+            load[rank] += meta0.nbytes
+            writes[rank].append(Assignment(name, rank, index, None, meta0.nbytes))
             continue
         _check_agreement(name, holders)
         blocks: dict[Block, list[tuple[int, int]]] = defaultdict(list)
@@ -202,8 +206,8 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
         for block, hs in blocks.items():
             distinct.append((name, block, block_meta[block], hs))
 
-    load = [0] * nranks
-    writes: list[list[Assignment]] = [[] for _ in range(nranks)]
+    # blocks held by one rank are its to write; then each replicated block, largest
+    # first, goes to the holder with the fewest bytes so far
     single = [d for d in distinct if len(d[3]) == 1]
     shared = [d for d in distinct if len(d[3]) > 1]
     shared.sort(key=lambda d: (-d[2].nbytes, d[0], d[1].offset))
@@ -212,8 +216,9 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
         load[rank] += meta.nbytes
         extents = block.extents() if name in sliced else None
         writes[rank].append(Assignment(name, rank, index, extents, meta.nbytes))
-    for ws in writes:
-        ws.sort(key=lambda a: (a.name, a.extents or ()))
+    if distinct:  # the fast path appended in name order already
+        for ws in writes:
+            ws.sort(key=lambda a: (a.name, a.extents or ()))
     return SavePlan(writes, sliced)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 import os
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint_state, storage
+from . import checkpoint_state, gcpause, storage
 from .comm import Comm
 from .errors import (
     DataLossError,
@@ -39,9 +40,10 @@ from .errors import (
     NotFoundError,
 )
 from .format import dtypes
-from .format.bundle import BundleEntry, Index, encode_rank_part, entry_key, merge_index, parse_index
+from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
-from .loader import LoadStats, Target, data_file_name, load
+from .layout import SaveLayout
+from .loader import DIRECT_MIN_BYTES, LoadStats, Target, data_file_name, is_small_plain, load, load_small
 from .pending import SaveHandle, register_exit_join
 from .plan import Block, BlockMeta, make_save_plan
 from .staging import StagingBuffers
@@ -123,6 +125,7 @@ class Saver:
         self.last_restore_stats: LoadStats | None = None
         self._pending: SaveHandle | None = None
         self._staging = StagingBuffers()
+        self._layout = SaveLayout(self._saveables)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -165,24 +168,36 @@ class Saver:
     # ------------------------------------------------------------------------- save
     def _local_items(self, prefix: str) -> tuple[list[tuple[str, Variable, np.ndarray]], list[BlockMeta]]:
         """This rank's blocks, checked, and what it tells the other ranks about them."""
-        items, metas = [], []
-        for name, blocks in self._saveables.items():
-            for var in blocks:
-                arr = var._value
-                if arr is None:
-                    raise FailedPreconditionError(
-                        f"saving {prefix}: variable {name!r} is not initialized; "
-                        "initialize, assign or restore it before saving"
-                    )
-                try:
-                    tf_type = dtypes.to_tf(arr.dtype)
-                except ValueError as exc:
-                    raise InvalidArgumentError(f"saving {prefix}: variable {name!r}: {exc}") from None
-                if tf_type == dtypes.DT_STRING:
-                    _check_strings(prefix, name, arr)
-                items.append((name, var, arr))
-                metas.append(BlockMeta(name, tf_type, var.global_shape, Block(var.offset, var.shape), _nbytes(arr)))
-        return items, metas
+        layout = self._layout
+        arrays = layout.arrays()
+        metas = layout.cached_metas(arrays)
+        if metas is not None:  # same shapes and dtypes as last time: already checked
+            return list(zip(layout.names, layout.variables, arrays, strict=True)), metas
+        metas = []
+        add_meta, to_tf = metas.append, dtypes.to_tf
+        strings = False
+        for name, var, arr in zip(layout.names, layout.variables, arrays, strict=True):
+            if arr is None:
+                raise FailedPreconditionError(
+                    f"saving {prefix}: variable {name!r} is not initialized; "
+                    "initialize, assign or restore it before saving"
+                )
+            try:
+                tf_type = to_tf(arr.dtype)
+            except ValueError as exc:
+                raise InvalidArgumentError(f"saving {prefix}: variable {name!r}: {exc}") from None
+            if tf_type == dtypes.DT_STRING:
+                _check_strings(prefix, name, arr)
+                nbytes = _nbytes(arr)
+                strings = True
+            else:
+                nbytes = arr.nbytes
+            add_meta(BlockMeta(name, tf_type, var.global_shape, Block(var.offset, var.shape), nbytes))
+        if strings:  # their sizes and contents change without their shapes: check every time
+            layout.forget()
+        else:
+            layout.remember(arrays, metas)
+        return list(zip(layout.names, layout.variables, arrays, strict=True)), metas
 
     def save(
         self,
@@ -205,6 +220,10 @@ class Saver:
         the prefix or raises the save's error. A later save or restore, and interpreter
         exit, wait for it first, so a checkpoint is never silently dropped.
         """
+        with gcpause.paused():  # the background part of a non-blocking save runs with it on
+            return self._save(save_path, global_step, latest_filename, write_state, blocking)
+
+    def _save(self, save_path, global_step, latest_filename, write_state, blocking) -> str | SaveHandle:
         self.wait_until_finished()
         prefix = self._prefix(save_path, global_step)
         loc = self._resolve(prefix)
@@ -256,12 +275,30 @@ class Saver:
     def _plan_write_commit(self, prefix, loc, items, metas, latest_filename, write_state) -> str:
         """Step 2: agree on a plan (who writes which block); then write and commit."""
         comm = self._comm
-        try:
-            plan = make_save_plan(comm.allgather(metas))
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"saving {prefix}: {exc}") from None
-        todo = [(entry_key(a.name, a.extents), _entry_array(a, items[a.index])) for a in plan.writes[comm.rank]]
-        return self._write_and_commit(prefix, loc, plan, todo, latest_filename, write_state)
+        layout = self._layout
+        # The plan of the last save still holds if no rank's blocks changed since: one
+        # small all-reduce instead of gathering every rank's metadata and planning again.
+        cached = layout.plan if metas is layout.metas else None
+        if comm.all_true(cached is not None):
+            plan, keys, indices, empties = cached
+        else:
+            try:
+                plan = make_save_plan(comm.allgather(metas))
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"saving {prefix}: {exc}") from None
+            writes = plan.writes[comm.rank]
+            keys = [entry_key(a.name, a.extents) for a in writes]
+            indices = [a.index for a in writes]
+            # a plain entry always has the global shape: a zero-size tensor split over
+            # ranks is stored whole, as one empty entry
+            empties = [(pos, items[a.index][1].global_shape) for pos, a in enumerate(writes)
+                       if a.extents is None and items[a.index][2].shape != items[a.index][1].global_shape]
+            if metas is layout.metas:
+                layout.plan = (plan, keys, indices, empties)
+        arrays = [items[i][2] for i in indices]
+        for pos, shape in empties:
+            arrays[pos] = np.empty(shape, dtype=arrays[pos].dtype)
+        return self._write_and_commit(prefix, loc, plan, (keys, arrays), latest_filename, write_state)
 
     def _write_and_commit(self, prefix, loc, plan, todo, latest_filename, write_state) -> str:
         """Steps 3-5: prepare the directory, write this rank's data file, commit."""
@@ -278,12 +315,12 @@ class Saver:
         comm.agree(err, what)
 
         data_loc = loc.with_path(data_file_name(loc.path, comm.rank, comm.size))
-        entries: list[tuple[bytes, BundleEntry]] = []
+        entries: list[tuple[bytes, bytes]] = []
         err = None
         out = None
         try:
             out = storage.Writer(data_loc, fsync=self.fsync)
-            entries = write_data_file(out, todo, comm.rank)
+            entries = write_data_file(out, *todo, comm.rank)
             out.close()
         except Exception as exc:  # noqa: BLE001
             err = exc
@@ -384,6 +421,10 @@ class Saver:
         """
         if save_path is None:
             raise InvalidArgumentError("cannot restore: save_path is None")
+        with gcpause.paused():
+            self._restore(save_path)
+
+    def _restore(self, save_path: str | os.PathLike) -> None:
         self.wait_until_finished()
         comm = self._comm
         prefix = os.fspath(save_path)
@@ -393,8 +434,12 @@ class Saver:
         err = None
         updates: list[tuple[Variable, np.ndarray]] = []
         try:
-            targets, updates = self._targets(prefix, index)
-            self.last_restore_stats = load(loc, index, targets)
+            targets, updates, small = self._targets(prefix, index)
+            stats = load(loc, index, targets)
+            if small:
+                arrays = load_small(loc, index, [name for name, _ in small], stats)
+                updates += zip([var for _, var in small], arrays, strict=True)
+            self.last_restore_stats = stats
             updates = [(var, _finish(var, arr)) for var, arr in updates]
         except Exception as exc:  # noqa: BLE001
             err = exc
@@ -402,49 +447,72 @@ class Saver:
         for var, arr in updates:
             var._set(arr)
 
-    def _targets(self, prefix: str, index: Index) -> tuple[list[Target], list[tuple[Variable, np.ndarray]]]:
-        targets, updates = [], []
-        for name, blocks in self._saveables.items():
+    def _targets(self, prefix: str, index: Index):
+        """What to read: targets for the general loader, the variables that take new arrays
+        from it, and ``(name, variable)`` of whole small tensors for ``load_small``.
+
+        The common case (a whole small plain tensor of the same dtype and shape) is
+        recognized column-wise; everything else, errors included, goes through the
+        per-variable checks.
+        """
+        names, variables = self._layout.names, self._layout.variables
+        fulls = list(map(index.entries.get, names))
+        if not variables or None in fulls:
+            return self._general_targets(prefix, index, zip(names, variables, strict=True))
+        tf_types, shapes, _, _, sizes, _, slices, block_sizes, _ = zip(*fulls, strict=True)
+        try:
+            numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types)}
+        except ValueError:
+            return self._general_targets(prefix, index, zip(names, variables, strict=True))
+        same = np.fromiter(map(operator.eq, [numpy_of[t] for t in tf_types], [v.dtype for v in variables]), bool)
+        same &= np.fromiter(map(operator.eq, shapes, [v.shape for v in variables]), bool)
+        same &= np.fromiter(map(operator.eq, shapes, [v.global_shape for v in variables]), bool)
+        same &= (np.array(sizes) < DIRECT_MIN_BYTES) & (np.array(tf_types) != dtypes.DT_STRING)
+        same &= (np.array(block_sizes) == 0) & (np.fromiter(map(len, slices), np.int64, len(slices)) == 0)
+        small = [(names[i], variables[i]) for i in np.flatnonzero(same).tolist()]
+        rest = [(names[i], variables[i]) for i in np.flatnonzero(~same).tolist()]
+        targets, updates, more_small = self._general_targets(prefix, index, rest)
+        return targets, updates, small + more_small
+
+    def _general_targets(self, prefix: str, index: Index, pairs: Iterable[tuple[str, Variable]]):
+        targets, updates, small = [], [], []
+        numpy_of: dict[int, np.dtype] = {}
+        for name, var in pairs:
             full = index.entries.get(name)
             if full is None:
                 close = difflib.get_close_matches(name, list(index.entries), n=3, cutoff=0.5)
                 hint = f"; close names in the checkpoint: {', '.join(map(repr, close))}" if close else ""
                 raise NotFoundError(f"{prefix}: variable {name!r} not found in checkpoint{hint}")
-            try:
-                stored = dtypes.to_numpy(full.dtype)
-            except ValueError as exc:
-                raise InvalidArgumentError(f"{prefix}: variable {name!r}: {exc}") from None
-            for var in blocks:
-                if stored != var.dtype and not (dtypes.is_string(stored) and dtypes.is_string(var.dtype)):
+            stored = numpy_of.get(full.dtype)
+            if stored is None:
+                try:
+                    stored = numpy_of[full.dtype] = dtypes.to_numpy(full.dtype)
+                except ValueError as exc:
+                    raise InvalidArgumentError(f"{prefix}: variable {name!r}: {exc}") from None
+            if stored != var.dtype and not (dtypes.is_string(stored) and dtypes.is_string(var.dtype)):
+                raise InvalidArgumentError(
+                    f"{prefix}: variable {name!r} has dtype {var.dtype}, the checkpoint holds "
+                    f"{dtypes.tf_name(full.dtype)}"
+                )
+            if var.shape == full.shape and var.global_shape == full.shape and is_small_plain(full):
+                small.append((name, var))
+                continue
+            if tuple(var.global_shape) != tuple(full.shape):
+                same_size = math.prod(var.global_shape) == math.prod(full.shape)
+                if not (self.reshape and same_size and not var.is_sliced):
                     raise InvalidArgumentError(
-                        f"{prefix}: variable {name!r} has dtype {var.dtype}, the checkpoint holds "
-                        f"{dtypes.tf_name(full.dtype)}"
+                        f"{prefix}: variable {name!r} has shape {list(var.global_shape)}, the "
+                        f"checkpoint holds shape {list(full.shape)}"
+                        + ("" if self.reshape else " (reshape=True allows this when sizes agree)")
                     )
-                if tuple(var.global_shape) != tuple(full.shape):
-                    same_size = math.prod(var.global_shape) == math.prod(full.shape)
-                    if not (self.reshape and same_size and not var.is_sliced):
-                        raise InvalidArgumentError(
-                            f"{prefix}: variable {name!r} has shape {list(var.global_shape)}, the "
-                            f"checkpoint holds shape {list(full.shape)}"
-                            + ("" if self.reshape else " (reshape=True allows this when sizes agree)")
-                        )
-                    out = np.empty(full.shape, dtype=stored)
-                    targets.append(Target(name, Block.whole(full.shape), out))
-                    updates.append((var, out))
-                    continue
-                out = np.empty(var.shape, dtype=stored)
-                targets.append(Target(name, var.block, out))
+                out = np.empty(full.shape, dtype=stored)
+                targets.append(Target(name, Block.whole(full.shape), out))
                 updates.append((var, out))
-        return targets, updates
-
-
-def _entry_array(assignment, item: tuple[str, Variable, np.ndarray]) -> np.ndarray:
-    """The array to write for an assignment. A plain entry always has the global shape:
-    a zero-size tensor split over ranks is stored whole, as one empty entry."""
-    _, var, arr = item
-    if assignment.extents is None and arr.shape != var.global_shape:
-        return np.empty(var.global_shape, dtype=arr.dtype)
-    return arr
+                continue
+            out = np.empty(var.shape, dtype=stored)
+            targets.append(Target(name, var.block, out))
+            updates.append((var, out))
+        return targets, updates, small
 
 
 def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:

@@ -7,14 +7,16 @@ into one buffer so that many tiny variables cost a few large writes, not one eac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+import itertools
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import storage
 from .format import crc, dtypes
-from .format.bundle import BundleEntry
+from .format.bundle import encode_plain_entries, encode_plain_entry
 from .format.strings import encode_strings
 
 CHECKSUM_BLOCK = 64 * 1024
@@ -44,48 +46,79 @@ def checksum_blocks(data: memoryview, block: int = CHECKSUM_BLOCK) -> tuple[int,
 
 def write_data_file(
     out: storage.Writer,
-    items: Iterable[tuple[bytes, np.ndarray]],
+    keys: Sequence[bytes],
+    arrays: Sequence[np.ndarray],
     shard_id: int,
-) -> list[tuple[bytes, BundleEntry]]:
-    """Write ``(key, array)`` items in order; return ``(key, entry)`` for the index."""
-    entries: list[tuple[bytes, BundleEntry]] = []
-    append = entries.append
-    batch = bytearray()
-    pos = 0
-    to_tf, crc32c, mask = dtypes.to_tf, crc.crc32c, crc.mask
+) -> list[tuple[bytes, bytes]]:
+    """Write ``arrays`` in order; return ``(key, encoded entry)`` of each for the index.
+
+    Arrays up to one checksum block are handled column-wise (copies, checksums and index
+    entries in bulk): a model may have tens of thousands of them, and a loop of Python
+    statements per array would cost more than their bytes.
+    """
+    n = len(arrays)
+    dts = [a.dtype for a in arrays]
+    tf_of = {dt: dtypes.to_tf(dt) for dt in set(dts)}
+    types = [tf_of[dt] for dt in dts]
+    shapes = [a.shape for a in arrays]
+    sizes = [a.nbytes for a in arrays]
+    masks: list[int] = [0] * n
+    blocks: dict[int, bytes] = {}  # entry number -> its packed block CRCs
+    end = list(itertools.accumulate(sizes, initial=0))  # byte positions if all were plain
+    others = np.flatnonzero((np.asarray(sizes) > CHECKSUM_BLOCK) | (np.asarray(types) == dtypes.DT_STRING))
+    batch = _Batch(out)
     with ThreadPoolExecutor(1) as checksummer:
-        for key, array in items:
-            tf_type = to_tf(array.dtype)
-            blocks = b""
-            if tf_type == dtypes.DT_STRING:
-                data, masked = encode_strings(array)
-                size = len(data)
-                batch += data
-            elif array.nbytes < BATCH_BYTES:
-                # small: one copy into the batch buffer is the cheapest path (tobytes
-                # also handles non-contiguous arrays and ml_dtypes)
+        i = 0
+        for j in [*others.tolist(), n]:
+            while i < j:  # arrays i..j-1 are tiny: as many per batch as fit
+                stop = max(i + 1, min(j, bisect.bisect_right(end, end[i] + BATCH_BYTES, i + 1, j + 1) - 1))
+                datas = [a.tobytes() for a in arrays[i:stop]]
+                masks[i:stop] = crc.masked_crc32cs(datas)
+                batch.add(b"".join(datas))
+                i = stop
+            if j == n:
+                break
+            array = arrays[j]
+            if types[j] == dtypes.DT_STRING:
+                data, masks[j] = encode_strings(array)
+                sizes[j] = len(data)
+                batch.add(data)
+            elif sizes[j] < BATCH_BYTES:
+                # one copy into the batch is cheapest (tobytes also handles non-contiguous
+                # arrays and ml_dtypes)
                 data = array.tobytes()
-                size = len(data)
-                if size > CHECKSUM_BLOCK:
-                    masked, blocks = checksum_blocks(memoryview(data))
-                else:
-                    masked = mask(crc32c(data))
-                batch += data
-            else:
-                if batch:
-                    out.write(batch)
-                    batch = bytearray()
+                masks[j], blocks[j] = checksum_blocks(memoryview(data))
+                batch.add(data)
+            else:  # large: straight from its own buffer, checksummed by a second thread
+                batch.flush()
                 view = byte_view(np.ascontiguousarray(array))
-                size = len(view)
                 pending = checksummer.submit(checksum_blocks, view)
                 out.write(view)
-                masked, blocks = pending.result()
-            if len(batch) >= BATCH_BYTES:
-                out.write(batch)
-                batch = bytearray()
-            append((key, BundleEntry(tf_type, array.shape, shard_id, pos, size, masked, (),
-                                     CHECKSUM_BLOCK if blocks else 0, blocks)))
-            pos += size
-        if batch:
-            out.write(batch)
-    return entries
+                masks[j], blocks[j] = pending.result()
+            i = j + 1
+        batch.flush()
+    offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
+    values = encode_plain_entries(types, shapes, shard_id, offsets, sizes, masks)
+    for j, packed in blocks.items():
+        if packed:
+            values[j] = encode_plain_entry(types[j], shapes[j], shard_id, offsets[j], sizes[j], masks[j],
+                                           CHECKSUM_BLOCK, packed)
+    return list(zip(keys, values, strict=True))
+
+
+class _Batch:
+    """Small pieces gathered into writes of about BATCH_BYTES."""
+
+    def __init__(self, out: storage.Writer):
+        self.out, self.pieces, self.size = out, [], 0
+
+    def add(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.size += len(data)
+        if self.size >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pieces:
+            self.out.write(self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces))
+            self.pieces, self.size = [], 0

@@ -23,6 +23,9 @@ from shardsave.format.bundle import (
     BundleHeader,
     build_index,
     decode_slice,
+    decode_plain_entries,
+    encode_plain_entries,
+    encode_plain_entry,
     encode_slice,
     entry_key,
     parse_index,
@@ -476,6 +479,44 @@ def test_entry_round_trip(entry):
     plain = BundleEntry(entry.dtype, entry.shape, entry.shard_id, entry.offset, entry.size, entry.crc32c,
                         entry.slices)
     assert encoded.startswith(plain.encode())
+
+
+@given(entries)
+def test_fast_plain_entry_encoder_matches_the_general_one(entry):
+    entry = entry._replace(slices=())
+    fast = encode_plain_entry(entry.dtype, entry.shape, entry.shard_id, entry.offset, entry.size,
+                              entry.crc32c, entry.block_size, entry.block_crcs)
+    assert fast == entry.encode()
+
+
+@given(st.lists(entries, max_size=20))
+def test_vectorized_plain_entry_encoder_matches_the_general_one(batch):
+    batch = [e._replace(slices=(), block_size=0, block_crcs=b"", shard_id=7) for e in batch]
+    encoded = encode_plain_entries([e.dtype for e in batch], [e.shape for e in batch], 7,
+                                   [e.offset for e in batch], [e.size for e in batch], [e.crc32c for e in batch])
+    assert encoded == [e.encode() for e in batch]
+
+
+@given(st.lists(entries, max_size=12))
+def test_vectorized_plain_entry_decoder_agrees_with_the_general_one(batch):
+    decoded = decode_plain_entries([e.encode() for e in batch])
+    for entry, got in zip(batch, decoded, strict=True):
+        if got is None:  # not plain: left to the general decoder
+            assert entry.slices or entry.block_size
+        else:
+            assert got == entry and not entry.slices and not entry.block_size
+
+
+@given(st.lists(st.binary(max_size=40), max_size=12))
+@example([bytes.fromhex("0801120412020808" "20" "ffffffffffffffffff01" "2804")])
+@example([bytes.fromhex("0801120412020808" "20" "ffffffffffffffffff02")])
+@example([bytes.fromhex("0801120412020808" "20" "ff")])
+@example([bytes.fromhex("0801120412020808" "2004" "2808" "3501020304"), bytes.fromhex("0801" "1200")])
+def test_vectorized_plain_entry_decoder_on_arbitrary_bytes(values):
+    """Whatever it accepts, the general decoder decodes to the same entry."""
+    for value, got in zip(values, decode_plain_entries(values), strict=True):
+        if got is not None:
+            assert BundleEntry.decode(value) == got
 
 
 @given(st.lists(extents, max_size=5))

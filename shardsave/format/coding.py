@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 _FIXED32 = struct.Struct("<I")
 _FIXED64 = struct.Struct("<Q")
 
@@ -12,17 +14,20 @@ class DecodeError(ValueError):
     """Bytes that do not decode; callers turn it into a DataLossError naming the file."""
 
 
-_ONE_BYTE = [bytes((i,)) for i in range(128)]
+SMALL_VARINTS = [bytes((i,)) for i in range(128)]
+"""The encodings of 0..127 (one byte each), for hot loops that inline the common case."""
 
 
 def encode_varint(value: int) -> bytes:
     """Unsigned LEB128; negative int64 values are encoded as their two's complement."""
     if 0 <= value < 0x80:
-        return _ONE_BYTE[value]
+        return SMALL_VARINTS[value]
     if value < 0:
         value += 1 << 64
-    if value < 0x80:
-        return bytes((value,))
+    if value < 0x4000:  # offsets and sizes of small tensors: two and three bytes, unrolled
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -74,3 +79,14 @@ def decode_fixed64(buf: bytes | memoryview, pos: int) -> int:
 def to_int64(value: int) -> int:
     """Reinterpret a decoded unsigned varint as a signed int64."""
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def encode_varints(values) -> tuple[np.ndarray, np.ndarray]:
+    """Varints of many unsigned values at once: ``(bytes, lengths)``, where row ``i`` of
+    the ``(n, 10)`` uint8 matrix ``bytes`` holds the ``lengths[i]`` bytes of value ``i``."""
+    v = np.asarray(values, dtype=np.uint64)
+    shifts = np.arange(0, 70, 7, dtype=np.uint64)
+    groups = (v[:, None] >> shifts) & np.uint64(0x7F)
+    lengths = np.maximum(1, (np.arange(1, 11) * (v[:, None] >> shifts > 0)).max(axis=1))
+    more = np.arange(10) < (lengths[:, None] - 1)
+    return (groups | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8), lengths

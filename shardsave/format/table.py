@@ -16,7 +16,10 @@ so that the files come out byte-identical to TF's; the reader accepts any valid 
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Iterable
+
+import numpy as np
 
 from . import crc
 from .coding import DecodeError, decode_fixed32, decode_varint, encode_fixed32, encode_varint
@@ -66,11 +69,7 @@ class _BlockBuilder:
         self.counter += 1
 
     def finish(self) -> bytes:
-        out = self.buf
-        for r in self.restarts:
-            out += encode_fixed32(r)
-        out += encode_fixed32(len(self.restarts))
-        return bytes(out)
+        return _finish_block(self.buf, self.restarts)
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -108,20 +107,21 @@ def _handle(offset: int, size: int) -> bytes:
 def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SIZE) -> bytes:
     """Serialize ``(key, value)`` pairs, which must come in strictly increasing key order."""
     out = bytearray()
-    data_block = _BlockBuilder(RESTART_INTERVAL)
     index_block = _BlockBuilder(1)
     pending_handle: bytes | None = None
     last_key: bytes | None = None
 
-    def write_block(block: _BlockBuilder) -> bytes:
-        contents = block.finish()
+    def write_block(contents: bytes) -> bytes:
         offset = len(out)
         out.extend(contents)
         out.append(NO_COMPRESSION)
         out.extend(encode_fixed32(crc.mask(crc.crc32c(b"\x00", crc.crc32c(contents)))))
-        block.reset()
         return _handle(offset, len(contents))
 
+    # The data blocks are built inline (what _BlockBuilder.add does, without a call per
+    # entry): an index holds one entry per tensor, and a save writes all of them.
+    buf, restarts, counter, prev = bytearray(), [0], 0, b""
+    from_bytes = int.from_bytes
     for key, value in items:
         if last_key is not None and key <= last_key:
             raise ValueError(f"table keys out of order: {last_key!r} then {key!r}")
@@ -129,21 +129,42 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
             index_block.add(_shortest_separator(last_key, key), pending_handle)
             pending_handle = None
         last_key = key
-        data_block.add(key, value)
-        if data_block.size_estimate() >= block_size:
-            pending_handle = write_block(data_block)
+        if counter < RESTART_INTERVAL:  # shared prefix with the previous key of the block
+            n = min(len(prev), len(key))
+            diff = from_bytes(prev[:n], "big") ^ from_bytes(key[:n], "big")
+            shared = n if not diff else n - 1 - (diff.bit_length() - 1) // 8
+        else:
+            restarts.append(len(buf))
+            counter = shared = 0
+        unshared, vlen = len(key) - shared, len(value)
+        if shared < 0x80 and unshared < 0x80 and vlen < 0x80:
+            buf += bytes((shared, unshared, vlen))
+        else:
+            buf += encode_varint(shared) + encode_varint(unshared) + encode_varint(vlen)
+        buf += key[shared:] if shared else key
+        buf += value
+        prev = key
+        counter += 1
+        if len(buf) + 4 * len(restarts) + 4 >= block_size:
+            pending_handle = write_block(_finish_block(buf, restarts))
+            buf, restarts, counter, prev = bytearray(), [0], 0, b""
 
-    if not data_block.empty():
-        pending_handle = write_block(data_block)
-    metaindex_handle = write_block(_BlockBuilder(RESTART_INTERVAL))
+    if buf:
+        pending_handle = write_block(_finish_block(buf, restarts))
+    metaindex_handle = write_block(_BlockBuilder(RESTART_INTERVAL).finish())
     if pending_handle is not None:
         index_block.add(_short_successor(last_key), pending_handle)
-    index_handle = write_block(index_block)
+    index_handle = write_block(index_block.finish())
     footer = metaindex_handle + index_handle
     footer += bytes(40 - len(footer))
     footer += encode_fixed32(MAGIC & 0xFFFFFFFF) + encode_fixed32(MAGIC >> 32)
     out.extend(footer)
     return bytes(out)
+
+
+def _finish_block(buf: bytearray, restarts: list[int]) -> bytes:
+    """A block's entries followed by its restart offsets and their count."""
+    return bytes(buf + struct.pack(f"<{len(restarts) + 1}I", *restarts, len(restarts)))
 
 
 def _read_handle(buf, pos: int) -> tuple[int, int, int]:
@@ -177,9 +198,13 @@ def _block_entries(contents: memoryview, what: str) -> list[tuple[bytes, bytes]]
     limit = len(contents) - 4 - 4 * num_restarts
     if num_restarts == 0 or limit < 0:
         raise DecodeError(f"{what}: bad restart count {num_restarts}")
+    block = bytes(contents[:limit])  # bytes slicing is cheaper than memoryview's
+    restarts = np.frombuffer(contents, "<u4", num_restarts, limit).astype(np.int64)
+    fast = _entries_by_restart(block, restarts)
+    if fast is not None:
+        return fast
     entries = []
     append = entries.append
-    block = bytes(contents[:limit])  # bytes slicing is cheaper than memoryview's
     key = b""
     pos = 0
     while pos < limit:
@@ -197,6 +222,53 @@ def _block_entries(contents: memoryview, what: str) -> list[tuple[bytes, bytes]]
         key = key[:shared] + block[pos:end]
         append((key, block[end : end + vlen]))
         pos = end + vlen
+    return entries
+
+
+def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes, bytes]] | None:
+    """The entries of a block whose entry headers are all one-byte varints, found for all
+    restart runs at once (numpy steps through the k-th entry of every run together), so
+    only the keys are assembled one by one. None when the block does not fit that shape
+    (long keys or values, damage): the sequential parser then decodes or rejects it."""
+    limit = len(block)
+    if not len(restarts) or restarts[0] != 0 or np.any(np.diff(restarts) <= 0) or restarts[-1] >= max(limit, 1):
+        return None
+    data = np.frombuffer(block + bytes(3), np.uint8)
+    run_end = np.append(restarts[1:], limit)
+    pos = restarts.copy()
+    runs, found = np.arange(len(restarts)), []
+    active = pos < run_end
+    for step in range(256):
+        if not active.any():
+            break
+        which = runs[active]
+        at = pos[which]
+        head = data[at[:, None] + np.arange(3)].astype(np.int64)
+        if head.max(initial=0) >= 0x80:
+            return None
+        found.append((which, np.full(len(which), step), at, head))
+        pos[which] = at + 3 + head[:, 1] + head[:, 2]
+        active = pos < run_end
+    else:
+        return None
+    if not np.array_equal(pos, run_end):
+        return None
+    if not found:
+        return []
+    which, steps, at, head = (np.concatenate(x) for x in zip(*found, strict=True))
+    order = np.lexsort((steps, which))
+    at, head = at[order], head[order]
+    suffix = at + 3
+    value = suffix + head[:, 1]
+    end = value + head[:, 2]
+    entries = []
+    append = entries.append
+    key = b""
+    for shared, a, b, c in zip(head[:, 0].tolist(), suffix.tolist(), value.tolist(), end.tolist(), strict=True):
+        if shared > len(key):
+            return None
+        key = key[:shared] + block[a:b]
+        append((key, block[b:c]))
     return entries
 
 

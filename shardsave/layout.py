@@ -1,0 +1,50 @@
+"""What one rank saves, in a fixed order, and what a save derived from it last time.
+
+A training loop saves the same variables again and again; their names, shapes and dtypes
+do not change, so neither do the metadata a rank sends the others nor the agreed plan.
+:class:`SaveLayout` keeps both and hands them back while every array still has the shape
+and dtype it had, so a save of many small variables checks them in a few list passes
+instead of rebuilding per-variable records each time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .plan import BlockMeta
+    from .variables import Variable
+
+
+class SaveLayout:
+    def __init__(self, saveables: Mapping[str, Sequence[Variable]]):
+        self.names = [name for name, blocks in saveables.items() for _ in blocks]
+        self.variables = [var for blocks in saveables.values() for var in blocks]
+        self.metas: list[BlockMeta] | None = None
+        self._signature: tuple[list, list] | None = None
+        self.plan: Any = None
+        """What the saver derived from ``metas`` on every rank (None until then)."""
+
+    def arrays(self) -> list[np.ndarray | None]:
+        return [var._value for var in self.variables]
+
+    def cached_metas(self, arrays: Sequence[np.ndarray | None]) -> list[BlockMeta] | None:
+        """The metadata remembered for arrays of these shapes and dtypes, or None."""
+        if self.metas is None:
+            return None
+        try:
+            signature = ([a.shape for a in arrays], [a.dtype for a in arrays])
+        except AttributeError:  # an uninitialized variable: the full check explains it
+            return None
+        return self.metas if signature == self._signature else None
+
+    def remember(self, arrays: Sequence[np.ndarray], metas: list[BlockMeta]) -> None:
+        """Keep ``metas`` for arrays like these; forgets the plan made for the old ones."""
+        self._signature = ([a.shape for a in arrays], [a.dtype for a in arrays])
+        self.metas, self.plan = metas, None
+
+    def forget(self) -> None:
+        self.metas = self._signature = self.plan = None
