@@ -95,9 +95,9 @@ def bench_save_restore(args) -> dict:
     COMM.Barrier()
     saver = ss.Saver(variables, max_to_keep=1, comm=COMM, fsync=args.fsync)
     # what this rank writes and what it reads back, for raw
-    items, metas = saver._checked_items("bench")
+    arrays, metas = saver._checked_arrays("bench")
     plan = make_save_plan(COMM.allgather(metas))
-    mine = [items[a.index][2] for a in plan.writes[RANK]]
+    mine = [arrays[a.index] for a in plan.writes[RANK]]
     needed = [np.empty_like(v.value) for v in variables]
     prefix = os.path.join(directory, "ckpt")
     raw_path = os.path.join(directory, f"raw-{RANK}")

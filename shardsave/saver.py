@@ -166,13 +166,14 @@ class Saver:
         return f"{save_path}-{step:08d}" if self.pad_step_number else f"{save_path}-{step}"
 
     # ------------------------------------------------------------------------- save
-    def _local_items(self, prefix: str) -> tuple[list[tuple[str, Variable, np.ndarray]], list[BlockMeta]]:
-        """This rank's blocks, checked, and what it tells the other ranks about them."""
+    def _local_arrays(self, prefix: str) -> tuple[list[np.ndarray], list[BlockMeta]]:
+        """This rank's arrays (in the order of ``self._layout``), checked, and what it tells
+        the other ranks about them."""
         layout = self._layout
         arrays = layout.arrays()
         metas = layout.cached_metas(arrays)
         if metas is not None:  # same shapes and dtypes as last time: already checked
-            return list(zip(layout.names, layout.variables, arrays, strict=True)), metas
+            return arrays, metas
         metas = []
         add_meta, to_tf = metas.append, dtypes.to_tf
         strings = False
@@ -197,7 +198,7 @@ class Saver:
             layout.forget()
         else:
             layout.remember(arrays, metas)
-        return list(zip(layout.names, layout.variables, arrays, strict=True)), metas
+        return arrays, metas
 
     def save(
         self,
@@ -227,9 +228,9 @@ class Saver:
         self.wait_until_finished()
         prefix = self._prefix(save_path, global_step)
         loc = self._resolve(prefix)
-        items, metas = self._checked_items(prefix)
+        arrays, metas = self._checked_arrays(prefix)
         if blocking:
-            return self._plan_write_commit(prefix, loc, items, metas, latest_filename, write_state)
+            return self._plan_write_commit(prefix, loc, arrays, metas, latest_filename, write_state)
         if self._comm.size > 1 and not self._comm.thread_multiple:
             raise FailedPreconditionError(
                 "a non-blocking save needs MPI initialized with MPI_THREAD_MULTIPLE "
@@ -237,12 +238,16 @@ class Saver:
             )
         # Only the copy happens now; planning (an all-gather), writing and the commit run
         # in the background on the Saver's own communicator.
-        staged = self._staging.stage([((name, var.offset), arr) for name, var, arr in items])
-        items = [(name, var, copy) for (name, var, _), (_, copy) in zip(items, staged, strict=True)]
+        layout = self._layout
+        token = metas if metas is layout.metas else None  # stands for these shapes and dtypes
+        copies = self._staging.restage(token, arrays)
+        if copies is None:
+            keys = [(name, var.offset) for name, var in zip(layout.names, layout.variables, strict=True)]
+            copies = self._staging.stage(keys, arrays, token)
         handle = SaveHandle(prefix)
         thread = threading.Thread(
             target=handle._run,
-            args=(self._plan_write_commit, prefix, loc, items, metas, latest_filename, write_state),
+            args=(self._plan_write_commit, prefix, loc, copies, metas, latest_filename, write_state),
             name=f"shardsave-save-{prefix}",
         )
         self._pending = handle
@@ -260,19 +265,19 @@ class Saver:
                 handle._error_seen = True
                 raise handle._error
 
-    def _checked_items(self, prefix: str):
+    def _checked_arrays(self, prefix: str):
         """Step 1: list and check this rank's blocks; every rank raises if any rank failed."""
-        items: list[tuple[str, Variable, np.ndarray]] = []
+        arrays: list[np.ndarray] = []
         metas: list[BlockMeta] = []
         err = None
         try:
-            items, metas = self._local_items(prefix)
+            arrays, metas = self._local_arrays(prefix)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by agree()
             err = exc
         self._comm.agree(err, f"saving {prefix}")
-        return items, metas
+        return arrays, metas
 
-    def _plan_write_commit(self, prefix, loc, items, metas, latest_filename, write_state) -> str:
+    def _plan_write_commit(self, prefix, loc, arrays, metas, latest_filename, write_state) -> str:
         """Step 2: agree on a plan (who writes which block); then write and commit."""
         comm = self._comm
         layout = self._layout
@@ -291,14 +296,15 @@ class Saver:
             indices = [a.index for a in writes]
             # a plain entry always has the global shape: a zero-size tensor split over
             # ranks is stored whole, as one empty entry
-            empties = [(pos, items[a.index][1].global_shape) for pos, a in enumerate(writes)
-                       if a.extents is None and items[a.index][2].shape != items[a.index][1].global_shape]
+            variables = layout.variables
+            empties = [(pos, variables[a.index].global_shape) for pos, a in enumerate(writes)
+                       if a.extents is None and arrays[a.index].shape != variables[a.index].global_shape]
             if metas is layout.metas:
                 layout.plan = (plan, keys, indices, empties)
-        arrays = [items[i][2] for i in indices]
+        todo = [arrays[i] for i in indices]
         for pos, shape in empties:
-            arrays[pos] = np.empty(shape, dtype=arrays[pos].dtype)
-        return self._write_and_commit(prefix, loc, plan, (keys, arrays), latest_filename, write_state)
+            todo[pos] = np.empty(shape, dtype=todo[pos].dtype)
+        return self._write_and_commit(prefix, loc, plan, (keys, todo), latest_filename, write_state)
 
     def _write_and_commit(self, prefix, loc, plan, todo, latest_filename, write_state) -> str:
         """Steps 3-5: prepare the directory, write this rank's data file, commit."""

@@ -42,6 +42,24 @@ def test_staging_buffers_are_reused_between_saves(tmp_path):
     assert np.array_equal(ss.load_variable(str(tmp_path / "m-2"), "v"), np.arange(1000.0) + 1)
 
 
+def test_repeated_saves_copy_into_the_same_buffers_and_save_the_values_at_each_call(tmp_path):
+    vs = [ss.Variable(f"v{i}", np.full(16, float(i))) for i in range(50)]
+    saver = ss.Saver()
+    saver.save(str(tmp_path / "m"), global_step=0, blocking=False).result()
+    buffers = list(saver._staging._aligned)
+    for step in (1, 2, 3):
+        for i, v in enumerate(vs):
+            v.assign(np.full(16, float(100 * step + i)))  # a new array, same shape
+        handle = saver.save(str(tmp_path / "m"), global_step=step, blocking=False)
+        for v in vs:
+            v.value[:] = -7  # changed right after the call: the save has its own copy
+        assert handle.result(timeout=60) == str(tmp_path / f"m-{step}")
+        assert all(a is b for a, b in zip(saver._staging._aligned, buffers, strict=True))
+        for i, v in enumerate(vs):
+            stored = ss.load_variable(str(tmp_path / f"m-{step}"), v.name)
+            np.testing.assert_array_equal(stored, np.full(16, float(100 * step + i)))
+
+
 def test_error_is_raised_by_result_and_nothing_is_committed(tmp_path, monkeypatch):
     ss.Variable("v", np.arange(10.0))
     saver = ss.Saver()

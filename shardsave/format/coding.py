@@ -83,10 +83,17 @@ def to_int64(value: int) -> int:
 
 def encode_varints(values) -> tuple[np.ndarray, np.ndarray]:
     """Varints of many unsigned values at once: ``(bytes, lengths)``, where row ``i`` of
-    the ``(n, 10)`` uint8 matrix ``bytes`` holds the ``lengths[i]`` bytes of value ``i``."""
+    the ``(n, w)`` uint8 matrix ``bytes`` holds the ``lengths[i]`` bytes of value ``i``
+    (``w`` is the longest length, at most 10)."""
     v = np.asarray(values, dtype=np.uint64)
-    shifts = np.arange(0, 70, 7, dtype=np.uint64)
-    groups = (v[:, None] >> shifts) & np.uint64(0x7F)
-    lengths = np.maximum(1, (np.arange(1, 11) * (v[:, None] >> shifts > 0)).max(axis=1))
-    more = np.arange(10) < (lengths[:, None] - 1)
-    return (groups | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8), lengths
+    lengths = np.ones(len(v), np.int64)
+    for k in range(1, 10):
+        longer = v >= np.uint64(1 << (7 * k))
+        if not longer.any():
+            break
+        lengths += longer
+    width = int(lengths.max(initial=1))
+    shifts = np.arange(0, 7 * width, 7, dtype=np.uint64)
+    groups = ((v[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
+    groups[np.arange(width) < (lengths[:, None] - 1)] |= 0x80
+    return groups, lengths

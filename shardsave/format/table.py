@@ -16,13 +16,14 @@ so that the files come out byte-identical to TF's; the reader accepts any valid 
 from __future__ import annotations
 
 import bisect
+import operator
 import struct
 from collections.abc import Iterable
 
 import numpy as np
 
 from . import crc
-from .coding import DecodeError, decode_fixed32, decode_varint, encode_fixed32, encode_varint
+from .coding import DecodeError, decode_fixed32, decode_varint, encode_fixed32, encode_varint, encode_varints
 
 BLOCK_SIZE = 256 * 1024
 RESTART_INTERVAL = 16
@@ -105,11 +106,29 @@ def _handle(offset: int, size: int) -> bytes:
 
 
 def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SIZE) -> bytes:
-    """Serialize ``(key, value)`` pairs, which must come in strictly increasing key order."""
+    """Serialize ``(key, value)`` pairs, which must come in strictly increasing key order.
+
+    Column-wise: prefix lengths, entry headers and block boundaries are computed for all
+    entries at once in numpy and each block's bytes gathered in one step, because an index
+    holds one entry per tensor (or per piece), up to millions of them.
+    """
+    pairs = items if isinstance(items, list) else list(items)
+    keys = [k for k, _ in pairs]
+    values = [v for _, v in pairs]
+    n = len(keys)
+    if n > 1 and not all(map(operator.lt, keys, keys[1:])):
+        i = next(i for i in range(1, n) if not keys[i - 1] < keys[i])
+        raise ValueError(f"table keys out of order: {keys[i - 1]!r} then {keys[i]!r}")
+    key_len = np.fromiter(map(len, keys), np.int64, n)
+    value_len = np.fromiter(map(len, values), np.int64, n)
+    key_bytes = np.frombuffer(b"".join(keys), np.uint8)
+    value_bytes = np.frombuffer(b"".join(values), np.uint8)
+    key_start = np.cumsum(key_len) - key_len
+    value_start = np.cumsum(value_len) - value_len
+    shared_prev = _shared_with_previous(key_bytes, key_start, key_len)
+
     out = bytearray()
     index_block = _BlockBuilder(1)
-    pending_handle: bytes | None = None
-    last_key: bytes | None = None
 
     def write_block(contents: bytes) -> bytes:
         offset = len(out)
@@ -118,42 +137,38 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
         out.extend(encode_fixed32(crc.mask(crc.crc32c(b"\x00", crc.crc32c(contents)))))
         return _handle(offset, len(contents))
 
-    # The data blocks are built inline (what _BlockBuilder.add does, without a call per
-    # entry): an index holds one entry per tensor, and a save writes all of them.
-    buf, restarts, counter, prev = bytearray(), [0], 0, b""
-    from_bytes = int.from_bytes
-    for key, value in items:
-        if last_key is not None and key <= last_key:
-            raise ValueError(f"table keys out of order: {last_key!r} then {key!r}")
-        if pending_handle is not None:
-            index_block.add(_shortest_separator(last_key, key), pending_handle)
-            pending_handle = None
-        last_key = key
-        if counter < RESTART_INTERVAL:  # shared prefix with the previous key of the block
-            n = min(len(prev), len(key))
-            diff = from_bytes(prev[:n], "big") ^ from_bytes(key[:n], "big")
-            shared = n if not diff else n - 1 - (diff.bit_length() - 1) // 8
-        else:
-            restarts.append(len(buf))
-            counter = shared = 0
-        unshared, vlen = len(key) - shared, len(value)
-        if shared < 0x80 and unshared < 0x80 and vlen < 0x80:
-            buf += bytes((shared, unshared, vlen))
-        else:
-            buf += encode_varint(shared) + encode_varint(unshared) + encode_varint(vlen)
-        buf += key[shared:] if shared else key
-        buf += value
-        prev = key
-        counter += 1
-        if len(buf) + 4 * len(restarts) + 4 >= block_size:
-            pending_handle = write_block(_finish_block(buf, restarts))
-            buf, restarts, counter, prev = bytearray(), [0], 0, b""
+    # entries per block, guessed from the average entry (a wrong guess only costs a retry)
+    average = (int(key_len.sum()) + int(value_len.sum())) / max(n, 1) + 3
+    first, guess = 0, int(block_size / average * 1.25) + 16
+    while first < n:
+        # the entries of the next block: up to and including the one that fills it
+        while True:
+            stop = min(n, first + guess)
+            j = np.arange(stop - first)
+            shared = np.where(j % RESTART_INTERVAL == 0, 0, shared_prev[first:stop])
+            unshared = key_len[first:stop] - shared
+            vlen = value_len[first:stop]
+            size = _varint_len(shared) + _varint_len(unshared) + _varint_len(vlen) + unshared + vlen
+            estimate = np.cumsum(size) + 4 * (j // RESTART_INTERVAL + 1) + 4
+            full = np.flatnonzero(estimate >= block_size)
+            if len(full) or stop == n:
+                break
+            guess *= 2
+        count = int(full[0]) + 1 if len(full) else stop - first
+        shared, unshared, vlen, size = shared[:count], unshared[:count], vlen[:count], size[:count]
+        block = _gather_entries(
+            shared, unshared, vlen,
+            key_bytes, key_start[first : first + count] + shared,
+            value_bytes, value_start[first : first + count],
+        )
+        restarts = (np.cumsum(size) - size)[::RESTART_INTERVAL]
+        handle = write_block(_finish_block(block, restarts.tolist()))
+        last = first + count - 1
+        separator = _shortest_separator(keys[last], keys[last + 1]) if last + 1 < n else _short_successor(keys[last])
+        index_block.add(separator, handle)
+        first += count
 
-    if buf:
-        pending_handle = write_block(_finish_block(buf, restarts))
     metaindex_handle = write_block(_BlockBuilder(RESTART_INTERVAL).finish())
-    if pending_handle is not None:
-        index_block.add(_short_successor(last_key), pending_handle)
     index_handle = write_block(index_block.finish())
     footer = metaindex_handle + index_handle
     footer += bytes(40 - len(footer))
@@ -162,9 +177,62 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
     return bytes(out)
 
 
-def _finish_block(buf: bytearray, restarts: list[int]) -> bytes:
+def _shared_with_previous(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Length of the common prefix of each key with the one before it (0 for the first),
+    compared 16 bytes at a time for the keys whose prefixes are still equal."""
+    n = len(starts)
+    shared = np.zeros(n, np.int64)
+    if n < 2:
+        return shared
+    limit = np.minimum(lengths[1:], lengths[:-1])
+    rows = np.arange(1, n)
+    offset = 0
+    padded = np.concatenate([flat, np.zeros(16, np.uint8)])
+    while len(rows):
+        cols = offset + np.arange(16)
+        a = padded[np.minimum(starts[rows, None] + cols, len(flat))]
+        b = padded[np.minimum(starts[rows - 1, None] + cols, len(flat))]
+        differ = (a != b) | (cols >= limit[rows - 1, None])
+        found = differ.any(axis=1)
+        shared[rows[found]] = offset + np.argmax(differ[found], axis=1)
+        rows = rows[~found]
+        offset += 16
+    return shared
+
+
+def _varint_len(values: np.ndarray) -> np.ndarray:
+    """Bytes in the varint of each (non-negative, below 2**35) value."""
+    return 1 + (values >= 1 << 7) + (values >= 1 << 14) + (values >= 1 << 21) + (values >= 1 << 28)
+
+
+def _gather_entries(shared, unshared, vlen, key_bytes, key_from, value_bytes, value_from) -> np.ndarray:
+    """The bytes of a block's entries: varint shared, varint unshared, varint value
+    length, key suffix, value; assembled with one gather from all the pieces."""
+    n = len(shared)
+    header_src, header_len = [], []
+    for column in (shared, unshared, vlen):
+        varints, lengths = encode_varints(column)
+        header_src.append(varints.ravel())
+        header_len.append(lengths)
+    src = np.concatenate([*header_src, key_bytes, value_bytes])
+    base = np.cumsum([0, *(len(x) for x in header_src), len(key_bytes)])
+    rows = np.arange(n)
+    starts = np.stack([base[i] + rows * (len(header_src[i]) // max(n, 1)) for i in range(3)]
+                      + [base[3] + key_from, base[4] + value_from], axis=1).ravel()
+    lengths = np.stack([*header_len, unshared, vlen], axis=1).ravel()
+    return _ragged_gather(src, starts, lengths)
+
+
+def _ragged_gather(src: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([src[s:s+l] for s, l in zip(starts, lengths)])`` without the loop."""
+    total = int(lengths.sum())
+    out_starts = np.cumsum(lengths) - lengths
+    return src[np.arange(total) + np.repeat(starts - out_starts, lengths)]
+
+
+def _finish_block(buf, restarts: list[int]) -> bytes:
     """A block's entries followed by its restart offsets and their count."""
-    return bytes(buf + struct.pack(f"<{len(restarts) + 1}I", *restarts, len(restarts)))
+    return bytes(buf) + struct.pack(f"<{len(restarts) + 1}I", *restarts, len(restarts))
 
 
 def _read_handle(buf, pos: int) -> tuple[int, int, int]:
