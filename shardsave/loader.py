@@ -14,6 +14,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -121,43 +122,68 @@ def is_small_plain(entry: BundleEntry) -> bool:
 def load_small(prefix: storage.Location, index: Index, names: Sequence[str], stats: LoadStats) -> list[np.ndarray]:
     """New arrays holding the stored tensors ``names`` (each ``is_small_plain``).
 
-    Column-wise, for checkpoints of many small tensors: neighbouring entries are fetched
-    together, their checksums verified in one pass per range, and the arrays are views of
-    the fetched buffers (copies where a view would be misaligned), so no per-tensor read,
+    Column-wise, for checkpoints of many small tensors: the entries' fields come from the
+    index's columns (no object per tensor), neighbouring entries are fetched together,
+    their checksums verified in one pass per range, and the arrays are views of the
+    fetched buffers (copies where a view would be misaligned), so no per-tensor read,
     buffer or copy is made.
     """
-    entries = [index.entries[name] for name in names]
-    out: list[np.ndarray | None] = [None] * len(entries)
-    shards = np.fromiter((e.shard_id for e in entries), np.int64, len(entries))
-    for shard_id in np.unique(shards).tolist():
-        rows = np.flatnonzero(shards == shard_id)
-        if shard_id >= index.header.num_shards:
+    entries = index.entries
+    n = len(names)
+    rows = np.fromiter(map(entries.row.__getitem__, names), np.int64, n)
+    c = entries.columns
+    fields = _Small(c.dtype[rows], [c.shape[r] for r in rows.tolist()], c.shard_id[rows].astype(np.int64),
+                    c.offset[rows].astype(np.int64), c.size[rows].astype(np.int64), c.crc32c[rows])
+    for k in np.flatnonzero(~c.plain[rows]).tolist():  # decoded by the general decoder
+        e = entries[names[k]]
+        fields.dtype[k], fields.shape[k], fields.shard_id[k] = e.dtype, e.shape, e.shard_id
+        fields.offset[k], fields.size[k], fields.crc32c[k] = e.offset, e.size, e.crc32c
+    out: list[np.ndarray | None] = [None] * n
+    num_shards = index.header.num_shards
+    for shard_id in np.unique(fields.shard_id).tolist():
+        which = np.flatnonzero(fields.shard_id == shard_id)
+        if shard_id >= num_shards:
             raise DataLossError(
-                f"{prefix.url}.index: tensor {names[rows[0]]!r} is in shard {shard_id}, "
-                f"but the checkpoint has {index.header.num_shards} shard(s)"
+                f"{prefix.url}.index: tensor {names[which[0]]!r} is in shard {shard_id}, "
+                f"but the checkpoint has {num_shards} shard(s)"
             )
-        file_loc = prefix.with_path(data_file_name(prefix.path, shard_id, index.header.num_shards))
-        _load_small_shard(file_loc, [entries[i] for i in rows], names, rows.tolist(), out, stats)
+        file_loc = prefix.with_path(data_file_name(prefix.path, shard_id, num_shards))
+        _load_small_shard(file_loc, fields, which, names, out, stats)
     return out
 
 
-def _load_small_shard(file_loc, entries, names, rows, out, stats) -> None:
-    n = len(entries)
-    tf_types, shapes, _, offsets, sizes, stored = list(zip(*entries, strict=True))[:6]
-    numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types)}
+class _Small(NamedTuple):
+    """Columns of the entries ``load_small`` reads."""
+
+    dtype: np.ndarray
+    shape: list
+    shard_id: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+    crc32c: np.ndarray
+
+
+def _load_small_shard(file_loc, fields: _Small, which: np.ndarray, names, out, stats) -> None:
+    n = len(which)
+    which_list = which.tolist()
+    tf_types = fields.dtype[which]
+    numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types.tolist())}
+    shapes = [fields.shape[k] for k in which_list]
     count_of = {shape: math.prod(shape) for shape in set(shapes)}
-    dts = [numpy_of[t] for t in tf_types]
+    dts = [numpy_of[t] for t in tf_types.tolist()]
     itemsizes = np.fromiter((dt.itemsize for dt in dts), np.int64, n)
-    starts, sizes = np.array(offsets, np.int64), np.array(sizes, np.int64)
+    starts, sizes, stored = fields.offset[which], fields.size[which], fields.crc32c[which]
     expected = np.fromiter(map(count_of.__getitem__, shapes), np.int64, n) * itemsizes
     bad = np.flatnonzero(sizes != expected)
     if len(bad):
         j = int(bad[0])
         raise DataLossError(
-            f"{file_loc.url}: tensor {names[rows[j]]!r} has {sizes[j]} bytes stored, its shape "
+            f"{file_loc.url}: tensor {names[which_list[j]]!r} has {sizes[j]} bytes stored, its shape "
             f"{list(shapes[j])} of {dts[j]} needs {expected[j]}"
         )
-    stored = np.array(stored, np.uint64)
+    if (starts < 0).any():
+        j = int(np.flatnonzero(starts < 0)[0])
+        raise DataLossError(f"{file_loc.url}: tensor {names[which_list[j]]!r} has an impossible offset")
     stats.bytes_needed += int(sizes.sum())
     # ranges of entries that touch, cut at about SMALL_RANGE_BYTES
     order = np.argsort(starts, kind="stable")
@@ -188,16 +214,16 @@ def _load_small_shard(file_loc, entries, names, rows, out, stats) -> None:
         if len(wrong):
             j = int(picked[wrong[0]])
             raise DataLossError(
-                f"{file_loc.url}: checksum does not match for tensor {names[rows[j]]!r} "
-                f"(offset {offsets[j]}, {sizes[j]} bytes): stored {int(stored[j]):#010x} "
+                f"{file_loc.url}: checksum does not match for tensor {names[which_list[j]]!r} "
+                f"(offset {starts[j]}, {sizes[j]} bytes): stored {int(stored[j]):#010x} "
                 f"vs. calculated {int(actual[wrong[0]]):#010x}"
             )
         odd = (rel % itemsizes[picked] != 0) | (rel == ends)
         for j, x in zip(picked[~odd].tolist(), rel[~odd].tolist(), strict=True):
-            out[rows[j]] = np.ndarray(shapes[j], dts[j], buf, x)
+            out[which_list[j]] = np.ndarray(shapes[j], dts[j], buf, x)
         for j, x, y in zip(picked[odd].tolist(), rel[odd].tolist(), ends[odd].tolist(), strict=True):
             # empty, or a view would be misaligned: an array of its own
-            out[rows[j]] = np.frombuffer(view[x:y], dts[j]).reshape(shapes[j]).copy()
+            out[which_list[j]] = np.frombuffer(view[x:y], dts[j]).reshape(shapes[j]).copy()
 
     storage.read_ranges(file_loc, [(int(s[a]), memoryview(buf)) for (a, _), buf in zip(bounds, buffers, strict=True)],
                         after=place)

@@ -439,18 +439,22 @@ class Saver:
         index = read_index(loc, comm, what)
         err = None
         updates: list[tuple[Variable, np.ndarray]] = []
+        small_vars: list[Variable] = []
+        small_arrays: list[np.ndarray] = []
         try:
             targets, updates, small = self._targets(prefix, index)
             stats = load(loc, index, targets)
-            if small:
-                arrays = load_small(loc, index, [name for name, _ in small], stats)
-                updates += zip([var for _, var in small], arrays, strict=True)
+            if small:  # these arrays already have their variables' shapes
+                small_vars = [var for _, var in small]
+                small_arrays = load_small(loc, index, [name for name, _ in small], stats)
             self.last_restore_stats = stats
             updates = [(var, _finish(var, arr)) for var, arr in updates]
         except Exception as exc:  # noqa: BLE001
             err = exc
         comm.agree(err, what)
         for var, arr in updates:
+            var._set(arr)
+        for var, arr in zip(small_vars, small_arrays, strict=True):
             var._set(arr)
 
     def _targets(self, prefix: str, index: Index):
@@ -462,19 +466,23 @@ class Saver:
         per-variable checks.
         """
         names, variables = self._layout.names, self._layout.variables
-        fulls = list(map(index.entries.get, names))
-        if not variables or None in fulls:
+        entries = index.entries
+        rows = list(map(entries.row.get, names))
+        if not variables or None in rows:
             return self._general_targets(prefix, index, zip(names, variables, strict=True))
-        tf_types, shapes, _, _, sizes, _, slices, block_sizes, _ = zip(*fulls, strict=True)
+        c = entries.columns
+        rows_array = np.array(rows)
+        tf_types = c.dtype[rows_array]
+        same = c.plain[rows_array] & (c.size[rows_array] < DIRECT_MIN_BYTES) & (tf_types != dtypes.DT_STRING)
         try:
-            numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types)}
+            numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types[same].tolist())}
         except ValueError:
             return self._general_targets(prefix, index, zip(names, variables, strict=True))
-        same = np.fromiter(map(operator.eq, [numpy_of[t] for t in tf_types], [v.dtype for v in variables]), bool)
-        same &= np.fromiter(map(operator.eq, shapes, [v.shape for v in variables]), bool)
-        same &= np.fromiter(map(operator.eq, shapes, [v.global_shape for v in variables]), bool)
-        same &= (np.array(sizes) < DIRECT_MIN_BYTES) & (np.array(tf_types) != dtypes.DT_STRING)
-        same &= (np.array(block_sizes) == 0) & (np.fromiter(map(len, slices), np.int64, len(slices)) == 0)
+        stored = [numpy_of.get(t) for t in tf_types.tolist()]
+        shapes = [c.shape[r] for r in rows]
+        same &= np.fromiter(map(operator.eq, stored, [v.dtype for v in variables]), bool, len(rows))
+        same &= np.fromiter(map(operator.eq, shapes, [v.shape for v in variables]), bool, len(rows))
+        same &= np.fromiter(map(operator.eq, shapes, [v.global_shape for v in variables]), bool, len(rows))
         small = [(names[i], variables[i]) for i in np.flatnonzero(same).tolist()]
         rest = [(names[i], variables[i]) for i in np.flatnonzero(~same).tolist()]
         targets, updates, more_small = self._general_targets(prefix, index, rest)

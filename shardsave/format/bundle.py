@@ -12,7 +12,6 @@ shardsave's extension fields (ignored by TensorFlow, which skips unknown fields)
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -331,24 +330,34 @@ def _decode_plain(data: bytes) -> BundleEntry | None:
     return BundleEntry(dtype, shape, shard_id, offset, size, crc)
 
 
-def decode_plain_entries(values: Sequence[bytes]) -> list[BundleEntry | None]:
+class PlainColumns(NamedTuple):
+    """Plain entries decoded column-wise: element ``i`` of each column is entry ``i``'s
+    field (meaningless where ``plain[i]`` is False: decode that one with the general decoder)."""
+
+    plain: np.ndarray
+    dtype: np.ndarray
+    shape: list
+    shard_id: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+    crc32c: np.ndarray
+
+
+def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
     """``_decode_plain`` of many entries at once, column-wise in numpy.
 
     An index may hold tens of thousands of small tensors, each needing its entry on
-    restore. The offsets, sizes and checksums of all entries are decoded in one pass;
-    only the (cached) shape and the tuple are made per entry. An entry that is not plain
-    (slices, extension fields, another field order, damage) comes back as None for the
-    general decoder to handle or reject.
+    restore; decoding them one by one in Python costs more than reading their bytes.
+    Anything that is not a plain entry (slices, extension fields, another field order,
+    damage) is marked not ``plain``, for the general decoder to handle or reject.
     """
     n = len(values)
-    if not n:
-        return []
     lengths = np.fromiter(map(len, values), np.int64, n)
     ends = np.cumsum(lengths)
     starts = ends - lengths
     flat = np.frombuffer(b"".join(values) + bytes(16), np.uint8)  # padding: no bound checks
     first = np.minimum(starts, len(flat) - 16)
-    dtype, shape_len = flat[first + 1], flat[first + 3].astype(np.int64)
+    dtype, shape_len = flat[first + 1].astype(np.int64), flat[first + 3].astype(np.int64)
     ok = (lengths >= 4) & (flat[first] == 0x08) & (dtype < 0x80) & (flat[first + 2] == 0x12) & (shape_len < 0x80)
     pos = np.minimum(starts + 4 + shape_len, ends)
     fields = []
@@ -361,17 +370,22 @@ def decode_plain_entries(values: Sequence[bytes]) -> list[BundleEntry | None]:
     crcs = np.where(has_crc, crc_bytes[:, 0] | crc_bytes[:, 1] << 8 | crc_bytes[:, 2] << 16 | crc_bytes[:, 3] << 24, 0)
     ok &= pos + 5 * has_crc == ends
     rows = np.flatnonzero(ok)
-    shapes = _shapes_of(values, flat, starts[rows] + 4, shape_len[rows], rows)
-    made = list(map(_new_entry, zip(
-        dtype[rows].tolist(), shapes, *(f[rows].tolist() for f in fields), crcs[rows].tolist(),
-        itertools.repeat(()), itertools.repeat(0), itertools.repeat(b""),
-    )))
+    shapes: list = [None] * n
     if len(rows) == n:
-        return made
-    out: list[BundleEntry | None] = [None] * n
-    for i, entry in zip(rows.tolist(), made, strict=True):
-        out[i] = entry
-    return out
+        shapes = _shapes_of(values, flat, starts + 4, shape_len, rows)
+    elif len(rows):
+        for i, shape in zip(rows.tolist(), _shapes_of(values, flat, starts[rows] + 4, shape_len[rows], rows),
+                            strict=True):
+            shapes[i] = shape
+    return PlainColumns(ok, dtype, shapes, *fields, crcs.astype(np.uint64))
+
+
+def decode_plain_entries(values: Sequence[bytes]) -> list[BundleEntry | None]:
+    """The entries ``decode_plain_columns`` decodes, as BundleEntry (None: not plain)."""
+    c = decode_plain_columns(values)
+    lists = [c.dtype.tolist(), c.shape, c.shard_id.tolist(), c.offset.tolist(), c.size.tolist(), c.crc32c.tolist()]
+    return [_new_entry((*fields, (), 0, b"")) if plain else None
+            for plain, *fields in zip(c.plain.tolist(), *lists, strict=True)]
 
 
 def _new_entry(fields: tuple) -> BundleEntry:
@@ -538,12 +552,48 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
         return dict(self.items()) == dict(other.items())
 
 
+class Entries(Mapping[str, BundleEntry]):
+    """An index's plain and full entries by tensor name (a read-only mapping).
+
+    Plain entries stay in the columns they were decoded into and become BundleEntry
+    objects only when asked for one by one, so a restore of many small tensors can work
+    on the columns (``row``, ``names``, ``columns``) without making an object per tensor.
+    """
+
+    def __init__(self, names: list[str], columns: PlainColumns, others: dict[str, BundleEntry]):
+        self.names = names
+        self.row = {name: i for i, name in enumerate(names)}
+        self.columns = columns
+        self._made = others  # the entries made so far, and those that are not plain
+        self._lists: list | None = None
+
+    def __getitem__(self, name: str) -> BundleEntry:
+        entry = self._made.get(name)
+        if entry is None:
+            i = self.row[name]
+            if self._lists is None:
+                c = self.columns
+                self._lists = [c.dtype.tolist(), c.shape, c.shard_id.tolist(), c.offset.tolist(),
+                               c.size.tolist(), c.crc32c.tolist()]
+            entry = self._made[name] = _new_entry((*(col[i] for col in self._lists), (), 0, b""))
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.row
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @dataclass(frozen=True)
 class Index:
     """A parsed index: the header, the full entries by name, and the slice entries."""
 
     header: BundleHeader
-    entries: dict[str, BundleEntry]
+    entries: Entries
     """Plain entries and the full entries of sliced tensors, by tensor name."""
     pieces: Mapping[str, dict[tuple[Extent, ...], BundleEntry]]
     """For each sliced tensor, its pieces' entries by extents (decoded on use)."""
@@ -568,7 +618,8 @@ class RankIndexPart(NamedTuple):
     entries: list[tuple[bytes, bytes]]
     """``(key, encoded BundleEntryProto)`` of every entry this rank wrote."""
     slices: list[tuple[str, tuple[Extent, ...], bytes]]
-    """``(name, extents, encoded TensorSliceProto)`` of every piece of a sliced tensor."""
+    """``(name, extents, field)`` of every piece of a sliced tensor, where ``field`` is the
+    TensorSliceProto encoded as field 7 (``slices``) of the tensor's full entry."""
 
 
 def encode_rank_part(entries: Iterable[tuple[bytes, bytes]], sliced_names) -> RankIndexPart:
@@ -579,8 +630,9 @@ def encode_rank_part(entries: Iterable[tuple[bytes, bytes]], sliced_names) -> Ra
     for key, _ in entries:
         if key[:1] == b"\x00":
             name, extents = decode_slice_key(key)
-            if name in sliced_names:
-                slices.append((name, tuple(extents), encode_slice(extents)))
+            if name in sliced_names:  # as field 7 of the full entry, ready to concatenate
+                body = encode_slice(extents)
+                slices.append((name, tuple(extents), b"\x3a" + encode_varint(len(body)) + body))
     return RankIndexPart(entries, slices)
 
 
@@ -593,10 +645,8 @@ def merge_index(num_shards: int, parts: Sequence[RankIndexPart], sliced: Mapping
         for name, extents, proto_bytes in part.slices:
             groups[name].append((extents, proto_bytes))
     for name, (dtype, shape) in sliced.items():
-        body = [BundleEntry(dtype, tuple(shape)).encode()]
-        for _, proto_bytes in sorted(groups[name]):
-            body += (b"\x3a", encode_varint(len(proto_bytes)), proto_bytes)
-        items.append((entry_key(name), b"".join(body)))
+        fields = [field for _, field in sorted(groups[name])]
+        items.append((entry_key(name), BundleEntry(dtype, tuple(shape)).encode() + b"".join(fields)))
     items.sort()
     return table.build_table([(b"", BundleHeader(num_shards=num_shards).encode())] + items)
 
@@ -626,21 +676,29 @@ def parse_index(data: bytes | memoryview) -> Index:
         raise DecodeError(f"checkpoint needs a reader of version {header.min_consumer}")
     items = reader.range(b"\x01")  # slice keys start with 0x00: names follow them
     values = [value for _, value in items]
-    entries: dict[str, BundleEntry] = dict(
-        zip([key.decode("utf-8", errors="surrogateescape") for key, _ in items], decode_plain_entries(values),
-            strict=True)
-    )
+    names = _decode_names([key for key, _ in items])
+    columns = decode_plain_columns(values)
+    others: dict[str, BundleEntry] = {}
     counts: dict[str, int] = {}
-    if len(entries) != len(items):
+    for i in np.flatnonzero(~columns.plain).tolist():  # not plain: the general decoder
+        entry = others[names[i]] = BundleEntry.decode(values[i])
+        if entry.slices:
+            counts[names[i]] = len(entry.slices)
+    entries = Entries(names, columns, others)
+    if len(entries.row) != len(names):
         raise DecodeError("index holds the same tensor name twice")
-    for (name, entry), value in zip(entries.items(), values, strict=True):
-        if entry is None:  # not a plain entry: the general decoder
-            entry = entries[name] = BundleEntry.decode(value)
-            if entry.slices:
-                counts[name] = len(entry.slices)
     if not counts and len(head) > 1 and head[1][0][:1] == b"\x00":
         _explain_slice_mismatch([k for k, _ in reader.range(b"\x00", b"\x01")], counts)
     return Index(header, entries, Pieces(reader, counts))
+
+
+def _decode_names(keys: list[bytes]) -> list[str]:
+    """The keys as tensor names (UTF-8; undecodable bytes kept as surrogate escapes):
+    decoded in one call, joined by a byte no name holds, when there is one."""
+    joined = b"\x00".join(keys)
+    if joined.count(b"\x00") == len(keys) - 1 and keys:
+        return joined.decode("utf-8", errors="surrogateescape").split("\x00")
+    return [key.decode("utf-8", errors="surrogateescape") for key in keys]
 
 
 def _explain_slice_mismatch(slice_keys: list[bytes], counts: dict[str, int]) -> None:
@@ -661,6 +719,7 @@ def _explain_slice_mismatch(slice_keys: list[bytes], counts: dict[str, int]) -> 
 
 __all__ = [
     "BundleEntry",
+    "Entries",
     "BundleHeader",
     "Extent",
     "Index",

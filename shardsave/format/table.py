@@ -156,10 +156,14 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
             guess *= 2
         count = int(full[0]) + 1 if len(full) else stop - first
         shared, unshared, vlen, size = shared[:count], unshared[:count], vlen[:count], size[:count]
+        # only this block's stretch of the key and value bytes (each block is a slice)
+        k0, v0 = key_start[first], value_start[first]
+        k1 = key_start[first + count - 1] + key_len[first + count - 1]
+        v1 = value_start[first + count - 1] + value_len[first + count - 1]
         block = _gather_entries(
             shared, unshared, vlen,
-            key_bytes, key_start[first : first + count] + shared,
-            value_bytes, value_start[first : first + count],
+            key_bytes[k0:k1], key_start[first : first + count] + shared - k0,
+            value_bytes[v0:v1], value_start[first : first + count] - v0,
         )
         restarts = (np.cumsum(size) - size)[::RESTART_INTERVAL]
         handle = write_block(_finish_block(block, restarts.tolist()))
@@ -187,11 +191,11 @@ def _shared_with_previous(flat: np.ndarray, starts: np.ndarray, lengths: np.ndar
     limit = np.minimum(lengths[1:], lengths[:-1])
     rows = np.arange(1, n)
     offset = 0
-    padded = np.concatenate([flat, np.zeros(16, np.uint8)])
+    windows = np.lib.stride_tricks.sliding_window_view(np.concatenate([flat, np.zeros(16, np.uint8)]), 16)
     while len(rows):
         cols = offset + np.arange(16)
-        a = padded[np.minimum(starts[rows, None] + cols, len(flat))]
-        b = padded[np.minimum(starts[rows - 1, None] + cols, len(flat))]
+        a = windows[np.minimum(starts[rows] + offset, len(flat))]
+        b = windows[np.minimum(starts[rows - 1] + offset, len(flat))]
         differ = (a != b) | (cols >= limit[rows - 1, None])
         found = differ.any(axis=1)
         shared[rows[found]] = offset + np.argmax(differ[found], axis=1)
@@ -340,6 +344,9 @@ def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes,
     return entries
 
 
+_key = operator.itemgetter(0)
+
+
 class TableReader:
     """Reads a table block by block, as LevelDB does: the index block maps separator keys
     to data blocks, so a key range is found by binary search and only the blocks that
@@ -375,7 +382,10 @@ class TableReader:
         entries = self._parsed.get(i)
         if entries is None:
             entries = _block_entries(self._blocks[i], f"data block at offset {self._offsets[i]}")
-            if entries and i and entries[0][0] <= self._separators[i - 1]:
+            keys = [key for key, _ in entries]
+            if (entries and i and keys[0] <= self._separators[i - 1]) or not all(
+                map(operator.lt, keys, keys[1:])
+            ):
                 raise DecodeError(f"data block at offset {self._offsets[i]}: keys out of order")
             self._parsed[i] = entries
         return entries
@@ -383,12 +393,14 @@ class TableReader:
     def range(self, lo: bytes, hi: bytes | None = None) -> list[tuple[bytes, bytes]]:
         """The entries with ``lo <= key < hi`` (``hi`` None: to the end), in key order."""
         out: list[tuple[bytes, bytes]] = []
-        # block i holds keys in (separator[i-1], separator[i]]
+        # block i holds keys in (separator[i-1], separator[i]], in order (checked by block())
         i = bisect.bisect_left(self._separators, lo)
+        first = _key
         while i < len(self._blocks) and (hi is None or i == 0 or self._separators[i - 1] < hi):
-            for key, value in self.block(i):
-                if key >= lo and (hi is None or key < hi):
-                    out.append((key, value))
+            entries = self.block(i)
+            start = bisect.bisect_left(entries, lo, key=first)
+            stop = len(entries) if hi is None else bisect.bisect_left(entries, hi, key=first)
+            out += entries[start:stop]
             i += 1
         return out
 
