@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,11 @@ class _Read:
     direct: bool = False
     whole: bool = False  # the whole stored entry is the whole target
     strings: np.ndarray | None = None  # decoded (and verified) DT_STRING piece
+    body: tuple[int, int, memoryview] | None = None
+    """Read in place: entry bytes ``[start, stop)`` land straight in this part of the
+    target; the rest of the span (partial checksum blocks) in ``parts``' small buffers."""
+    parts: list[tuple[int, memoryview]] | None = None  # (entry offset, buffer) of an in-place read
+    pending: int = 0  # parts of an in-place read not read yet
 
 
 def data_file_name(prefix: str, shard_id: int, num_shards: int) -> str:
@@ -101,7 +107,7 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> L
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)
         try:
-            storage.read_ranges(file_loc, ranges, after=lambda i, f=file_loc, g=groups: _verify_and_place(f, g[i]))
+            storage.read_ranges(file_loc, ranges, after=_after_range(file_loc, groups))
         except DataLossError as exc:
             names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
             raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
@@ -269,7 +275,10 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
                 and region.shape == piece.shape
                 and t.out.flags.c_contiguous
             )
-            reads.append(_Read(t, entry, t.name, piece, region, span, direct=direct))
+            body = None if direct else _in_place_body(t, piece, region, inter, entry, dtype.itemsize)
+            if body is not None:
+                span = align_span(Span(body[0], body[1]), entry.block_size, entry.size)
+            reads.append(_Read(t, entry, t.name, piece, region, span, direct=direct, body=body))
         if covered != t.block.size:
             raise DataLossError(
                 f"{prefix.url}: the stored pieces of {t.name!r} cover {covered} of the "
@@ -277,6 +286,27 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
                 f"{list(t.block.offset)} with shape {list(t.block.shape)}"
             )
     return reads
+
+
+def _in_place_body(t: Target, piece: Block, region: Block, inter: Block, entry: BundleEntry,
+                   itemsize: int) -> tuple[int, int, memoryview] | None:
+    """Where a large region can be read straight into the target (resharding by rows):
+    it must be contiguous in the stored piece (whole trailing dimensions) and in the
+    target, and the entry must have per-block checksums so that the bytes around it can
+    be verified without reading the whole entry. None otherwise."""
+    if entry.dtype == dtypes.DT_STRING or not entry.block_size or not piece.shape or not t.out.flags.c_contiguous:
+        return None
+    if region.shape[1:] != piece.shape[1:] or tuple(t.block.shape[1:]) != region.shape[1:]:
+        return None
+    if any(a != b for a, b in zip(inter.offset[1:], t.block.offset[1:], strict=True)):
+        return None
+    row = math.prod(region.shape[1:]) * itemsize
+    nbytes = region.shape[0] * row
+    if nbytes < DIRECT_MIN_BYTES:
+        return None
+    start = region.offset[0] * row
+    dest = (inter.offset[0] - t.block.offset[0]) * row
+    return start, start + nbytes, byte_view(t.out)[dest : dest + nbytes]
 
 
 def _check_entry_size(prefix, name: str, entry: BundleEntry, piece: Block, dtype: np.dtype) -> None:
@@ -303,6 +333,17 @@ def _assign_buffers(reads: list[_Read]) -> tuple[list[tuple[int, memoryview]], l
             r.buffer = r.target.out
             ranges.append((r.entry.offset, byte_view(r.target.out)))
             groups.append([r])
+        elif r.body is not None:
+            start, stop, dest = r.body
+            r.parts = [(start, dest)]
+            if r.span.start < start:
+                r.parts.insert(0, (r.span.start, memoryview(np.empty(start - r.span.start, np.uint8))))
+            if stop < r.span.stop:
+                r.parts.append((stop, memoryview(np.empty(r.span.stop - stop, np.uint8))))
+            r.pending = len(r.parts)
+            for offset, buf in r.parts:
+                ranges.append((r.entry.offset + offset, buf))
+                groups.append([r])
         else:
             shared.append(r)
     spans = [(r.entry.offset + r.span.start, r.entry.offset + r.span.stop) for r in shared]
@@ -356,6 +397,45 @@ def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
 
     for r in reads:
         check(r)
+
+
+def _after_range(file_loc: storage.Location, groups: list[list[_Read]]):
+    """What to do when range ``i`` has been read: verify and place its reads; an in-place
+    read is verified once the last of its parts has arrived (they arrive in any order)."""
+    lock = threading.Lock()
+
+    def after(i: int) -> None:
+        group = groups[i]
+        if group[0].parts is None:
+            _verify_and_place(file_loc, group)
+            return
+        r = group[0]
+        with lock:
+            r.pending -= 1
+            done = not r.pending
+        if done:
+            _verify_in_place(file_loc, r)
+
+    return after
+
+
+def _verify_in_place(file_loc: storage.Location, r: _Read) -> None:
+    """Check every checksum block of an in-place read across the buffers holding it."""
+    e, bs = r.entry, r.entry.block_size
+    for start in range(r.span.start, r.span.stop, bs):
+        stop = min(start + bs, e.size)
+        actual = 0
+        for offset, buf in r.parts:
+            lo, hi = max(offset, start), min(offset + len(buf), stop)
+            if lo < hi:
+                actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
+        actual = crc.mask(actual)
+        stored = int.from_bytes(e.block_crcs[4 * (start // bs) : 4 * (start // bs) + 4], "little")
+        if stored != actual:
+            raise DataLossError(
+                f"{file_loc.url}: checksum does not match for tensor {r.name!r} "
+                f"(bytes {e.offset + start}..): stored {stored:#010x} vs. calculated {actual:#010x}"
+            )
 
 
 def _verify_and_place(file_loc: storage.Location, reads: list[_Read]) -> None:

@@ -836,3 +836,40 @@ def test_damaged_slice_entry_with_valid_table_checksums_is_data_loss(tmp_path):
         f.write(table.build_table(pairs))
     with pytest.raises(ss.DataLossError, match=r"m\.index is damaged"):
         ss.load_variable(prefix, "emb")
+
+
+def test_reshard_by_rows_reads_in_place_and_checks_the_blocks_around_each_region(tmp_path):
+    full = np.arange(3000 * 1024, dtype=np.float32).reshape(3000, 1024)  # rows of 4 KiB
+
+    def blocks(n):
+        rows = np.linspace(0, 3000, n + 1).astype(int)
+        return [ss.Variable("w", full[a:b].copy(), global_shape=full.shape, offset=(a, 0), register=False)
+                for a, b in zip(rows[:-1], rows[1:], strict=True)]
+
+    prefix = ss.Saver({"w": blocks(2)}).save(str(tmp_path / "m"))
+    targets = [ss.Variable("w", np.zeros((b - a, 1024), np.float32), global_shape=full.shape, offset=(a, 0),
+                           register=False) for a, b in ((0, 1000), (1000, 2000), (2000, 3000))]
+    saver = ss.Saver({"w": targets})
+    saver.restore(prefix)
+    for t in targets:
+        np.testing.assert_array_equal(t.value, full[t.offset[0] : t.offset[0] + t.shape[0]])
+    # read in place: no more than the regions plus one checksum block around each
+    stats = saver.last_restore_stats
+    assert full.nbytes <= stats.bytes_read <= full.nbytes + 4 * 65536
+
+    pieces = ss.CheckpointReader(prefix).get_entries().pieces["w"]
+    first = pieces[((0, 1500), (0, 1024))]
+    data_file = Path(prefix + DATA_FILE)
+    original = data_file.read_bytes()
+    # row 1000 starts inside a checksum block: damage that block just before the region
+    # (read into a side buffer) and inside the region (read into the variable)
+    for where in (1000 * 4096 - 8, 1000 * 4096 + 8, 1400 * 4096):
+        damaged = bytearray(original)
+        damaged[first.offset + where] ^= 0x01
+        data_file.write_bytes(bytes(damaged))
+        fresh = [ss.Variable("w", np.zeros((1000, 1024), np.float32), global_shape=full.shape, offset=(a, 0),
+                             register=False) for a in (0, 1000, 2000)]
+        with pytest.raises(ss.DataLossError, match="checksum does not match for tensor 'w'"):
+            ss.Saver({"w": fresh}).restore(prefix)
+        assert all((v.value == 0).all() for v in fresh)  # untouched
+    data_file.write_bytes(original)
