@@ -551,16 +551,46 @@ def test_vectorized_plain_entry_decoder_agrees_with_the_general_one(batch):
             assert got == entry and not entry.slices and not entry.block_size
 
 
+@given(st.lists(st.tuples(entries, st.integers(0, 60), st.integers(0, 255)), max_size=8))
+def test_vectorized_plain_entry_decoder_on_damaged_entries(damage):
+    """Truncated or bit-flipped plain entries: accepted only if the general decoder agrees."""
+    values = []
+    for entry, where, flip in damage:
+        data = bytearray(entry._replace(slices=(), block_size=0, block_crcs=b"").encode())
+        if where < len(data):
+            data[where] ^= flip
+        values.append(bytes(data[: max(0, len(data) - where % 3)]))
+    _check_bulk_decoder_against_general(values)
+
+
 @given(st.lists(st.binary(max_size=40), max_size=12))
 @example([bytes.fromhex("0801120412020808" "20" "ffffffffffffffffff01" "2804")])
 @example([bytes.fromhex("0801120412020808" "20" "ffffffffffffffffff02")])
 @example([bytes.fromhex("0801120412020808" "20" "ff")])
+@example([bytes.fromhex("080112051202"), bytes.fromhex("0808")])  # shape runs past the entry
 @example([bytes.fromhex("0801120412020808" "2004" "2808" "3501020304"), bytes.fromhex("0801" "1200")])
 def test_vectorized_plain_entry_decoder_on_arbitrary_bytes(values):
     """Whatever it accepts, the general decoder decodes to the same entry."""
-    for value, got in zip(values, decode_plain_entries(values), strict=True):
+    _check_bulk_decoder_against_general(values)
+
+
+def _check_bulk_decoder_against_general(values):
+    """What the bulk decoder accepts decodes the same one by one; what it rejects with
+    DecodeError (a damaged shape) the general decoder rejects too."""
+    try:
+        decoded = decode_plain_entries(values)
+    except DecodeError:
+        failures = 0
+        for value in values:
+            try:
+                BundleEntry.decode(value)
+            except DecodeError:
+                failures += 1
+        assert failures
+        return
+    for value, got in zip(values, decoded, strict=True):
         if got is not None:
-            assert BundleEntry.decode(value) == got
+            assert BundleEntry.decode(value) == got, value.hex()
 
 
 @given(st.lists(extents, max_size=5))

@@ -349,7 +349,8 @@ def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
     An index may hold tens of thousands of small tensors, each needing its entry on
     restore; decoding them one by one in Python costs more than reading their bytes.
     Anything that is not a plain entry (slices, extension fields, another field order,
-    damage) is marked not ``plain``, for the general decoder to handle or reject.
+    damage) is marked not ``plain``, for the general decoder to handle or reject; a
+    plain entry with a damaged shape raises DecodeError, as the general decoder does.
     """
     n = len(values)
     lengths = np.fromiter(map(len, values), np.int64, n)
@@ -359,6 +360,7 @@ def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
     first = np.minimum(starts, len(flat) - 16)
     dtype, shape_len = flat[first + 1].astype(np.int64), flat[first + 3].astype(np.int64)
     ok = (lengths >= 4) & (flat[first] == 0x08) & (dtype < 0x80) & (flat[first + 2] == 0x12) & (shape_len < 0x80)
+    ok &= 4 + shape_len <= lengths  # the shape lies inside the entry
     pos = np.minimum(starts + 4 + shape_len, ends)
     fields = []
     for tag in (0x18, 0x20, 0x28):
