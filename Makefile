@@ -46,11 +46,13 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# PyTorch DCP for side-by-side figures, in its own environment (run.py uses it when present).
-# Pinned to the CPU build this workplace keeps on disk; elsewhere PyPI's torch is several GB.
+# PyTorch DCP and Orbax for side-by-side figures, in their own environment (run.py uses it
+# when present). torch is pinned to the CPU build this workplace keeps on disk; elsewhere
+# PyPI's torch is several GB. jax from PyPI is CPU-only (jaxlib, no CUDA plugin).
 bench-peers:
 	$(PYTHON) -m venv .venv-peers
 	.venv-peers/bin/python -m pip install --quiet torch==2.13.0 numpy
+	.venv-peers/bin/python -m pip install --quiet orbax-checkpoint jax jaxlib
 
 clean:
 	rm -rf $(VENV) .venv-peers $(DEMO)

@@ -18,21 +18,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def raw_write(path, arrays):
-    if os.path.exists(path):
-        os.unlink(path)
-    with open(path, "wb", buffering=0) as f:
-        for a in arrays:
-            f.write(memoryview(a).cast("B"))
-        os.fsync(f.fileno())
-
-
-def raw_read(path, outs):
-    with open(path, "rb", buffering=0) as f:
-        for o in outs:
-            f.readinto(memoryview(o).cast("B"))
+from peers import raw_read, raw_write, workload_arrays  # noqa: E402
 
 
 def main() -> int:
@@ -46,13 +32,7 @@ def main() -> int:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    if args.workload == "a":
-        side, n_small, small = 4096, 1000, 4096
-        n_big = max(1, int((args.gib * 2**30 - n_small * small * 4) // (side * side * 4)))
-        arrays = [np.random.default_rng(i).standard_normal((side, side), dtype=np.float32) for i in range(n_big)]
-        arrays += [np.full(small, i, np.float32) for i in range(n_small)]
-    else:
-        arrays = [np.full(256, i, np.float32) for i in range(20000)]
+    arrays = workload_arrays(args.workload, args.gib)
     state = {f"v{i}": torch.from_numpy(a) for i, a in enumerate(arrays)}
     target = {k: torch.empty_like(v) for k, v in state.items()}
     outs = [np.empty_like(a) for a in arrays]

@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke run")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /tmp)")
-    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 b c e mem tf s3 dcp")
+    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 b c e mem tf s3 dcp orbax")
     args = p.parse_args()
     if args.quick:
         args.gib, args.repeat = 0.125, 2
@@ -86,15 +86,19 @@ def main() -> int:
         except subprocess.CalledProcessError as exc:
             print(f"S3 benchmark failed: {exc.stderr[-300:]}", file=sys.stderr)
     peers = os.path.join(os.path.dirname(HERE), ".venv-peers", "bin", "python")
-    if "dcp" not in args.skip and os.path.exists(peers):
+    for peer, label, module in (("dcp", "PyTorch DCP", "torch.distributed.checkpoint"),
+                                ("orbax", "Orbax", "orbax.checkpoint, jax")):
+        if peer in args.skip or not os.path.exists(peers) or subprocess.run(
+                [peers, "-c", f"import {module}"], capture_output=True).returncode != 0:
+            continue
         for wl, kind in (("a", "save"), ("b", "small")):
-            cmd = [peers, os.path.join(HERE, "dcp_bench.py"), "--dir", f"{scratch}/dcp", "--workload", wl,
+            cmd = [peers, os.path.join(HERE, f"{peer}_bench.py"), "--dir", f"{scratch}/{peer}", "--workload", wl,
                    "--gib", str(args.gib), "--repeat", str(min(args.repeat, 3))]
             try:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
-                row(f"PyTorch DCP ({wl}) 1 rank", json.loads(out.stdout.strip().splitlines()[-1]), kind)
+                row(f"{label} ({wl}) 1 rank", json.loads(out.stdout.strip().splitlines()[-1]), kind)
             except subprocess.CalledProcessError as exc:
-                print(f"DCP comparison failed: {exc.stderr[-300:]}", file=sys.stderr)
+                print(f"{label} comparison failed: {exc.stderr[-300:]}", file=sys.stderr)
     if "tf" not in args.skip:
         try:
             row("tf Saver 1 rank", py("tf_bench.py", "--dir", f"{scratch}/tf", *common), "save")
