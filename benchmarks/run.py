@@ -122,7 +122,8 @@ def main() -> int:
                 print(f"{'':<26} ({r['note']})")
         elif kind == "reshard":
             print(f"{name:<26} {'':>9} {'':>10} {'':>7}   {r['raw_read']:9.3f} {r['ss_restore']:10.3f} "
-                  f"{r['restore_ratio']:7.2f}   read {r['read_amplification']:.4f} x the bytes needed")
+                  f"{r['restore_ratio']:7.2f}   vs raw into fresh buffers {r['restore_ratio_fresh']:.2f}   "
+                  f"read {r['read_amplification']:.4f} x the bytes needed")
         elif kind == "memory":
             print(f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
                   f"restore peak above the targets: {r['restore_extra_bytes'] / 2**20:.1f} MiB")
