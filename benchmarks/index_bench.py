@@ -29,7 +29,8 @@ def synthetic_parts(ranks: int, variables: int, rows: int = 64, cols: int = 1024
             key = entry_key(name, [(r * rows, rows), (0, cols)])
             entries.append((key, encode_plain_entry(1, (rows, cols), r, offset, size, rng.getrandbits(32))))
             offset += size
-        parts.append(encode_rank_part(entries, sliced))
+        values = [value for _, value in entries]
+        parts.append(encode_rank_part([key for key, _ in entries], b"".join(values), list(map(len, values)), sliced))
     return parts, sliced
 
 

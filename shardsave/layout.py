@@ -1,4 +1,5 @@
-"""What one rank saves, in a fixed order, and what a save derived from it last time.
+"""What one rank saves and restores, in a fixed order, and what a save derived from it
+last time.
 
 A training loop saves the same variables again and again; their names, shapes and dtypes
 do not change, so neither do the metadata a rank sends the others nor the agreed plan.
@@ -12,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
+if TYPE_CHECKING:
     from .plan import BlockMeta
     from .variables import Variable
 
@@ -23,6 +24,10 @@ class SaveLayout:
     def __init__(self, saveables: Mapping[str, Sequence[Variable]]):
         self.names = [name for name, blocks in saveables.items() for _ in blocks]
         self.variables = [var for blocks in saveables.values() for var in blocks]
+        # declared when each variable was made and fixed since: a restore checks against them
+        self.dtypes = [var.dtype for var in self.variables]
+        self.shapes = [var.shape for var in self.variables]
+        self.whole = np.array([var.shape == var.global_shape for var in self.variables], bool)
         self.metas: list[BlockMeta] | None = None
         self._signature: tuple[list, list] | None = None
         self.plan: Any = None

@@ -321,7 +321,7 @@ class Saver:
         comm.agree(err, what)
 
         data_loc = loc.with_path(data_file_name(loc.path, comm.rank, comm.size))
-        entries: list[tuple[bytes, bytes]] = []
+        entries: tuple = ([], b"", ())
         err = None
         out = None
         try:
@@ -338,7 +338,7 @@ class Saver:
             storage.remove([data_loc])
             raise
 
-        gathered = comm.gather((encode_rank_part(entries, plan.sliced), out.written if out else 0))
+        gathered = comm.gather((encode_rank_part(*entries, plan.sliced), out.written if out else 0))
         err = None
         timestamp = time.time()
         if comm.is_coordinator:
@@ -444,9 +444,9 @@ class Saver:
         try:
             targets, updates, small = self._targets(prefix, index)
             stats = load(loc, index, targets)
-            if small:  # these arrays already have their variables' shapes
-                small_vars = [var for _, var in small]
-                small_arrays = load_small(loc, index, [name for name, _ in small], stats)
+            small_names, small_vars = small
+            if small_names:  # these arrays already have their variables' shapes
+                small_arrays = load_small(loc, index, small_names, stats)
             self.last_restore_stats = stats
             updates = [(var, _finish(var, arr)) for var, arr in updates]
         except Exception as exc:  # noqa: BLE001
@@ -459,17 +459,18 @@ class Saver:
 
     def _targets(self, prefix: str, index: Index):
         """What to read: targets for the general loader, the variables that take new arrays
-        from it, and ``(name, variable)`` of whole small tensors for ``load_small``.
+        from it, and the names and variables of whole small tensors for ``load_small``.
 
         The common case (a whole small plain tensor of the same dtype and shape) is
         recognized column-wise; everything else, errors included, goes through the
         per-variable checks.
         """
-        names, variables = self._layout.names, self._layout.variables
+        layout = self._layout
+        names, variables = layout.names, layout.variables
         entries = index.entries
         rows = list(map(entries.row.get, names))
         if not variables or None in rows:
-            return self._general_targets(prefix, index, zip(names, variables, strict=True))
+            return self._unzip_small(self._general_targets(prefix, index, zip(names, variables, strict=True)))
         c = entries.columns
         rows_array = np.array(rows)
         tf_types = c.dtype[rows_array]
@@ -477,19 +478,27 @@ class Saver:
         try:
             numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types[same].tolist())}
         except ValueError:
-            return self._general_targets(prefix, index, zip(names, variables, strict=True))
+            return self._unzip_small(self._general_targets(prefix, index, zip(names, variables, strict=True)))
         stored = [numpy_of.get(t) for t in tf_types.tolist()]
         shapes = [c.shape[r] for r in rows]
-        same &= np.fromiter(map(operator.eq, stored, [v.dtype for v in variables]), bool, len(rows))
-        same &= np.fromiter(map(operator.eq, shapes, [v.shape for v in variables]), bool, len(rows))
-        same &= np.fromiter(map(operator.eq, shapes, [v.global_shape for v in variables]), bool, len(rows))
-        small = [(names[i], variables[i]) for i in np.flatnonzero(same).tolist()]
+        same &= layout.whole
+        same &= np.fromiter(map(operator.eq, stored, layout.dtypes), bool, len(rows))
+        same &= np.fromiter(map(operator.eq, shapes, layout.shapes), bool, len(rows))
+        small = np.flatnonzero(same).tolist()
         rest = [(names[i], variables[i]) for i in np.flatnonzero(~same).tolist()]
         targets, updates, more_small = self._general_targets(prefix, index, rest)
-        return targets, updates, small + more_small
+        return targets, updates, ([names[i] for i in small] + [name for name, _ in more_small],
+                                  [variables[i] for i in small] + [var for _, var in more_small])
+
+    @staticmethod
+    def _unzip_small(found):
+        targets, updates, small = found
+        return targets, updates, ([name for name, _ in small], [var for _, var in small])
 
     def _general_targets(self, prefix: str, index: Index, pairs: Iterable[tuple[str, Variable]]):
-        targets, updates, small = [], [], []
+        targets: list[Target] = []
+        updates: list[tuple[Variable, np.ndarray]] = []
+        small: list[tuple[str, Variable]] = []
         numpy_of: dict[int, np.dtype] = {}
         for name, var in pairs:
             full = index.entries.get(name)

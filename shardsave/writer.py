@@ -16,7 +16,7 @@ import numpy as np
 
 from . import storage
 from .format import crc, dtypes
-from .format.bundle import encode_plain_entries, encode_plain_entry
+from .format.bundle import encode_plain_columns, encode_plain_entry, split_values
 from .format.strings import encode_strings
 
 CHECKSUM_BLOCK = 64 * 1024
@@ -49,8 +49,9 @@ def write_data_file(
     keys: Sequence[bytes],
     arrays: Sequence[np.ndarray],
     shard_id: int,
-) -> list[tuple[bytes, bytes]]:
-    """Write ``arrays`` in order; return ``(key, encoded entry)`` of each for the index.
+) -> tuple[list[bytes], bytes, np.ndarray]:
+    """Write ``arrays`` in order; return their index entries: the keys, the encoded
+    entries back to back, and the length of each.
 
     Arrays up to one checksum block are handled column-wise (copies, checksums and index
     entries in bulk): a model may have tens of thousands of them, and a loop of Python
@@ -98,12 +99,15 @@ def write_data_file(
             i = j + 1
         batch.flush()
     offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
-    values = encode_plain_entries(types, shapes, shard_id, offsets, sizes, masks)
-    for j, packed in blocks.items():
-        if packed:
-            values[j] = encode_plain_entry(types[j], shapes[j], shard_id, offsets[j], sizes[j], masks[j],
-                                           CHECKSUM_BLOCK, packed)
-    return list(zip(keys, values, strict=True))
+    values, lengths = encode_plain_columns(types, shapes, shard_id, offsets, sizes, masks)
+    if any(blocks.values()):  # large entries also list their block checksums
+        entries = split_values(values, lengths)
+        for j, packed in blocks.items():
+            if packed:
+                entries[j] = encode_plain_entry(types[j], shapes[j], shard_id, offsets[j], sizes[j], masks[j],
+                                                CHECKSUM_BLOCK, packed)
+        values, lengths = b"".join(entries), np.fromiter(map(len, entries), np.int64, len(entries))
+    return list(keys), values, lengths
 
 
 class _Batch:

@@ -12,6 +12,7 @@ shardsave's extension fields (ignored by TensorFlow, which skips unknown fields)
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -245,21 +246,34 @@ def encode_plain_entry(dtype: int, shape: tuple[int, ...], shard_id: int, offset
     return out
 
 
-def encode_plain_entries(
+_ENCODE_CHUNK = 1 << 16
+
+
+def encode_plain_columns(
     dtypes: Sequence[int], shapes: Sequence[tuple[int, ...]], shard_id: int,
     offsets: Sequence[int], sizes: Sequence[int], crcs: Sequence[int],
-) -> list[bytes]:
-    """``encode_plain_entry`` (without checksum blocks) of many entries at once.
+) -> tuple[bytes, np.ndarray]:
+    """``encode_plain_entry`` (without checksum blocks) of many entries at once: the
+    entries back to back in one buffer, and their lengths.
 
     The varying fields (offset, size, checksum) of all entries are encoded together in
-    numpy; only joining each cached head to its tail is left per entry.
+    numpy and joined to the cached heads of their dtype and shape in one gather, so no
+    per-entry object is made.
     """
     n = len(offsets)
     if not n:
-        return []
+        return b"", np.zeros(0, np.int64)
+    if n > _ENCODE_CHUNK:  # bounded temporaries (the gather's index is 8 bytes per byte)
+        done = [encode_plain_columns(dtypes[i : i + _ENCODE_CHUNK], shapes[i : i + _ENCODE_CHUNK], shard_id,
+                                     offsets[i : i + _ENCODE_CHUNK], sizes[i : i + _ENCODE_CHUNK],
+                                     crcs[i : i + _ENCODE_CHUNK]) for i in range(0, n, _ENCODE_CHUNK)]
+        return b"".join(flat for flat, _ in done), np.concatenate([lengths for _, lengths in done])
     kinds = list(zip(dtypes, shapes, strict=True))
-    head_of = {kind: _entry_head(*kind, shard_id) for kind in set(kinds)}
-    heads = [head_of[kind] for kind in kinds]
+    distinct = {kind: i for i, kind in enumerate(dict.fromkeys(kinds))}
+    heads = [_entry_head(*kind, shard_id) for kind in distinct]
+    head_len = np.array([len(h) for h in heads], np.int64)
+    head_start = np.cumsum(head_len) - head_len
+    which = np.fromiter(map(distinct.__getitem__, kinds), np.int64, n)
     tails = np.zeros((n, 27), np.uint8)  # 0x20 varint, 0x28 varint, 0x35 fixed32
     cursor = np.zeros(n, np.int64)
     offsets, sizes = np.asarray(offsets, np.uint64), np.asarray(sizes, np.uint64)
@@ -269,10 +283,27 @@ def encode_plain_entries(
         _put_field(tails, cursor, values != 0, tag, varints, lengths)
     crc_bytes = crc_values.astype("<u4").view(np.uint8).reshape(n, 4)
     _put_field(tails, cursor, crc_values != 0, 0x35, crc_bytes, np.full(n, 4))
-    flat = tails[np.arange(tails.shape[1]) < cursor[:, None]].tobytes()
-    ends = np.cumsum(cursor).tolist()
-    starts = [0, *ends[:-1]]
-    return [h + flat[a:b] for h, a, b in zip(heads, starts, ends, strict=True)]
+    tail_bytes = tails[np.arange(tails.shape[1]) < cursor[:, None]]
+    src = np.concatenate([np.frombuffer(b"".join(heads), np.uint8), tail_bytes])
+    tail_start = int(head_len.sum()) + np.cumsum(cursor) - cursor
+    starts = np.stack([head_start[which], tail_start], axis=1).ravel()
+    lengths = np.stack([head_len[which], cursor], axis=1).ravel()
+    return table.ragged_gather(src, starts, lengths).tobytes(), head_len[which] + cursor
+
+
+def encode_plain_entries(
+    dtypes: Sequence[int], shapes: Sequence[tuple[int, ...]], shard_id: int,
+    offsets: Sequence[int], sizes: Sequence[int], crcs: Sequence[int],
+) -> list[bytes]:
+    """``encode_plain_columns``, one bytes object per entry."""
+    flat, lengths = encode_plain_columns(dtypes, shapes, shard_id, offsets, sizes, crcs)
+    return split_values(flat, lengths)
+
+
+def split_values(flat: bytes, lengths) -> list[bytes]:
+    """Back-to-back values, one bytes object each."""
+    ends = np.cumsum(lengths).tolist()
+    return [flat[a:b] for a, b in zip([0, *ends][:-1], ends, strict=True)]
 
 
 def _put_field(out: np.ndarray, cursor: np.ndarray, present: np.ndarray, tag: int,
@@ -617,40 +648,56 @@ class RankIndexPart(NamedTuple):
     a concatenation, whatever the number of ranks.
     """
 
-    entries: list[tuple[bytes, bytes]]
-    """``(key, encoded BundleEntryProto)`` of every entry this rank wrote."""
+    keys: list[bytes]
+    """The key of every entry this rank wrote."""
+    values: bytes
+    """Their encoded BundleEntryProtos, back to back."""
+    lengths: np.ndarray
+    """The length of each."""
     slices: list[tuple[str, tuple[Extent, ...], bytes]]
     """``(name, extents, field)`` of every piece of a sliced tensor, where ``field`` is the
     TensorSliceProto encoded as field 7 (``slices``) of the tensor's full entry."""
 
 
-def encode_rank_part(entries: Iterable[tuple[bytes, bytes]], sliced_names) -> RankIndexPart:
-    """A rank's ``(key, encoded entry)`` pairs, with the slice protos of the pieces of
-    tensors in ``sliced_names``."""
-    entries = list(entries)
+def encode_rank_part(keys: list[bytes], values: bytes, lengths, sliced_names) -> RankIndexPart:
+    """A rank's entries (keys, and their encodings back to back with their lengths), with
+    the slice protos of the pieces of tensors in ``sliced_names``."""
     slices = []
-    for key, _ in entries:
+    for key in keys:
         if key[:1] == b"\x00":
             name, extents = decode_slice_key(key)
             if name in sliced_names:  # as field 7 of the full entry, ready to concatenate
                 body = encode_slice(extents)
                 slices.append((name, tuple(extents), b"\x3a" + encode_varint(len(body)) + body))
-    return RankIndexPart(entries, slices)
+    return RankIndexPart(list(keys), values, np.asarray(lengths, np.int64), slices)
 
 
 def merge_index(num_shards: int, parts: Sequence[RankIndexPart], sliced: Mapping[str, tuple[int, tuple[int, ...]]]) -> bytes:
     """The coordinator's merge: every rank's entries plus one full entry per sliced
     tensor (``sliced``: name -> (dtype, global shape)), listing its slices in order."""
-    items = [pair for part in parts for pair in part.entries]
+    header = BundleHeader(num_shards=num_shards).encode()
+    keys = [b"", *(key for part in parts for key in part.keys)]
+    chunks = [header, *(part.values for part in parts)]
+    lengths = [np.array([len(header)], np.int64), *(part.lengths for part in parts)]
     groups: dict[str, list[tuple[tuple[Extent, ...], bytes]]] = {name: [] for name in sliced}
     for part in parts:
         for name, extents, proto_bytes in part.slices:
             groups[name].append((extents, proto_bytes))
+    full = []
     for name, (dtype, shape) in sliced.items():
         fields = [field for _, field in sorted(groups[name])]
-        items.append((entry_key(name), BundleEntry(dtype, tuple(shape)).encode() + b"".join(fields)))
-    items.sort()
-    return table.build_table([(b"", BundleHeader(num_shards=num_shards).encode())] + items)
+        full.append(BundleEntry(dtype, tuple(shape)).encode() + b"".join(fields))
+        keys.append(entry_key(name))
+    chunks += full
+    lengths.append(np.fromiter(map(len, full), np.int64, len(full)))
+    values, value_len = b"".join(chunks), np.concatenate(lengths)
+    if not all(map(operator.lt, keys, keys[1:])):  # ranks' entries interleave: sort them
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        keys = [keys[i] for i in order]
+        pieces = split_values(values, value_len)
+        values = b"".join([pieces[i] for i in order])
+        value_len = value_len[order]
+    return table.build_table_columns(keys, values, value_len)
 
 
 def entry_key(name: str, extents: Sequence[Extent] | None = None) -> bytes:

@@ -113,16 +113,21 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
     holds one entry per tensor (or per piece), up to millions of them.
     """
     pairs = items if isinstance(items, list) else list(items)
-    keys = [k for k, _ in pairs]
     values = [v for _, v in pairs]
+    return build_table_columns([k for k, _ in pairs], b"".join(values),
+                               np.fromiter(map(len, values), np.int64, len(values)), block_size)
+
+
+def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray, block_size: int = BLOCK_SIZE) -> bytes:
+    """``build_table`` with the values given back to back in one buffer, with their lengths."""
     n = len(keys)
     if n > 1 and not all(map(operator.lt, keys, keys[1:])):
         i = next(i for i in range(1, n) if not keys[i - 1] < keys[i])
         raise ValueError(f"table keys out of order: {keys[i - 1]!r} then {keys[i]!r}")
+    value_len = np.asarray(value_len, np.int64)
     key_len = np.fromiter(map(len, keys), np.int64, n)
-    value_len = np.fromiter(map(len, values), np.int64, n)
     key_bytes = np.frombuffer(b"".join(keys), np.uint8)
-    value_bytes = np.frombuffer(b"".join(values), np.uint8)
+    value_bytes = np.frombuffer(values, np.uint8)
     key_start = np.cumsum(key_len) - key_len
     value_start = np.cumsum(value_len) - value_len
     shared_prev = _shared_with_previous(key_bytes, key_start, key_len)
@@ -224,10 +229,10 @@ def _gather_entries(shared, unshared, vlen, key_bytes, key_from, value_bytes, va
     starts = np.stack([base[i] + rows * (len(header_src[i]) // max(n, 1)) for i in range(3)]
                       + [base[3] + key_from, base[4] + value_from], axis=1).ravel()
     lengths = np.stack([*header_len, unshared, vlen], axis=1).ravel()
-    return _ragged_gather(src, starts, lengths)
+    return ragged_gather(src, starts, lengths)
 
 
-def _ragged_gather(src: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ragged_gather(src: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """``concatenate([src[s:s+l] for s, l in zip(starts, lengths)])`` without the loop."""
     total = int(lengths.sum())
     out_starts = np.cumsum(lengths) - lengths
