@@ -125,6 +125,9 @@ def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray,
         i = next(i for i in range(1, n) if not keys[i - 1] < keys[i])
         raise ValueError(f"table keys out of order: {keys[i - 1]!r} then {keys[i]!r}")
     value_len = np.asarray(value_len, np.int64)
+    if len(value_len) != n or int(value_len.sum()) != len(values):
+        raise ValueError(f"{n} keys, {len(value_len)} value lengths summing to {int(value_len.sum())}, "
+                         f"{len(values)} value bytes")
     key_len = np.fromiter(map(len, keys), np.int64, n)
     key_bytes = np.frombuffer(b"".join(keys), np.uint8)
     value_bytes = np.frombuffer(values, np.uint8)
