@@ -219,11 +219,8 @@ def _load_small_shard(file_loc, fields: _Small, which: np.ndarray, names, out, s
         wrong = np.flatnonzero(actual != stored[picked])
         if len(wrong):
             j = int(picked[wrong[0]])
-            raise DataLossError(
-                f"{file_loc.url}: checksum does not match for tensor {names[which_list[j]]!r} "
-                f"(offset {starts[j]}, {sizes[j]} bytes): stored {int(stored[j]):#010x} "
-                f"vs. calculated {int(actual[wrong[0]]):#010x}"
-            )
+            raise _checksum_error(file_loc, names[which_list[j]], f"offset {starts[j]}, {sizes[j]} bytes",
+                                  int(stored[j]), int(actual[wrong[0]]))
         odd = (rel % itemsizes[picked] != 0) | (rel == ends)
         for j, x in zip(picked[~odd].tolist(), rel[~odd].tolist(), strict=True):
             out[which_list[j]] = np.ndarray(shapes[j], dts[j], buf, x)
@@ -376,24 +373,12 @@ def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
             return
         if e.block_size and e.block_crcs:
             bs = e.block_size
-            first = r.span.start // bs
-            for i, start in enumerate(range(0, len(data), bs)):
-                stored = int.from_bytes(e.block_crcs[4 * (first + i) : 4 * (first + i) + 4], "little")
-                actual = crc.mask(crc.crc32c(data[start : start + bs]))
-                if stored != actual:
-                    raise DataLossError(
-                        f"{file_loc.url}: checksum does not match for tensor {r.name!r} "
-                        f"(bytes {e.offset + r.span.start + start}..): stored {stored:#010x} "
-                        f"vs. calculated {actual:#010x}"
-                    )
+            for start in range(0, len(data), bs):
+                _check_block(file_loc, r.name, e, r.span.start + start, crc.mask(crc.crc32c(data[start : start + bs])))
         else:
             actual = crc.mask(crc.crc32c(data))
             if actual != e.crc32c:
-                raise DataLossError(
-                    f"{file_loc.url}: checksum does not match for tensor {r.name!r} "
-                    f"(offset {e.offset}, {e.size} bytes): stored {e.crc32c:#010x} "
-                    f"vs. calculated {actual:#010x}"
-                )
+                raise _checksum_error(file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, actual)
 
     for r in reads:
         check(r)
@@ -429,13 +414,22 @@ def _verify_in_place(file_loc: storage.Location, r: _Read) -> None:
             lo, hi = max(offset, start), min(offset + len(buf), stop)
             if lo < hi:
                 actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
-        actual = crc.mask(actual)
-        stored = int.from_bytes(e.block_crcs[4 * (start // bs) : 4 * (start // bs) + 4], "little")
-        if stored != actual:
-            raise DataLossError(
-                f"{file_loc.url}: checksum does not match for tensor {r.name!r} "
-                f"(bytes {e.offset + start}..): stored {stored:#010x} vs. calculated {actual:#010x}"
-            )
+        _check_block(file_loc, r.name, e, start, crc.mask(actual))
+
+
+def _check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start: int, actual: int) -> None:
+    """Compare the masked CRC of the checksum block at entry offset ``start`` with the stored one."""
+    i = start // entry.block_size
+    stored = int.from_bytes(entry.block_crcs[4 * i : 4 * i + 4], "little")
+    if stored != actual:
+        raise _checksum_error(file_loc, name, f"bytes {entry.offset + start}..", stored, actual)
+
+
+def _checksum_error(file_loc: storage.Location, name: str, where: str, stored: int, actual: int) -> DataLossError:
+    return DataLossError(
+        f"{file_loc.url}: checksum does not match for tensor {name!r} ({where}): "
+        f"stored {stored:#010x} vs. calculated {actual:#010x}"
+    )
 
 
 def _verify_and_place(file_loc: storage.Location, reads: list[_Read]) -> None:
