@@ -15,14 +15,13 @@ import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
 from . import storage
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
-from .format.bundle import BundleEntry, Index
+from .format.bundle import BundleEntry, Index, PlainColumns
 from .format.coding import DecodeError
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
@@ -125,6 +124,12 @@ def is_small_plain(entry: BundleEntry) -> bool:
             and not entry.block_size)
 
 
+def small_plain_rows(columns: PlainColumns, rows: np.ndarray) -> np.ndarray:
+    """``is_small_plain`` of the entries at ``rows`` of an index's columns, at once (a plain
+    entry has no slices and no checksum blocks)."""
+    return columns.plain[rows] & (columns.size[rows] < DIRECT_MIN_BYTES) & (columns.dtype[rows] != dtypes.DT_STRING)
+
+
 def load_small(prefix: storage.Location, index: Index, names: Sequence[str], stats: LoadStats) -> list[np.ndarray]:
     """New arrays holding the stored tensors ``names`` (each ``is_small_plain``).
 
@@ -138,8 +143,9 @@ def load_small(prefix: storage.Location, index: Index, names: Sequence[str], sta
     n = len(names)
     rows = np.fromiter(map(entries.row.__getitem__, names), np.int64, n)
     c = entries.columns
-    fields = _Small(c.dtype[rows], [c.shape[r] for r in rows.tolist()], c.shard_id[rows].astype(np.int64),
-                    c.offset[rows].astype(np.int64), c.size[rows].astype(np.int64), c.crc32c[rows])
+    fields = PlainColumns(np.ones(n, bool), c.dtype[rows], [c.shape[r] for r in rows.tolist()],
+                          c.shard_id[rows].astype(np.int64), c.offset[rows].astype(np.int64),
+                          c.size[rows].astype(np.int64), c.crc32c[rows])
     for k in np.flatnonzero(~c.plain[rows]).tolist():  # decoded by the general decoder
         e = entries[names[k]]
         fields.dtype[k], fields.shape[k], fields.shard_id[k] = e.dtype, e.shape, e.shard_id
@@ -158,18 +164,7 @@ def load_small(prefix: storage.Location, index: Index, names: Sequence[str], sta
     return out
 
 
-class _Small(NamedTuple):
-    """Columns of the entries ``load_small`` reads."""
-
-    dtype: np.ndarray
-    shape: list
-    shard_id: np.ndarray
-    offset: np.ndarray
-    size: np.ndarray
-    crc32c: np.ndarray
-
-
-def _load_small_shard(file_loc, fields: _Small, which: np.ndarray, names, out, stats) -> None:
+def _load_small_shard(file_loc, fields: PlainColumns, which: np.ndarray, names, out, stats) -> None:
     n = len(which)
     which_list = which.tolist()
     tf_types = fields.dtype[which]

@@ -43,7 +43,7 @@ from .format import dtypes
 from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
 from .layout import SaveLayout
-from .loader import DIRECT_MIN_BYTES, LoadStats, Target, data_file_name, is_small_plain, load, load_small
+from .loader import LoadStats, Target, data_file_name, is_small_plain, load, load_small, small_plain_rows
 from .pending import SaveHandle, register_exit_join
 from .plan import Block, BlockMeta, make_save_plan
 from .staging import StagingBuffers
@@ -474,7 +474,7 @@ class Saver:
         c = entries.columns
         rows_array = np.array(rows)
         tf_types = c.dtype[rows_array]
-        same = c.plain[rows_array] & (c.size[rows_array] < DIRECT_MIN_BYTES) & (tf_types != dtypes.DT_STRING)
+        same = small_plain_rows(c, rows_array)
         try:
             numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types[same].tolist())}
         except ValueError:

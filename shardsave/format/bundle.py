@@ -373,6 +373,11 @@ class PlainColumns(NamedTuple):
     size: np.ndarray
     crc32c: np.ndarray
 
+    def as_lists(self) -> list[list]:
+        """The columns after ``plain`` as Python lists: dtype, shape, shard, offset, size, crc."""
+        return [self.dtype.tolist(), self.shape, self.shard_id.tolist(), self.offset.tolist(),
+                self.size.tolist(), self.crc32c.tolist()]
+
 
 def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
     """``_decode_plain`` of many entries at once, column-wise in numpy.
@@ -416,9 +421,8 @@ def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
 def decode_plain_entries(values: Sequence[bytes]) -> list[BundleEntry | None]:
     """The entries ``decode_plain_columns`` decodes, as BundleEntry (None: not plain)."""
     c = decode_plain_columns(values)
-    lists = [c.dtype.tolist(), c.shape, c.shard_id.tolist(), c.offset.tolist(), c.size.tolist(), c.crc32c.tolist()]
     return [_new_entry((*fields, (), 0, b"")) if plain else None
-            for plain, *fields in zip(c.plain.tolist(), *lists, strict=True)]
+            for plain, *fields in zip(c.plain.tolist(), *c.as_lists(), strict=True)]
 
 
 def _new_entry(fields: tuple) -> BundleEntry:
@@ -605,9 +609,7 @@ class Entries(Mapping[str, BundleEntry]):
         if entry is None:
             i = self.row[name]
             if self._lists is None:
-                c = self.columns
-                self._lists = [c.dtype.tolist(), c.shape, c.shard_id.tolist(), c.offset.tolist(),
-                               c.size.tolist(), c.crc32c.tolist()]
+                self._lists = self.columns.as_lists()
             entry = self._made[name] = _new_entry((*(col[i] for col in self._lists), (), 0, b""))
         return entry
 
