@@ -42,13 +42,15 @@ class Target:
 @dataclass
 class LoadStats:
     bytes_read: int = 0
+    bytes_reread: int = 0
+    """Read a second time, into variables' own arrays once checked (in_place.py)."""
     requests: int = 0
     bytes_needed: int = 0
     files: set = field(default_factory=set)
 
 
 @dataclass(slots=True)
-class _Read:
+class Read:
     """One intersection of a target with a stored piece, and where its bytes come from."""
 
     target: Target
@@ -83,25 +85,12 @@ def stored_pieces(index: Index, name: str) -> tuple[BundleEntry, list[tuple[Bloc
     return full, pieces
 
 
-def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> LoadStats:
+def load(prefix: storage.Location, index: Index, targets: Sequence[Target],
+         stats: LoadStats | None = None) -> LoadStats:
     """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
-    stats = LoadStats()
-    try:
-        reads = _plan(prefix, index, targets, stats)
-    except DecodeError as exc:  # slice entries are decoded only now (bundle.Pieces)
-        raise DataLossError(f"{prefix.url}.index is damaged: {exc}") from exc
-    num_shards = index.header.num_shards
-    by_shard: dict[int, list[_Read]] = defaultdict(list)
-    for r in reads:
-        by_shard[r.entry.shard_id].append(r)
-    for shard_id, shard_reads in sorted(by_shard.items()):
-        if shard_id >= num_shards:
-            raise DataLossError(
-                f"{prefix.url}.index: tensor {shard_reads[0].name!r} is in shard {shard_id}, "
-                f"but the checkpoint has {num_shards} shard(s)"
-            )
-        file_loc = prefix.with_path(data_file_name(prefix.path, shard_id, num_shards))
-        ranges, groups = _assign_buffers(shard_reads)
+    stats = stats if stats is not None else LoadStats()
+    for file_loc, shard_reads in planned_reads(prefix, index, targets, stats):
+        ranges, groups = assign_buffers(shard_reads)
         stats.requests += len(ranges)
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)
@@ -111,6 +100,28 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target]) -> L
             names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
             raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
     return stats
+
+
+def planned_reads(prefix: storage.Location, index: Index, targets: Sequence[Target],
+                  stats: LoadStats) -> list[tuple[storage.Location, list[Read]]]:
+    """The reads that fill ``targets``, grouped by data file (in shard order)."""
+    try:
+        reads = _plan(prefix, index, targets, stats)
+    except DecodeError as exc:  # slice entries are decoded only now (bundle.Pieces)
+        raise DataLossError(f"{prefix.url}.index is damaged: {exc}") from exc
+    num_shards = index.header.num_shards
+    by_shard: dict[int, list[Read]] = defaultdict(list)
+    for r in reads:
+        by_shard[r.entry.shard_id].append(r)
+    out = []
+    for shard_id, shard_reads in sorted(by_shard.items()):
+        if shard_id >= num_shards:
+            raise DataLossError(
+                f"{prefix.url}.index: tensor {shard_reads[0].name!r} is in shard {shard_id}, "
+                f"but the checkpoint has {num_shards} shard(s)"
+            )
+        out.append((prefix.with_path(data_file_name(prefix.path, shard_id, num_shards)), shard_reads))
+    return out
 
 
 SMALL_RANGE_BYTES = 8 << 20
@@ -214,7 +225,7 @@ def _load_small_shard(file_loc, fields: PlainColumns, which: np.ndarray, names, 
         wrong = np.flatnonzero(actual != stored[picked])
         if len(wrong):
             j = int(picked[wrong[0]])
-            raise _checksum_error(file_loc, names[which_list[j]], f"offset {starts[j]}, {sizes[j]} bytes",
+            raise checksum_error(file_loc, names[which_list[j]], f"offset {starts[j]}, {sizes[j]} bytes",
                                   int(stored[j]), int(actual[wrong[0]]))
         odd = (rel % itemsizes[picked] != 0) | (rel == ends)
         for j, x in zip(picked[~odd].tolist(), rel[~odd].tolist(), strict=True):
@@ -227,8 +238,8 @@ def _load_small_shard(file_loc, fields: PlainColumns, which: np.ndarray, names, 
                         after=place)
 
 
-def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats) -> list[_Read]:
-    reads: list[_Read] = []
+def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats) -> list[Read]:
+    reads: list[Read] = []
     for t in targets:
         full = index.entries.get(t.name)
         if full is None:
@@ -239,7 +250,7 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
             if full.size != size:
                 _check_entry_size(prefix, t.name, full, t.block, t.out.dtype)
             stats.bytes_needed += size
-            reads.append(_Read(t, full, t.name, t.block, t.block, Span(0, size),
+            reads.append(Read(t, full, t.name, t.block, t.block, Span(0, size),
                                direct=size >= DIRECT_MIN_BYTES, whole=True))
             continue
         full, pieces = stored_pieces(index, t.name)
@@ -270,7 +281,7 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
             body = None if direct else _in_place_body(t, piece, region, inter, entry, dtype.itemsize)
             if body is not None:
                 span = align_span(Span(body[0], body[1]), entry.block_size, entry.size)
-            reads.append(_Read(t, entry, t.name, piece, region, span, direct=direct, body=body))
+            reads.append(Read(t, entry, t.name, piece, region, span, direct=direct, body=body))
         if covered != t.block.size:
             raise DataLossError(
                 f"{prefix.url}: the stored pieces of {t.name!r} cover {covered} of the "
@@ -312,13 +323,13 @@ def _check_entry_size(prefix, name: str, entry: BundleEntry, piece: Block, dtype
         )
 
 
-def _assign_buffers(reads: list[_Read]) -> tuple[list[tuple[int, memoryview]], list[list[_Read]]]:
+def assign_buffers(reads: list[Read]) -> tuple[list[tuple[int, memoryview]], list[list[Read]]]:
     """Give every read a buffer; reads whose spans touch share one buffer.
 
     Returns the ranges to fetch and, for each range, the reads it serves.
     """
     ranges: list[tuple[int, memoryview]] = []
-    groups: list[list[_Read]] = []
+    groups: list[list[Read]] = []
     shared = []
     for r in reads:
         if r.direct:
@@ -353,14 +364,14 @@ def _assign_buffers(reads: list[_Read]) -> tuple[list[tuple[int, memoryview]], l
     return ranges, groups
 
 
-def _span_bytes(r: _Read) -> memoryview:
+def _span_bytes(r: Read) -> memoryview:
     if r.direct:
         return byte_view(r.buffer)
     return memoryview(r.buffer)[r.buffer_offset : r.buffer_offset + r.span.stop - r.span.start]
 
 
-def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
-    def check(r: _Read) -> None:
+def _verify(file_loc: storage.Location, reads: list[Read]) -> None:
+    def check(r: Read) -> None:
         data = _span_bytes(r)
         e = r.entry
         if r.entry.dtype == dtypes.DT_STRING:
@@ -369,17 +380,17 @@ def _verify(file_loc: storage.Location, reads: list[_Read]) -> None:
         if e.block_size and e.block_crcs:
             bs = e.block_size
             for start in range(0, len(data), bs):
-                _check_block(file_loc, r.name, e, r.span.start + start, crc.mask(crc.crc32c(data[start : start + bs])))
+                check_block(file_loc, r.name, e, r.span.start + start, crc.mask(crc.crc32c(data[start : start + bs])))
         else:
             actual = crc.mask(crc.crc32c(data))
             if actual != e.crc32c:
-                raise _checksum_error(file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, actual)
+                raise checksum_error(file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, actual)
 
     for r in reads:
         check(r)
 
 
-def _after_range(file_loc: storage.Location, groups: list[list[_Read]]):
+def _after_range(file_loc: storage.Location, groups: list[list[Read]]):
     """What to do when range ``i`` has been read: verify and place its reads; an in-place
     read is verified once the last of its parts has arrived (they arrive in any order)."""
     lock = threading.Lock()
@@ -399,7 +410,7 @@ def _after_range(file_loc: storage.Location, groups: list[list[_Read]]):
     return after
 
 
-def _verify_in_place(file_loc: storage.Location, r: _Read) -> None:
+def _verify_in_place(file_loc: storage.Location, r: Read) -> None:
     """Check every checksum block of an in-place read across the buffers holding it."""
     e, bs = r.entry, r.entry.block_size
     for start in range(r.span.start, r.span.stop, bs):
@@ -409,33 +420,33 @@ def _verify_in_place(file_loc: storage.Location, r: _Read) -> None:
             lo, hi = max(offset, start), min(offset + len(buf), stop)
             if lo < hi:
                 actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
-        _check_block(file_loc, r.name, e, start, crc.mask(actual))
+        check_block(file_loc, r.name, e, start, crc.mask(actual))
 
 
-def _check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start: int, actual: int) -> None:
+def check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start: int, actual: int) -> None:
     """Compare the masked CRC of the checksum block at entry offset ``start`` with the stored one."""
     i = start // entry.block_size
     stored = int.from_bytes(entry.block_crcs[4 * i : 4 * i + 4], "little")
     if stored != actual:
-        raise _checksum_error(file_loc, name, f"bytes {entry.offset + start}..", stored, actual)
+        raise checksum_error(file_loc, name, f"bytes {entry.offset + start}..", stored, actual)
 
 
-def _checksum_error(file_loc: storage.Location, name: str, where: str, stored: int, actual: int) -> DataLossError:
+def checksum_error(file_loc: storage.Location, name: str, where: str, stored: int, actual: int) -> DataLossError:
     return DataLossError(
         f"{file_loc.url}: checksum does not match for tensor {name!r} ({where}): "
         f"stored {stored:#010x} vs. calculated {actual:#010x}"
     )
 
 
-def _verify_and_place(file_loc: storage.Location, reads: list[_Read]) -> None:
+def _verify_and_place(file_loc: storage.Location, reads: list[Read]) -> None:
     """Check the bytes of one fetched range, then copy them into their targets (the
     targets are fresh arrays, so a later failure still leaves every variable as it was)."""
     _verify(file_loc, reads)
     for r in reads:
-        _scatter(r)
+        scatter(r)
 
 
-def _scatter(r: _Read) -> None:
+def scatter(r: Read) -> None:
     if r.whole:
         if not r.direct:
             byte_view(r.target.out)[:] = _span_bytes(r)
@@ -471,7 +482,7 @@ def _scatter(r: _Read) -> None:
     t.out[dest] = src
 
 
-def _decode_strings(file_loc: storage.Location, data: bytes, r: _Read) -> np.ndarray:
+def _decode_strings(file_loc: storage.Location, data: bytes, r: Read) -> np.ndarray:
     where = f"{file_loc.url}: string tensor {r.name!r} (offset {r.entry.offset}, {r.entry.size} bytes)"
     try:
         values, actual = decode_strings(data, r.piece.shape)

@@ -570,20 +570,37 @@ def abort_upload(loc: Location, upload_id: str) -> None:
         loc.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
 
 
+def open_local(loc: Location) -> int:
+    """A file descriptor for reading a local file (the caller closes it).
+
+    Holding it keeps reading the same file even if the path is replaced meanwhile.
+    """
+    with translate_errors(loc, "reading"):
+        return os.open(loc.path, os.O_RDONLY)
+
+
+def close_local(fd: int) -> None:
+    os.close(fd)
+
+
 def read_ranges(
     loc: Location,
     ranges: Sequence[tuple[int, memoryview]],
     after: Callable[[int], None] | None = None,
+    fd: int | None = None,
 ) -> None:
     """Fill each ``(offset, buffer)`` with the file's bytes at ``offset``, in parallel.
 
     ``after(i)``, if given, runs as soon as range ``i`` is filled (in an I/O thread for
-    local files), so checking the bytes overlaps with reading the next ones.
+    local files), so checking the bytes overlaps with reading the next ones. ``fd``: an
+    open local file (from ``open_local``) to read instead of opening ``loc`` again.
     """
     if not ranges:
         return
     with translate_errors(loc, "reading"):
-        if loc.is_local:
+        if fd is not None:
+            _pread_all(fd, ranges, loc, after)
+        elif loc.is_local:
             fd = os.open(loc.path, os.O_RDONLY)
             try:
                 _pread_all(fd, ranges, loc, after)
