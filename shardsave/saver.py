@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from .errors import (
 from .format import dtypes
 from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
+from .in_place import InPlaceLoad
 from .layout import SaveLayout
 from .loader import LoadStats, Target, data_file_name, is_small_plain, load, load_small, small_plain_rows
 from .pending import SaveHandle, register_exit_join
@@ -86,6 +87,12 @@ class Saver:
     ``comm`` defaults to ``MPI.COMM_WORLD``; the Saver duplicates it once, here, so
     constructing a Saver is collective too. ``storage_options`` (or a ready fsspec
     ``fs``) apply to every path given to ``save`` and ``restore``.
+
+    ``restore_in_place`` (default True): from a local or shared filesystem, a restore
+    writes into the arrays the variables already hold (of at least 1 MiB, same dtype and
+    shape, C-contiguous, writable), as PyTorch DCP does, instead of making new ones; it
+    checks every byte first, so a damaged checkpoint still changes nothing. False: every
+    array is new and the variables adopt them at the end (twice the memory).
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class Saver:
         fs: Any = None,
         fsync: bool = True,
         filename: str | None = None,
+        restore_in_place: bool = True,
     ):
         self._var_list = var_list
         self._saveables = _saveables(var_list)
@@ -118,6 +126,7 @@ class Saver:
         self.fs = fs
         self.fsync = fsync
         self.filename = filename
+        self.restore_in_place = restore_in_place
         self._comm = Comm.create(comm)
         self._last_checkpoints: list[tuple[str, float]] = []
         self._next_checkpoint_time = time.time() + keep_checkpoint_every_n_hours * 3600
@@ -423,7 +432,10 @@ class Saver:
 
         Collective. Each rank reads only the bytes its own blocks need, whatever the
         layout the checkpoint was saved with. On any error on any rank every rank raises
-        and no variable changes.
+        and no variable changes: every byte is checked against its checksum before the
+        first is written into a variable's own array (see ``restore_in_place``). The one
+        exception is the operating system failing to read bytes a second time after they
+        were checked; the error then names the variables left with partial values.
         """
         if save_path is None:
             raise InvalidArgumentError("cannot restore: save_path is None")
@@ -438,28 +450,40 @@ class Saver:
         loc = self._resolve(prefix)
         index = read_index(loc, comm, what)
         err = None
+        found = _Found([], [], [], [], [])
+        stats = LoadStats()
         updates: list[tuple[Variable, np.ndarray]] = []
-        small_vars: list[Variable] = []
         small_arrays: list[np.ndarray] = []
-        try:
-            targets, updates, small = self._targets(prefix, index)
-            stats = load(loc, index, targets)
-            small_names, small_vars = small
-            if small_names:  # these arrays already have their variables' shapes
-                small_arrays = load_small(loc, index, small_names, stats)
-            self.last_restore_stats = stats
-            updates = [(var, _finish(var, arr)) for var, arr in updates]
-        except Exception as exc:  # noqa: BLE001
-            err = exc
-        comm.agree(err, what)
+        with InPlaceLoad(loc, index) as in_place:
+            try:
+                found = self._targets(prefix, index, live=self.restore_in_place and loc.is_local)
+                load(loc, index, found.fresh, stats)
+                in_place.check(found.live, stats)
+                if found.small_names:  # these arrays already have their variables' shapes
+                    small_arrays = load_small(loc, index, found.small_names, stats)
+                self.last_restore_stats = stats
+                updates = [(var, _finish(var, arr)) for var, arr in found.updates]
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+            comm.agree(err, what)  # every byte is checked on every rank; nothing has changed yet
+            try:
+                in_place.fill(stats)
+            except Exception as exc:  # noqa: BLE001
+                names = ", ".join(repr(t.name) for t in found.live)
+                err = DataLossError(
+                    f"{what}: reading the checked bytes again failed ({exc}); the variables "
+                    f"being written in place ({names}) hold partial values: restore them again"
+                )
+            comm.agree(err, what)  # collective even where there is nothing to fill
         for var, arr in updates:
             var._set(arr)
-        for var, arr in zip(small_vars, small_arrays, strict=True):
+        for var, arr in zip(found.small_vars, small_arrays, strict=True):
             var._set(arr)
 
-    def _targets(self, prefix: str, index: Index):
-        """What to read: targets for the general loader, the variables that take new arrays
-        from it, and the names and variables of whole small tensors for ``load_small``.
+    def _targets(self, prefix: str, index: Index, live: bool) -> _Found:
+        """What to read: targets for the general loader (fresh arrays, and with ``live``
+        the variables' own arrays where they can take the values), and the names and
+        variables of whole small tensors for ``load_small``.
 
         The common case (a whole small plain tensor of the same dtype and shape) is
         recognized column-wise; everything else, errors included, goes through the
@@ -470,7 +494,7 @@ class Saver:
         entries = index.entries
         rows = list(map(entries.row.get, names))
         if not variables or None in rows:
-            return self._unzip_small(self._general_targets(prefix, index, zip(names, variables, strict=True)))
+            return self._general_targets(prefix, index, zip(names, variables, strict=True), live)
         c = entries.columns
         rows_array = np.array(rows)
         tf_types = c.dtype[rows_array]
@@ -478,7 +502,7 @@ class Saver:
         try:
             numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types[same].tolist())}
         except ValueError:
-            return self._unzip_small(self._general_targets(prefix, index, zip(names, variables, strict=True)))
+            return self._general_targets(prefix, index, zip(names, variables, strict=True), live)
         stored = [numpy_of.get(t) for t in tf_types.tolist()]
         shapes = [c.shape[r] for r in rows]
         same &= layout.whole
@@ -486,19 +510,14 @@ class Saver:
         same &= np.fromiter(map(operator.eq, shapes, layout.shapes), bool, len(rows))
         small = np.flatnonzero(same).tolist()
         rest = [(names[i], variables[i]) for i in np.flatnonzero(~same).tolist()]
-        targets, updates, more_small = self._general_targets(prefix, index, rest)
-        return targets, updates, ([names[i] for i in small] + [name for name, _ in more_small],
-                                  [variables[i] for i in small] + [var for _, var in more_small])
+        found = self._general_targets(prefix, index, rest, live)
+        found.small_names[:0] = [names[i] for i in small]
+        found.small_vars[:0] = [variables[i] for i in small]
+        return found
 
-    @staticmethod
-    def _unzip_small(found):
-        targets, updates, small = found
-        return targets, updates, ([name for name, _ in small], [var for _, var in small])
-
-    def _general_targets(self, prefix: str, index: Index, pairs: Iterable[tuple[str, Variable]]):
-        targets: list[Target] = []
-        updates: list[tuple[Variable, np.ndarray]] = []
-        small: list[tuple[str, Variable]] = []
+    def _general_targets(self, prefix: str, index: Index, pairs: Iterable[tuple[str, Variable]],
+                         live: bool) -> _Found:
+        found = _Found([], [], [], [], [])
         numpy_of: dict[int, np.dtype] = {}
         for name, var in pairs:
             full = index.entries.get(name)
@@ -518,7 +537,8 @@ class Saver:
                     f"{dtypes.tf_name(full.dtype)}"
                 )
             if var.shape == full.shape and var.global_shape == full.shape and is_small_plain(full):
-                small.append((name, var))
+                found.small_names.append(name)
+                found.small_vars.append(var)
                 continue
             if tuple(var.global_shape) != tuple(full.shape):
                 same_size = math.prod(var.global_shape) == math.prod(full.shape)
@@ -529,13 +549,48 @@ class Saver:
                         + ("" if self.reshape else " (reshape=True allows this when sizes agree)")
                     )
                 out = np.empty(full.shape, dtype=stored)
-                targets.append(Target(name, Block.whole(full.shape), out))
-                updates.append((var, out))
+                found.fresh.append(Target(name, Block.whole(full.shape), out))
+                found.updates.append((var, out))
+                continue
+            own = _own_array(var, stored) if live else None
+            if own is not None:
+                found.live.append(Target(name, var.block, own))
                 continue
             out = np.empty(var.shape, dtype=stored)
-            targets.append(Target(name, var.block, out))
-            updates.append((var, out))
-        return targets, updates, small
+            found.fresh.append(Target(name, var.block, out))
+            found.updates.append((var, out))
+        return found
+
+
+class _Found(NamedTuple):
+    """What a restore reads, and into what (``Saver._targets``)."""
+
+    fresh: list[Target]  # into new arrays, adopted by ``updates``' variables at the end
+    updates: list[tuple[Variable, np.ndarray]]
+    live: list[Target]  # into the variables' own arrays, in two passes (in_place.py)
+    small_names: list[str]  # whole small tensors for ``load_small``, and their variables
+    small_vars: list[Variable]
+
+
+IN_PLACE_MIN_BYTES = 1 << 20
+"""Smaller arrays are restored into fresh ones: they are cheap to allocate, and read in bulk."""
+
+
+def _own_array(var: Variable, dtype: np.dtype) -> np.ndarray | None:
+    """The variable's array if a restore can write into it: the right dtype and shape,
+    C-contiguous, writable, and large enough for two passes to pay off."""
+    arr = var._value
+    if (
+        arr is None
+        or arr.dtype != dtype
+        or arr.dtype.hasobject
+        or arr.shape != var.shape
+        or arr.nbytes < IN_PLACE_MIN_BYTES
+        or not arr.flags.c_contiguous
+        or not arr.flags.writeable
+    ):
+        return None
+    return arr
 
 
 def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:

@@ -418,3 +418,38 @@ def test_tf_object_checkpoint_fresh(tmp_path):
     assert_bits_equal(ss.load_variable(path, "inner/s/.ATTRIBUTES/VARIABLE_VALUE"),
                       np.array([b"a", b"bc"], dtype=object))
     assert ss.load_variable(path, "save_counter/.ATTRIBUTES/VARIABLE_VALUE") == 1
+
+
+def test_tf_written_big_tensors_restore_in_place_or_not_at_all(tmp_path):
+    """TF writes one CRC per entry (no block checksums): the in-place restore checks the
+    whole entry before writing into the variables' arrays."""
+    big = np.arange(1024 * 640, dtype=np.float32).reshape(1024, 640)  # 2.5 MiB
+    graph = tf.Graph()
+    with graph.as_default():
+        v1.get_variable("big", initializer=tf.constant(big))
+        saver = v1.train.Saver()
+        with v1.Session(graph=graph) as sess:
+            sess.run(v1.global_variables_initializer())
+            prefix = saver.save(sess, str(tmp_path / "tf"), write_meta_graph=False)
+    entry = ss.CheckpointReader(prefix).get_entries().entries["big"]
+    assert not entry.block_size
+    whole = ss.Variable("big", np.zeros_like(big), register=False)
+    rows = [ss.Variable("big", np.zeros((512, 640), np.float32), global_shape=big.shape, offset=(r, 0),
+                        register=False) for r in (0, 512)]
+    owns = [v.value for v in (whole, *rows)]
+    ss.Saver([whole]).restore(prefix)
+    ss.Saver({"big": rows}).restore(prefix)
+    for v, own in zip((whole, *rows), owns, strict=True):
+        assert v.value is own
+        np.testing.assert_array_equal(own, big[v.block_slices])
+
+    data_file = Path(prefix + ".data-00000-of-00001")
+    damaged = bytearray(data_file.read_bytes())
+    damaged[entry.offset + entry.size - 1] ^= 0x01
+    data_file.write_bytes(bytes(damaged))
+    for v in (whole, *rows):
+        v.value[...] = -1
+    for saver in (ss.Saver([whole]), ss.Saver({"big": rows})):
+        with pytest.raises(ss.DataLossError, match=f"{entry.crc32c:#010x}"):
+            saver.restore(prefix)
+    assert all((v.value == -1).all() for v in (whole, *rows))

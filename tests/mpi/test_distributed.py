@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -267,6 +268,33 @@ def test_failed_restore_changes_no_variable_on_any_rank(comm, root, phase):
         ss.Saver([repl, other], comm=comm).restore(os.path.join(d, "model-1"))
     assert "no_such_variable" in str(info.value)
     assert np.all(repl.value == 7.0), "a failed restore changed a variable"
+
+
+def test_damage_on_one_rank_writes_no_variable_in_place_on_any_rank(comm, root, phase):
+    """The restore writes into the variables' own arrays only after every rank has checked
+    every byte: damage that one rank finds leaves every rank's arrays as they were."""
+    only("restore", phase)
+    shape, dtype, _ = SAVED["big"]
+    target = os.path.join(root, f"damaged-{comm.size}")
+    if comm.rank == 0:
+        shutil.copytree(saved_dirs(root)[-1], target)
+        prefix = os.path.join(target, "model-1")
+        pieces = ss.CheckpointReader(prefix).get_entries().pieces["big"]
+        last = pieces[max(pieces, key=lambda extents: extents[0][0])]
+        path = f"{prefix}.data-{last.shard_id:05d}-of-{len(glob.glob(prefix + '.data-*')):05d}"
+        with open(path, "r+b") as f:
+            f.seek(last.offset + last.size - 1)
+            byte = f.read(1)[0]
+            f.seek(last.offset + last.size - 1)
+            f.write(bytes([byte ^ 0x01]))
+    comm.Barrier()
+    (r0, _), (nr, nc) = block("rows", shape, comm.rank, comm.size)
+    var = ss.Variable("big", np.full((nr, nc), 7, dtype), global_shape=shape, offset=(r0, 0), register=False)
+    own = var.value
+    assert own.nbytes >= 1 << 20  # large enough to be restored in place
+    with pytest.raises(ss.DataLossError, match="checksum does not match for tensor 'big'"):
+        ss.Saver([var], comm=comm).restore(os.path.join(target, "model-1"))
+    assert var.value is own and (own == 7).all(), "a failed restore wrote into a variable"
 
 
 def test_non_blocking_save_while_the_application_communicates(comm, root, phase):

@@ -1,0 +1,193 @@
+"""Restores into the variables' own arrays (in_place.py): the same values as a restore into
+new arrays, the same arrays afterwards, and on damage no array touched at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shardsave as ss
+import shardsave.saver as saver_module
+
+DATA_FILE = ".data-00000-of-00001"
+MIB_OF_FLOATS = (1 << 20) // 4
+
+
+def blocks(name: str, full: np.ndarray, rows: list[int], cols: list[int], fill: float | None = None):
+    """The blocks of ``full`` cut at ``rows`` x ``cols``, as variables holding their values
+    (or ``fill``)."""
+    out = []
+    for r0, r1 in zip(rows[:-1], rows[1:], strict=True):
+        for c0, c1 in zip(cols[:-1], cols[1:], strict=True):
+            value = full[r0:r1, c0:c1] if fill is None else np.full((r1 - r0, c1 - c0), fill, full.dtype)
+            out.append(ss.Variable(name, value, global_shape=full.shape, offset=(r0, c0), register=False))
+    return out
+
+
+def test_restore_writes_into_the_arrays_the_variables_hold(tmp_path):
+    big = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
+    small = np.arange(10, dtype=np.float32)
+    prefix = ss.Saver({"big": ss.Variable("big", big, register=False),
+                       "small": ss.Variable("small", small, register=False)}).save(str(tmp_path / "m"))
+    v_big = ss.Variable("big", np.zeros_like(big), register=False)
+    v_small = ss.Variable("small", np.zeros_like(small), register=False)
+    own_big, own_small = v_big.value, v_small.value
+    saver = ss.Saver([v_big, v_small])
+    saver.restore(prefix)
+    assert v_big.value is own_big  # written in place
+    np.testing.assert_array_equal(own_big, big)
+    assert v_small.value is not own_small  # under 1 MiB: a new array, as before
+    np.testing.assert_array_equal(v_small.value, small)
+    stats = saver.last_restore_stats
+    assert stats.bytes_reread == big.nbytes  # checked once, then read into place
+
+
+def test_restore_in_place_false_gives_new_arrays(tmp_path):
+    big = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
+    prefix = ss.Saver([ss.Variable("big", big, register=False)]).save(str(tmp_path / "m"))
+    v = ss.Variable("big", np.zeros_like(big), register=False)
+    own = v.value
+    saver = ss.Saver([v], restore_in_place=False)
+    saver.restore(prefix)
+    assert v.value is not own and (own == 0).all()
+    np.testing.assert_array_equal(v.value, big)
+    assert saver.last_restore_stats.bytes_reread == 0
+
+
+@pytest.mark.parametrize("unsuitable", ["readonly", "strided", "other dtype"])
+def test_arrays_a_restore_cannot_write_into_are_replaced(tmp_path, unsuitable):
+    big = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32).reshape(1024, -1)
+    prefix = ss.Saver([ss.Variable("big", big, register=False)]).save(str(tmp_path / "m"))
+    v = ss.Variable("big", np.zeros_like(big), register=False)
+    if unsuitable == "readonly":
+        own = np.zeros_like(big)
+        own.flags.writeable = False
+    elif unsuitable == "strided":
+        own = np.zeros((big.shape[1], big.shape[0]), np.float32).T
+    else:
+        own = np.zeros(big.shape, np.float64)
+    v._set(own)
+    if unsuitable == "other dtype":
+        v.dtype = own.dtype
+        with pytest.raises(ss.InvalidArgumentError, match="'big' has dtype float64"):
+            ss.Saver([v]).restore(prefix)
+        return
+    ss.Saver([v]).restore(prefix)
+    assert v.value is not own and (own == 0).all()
+    np.testing.assert_array_equal(v.value, big)
+
+
+@pytest.mark.parametrize("cut", ["rows", "cols", "grid"])
+def test_resharded_restore_in_place(tmp_path, cut):
+    """Rows are read straight into place; columns and grids through buffers and copies
+    (every block here is over 1 MiB)."""
+    full = np.arange(1536 * 1024, dtype=np.float32).reshape(1536, 1024)
+    prefix = ss.Saver({"w": blocks("w", full, [0, 700, 1536], [0, 1024])}).save(str(tmp_path / "m"))
+    rows, cols = {"rows": ([0, 500, 1536], [0, 1024]), "cols": ([0, 1536], [0, 256, 1024]),
+                  "grid": ([0, 768, 1536], [0, 384, 1024])}[cut]
+    targets = blocks("w", full, rows, cols, fill=-1.0)
+    owns = [t.value for t in targets]
+    ss.Saver({"w": targets}).restore(prefix)
+    for t, own in zip(targets, owns, strict=True):
+        assert t.value is own
+        np.testing.assert_array_equal(own, full[t.block_slices])
+
+
+def damage(path: Path, offset: int) -> bytes:
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[offset] ^= 0x10
+    path.write_bytes(bytes(damaged))
+    return original
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_damage_anywhere_leaves_every_own_array_untouched(tmp_path, which):
+    """Damage in the last bytes of the last tensor is found before the first tensor's
+    array is written."""
+    a = np.arange(3 * MIB_OF_FLOATS, dtype=np.float32)
+    b = -np.arange(3 * MIB_OF_FLOATS, dtype=np.float32)
+    prefix = ss.Saver([ss.Variable("a", a, register=False), ss.Variable("b", b, register=False)]).save(
+        str(tmp_path / "m"))
+    entry = ss.CheckpointReader(prefix).get_entries().entries["a" if which == "first" else "b"]
+    data_file = Path(prefix + DATA_FILE)
+    damage(data_file, entry.offset + (10 if which == "first" else entry.size - 1))
+    va = ss.Variable("a", np.full_like(a, 7), register=False)
+    vb = ss.Variable("b", np.full_like(b, 7), register=False)
+    owns = va.value, vb.value
+    with pytest.raises(ss.DataLossError) as info:
+        ss.Saver([va, vb]).restore(prefix)
+    msg = str(info.value)
+    assert str(data_file) in msg and "checksum does not match" in msg and f"'{'a' if which == 'first' else 'b'}'" in msg
+    assert va.value is owns[0] and vb.value is owns[1]
+    assert (owns[0] == 7).all() and (owns[1] == 7).all()
+
+
+def test_truncated_data_file_leaves_own_arrays_untouched(tmp_path):
+    a = np.arange(3 * MIB_OF_FLOATS, dtype=np.float32)
+    prefix = ss.Saver([ss.Variable("a", a, register=False)]).save(str(tmp_path / "m"))
+    data_file = Path(prefix + DATA_FILE)
+    data_file.write_bytes(data_file.read_bytes()[: a.nbytes - 100])
+    v = ss.Variable("a", np.full_like(a, 7), register=False)
+    with pytest.raises(ss.DataLossError, match="file too short.*'a'"):
+        ss.Saver([v]).restore(prefix)
+    assert (v.value == 7).all()
+
+
+def test_the_second_pass_reads_the_files_the_first_one_checked(tmp_path, monkeypatch):
+    """A checkpoint rewritten at the same prefix between the two passes (another job,
+    say) does not mix into the restore: the files stay open from the check to the fill."""
+    a = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
+    prefix = str(tmp_path / "m")
+    writer = ss.Saver([ss.Variable("a", a, register=False)])
+    writer.save(prefix)
+    check = saver_module.InPlaceLoad.check
+
+    def check_then_overwrite(self, targets, stats):
+        check(self, targets, stats)
+        ss.Saver([ss.Variable("a", a * 0 + 5, register=False)]).save(prefix)
+
+    monkeypatch.setattr(saver_module.InPlaceLoad, "check", check_then_overwrite)
+    v = ss.Variable("a", np.zeros_like(a), register=False)
+    ss.Saver([v]).restore(prefix)
+    np.testing.assert_array_equal(v.value, a)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    saved=st.tuples(st.lists(st.integers(1, 47), max_size=3), st.lists(st.integers(1, 23), max_size=2)),
+    restored=st.tuples(st.lists(st.integers(1, 47), max_size=3), st.lists(st.integers(1, 23), max_size=2)),
+    damaged_at=st.none() | st.floats(0, 1, exclude_max=True),
+    data=st.data(),
+)
+def test_any_layout_restored_in_place_is_exact_or_untouched(tmp_path, monkeypatch, saved, restored, damaged_at,
+                                                             data):
+    """Every block written in place (threshold lowered to 0): either the exact values, or,
+    with one flipped data byte, a DataLossError and every array as it was."""
+    monkeypatch.setattr(saver_module, "IN_PLACE_MIN_BYTES", 0)
+    full = np.random.default_rng(len(saved[0])).standard_normal((48, 24)).astype(np.float32)
+
+    def cuts(points, n):
+        return sorted({0, n, *points})
+
+    prefix = str(tmp_path / f"m{data.draw(st.integers(0, 1 << 40))}")
+    ss.Saver({"w": blocks("w", full, cuts(saved[0], 48), cuts(saved[1], 24))}).save(prefix)
+    targets = blocks("w", full, cuts(restored[0], 48), cuts(restored[1], 24), fill=9.0)
+    owns = [t.value for t in targets]
+    if damaged_at is None:
+        ss.Saver({"w": targets}).restore(prefix)
+        for t, own in zip(targets, owns, strict=True):
+            # a whole small tensor takes the bulk path for small tensors (a new array)
+            assert t.value is own or t.shape == full.shape
+            np.testing.assert_array_equal(t.value, full[t.block_slices])
+        return
+    data_file = Path(prefix + DATA_FILE)
+    damage(data_file, int(damaged_at * data_file.stat().st_size))
+    with pytest.raises(ss.DataLossError, match="checksum does not match for tensor 'w'"):
+        ss.Saver({"w": targets}).restore(prefix)
+    for t, own in zip(targets, owns, strict=True):
+        assert t.value is own and (own == 9.0).all()
