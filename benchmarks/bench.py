@@ -108,6 +108,11 @@ def bench_save_restore(args) -> dict:
     def ss_restore():
         saver.restore(prefix)
 
+    new_arrays = ss.Saver(variables, comm=COMM, restore_in_place=False)
+
+    def ss_restore_new():
+        new_arrays.restore(prefix)
+
     def ss_nonblocking():
         saver.save(prefix, blocking=False)
 
@@ -123,7 +128,7 @@ def bench_save_restore(args) -> dict:
         raw_read(raw_path, [np.empty_like(a) for a in needed])
 
     runs = {k: [] for k in ("raw_write", "ss_save", "raw_read", "ss_restore", "copy", "nonblocking_call",
-                            "raw_read_fresh")}
+                            "raw_read_fresh", "ss_restore_new")}
     for i in range(args.repeat + 1):
         # each read follows its own write, so both read a file of the same age: a file
         # read right after it was written and fsynced reads slower here (page cache state)
@@ -135,15 +140,16 @@ def bench_save_restore(args) -> dict:
         nb = timed(ss_nonblocking)
         saver.wait_until_finished()
         rf = timed(raw_read_fresh)
+        sn = timed(ss_restore_new)
         if i:  # the first round is the warm-up
-            for k, v in zip(runs, (rw, sw, rr, sr, cp, nb, rf), strict=True):
+            for k, v in zip(runs, (rw, sw, rr, sr, cp, nb, rf, sn), strict=True):
                 runs[k].append(v)
     written = COMM.allreduce(sum(a.nbytes for a in mine))
     read = COMM.allreduce(sum(a.nbytes for a in needed))
     out = {k: median(v) for k, v in runs.items()}
     out.update(bytes_written=written, bytes_read=read, ranks=SIZE, fsync=args.fsync,
                save_ratio=out["raw_write"] / out["ss_save"], restore_ratio=out["raw_read"] / out["ss_restore"],
-               restore_ratio_fresh=out["raw_read_fresh"] / out["ss_restore"],
+               restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"],
                nonblocking_vs_copy=out["nonblocking_call"] / out["copy"])
     return out
 
@@ -160,12 +166,20 @@ def bench_memory(args) -> dict:
 
 
 def bench_restore_memory(args) -> dict:
-    variables = [ss.Variable(n, dtype=np.float32, shape=s, register=False)
-                 for n, s in ss.list_variables(os.path.join(args.dir, "mem"))]
+    """Peak RSS of a restore above the arrays it fills: into variables declared by shape
+    only (every array new), or into variables that hold arrays already (in place)."""
+    in_place = args.workload == "restore-memory-in-place"
+    shapes = ss.list_variables(os.path.join(args.dir, "mem"))
+    if in_place:
+        variables = [ss.Variable(n, np.ones(s, np.float32), register=False) for n, s in shapes]
+    else:
+        variables = [ss.Variable(n, dtype=np.float32, shape=s, register=False) for n, s in shapes]
     targets = sum(int(np.prod(v.shape)) * 4 for v in variables)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ss.Saver(variables, comm=MPI.COMM_SELF).restore(os.path.join(args.dir, "mem"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    if in_place:  # the arrays were there before the restore began
+        return {"in_place_restore_extra_bytes": peak}
     return {"target_bytes": targets, "restore_peak_bytes": peak, "restore_extra_bytes": peak - targets}
 
 
@@ -179,42 +193,54 @@ def bench_reshard_save(args) -> dict:
 
 
 def bench_reshard_restore(args) -> dict:
+    """Restore (c) on this many ranks: into variables that hold arrays (in place, against
+    raw into preallocated buffers) and into variables declared by shape only (new arrays,
+    against raw into fresh buffers)."""
     prefix = os.path.join(args.dir, "ckpt")
     reader_shapes = dict(ss.list_variables(prefix)) if RANK == 0 else None
     shapes = COMM.bcast(reader_shapes)
-    variables = []
-    for name, shape in sorted(shapes.items()):
-        if len(shape) == 2:
-            r0, nr = rows_of(shape[0], RANK, SIZE)
-            variables.append(ss.Variable(name, dtype=np.float32, shape=(nr, shape[1]), global_shape=shape,
-                                         offset=(r0, 0), register=False))
-        else:
-            variables.append(ss.Variable(name, dtype=np.float32, shape=shape, register=False))
-    saver = ss.Saver(variables, comm=COMM)
-    needed = [np.empty(v.shape, np.float32) for v in variables]
+
+    def my_variables(holding: bool):
+        out = []
+        for name, shape in sorted(shapes.items()):
+            r0, nr = rows_of(shape[0], RANK, SIZE) if len(shape) == 2 else (0, shape[0])
+            mine = (nr, *shape[1:])
+            value = np.ones(mine, np.float32) if holding else None
+            out.append(ss.Variable(name, value, dtype=np.float32, shape=mine, global_shape=shape,
+                                   offset=(r0, *[0] * (len(shape) - 1)), register=False))
+        return out
+
+    saver = ss.Saver(my_variables(holding=True), comm=COMM)
+    new_arrays = ss.Saver(my_variables(holding=False), comm=COMM)
+    needed = [np.empty(v.shape, np.float32) for v in saver._layout.variables]
     raw_path = os.path.join(args.dir, f"raw-{RANK}")
     raw_write(raw_path, needed, fsync=False)
-    times, raw_times, fresh_times, read = [], [], [], 0
+    runs = {k: [] for k in ("ss_restore", "raw_read", "ss_restore_new", "raw_read_fresh")}
     for i in range(args.repeat + 1):
         t = timed(lambda: saver.restore(prefix))
         r = timed(lambda: raw_read(raw_path, needed))
+        n = timed(lambda: new_arrays.restore(prefix))
         f = timed(lambda: raw_read(raw_path, [np.empty_like(a) for a in needed]))
         if i:
-            times.append(t)
-            raw_times.append(r)
-            fresh_times.append(f)
-        read = saver.last_restore_stats.bytes_read
-    total_read = COMM.allreduce(read)
+            for k, v in zip(runs, (t, r, n, f), strict=True):
+                runs[k].append(v)
+    stats, new_stats = saver.last_restore_stats, new_arrays.last_restore_stats
+    total_read = COMM.allreduce(stats.bytes_read)
+    total_reread = COMM.allreduce(stats.bytes_reread)
+    total_new = COMM.allreduce(new_stats.bytes_read)
     total_needed = COMM.allreduce(sum(a.nbytes for a in needed))
-    return {"ranks": SIZE, "bytes_read": total_read, "bytes_needed": total_needed,
-            "read_amplification": total_read / total_needed, "ss_restore": median(times),
-            "raw_read": median(raw_times), "restore_ratio": median(raw_times) / median(times),
-            "raw_read_fresh": median(fresh_times), "restore_ratio_fresh": median(fresh_times) / median(times)}
+    out = {k: median(v) for k, v in runs.items()}
+    out.update(ranks=SIZE, bytes_read=total_read, bytes_reread=total_reread, bytes_needed=total_needed,
+               read_amplification=total_read / total_needed, read_amplification_new=total_new / total_needed,
+               restore_ratio=out["raw_read"] / out["ss_restore"],
+               restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"])
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--workload", required=True, choices=["a", "b", "memory", "restore-memory", "reshard-save",
+    p.add_argument("--workload", required=True, choices=["a", "b", "memory", "restore-memory",
+                                                         "restore-memory-in-place", "reshard-save",
                                                          "reshard-restore"])
     p.add_argument("--dir", required=True)
     p.add_argument("--gib", type=float, default=1.0)
@@ -222,7 +248,8 @@ def main() -> int:
     p.add_argument("--fsync", type=int, default=1)
     args = p.parse_args()
     fn = {"a": bench_save_restore, "b": bench_save_restore, "memory": bench_memory,
-          "restore-memory": bench_restore_memory, "reshard-save": bench_reshard_save,
+          "restore-memory": bench_restore_memory, "restore-memory-in-place": bench_restore_memory,
+          "reshard-save": bench_reshard_save,
           "reshard-restore": bench_reshard_restore}[args.workload]
     result = fn(args)
     if RANK == 0:

@@ -74,6 +74,7 @@ def main() -> int:
     if "mem" not in args.skip:
         m = mpi(1, "--workload", "memory", "--dir", f"{scratch}/m", *common)
         m.update(mpi(1, "--workload", "restore-memory", "--dir", f"{scratch}/m", *common))
+        m.update(mpi(1, "--workload", "restore-memory-in-place", "--dir", f"{scratch}/m", *common))
         row("memory", m, "memory")
     if "e" not in args.skip:
         ranks = 100 if args.quick else 1000
@@ -112,8 +113,9 @@ def main() -> int:
         if kind in ("save", "small"):
             print(f"{name:<26} {r['raw_write']:9.3f} {r['ss_save']:10.3f} {r['save_ratio']:7.2f}   "
                   f"{r['raw_read']:9.3f} {r['ss_restore']:10.3f} {r['restore_ratio']:7.2f}"
-                  + (f"   vs raw into fresh buffers {r['restore_ratio_fresh']:.2f}"
-                     if "restore_ratio_fresh" in r else "")
+                  + (f"   new arrays (restore_in_place=False): {r['ss_restore_new']:.3f} s = "
+                     f"{r['restore_new_ratio_fresh']:.2f} x raw into fresh buffers ({r['raw_read_fresh']:.3f} s)"
+                     if "ss_restore_new" in r else "")
                   + (f"   non-blocking call {r['nonblocking_call']:.3f}s = {r['nonblocking_vs_copy']:.2f} x copy"
                      if "nonblocking_call" in r else ""))
             if kind == "small":
@@ -122,11 +124,14 @@ def main() -> int:
                 print(f"{'':<26} ({r['note']})")
         elif kind == "reshard":
             print(f"{name:<26} {'':>9} {'':>10} {'':>7}   {r['raw_read']:9.3f} {r['ss_restore']:10.3f} "
-                  f"{r['restore_ratio']:7.2f}   vs raw into fresh buffers {r['restore_ratio_fresh']:.2f}   "
-                  f"read {r['read_amplification']:.4f} x the bytes needed")
+                  f"{r['restore_ratio']:7.2f}   new arrays: {r['ss_restore_new']:.3f} s = "
+                  f"{r['restore_new_ratio_fresh']:.2f} x raw into fresh buffers ({r['raw_read_fresh']:.3f} s)")
+            print(f"{'':<26} read {r['read_amplification']:.4f} x the bytes needed (then "
+                  f"{r['bytes_reread'] / r['bytes_needed']:.2f} x again into the variables' arrays, once checked)")
         elif kind == "memory":
             print(f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
-                  f"restore peak above the targets: {r['restore_extra_bytes'] / 2**20:.1f} MiB")
+                  f"restore peak above the new arrays: {r['restore_extra_bytes'] / 2**20:.1f} MiB; "
+                  f"in place, above the variables: {r['in_place_restore_extra_bytes'] / 2**20:.1f} MiB")
         elif kind == "s3":
             print(f"{name:<26} {r['bytes'] / 2**20:.0f} MiB in {r['variables']} variables: save {r['save_s']:.2f} s "
                   f"in {r['save_requests']} requests, restore {r['restore_s']:.2f} s in {r['restore_requests']} "
