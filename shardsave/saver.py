@@ -14,8 +14,9 @@ makes every rank raise the same error and none waits forever):
    file and deletes checkpoints that retention lets go.
 
 ``restore``: the coordinator reads the index once and broadcasts it; every rank plans and
-reads only the byte ranges its own blocks need (loader.py) into fresh arrays, and only
-when every rank succeeded do the variables take the new values.
+reads only the byte ranges its own blocks need (loader.py). Into fresh arrays, which the
+variables take only when every rank succeeded; or, for large arrays the variables hold
+already, in place, once every rank has checked every byte (in_place.py).
 """
 
 from __future__ import annotations
@@ -518,6 +519,7 @@ class Saver:
     def _general_targets(self, prefix: str, index: Index, pairs: Iterable[tuple[str, Variable]],
                          live: bool) -> _Found:
         found = _Found([], [], [], [], [])
+        written: set[int] = set()  # ids of the arrays written in place
         numpy_of: dict[int, np.dtype] = {}
         for name, var in pairs:
             full = index.entries.get(name)
@@ -553,7 +555,8 @@ class Saver:
                 found.updates.append((var, out))
                 continue
             own = _own_array(var, stored) if live else None
-            if own is not None:
+            if own is not None and id(own) not in written:  # one variable under two names: new arrays
+                written.add(id(own))
                 found.live.append(Target(name, var.block, own))
                 continue
             out = np.empty(var.shape, dtype=stored)
