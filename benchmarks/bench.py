@@ -183,6 +183,32 @@ def bench_restore_memory(args) -> dict:
     return {"target_bytes": targets, "restore_peak_bytes": peak, "restore_extra_bytes": peak - targets}
 
 
+def bench_restart_save(args) -> dict:
+    """The checkpoint and the raw file that ``bench_restart`` reads."""
+    variables = transformer_like(args.gib, 0, 1)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    ss.Saver(variables, comm=MPI.COMM_SELF, fsync=args.fsync).save(os.path.join(args.dir, "ckpt"))
+    raw_write(os.path.join(args.dir, "raw"), [v.value for v in variables], fsync=bool(args.fsync))
+    return {"state_bytes": sum(v.value.nbytes for v in variables)}
+
+
+def bench_restart(args) -> dict:
+    """A job restarting: a new process initializes its variables, then restores once.
+
+    The memory of a restore into new arrays then has to come from the system, as it does
+    at a real restart (the bench loop of (a) reuses memory it has just freed). Raw reads
+    the same bytes into the variables' arrays afterwards."""
+    variables = transformer_like(args.gib, 0, 1)
+    time.sleep(5)  # let the machine settle after initializing a GiB
+    saver = ss.Saver(variables, comm=MPI.COMM_SELF, restore_in_place=bool(args.in_place))
+    restore = timed(lambda: saver.restore(os.path.join(args.dir, "ckpt")))
+    raw = timed(lambda: raw_read(os.path.join(args.dir, "raw"), [v.value for v in variables]))
+    return {"ss_restore": restore, "raw_read": raw, "in_place": args.in_place,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "state_bytes": sum(v.value.nbytes for v in variables)}
+
+
 def bench_reshard_save(args) -> dict:
     variables = transformer_like(args.gib, RANK, SIZE)
     if RANK == 0:
@@ -240,16 +266,18 @@ def bench_reshard_restore(args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workload", required=True, choices=["a", "b", "memory", "restore-memory",
-                                                         "restore-memory-in-place", "reshard-save",
+                                                         "restore-memory-in-place", "restart-save", "restart",
+                                                         "reshard-save",
                                                          "reshard-restore"])
     p.add_argument("--dir", required=True)
     p.add_argument("--gib", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--fsync", type=int, default=1)
+    p.add_argument("--in-place", type=int, default=1, help="restart: Saver(restore_in_place=...)")
     args = p.parse_args()
     fn = {"a": bench_save_restore, "b": bench_save_restore, "memory": bench_memory,
           "restore-memory": bench_restore_memory, "restore-memory-in-place": bench_restore_memory,
-          "reshard-save": bench_reshard_save,
+          "restart-save": bench_restart_save, "restart": bench_restart, "reshard-save": bench_reshard_save,
           "reshard-restore": bench_reshard_restore}[args.workload]
     result = fn(args)
     if RANK == 0:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke run")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /tmp)")
-    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 b c e mem tf s3 dcp orbax")
+    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 restart b c e mem tf s3 dcp orbax")
     args = p.parse_args()
     if args.quick:
         args.gib, args.repeat = 0.125, 2
@@ -66,6 +67,16 @@ def main() -> int:
         if "a2" not in args.skip:
             row(f"a 2 ranks {tag}", mpi(2, "--workload", "a", "--dir", f"{scratch}/a2", "--fsync", str(fsync), *common),
                 "save")
+    if "restart" not in args.skip:
+        mpi(1, "--workload", "restart-save", "--dir", f"{scratch}/r", *common)
+        runs = [mpi(1, "--workload", "restart", "--dir", f"{scratch}/r", "--in-place", str(i), *common)
+                for _ in range(3) for i in (1, 0)]
+        restart = {}
+        for key, i in (("in_place", 1), ("new_arrays", 0)):
+            mine = [r for r in runs if r["in_place"] == i]
+            restart[key] = {k: statistics.median(r[k] for r in mine) for k in ("ss_restore", "raw_read", "peak_rss_bytes")}
+        restart["state_bytes"] = runs[0]["state_bytes"]
+        row("a restart, 1 rank", restart, "restart")
     if "b" not in args.skip:
         row("b 20k x 1 KiB", mpi(1, "--workload", "b", "--dir", f"{scratch}/b", "--repeat", str(args.repeat)), "small")
     if "c" not in args.skip:
@@ -128,6 +139,12 @@ def main() -> int:
                   f"{r['restore_new_ratio_fresh']:.2f} x raw into fresh buffers ({r['raw_read_fresh']:.3f} s)")
             print(f"{'':<26} read {r['read_amplification']:.4f} x the bytes needed (then "
                   f"{r['bytes_reread'] / r['bytes_needed']:.2f} x again into the variables' arrays, once checked)")
+        elif kind == "restart":
+            for key, what in (("in_place", "in place"), ("new_arrays", "new arrays")):
+                m = r[key]
+                print(f"{name + ', ' + what:<26} {'':>9} {'':>10} {'':>7}   {m['raw_read']:9.3f} "
+                      f"{m['ss_restore']:10.3f} {m['raw_read'] / m['ss_restore']:7.2f}   peak RSS "
+                      f"{m['peak_rss_bytes'] / r['state_bytes']:.2f} x the variables")
         elif kind == "memory":
             print(f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
                   f"restore peak above the new arrays: {r['restore_extra_bytes'] / 2**20:.1f} MiB; "
