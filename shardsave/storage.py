@@ -40,7 +40,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -617,8 +617,7 @@ def read_ranges(
                     raise _short_read(loc, off, len(buf), len(blob))
                 buf[:] = blob
             if after is not None:
-                for fut in [io_pool().submit(after, i) for i in range(len(ranges))]:
-                    fut.result()
+                wait_all([io_pool().submit(after, i) for i in range(len(ranges))])
 
 
 def _short_read(loc: Location, offset: int, want: int, got: int) -> ShardsaveError:
@@ -645,8 +644,19 @@ def _pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location,
     if len(ranges) == 1:
         one(0)
         return
-    for fut in [io_pool().submit(one, i) for i in range(len(ranges))]:
-        fut.result()
+    wait_all([io_pool().submit(one, i) for i in range(len(ranges))])
+
+
+def wait_all(futures: Sequence[Future]) -> None:
+    """Wait for every future, then raise the first one's error, if any.
+
+    Returning at the first error would leave the others still reading into their
+    buffers, and into whatever file reuses a descriptor the caller then closes.
+    """
+    for future in futures:
+        future.exception()
+    for future in futures:
+        future.result()
 
 
 _pool: ThreadPoolExecutor | None = None
