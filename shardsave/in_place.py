@@ -12,7 +12,8 @@ two passes:
    are read again, normally from the page cache, straight into the arrays.
 
 The data files stay open from the first pass to the second, so the second reads the
-files that were checked even if a path is replaced meanwhile. Local files only: on an
+files that were checked even if a path is replaced meanwhile; a file written to in place
+meanwhile changes its modification time, which the second pass compares. Local files only: on an
 object store the second pass would download everything again. (Mapping the files
 instead of reading them would save a copy in the first pass, but a file truncated
 under the mapping, or an I/O error on a network filesystem, kills the process with
@@ -21,9 +22,11 @@ SIGBUS instead of raising an error.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -54,7 +57,7 @@ class InPlaceLoad:
     def __init__(self, prefix: storage.Location, index: Index):
         self.prefix = prefix
         self.index = index
-        self._files: list[tuple[storage.Location, int, list[Read]]] = []
+        self._files: list[_File] = []
 
     def __enter__(self) -> InPlaceLoad:
         return self
@@ -64,31 +67,40 @@ class InPlaceLoad:
 
     def close(self) -> None:
         files, self._files = self._files, []
-        for _, fd, _ in files:
-            storage.close_local(fd)
+        for f in files:
+            with contextlib.suppress(OSError):
+                storage.close_local(f.fd)
 
     def check(self, targets: Sequence[Target], stats: LoadStats) -> None:
-        """Pass 1: open the data files and verify every byte ``targets`` will receive."""
+        """Pass 1: open the data files, verify every byte ``targets`` will receive, and
+        allocate what the second pass needs (so nothing after the check can fail but a read)."""
         jobs: list[Callable[[memoryview], None]] = []
+        scratch_bytes = CHECK_CHUNK
         for file_loc, reads in planned_reads(self.prefix, self.index, targets, stats):
             fd = storage.open_local(file_loc)
-            self._files.append((file_loc, fd, reads))
+            f = _File(file_loc, fd, os.fstat(fd), reads)
+            self._files.append(f)
             stats.files.add(file_loc.url)
             for r in reads:
                 e, span = r.entry, r.span
                 stats.bytes_read += span.stop - span.start
                 if e.block_size and e.block_crcs:
+                    _check_block_crcs_length(self.prefix, r)
                     step = max(1, CHECK_CHUNK // e.block_size) * e.block_size
+                    scratch_bytes = max(scratch_bytes, step)
                     jobs += [partial(_check_blocks, file_loc, fd, r, start, min(start + step, span.stop))
                              for start in range(span.start, span.stop, step)]
                 else:  # one CRC over the whole entry (as TF writes them), computed in order
                     jobs.append(partial(_check_entry, file_loc, fd, r))
+            f.ranges, f.groups = assign_buffers(reads)
+        if not jobs:
+            return
         stats.requests += len(jobs)
-        workers = min(len(jobs), len(os.sched_getaffinity(0)))
+        workers = min(len(jobs), _cpus())
         failed = threading.Event()
 
         def work(mine: list[Callable[[memoryview], None]]) -> None:
-            scratch = memoryview(np.empty(CHECK_CHUNK, np.uint8))
+            scratch = memoryview(np.empty(scratch_bytes, np.uint8))
             try:
                 for job in mine:
                     if failed.is_set():
@@ -98,24 +110,63 @@ class InPlaceLoad:
                 failed.set()
                 raise
 
-        futures = [storage.io_pool().submit(work, jobs[i::workers]) for i in range(workers)]
-        for future in futures:
-            future.exception()  # wait for every worker before raising
-        for future in futures:
-            future.result()
+        storage.wait_all([storage.io_pool().submit(work, jobs[i::workers]) for i in range(workers)])
 
     def fill(self, stats: LoadStats) -> None:
-        """Pass 2: read the checked bytes into the targets, from the files opened by ``check``."""
-        for file_loc, fd, reads in self._files:
-            ranges, groups = assign_buffers(reads)
-            stats.bytes_reread += sum(len(buf) for _, buf in ranges)
+        """Pass 2: read the checked bytes into the targets, from the files opened by ``check``,
+        and make sure no file was written to in between (a write updates its mtime)."""
+        for f in self._files:
+            stats.bytes_reread += sum(len(buf) for _, buf in f.ranges)
 
-            def place(i: int, groups=groups) -> None:
+            def place(i: int, groups=f.groups) -> None:
                 for r in groups[i]:
                     if r.parts is None:  # an in-place read is already where it belongs
                         scatter(r)
 
-            storage.read_ranges(file_loc, ranges, after=place, fd=fd)
+            try:
+                storage.read_ranges(f.loc, f.ranges, after=place, fd=f.fd)
+            except OSError as exc:
+                raise DataLossError(f"{f.loc.url}: reading failed: {exc}") from exc
+            now = os.fstat(f.fd)
+            if _identity(now) != _identity(f.stat):
+                raise DataLossError(
+                    f"{f.loc.url} changed while it was being restored (size {f.stat.st_size} -> "
+                    f"{now.st_size}, modified {f.stat.st_mtime_ns} -> {now.st_mtime_ns} ns)"
+                )
+
+
+@dataclass(slots=True)
+class _File:
+    """A data file held open from the check to the fill, and what to read from it."""
+
+    loc: storage.Location
+    fd: int
+    stat: os.stat_result
+    reads: list[Read]
+    ranges: list[tuple[int, memoryview]] = field(default_factory=list)
+    groups: list[list[Read]] = field(default_factory=list)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What a write to the file changes (not ctime: unlinking a checked file changes that
+    too, and then its bytes stay as they were)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _check_block_crcs_length(prefix: storage.Location, r: Read) -> None:
+    e = r.entry
+    want = 4 * -(-e.size // e.block_size)
+    if len(e.block_crcs) != want:
+        raise DataLossError(
+            f"{prefix.url}.index: tensor {r.name!r} has {len(e.block_crcs)} bytes of block checksums, "
+            f"{want} expected for {e.size} bytes in blocks of {e.block_size}"
+        )
 
 
 def _check_blocks(file_loc: storage.Location, fd: int, r: Read, start: int, stop: int, scratch: memoryview) -> None:
@@ -149,3 +200,5 @@ def _read(file_loc: storage.Location, fd: int, offset: int, data: memoryview, r:
         storage.read_ranges(file_loc, [(offset, data)], fd=fd)
     except DataLossError as exc:
         raise DataLossError(f"{exc} (reading tensor {r.name!r})") from exc
+    except OSError as exc:
+        raise DataLossError(f"{file_loc.url}: reading tensor {r.name!r} failed: {exc}") from exc

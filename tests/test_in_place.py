@@ -3,6 +3,10 @@ new arrays, the same arrays afterwards, and on damage no array touched at all.""
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,9 @@ from hypothesis import strategies as st
 
 import shardsave as ss
 import shardsave.saver as saver_module
+from shardsave.format import table
+from shardsave.format.bundle import BundleEntry
+from shardsave.writer import checksum_blocks
 
 DATA_FILE = ".data-00000-of-00001"
 MIB_OF_FLOATS = (1 << 20) // 4
@@ -203,3 +210,101 @@ def test_one_variable_restored_under_two_names_is_not_written_twice_at_once(tmp_
     # one of the two tensors, whole (the other came as a new array and was adopted last)
     assert (v.value == a).all() or (v.value == -a).all()
     assert (own == a).all() or (own == -a).all()
+
+
+def rewrite_entry(prefix: str, name: str, **fields) -> None:
+    """Rewrite the index with ``name``'s entry changed (a well-formed index either way)."""
+    index = Path(prefix + ".index")
+    items = []
+    for key, value in table.read_table(index.read_bytes()):
+        if key == name.encode():
+            value = BundleEntry.decode(value)._replace(**fields).encode()
+        items.append((key, value))
+    index.write_bytes(table.build_table(items))
+
+
+def test_checksum_blocks_larger_than_the_scratch_buffer(tmp_path):
+    """The block size is a field of the format: blocks of 4 MiB (over the 1 MiB that the
+    first pass reads at a time) are checked whole."""
+    a = np.arange(2 * 1 << 20, dtype=np.float32)  # 8 MiB
+    prefix = ss.Saver([ss.Variable("a", a, register=False)]).save(str(tmp_path / "m"))
+    _, packed = checksum_blocks(memoryview(a).cast("B"), 4 << 20)
+    rewrite_entry(prefix, "a", block_size=4 << 20, block_crcs=packed)
+    v = ss.Variable("a", np.zeros_like(a), register=False)
+    own = v.value
+    ss.Saver([v]).restore(prefix)
+    assert v.value is own
+    np.testing.assert_array_equal(own, a)
+
+
+def test_too_few_block_checksums_name_the_index_and_tensor(tmp_path):
+    a = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
+    prefix = ss.Saver([ss.Variable("a", a, register=False)]).save(str(tmp_path / "m"))
+    entry = ss.CheckpointReader(prefix).get_entries().entries["a"]
+    rewrite_entry(prefix, "a", block_crcs=entry.block_crcs[: 4 * 20])
+    v = ss.Variable("a", np.full_like(a, 7), register=False)
+    with pytest.raises(ss.DataLossError, match=r"m\.index: tensor 'a' has 80 bytes of block checksums, 128 expected"):
+        ss.Saver([v]).restore(prefix)
+    assert (v.value == 7).all()
+
+
+def test_a_file_written_to_between_the_passes_is_reported(tmp_path, monkeypatch):
+    """Rewriting a data file in place (cp over it, rsync --inplace) after it was checked:
+    the restore raises, naming the file and the variables it may have left partial."""
+    a = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
+    prefix = ss.Saver([ss.Variable("a", a, register=False)]).save(str(tmp_path / "m"))
+    data_file = Path(prefix + DATA_FILE)
+    check = saver_module.InPlaceLoad.check
+
+    def check_then_write(self, targets, stats):
+        check(self, targets, stats)
+        with open(data_file, "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00" * 16)
+
+    monkeypatch.setattr(saver_module.InPlaceLoad, "check", check_then_write)
+    v = ss.Variable("a", np.zeros_like(a), register=False)
+    with pytest.raises(ss.DataLossError, match=rf"{data_file} changed while it was being restored.*\('a'\) hold partial"):
+        ss.Saver([v]).restore(prefix)
+
+
+@pytest.mark.parametrize("failing_pass", [1, 2])
+def test_a_read_error_waits_for_the_other_reads_and_names_the_file(tmp_path, monkeypatch, failing_pass):
+    """An I/O error (EIO, injected) in one read: the restore raises a DataLossError naming
+    the file and the tensor only after every other read has stopped (a read still running
+    could write into a variable, from whatever file reuses the descriptor). In the first
+    pass, no array is touched."""
+    a = np.full(2 * MIB_OF_FLOATS, 1, np.float32)
+    b = np.full(2 * MIB_OF_FLOATS, 2, np.float32)
+    prefix = ss.Saver([ss.Variable("a", a, register=False), ss.Variable("b", b, register=False)]).save(
+        str(tmp_path / "m"))
+    real = os.preadv
+    state = {"reads": 0, "running": 0, "failed": False}
+    lock = threading.Lock()
+
+    def preadv(fd, buffers, offset):
+        with lock:
+            state["reads"] += 1
+            state["running"] += 1
+            fail = not state["failed"] and (failing_pass == 1 or len(buffers[0]) == a.nbytes)
+            state["failed"] |= fail
+        try:
+            if fail:
+                raise OSError(errno.EIO, "Input/output error")
+            time.sleep(0.05)  # the other reads are still running when the error comes
+            return real(fd, buffers, offset)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    va = ss.Variable("a", np.zeros_like(a), register=False)
+    vb = ss.Variable("b", np.zeros_like(b), register=False)
+    with pytest.raises(ss.DataLossError, match=rf"{prefix}{DATA_FILE}.*Input/output error") as info:
+        ss.Saver([va, vb]).restore(prefix)
+    assert state["running"] == 0
+    if failing_pass == 1:
+        assert "reading tensor" in str(info.value)
+        assert (va.value == 0).all() and (vb.value == 0).all()
+    else:
+        assert "hold partial values" in str(info.value)
