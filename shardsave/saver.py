@@ -434,9 +434,10 @@ class Saver:
         Collective. Each rank reads only the bytes its own blocks need, whatever the
         layout the checkpoint was saved with. On any error on any rank every rank raises
         and no variable changes: every byte is checked against its checksum before the
-        first is written into a variable's own array (see ``restore_in_place``). The one
-        exception is the operating system failing to read bytes a second time after they
-        were checked; the error then names the variables left with partial values.
+        first is written into a variable's own array (see ``restore_in_place``). The
+        exceptions: the operating system failing to read the checked bytes a second time,
+        or a data file written to in between; the error then names the file and the
+        variables left with partial values.
         """
         if save_path is None:
             raise InvalidArgumentError("cannot restore: save_path is None")
