@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -174,12 +175,12 @@ def _check_blocks(file_loc: storage.Location, fd: int, r: Read, start: int, stop
     e, bs = r.entry, r.entry.block_size
     data = scratch[: stop - start]
     _read(file_loc, fd, e.offset + start, data, r)
-    actual = crc.masked_crc32c_array([data[i : i + bs] for i in range(0, stop - start, bs)])
     first = start // bs
-    stored = np.frombuffer(e.block_crcs, "<u4", count=len(actual), offset=4 * first)
-    bad = np.flatnonzero(stored != actual)
-    if bad.size:
-        check_block(file_loc, r.name, e, (first + int(bad[0])) * bs, int(actual[bad[0]]))
+    actual = [crc.mask(crc.crc32c(data[i : i + bs])) for i in range(0, stop - start, bs)]
+    stored = struct.unpack_from(f"<{len(actual)}I", e.block_crcs, 4 * first)
+    if stored != tuple(actual):
+        bad = next(k for k, (a, b) in enumerate(zip(stored, actual, strict=True)) if a != b)
+        check_block(file_loc, r.name, e, (first + bad) * bs, actual[bad])
 
 
 def _check_entry(file_loc: storage.Location, fd: int, r: Read, scratch: memoryview) -> None:

@@ -76,10 +76,5 @@ def combine(crc_a: int, crc_b: int, len_b: int) -> int:
 
 def masked_crc32cs(buffers: list) -> list[int]:
     """``mask(crc32c(b))`` for every buffer, the masking vectorized (many small tensors)."""
-    return masked_crc32c_array(buffers).tolist()
-
-
-def masked_crc32c_array(buffers: list) -> np.ndarray:
-    """``mask(crc32c(b))`` for every buffer, as an array of uint64."""
     crcs = np.fromiter(map(_crc32c.crc32c, buffers), np.uint64, len(buffers))
-    return ((((crcs >> 15) | (crcs << 17)) & _U32) + _MASK_DELTA) & _U32
+    return (((((crcs >> 15) | (crcs << 17)) & _U32) + _MASK_DELTA) & _U32).tolist()
