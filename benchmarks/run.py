@@ -25,8 +25,8 @@ BIN = os.path.dirname(sys.executable)
 MPIEXEC = shutil.which("mpiexec", path=BIN) or "mpiexec"
 
 
-def mpi(n: int, *args: str) -> dict:
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", os.path.join(HERE, "bench.py"), *args]
+def mpi(n: int, *args: str, script: str = "bench.py") -> dict:
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", os.path.join(HERE, script), *args]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -93,10 +93,12 @@ def main() -> int:
             py("index_bench.py", "--ranks", str(ranks), "--variables", "1000", "--path", f"{scratch}/e.index"),
             "index")
     if "s3" not in args.skip:
-        try:
-            row("d S3 (moto), 1 rank", py("s3_bench.py", "--gib", str(min(args.gib, 0.25))), "s3")
-        except subprocess.CalledProcessError as exc:
-            print(f"S3 benchmark failed: {exc.stderr[-300:]}", file=sys.stderr)
+        for n in (1, 2):
+            try:
+                row(f"d S3 (moto), {n} rank{'s' if n > 1 else ''}",
+                    mpi(n, "--gib", str(min(args.gib, 0.25)), script="s3_bench.py"), "s3")
+            except subprocess.CalledProcessError as exc:
+                print(f"S3 benchmark on {n} rank(s) failed: {exc.stderr[-300:]}", file=sys.stderr)
     peers = os.path.join(os.path.dirname(HERE), ".venv-peers", "bin", "python")
     for peer, label, module in (("dcp", "PyTorch DCP", "torch.distributed.checkpoint"),
                                 ("orbax", "Orbax", "orbax.checkpoint, jax")):
@@ -150,9 +152,11 @@ def main() -> int:
                   f"restore peak above the new arrays: {r['restore_extra_bytes'] / 2**20:.1f} MiB; "
                   f"in place, above the variables: {r['in_place_restore_extra_bytes'] / 2**20:.1f} MiB")
         elif kind == "s3":
-            print(f"{name:<26} {r['bytes'] / 2**20:.0f} MiB in {r['variables']} variables: save {r['save_s']:.2f} s "
-                  f"in {r['save_requests']} requests, restore {r['restore_s']:.2f} s in {r['restore_requests']} "
-                  f"requests ({r['restore_ranged_gets']} coalesced ranges, {r['restore_bytes_read'] / 2**20:.0f} MiB)")
+            print(f"{name:<26} {r['bytes'] / 2**20:.0f} MiB held by the ranks, {r['variables']} variables per rank: "
+                  f"save {r['save_s']:.2f} s in {r['save_requests']} requests, "
+                  f"{r['save_bytes_sent'] / 2**20:.0f} MiB sent; restore {r['restore_s']:.2f} s in "
+                  f"{r['restore_requests']} requests ({r['restore_ranged_gets']} coalesced ranges), "
+                  f"{r['restore_bytes_received'] / 2**20:.0f} MiB received")
         elif kind == "index":
             print(f"{name:<26} merge {r['merge_s']:.2f} s, write {r['write_s']:.2f} s, read {r['read_s']:.2f} s "
                   f"= {r['total_s']:.2f} s; {r['bytes_per_entry']:.1f} bytes/entry")

@@ -127,6 +127,8 @@ class FaultProxy:
         self.faults: list[str | None] = []
         self.injected: list[str] = []
         self.requests = 0
+        self.body_bytes_in = 0  # request bodies as sent (chunked framing included)
+        self.body_bytes_out = 0  # response bodies
         self.lock = threading.Lock()
         proxy = self
 
@@ -156,6 +158,7 @@ class FaultProxy:
                 body = self._body()
                 with proxy.lock:
                     proxy.requests += 1
+                    proxy.body_bytes_in += len(body)
                     fault = proxy.faults.pop(0) if proxy.faults else None
                     if fault:
                         proxy.injected.append(fault)
@@ -188,6 +191,8 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy.lock:
+                        proxy.body_bytes_out += len(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
