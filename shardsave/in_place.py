@@ -124,10 +124,7 @@ class InPlaceLoad:
                     if r.parts is None:  # an in-place read is already where it belongs
                         scatter(r)
 
-            try:
-                storage.read_ranges(f.loc, f.ranges, after=place, fd=f.fd)
-            except OSError as exc:
-                raise DataLossError(f"{f.loc.url}: reading failed: {exc}") from exc
+            storage.read_ranges(f.loc, f.ranges, after=place, fd=f.fd)
             now = os.fstat(f.fd)
             if _identity(now) != _identity(f.stat):
                 raise DataLossError(
@@ -201,5 +198,3 @@ def _read(file_loc: storage.Location, fd: int, offset: int, data: memoryview, r:
         storage.read_ranges(file_loc, [(offset, data)], fd=fd)
     except DataLossError as exc:
         raise DataLossError(f"{exc} (reading tensor {r.name!r})") from exc
-    except OSError as exc:
-        raise DataLossError(f"{file_loc.url}: reading tensor {r.name!r} failed: {exc}") from exc

@@ -99,9 +99,6 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target],
         except DataLossError as exc:
             names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
             raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
-        except OSError as exc:  # an I/O error (EIO) the storage layer has no better name for
-            names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
-            raise DataLossError(f"{file_loc.url}: reading tensor(s) {names} failed: {exc}") from exc
     return stats
 
 

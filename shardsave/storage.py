@@ -634,7 +634,14 @@ def _pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location,
         view = memoryview(buf).cast("B")
         done = 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:  # EIO and the like: the device could not give the bytes
+                from .errors import DataLossError
+
+                raise DataLossError(
+                    f"{loc.url}: reading {len(view)} bytes at offset {offset} failed: {exc}"
+                ) from exc
             if n == 0:
                 raise _short_read(loc, offset, len(view), done)
             done += n

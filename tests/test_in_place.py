@@ -268,12 +268,12 @@ def test_a_file_written_to_between_the_passes_is_reported(tmp_path, monkeypatch)
         ss.Saver([v]).restore(prefix)
 
 
-@pytest.mark.parametrize("failing_pass", [1, 2])
+@pytest.mark.parametrize("failing_pass", [1, 2, "new arrays"])
 def test_a_read_error_waits_for_the_other_reads_and_names_the_file(tmp_path, monkeypatch, failing_pass):
     """An I/O error (EIO, injected) in one read: the restore raises a DataLossError naming
     the file and the tensor only after every other read has stopped (a read still running
     could write into a variable, from whatever file reuses the descriptor). In the first
-    pass, no array is touched."""
+    pass, and when restoring into new arrays, no array is touched."""
     a = np.full(2 * MIB_OF_FLOATS, 1, np.float32)
     b = np.full(2 * MIB_OF_FLOATS, 2, np.float32)
     prefix = ss.Saver([ss.Variable("a", a, register=False), ss.Variable("b", b, register=False)]).save(
@@ -286,7 +286,7 @@ def test_a_read_error_waits_for_the_other_reads_and_names_the_file(tmp_path, mon
         with lock:
             state["reads"] += 1
             state["running"] += 1
-            fail = not state["failed"] and (failing_pass == 1 or len(buffers[0]) == a.nbytes)
+            fail = not state["failed"] and (failing_pass != 2 or len(buffers[0]) == a.nbytes)
             state["failed"] |= fail
         try:
             if fail:
@@ -300,11 +300,13 @@ def test_a_read_error_waits_for_the_other_reads_and_names_the_file(tmp_path, mon
     monkeypatch.setattr(os, "preadv", preadv)
     va = ss.Variable("a", np.zeros_like(a), register=False)
     vb = ss.Variable("b", np.zeros_like(b), register=False)
+    owns = va.value, vb.value
     with pytest.raises(ss.DataLossError, match=rf"{prefix}{DATA_FILE}.*Input/output error") as info:
-        ss.Saver([va, vb]).restore(prefix)
+        ss.Saver([va, vb], restore_in_place=failing_pass != "new arrays").restore(prefix)
     assert state["running"] == 0
-    if failing_pass == 1:
+    if failing_pass != 2:
         assert "reading tensor" in str(info.value)
+        assert va.value is owns[0] and vb.value is owns[1]
         assert (va.value == 0).all() and (vb.value == 0).all()
     else:
         assert "hold partial values" in str(info.value)
