@@ -6,10 +6,8 @@ DCP's FileSystemWriter fsyncs its files (sync_files=True), so raw here fsyncs to
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -18,16 +16,11 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import raw_read, raw_write, workload_arrays  # noqa: E402
+from peers import arguments, timed_raw, workload_arrays  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--dir", required=True)
-    p.add_argument("--gib", type=float, default=1.0)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--workload", choices=["a", "b"], default="a")
-    args = p.parse_args()
+    args = arguments().parse_args()
     warnings.filterwarnings("ignore")
     import torch
     import torch.distributed.checkpoint as dcp
@@ -38,15 +31,7 @@ def main() -> int:
     outs = [np.empty_like(a) for a in arrays]
     runs = {"raw_write": [], "dcp_save": [], "raw_read": [], "dcp_restore": []}
     for i in range(args.repeat + 1):
-        shutil.rmtree(args.dir, ignore_errors=True)
-        os.makedirs(args.dir)
-        os.sync()
-        t = time.perf_counter()
-        raw_write(os.path.join(args.dir, "raw"), arrays)
-        rw = time.perf_counter() - t
-        t = time.perf_counter()
-        raw_read(os.path.join(args.dir, "raw"), outs)
-        rr = time.perf_counter() - t
+        rw, rr = timed_raw(args.dir, arrays, outs)
         os.sync()
         t = time.perf_counter()
         dcp.save(state, checkpoint_id=os.path.join(args.dir, "dcp"))

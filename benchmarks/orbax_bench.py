@@ -25,7 +25,6 @@ directory of each round is deleted at the start of the next.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -38,15 +37,11 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import raw_read, raw_write, workload_arrays  # noqa: E402
+from peers import arguments, raw_read, timed_raw, workload_arrays  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--dir", required=True)
-    p.add_argument("--gib", type=float, default=1.0)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--workload", choices=["a", "b"], default="a")
+    p = arguments()
     p.add_argument("--arrays", choices=["numpy", "jax"], default="numpy",
                    help="save numpy arrays and restore numpy arrays (default), or jax arrays on the CPU device")
     args = p.parse_args()
@@ -74,15 +69,7 @@ def main() -> int:
     restored = None
     with ocp.StandardCheckpointer() as ckptr:
         for i in range(args.repeat + 1):
-            shutil.rmtree(args.dir, ignore_errors=True)
-            os.makedirs(args.dir)
-            os.sync()
-            t = time.perf_counter()
-            raw_write(os.path.join(args.dir, "raw"), arrays)
-            rw = time.perf_counter() - t
-            t = time.perf_counter()
-            raw_read(os.path.join(args.dir, "raw"), outs)
-            rr = time.perf_counter() - t
+            rw, rr = timed_raw(args.dir, arrays, outs)
             t = time.perf_counter()
             raw_read(os.path.join(args.dir, "raw"), [np.empty_like(a) for a in arrays])
             rf = time.perf_counter() - t

@@ -4,9 +4,36 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import time
 
 import numpy as np
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The options both peer scripts take (each may add its own)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", required=True)
+    p.add_argument("--gib", type=float, default=1.0)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--workload", choices=["a", "b"], default="a")
+    return p
+
+
+def timed_raw(directory: str, arrays, outs) -> tuple[float, float]:
+    """Empty ``directory``, then time raw's write of ``arrays`` and its read into ``outs``."""
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    os.sync()
+    path = os.path.join(directory, "raw")
+    t = time.perf_counter()
+    raw_write(path, arrays)
+    written = time.perf_counter() - t
+    t = time.perf_counter()
+    raw_read(path, outs)
+    return written, time.perf_counter() - t
 
 
 def workload_arrays(workload: str, gib: float) -> list[np.ndarray]:
