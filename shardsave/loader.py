@@ -109,19 +109,22 @@ def planned_reads(prefix: storage.Location, index: Index, targets: Sequence[Targ
         reads = _plan(prefix, index, targets, stats)
     except DecodeError as exc:  # slice entries are decoded only now (bundle.Pieces)
         raise DataLossError(f"{prefix.url}.index is damaged: {exc}") from exc
-    num_shards = index.header.num_shards
     by_shard: dict[int, list[Read]] = defaultdict(list)
     for r in reads:
         by_shard[r.entry.shard_id].append(r)
-    out = []
-    for shard_id, shard_reads in sorted(by_shard.items()):
-        if shard_id >= num_shards:
-            raise DataLossError(
-                f"{prefix.url}.index: tensor {shard_reads[0].name!r} is in shard {shard_id}, "
-                f"but the checkpoint has {num_shards} shard(s)"
-            )
-        out.append((prefix.with_path(data_file_name(prefix.path, shard_id, num_shards)), shard_reads))
-    return out
+    return [(shard_file(prefix, index, shard_id, shard_reads[0].name), shard_reads)
+            for shard_id, shard_reads in sorted(by_shard.items())]
+
+
+def shard_file(prefix: storage.Location, index: Index, shard_id: int, name: str) -> storage.Location:
+    """The data file of ``shard_id``, which tensor ``name``'s entry points at."""
+    num_shards = index.header.num_shards
+    if shard_id >= num_shards:
+        raise DataLossError(
+            f"{prefix.url}.index: tensor {name!r} is in shard {shard_id}, "
+            f"but the checkpoint has {num_shards} shard(s)"
+        )
+    return prefix.with_path(data_file_name(prefix.path, shard_id, num_shards))
 
 
 SMALL_RANGE_BYTES = 8 << 20
@@ -162,15 +165,9 @@ def load_small(prefix: storage.Location, index: Index, names: Sequence[str], sta
         fields.dtype[k], fields.shape[k], fields.shard_id[k] = e.dtype, e.shape, e.shard_id
         fields.offset[k], fields.size[k], fields.crc32c[k] = e.offset, e.size, e.crc32c
     out: list[np.ndarray | None] = [None] * n
-    num_shards = index.header.num_shards
     for shard_id in np.unique(fields.shard_id).tolist():
         which = np.flatnonzero(fields.shard_id == shard_id)
-        if shard_id >= num_shards:
-            raise DataLossError(
-                f"{prefix.url}.index: tensor {names[which[0]]!r} is in shard {shard_id}, "
-                f"but the checkpoint has {num_shards} shard(s)"
-            )
-        file_loc = prefix.with_path(data_file_name(prefix.path, shard_id, num_shards))
+        file_loc = shard_file(prefix, index, shard_id, names[which[0]])
         _load_small_shard(file_loc, fields, which, names, out, stats)
     return out
 

@@ -310,3 +310,15 @@ def test_a_read_error_waits_for_the_other_reads_and_names_the_file(tmp_path, mon
         assert (va.value == 0).all() and (vb.value == 0).all()
     else:
         assert "hold partial values" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["small", "big"])
+def test_an_entry_in_a_shard_the_checkpoint_lacks_is_data_loss(tmp_path, name):
+    """Small tensors (read in bulk) and large ones (checked, then read in place) alike."""
+    values = {"small": np.arange(10, dtype=np.float32), "big": np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)}
+    prefix = ss.Saver({n: ss.Variable(n, v, register=False) for n, v in values.items()}).save(str(tmp_path / "m"))
+    rewrite_entry(prefix, name, shard_id=3)
+    targets = {n: ss.Variable(n, np.full_like(v, 7), register=False) for n, v in values.items()}
+    with pytest.raises(ss.DataLossError, match=rf"m\.index: tensor '{name}' is in shard 3, but the checkpoint has 1"):
+        ss.Saver(targets).restore(prefix)
+    assert all((v.value == 7).all() for v in targets.values())
