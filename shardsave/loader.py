@@ -127,6 +127,9 @@ def shard_file(prefix: storage.Location, index: Index, shard_id: int, name: str)
     return prefix.with_path(data_file_name(prefix.path, shard_id, num_shards))
 
 
+CHECK_RUN_BLOCKS = 16
+"""Checksum blocks (64 KiB as saved) checked with one CRC call (see crc.run_crcs)."""
+
 SMALL_RANGE_BYTES = 8 << 20
 """Contiguous small tensors are fetched in ranges of about this size (several in parallel)."""
 
@@ -246,6 +249,7 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
             size = t.out.nbytes
             if full.size != size:
                 _check_entry_size(prefix, t.name, full, t.block, t.out.dtype)
+            _check_block_crcs(prefix, t.name, full)
             stats.bytes_needed += size
             reads.append(Read(t, full, t.name, t.block, t.block, Span(0, size),
                                direct=size >= DIRECT_MIN_BYTES, whole=True))
@@ -263,6 +267,7 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
                 tuple(a - b for a, b in zip(inter.offset, piece.offset, strict=True)), inter.shape
             )
             _check_entry_size(prefix, t.name, entry, piece, dtype)
+            _check_block_crcs(prefix, t.name, entry)
             if full.dtype == dtypes.DT_STRING or not entry.block_size:
                 span = Span(0, entry.size)
             else:
@@ -317,6 +322,17 @@ def _check_entry_size(prefix, name: str, entry: BundleEntry, piece: Block, dtype
         raise DataLossError(
             f"{prefix.url}.index: tensor {name!r} has {entry.size} bytes stored, its shape "
             f"{list(piece.shape)} of {dtype} needs {expected}"
+        )
+
+
+def _check_block_crcs(prefix, name: str, entry: BundleEntry) -> None:
+    if not (entry.block_size and entry.block_crcs):
+        return
+    want = 4 * -(-entry.size // entry.block_size)
+    if len(entry.block_crcs) != want:
+        raise DataLossError(
+            f"{prefix.url}.index: tensor {name!r} has {len(entry.block_crcs)} bytes of block checksums, "
+            f"{want} expected for {entry.size} bytes in blocks of {entry.block_size}"
         )
 
 
@@ -375,9 +391,9 @@ def _verify(file_loc: storage.Location, reads: list[Read]) -> None:
             r.strings = _decode_strings(file_loc, bytes(data), r)
             return
         if e.block_size and e.block_crcs:
-            bs = e.block_size
-            for start in range(0, len(data), bs):
-                check_block(file_loc, r.name, e, r.span.start + start, crc.mask(crc.crc32c(data[start : start + bs])))
+            step = CHECK_RUN_BLOCKS * e.block_size
+            for start, want in zip(range(0, len(data), step), span_run_crcs(r, CHECK_RUN_BLOCKS), strict=True):
+                check_run(file_loc, r, r.span.start + start, data[start : start + step], want)
         else:
             actual = crc.mask(crc.crc32c(data))
             if actual != e.crc32c:
@@ -418,6 +434,28 @@ def _verify_in_place(file_loc: storage.Location, r: Read) -> None:
             if lo < hi:
                 actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
         check_block(file_loc, r.name, e, start, crc.mask(actual))
+
+
+def span_run_crcs(r: Read, run_blocks: int) -> list[int]:
+    """The CRC32C of each run of ``run_blocks`` checksum blocks of ``r``'s span, from the
+    stored block CRCs (lengths checked by the plan)."""
+    e, bs = r.entry, r.entry.block_size
+    first = r.span.start // bs
+    count = -(-(r.span.stop - r.span.start) // bs)
+    return crc.run_crcs(e.block_crcs[4 * first : 4 * (first + count)], bs, r.span.stop - r.span.start, run_blocks)
+
+
+def check_run(file_loc: storage.Location, r: Read, start: int, data: memoryview, expected: int) -> None:
+    """Check ``data``, entry bytes from ``start`` (whole checksum blocks), against the CRC
+    its blocks' stored CRCs combine to; on a mismatch, name the block that differs."""
+    actual = crc.crc32c(data)
+    if actual == expected:
+        return
+    bs = r.entry.block_size
+    for k in range(0, len(data), bs):
+        check_block(file_loc, r.name, r.entry, start + k, crc.mask(crc.crc32c(data[k : k + bs])))
+    at = r.entry.offset + start  # no block differs alone: cannot happen unless the CRCs are inconsistent
+    raise checksum_error(file_loc, r.name, f"bytes {at}..{at + len(data)}", crc.mask(expected), crc.mask(actual))
 
 
 def check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start: int, actual: int) -> None:

@@ -237,14 +237,31 @@ def test_checksum_blocks_larger_than_the_scratch_buffer(tmp_path):
     np.testing.assert_array_equal(own, a)
 
 
-def test_too_few_block_checksums_name_the_index_and_tensor(tmp_path):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_too_few_block_checksums_name_the_index_and_tensor(tmp_path, in_place):
     a = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
     prefix = ss.Saver([ss.Variable("a", a, register=False)]).save(str(tmp_path / "m"))
     entry = ss.CheckpointReader(prefix).get_entries().entries["a"]
     rewrite_entry(prefix, "a", block_crcs=entry.block_crcs[: 4 * 20])
     v = ss.Variable("a", np.full_like(a, 7), register=False)
     with pytest.raises(ss.DataLossError, match=r"m\.index: tensor 'a' has 80 bytes of block checksums, 128 expected"):
-        ss.Saver([v]).restore(prefix)
+        ss.Saver([v], restore_in_place=in_place).restore(prefix)
+    assert (v.value == 7).all()
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("block", [0, 5, 15, 16, 47])
+def test_damage_is_reported_at_its_checksum_block(tmp_path, in_place, block):
+    """Blocks are checked 16 at a time with one CRC (crc.run_crcs); a mismatch still names
+    the 64 KiB block that differs, first, middle and last of a run alike."""
+    a = np.arange(3 * MIB_OF_FLOATS, dtype=np.float32)
+    prefix = ss.Saver([ss.Variable("a", a, register=False)]).save(str(tmp_path / "m"))
+    entry = ss.CheckpointReader(prefix).get_entries().entries["a"]
+    assert entry.block_size == 65536
+    damage(Path(prefix + DATA_FILE), entry.offset + block * 65536 + 1000)
+    v = ss.Variable("a", np.full_like(a, 7), register=False)
+    with pytest.raises(ss.DataLossError, match=rf"tensor 'a' \(bytes {entry.offset + block * 65536}\.\.\)"):
+        ss.Saver([v], restore_in_place=in_place).restore(prefix)
     assert (v.value == 7).all()
 
 

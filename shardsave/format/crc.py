@@ -74,6 +74,38 @@ def combine(crc_a: int, crc_b: int, len_b: int) -> int:
     return shifted ^ crc_b
 
 
+def run_crcs(masked_block_crcs: bytes, block_size: int, nbytes: int, run_blocks: int) -> list[int]:
+    """The unmasked CRC32C of each run of ``run_blocks`` blocks of some ``nbytes`` bytes,
+    derived from the masked CRCs of their ``block_size`` blocks (the last may be shorter).
+
+    Checking a run of blocks with one CRC call against this is as strong as checking each
+    block (CRC32C's Hamming distance is 4 up to 2**31 bits) and saves a Python call per
+    64 KiB block, which cost a quarter of a restore's checking. The runs made of
+    full-length blocks, all but at most the last, are folded together with numpy.
+    """
+    blocks = -(-nbytes // block_size)
+    if len(masked_block_crcs) != 4 * blocks:
+        raise ValueError(f"{len(masked_block_crcs)} bytes of block CRCs for {blocks} blocks")
+    rot = np.frombuffer(masked_block_crcs, "<u4").astype(np.uint32) - np.uint32(_MASK_DELTA)
+    crcs = (rot >> np.uint32(17)) | (rot << np.uint32(15))
+    full_runs = (nbytes // block_size) // run_blocks
+    out: list[int] = []
+    if full_runs:
+        runs = crcs[: full_runs * run_blocks].reshape(full_runs, run_blocks)
+        t0, t1, t2, t3 = (np.array(t, np.uint32) for t in _tables_for(block_size))
+        acc = runs[:, 0]
+        for i in range(1, run_blocks):
+            acc = t0[acc & 0xFF] ^ t1[acc >> 8 & 0xFF] ^ t2[acc >> 16 & 0xFF] ^ t3[acc >> 24] ^ runs[:, i]
+        out = acc.tolist()
+    first = full_runs * run_blocks
+    if first < blocks:  # the tail: fewer than run_blocks blocks, or a short last block
+        acc = int(crcs[first])
+        for i in range(first + 1, blocks):
+            acc = combine(acc, int(crcs[i]), min(block_size, nbytes - i * block_size))
+        out.append(acc)
+    return out
+
+
 def masked_crc32cs(buffers: list) -> list[int]:
     """``mask(crc32c(b))`` for every buffer, the masking vectorized (many small tensors)."""
     crcs = np.fromiter(map(_crc32c.crc32c, buffers), np.uint64, len(buffers))
