@@ -424,16 +424,27 @@ def _after_range(file_loc: storage.Location, groups: list[list[Read]]):
 
 
 def _verify_in_place(file_loc: storage.Location, r: Read) -> None:
-    """Check every checksum block of an in-place read across the buffers holding it."""
+    """Check an in-place read across the buffers holding it, a run of checksum blocks at a time."""
     e, bs = r.entry, r.entry.block_size
-    for start in range(r.span.start, r.span.stop, bs):
-        stop = min(start + bs, e.size)
-        actual = 0
-        for offset, buf in r.parts:
-            lo, hi = max(offset, start), min(offset + len(buf), stop)
-            if lo < hi:
-                actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
-        check_block(file_loc, r.name, e, start, crc.mask(actual))
+    step = CHECK_RUN_BLOCKS * bs
+    for start, want in zip(range(r.span.start, r.span.stop, step), span_run_crcs(r, CHECK_RUN_BLOCKS), strict=True):
+        stop = min(start + step, r.span.stop)
+        actual = _parts_crc(r, start, stop)
+        if actual != want:
+            for block in range(start, stop, bs):
+                check_block(file_loc, r.name, e, block, crc.mask(_parts_crc(r, block, min(block + bs, stop))))
+            at = e.offset + start  # no block differs alone: the stored CRCs are inconsistent
+            raise checksum_error(file_loc, r.name, f"bytes {at}..{e.offset + stop}", crc.mask(want), crc.mask(actual))
+
+
+def _parts_crc(r: Read, start: int, stop: int) -> int:
+    """The CRC32C of entry bytes ``[start, stop)`` of an in-place read, from its parts."""
+    actual = 0
+    for offset, buf in r.parts:
+        lo, hi = max(offset, start), min(offset + len(buf), stop)
+        if lo < hi:
+            actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
+    return actual
 
 
 def span_run_crcs(r: Read, run_blocks: int) -> list[int]:

@@ -841,7 +841,10 @@ def test_damaged_slice_entry_with_valid_table_checksums_is_data_loss(tmp_path):
         ss.load_variable(prefix, "emb")
 
 
-def test_reshard_by_rows_reads_in_place_and_checks_the_blocks_around_each_region(tmp_path):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_reshard_by_rows_reads_in_place_and_checks_the_blocks_around_each_region(tmp_path, in_place):
+    """Into the variables' arrays (in_place.py) or into new arrays, each region is read
+    straight into its array, with the partial checksum blocks around it in side buffers."""
     full = np.arange(3000 * 1024, dtype=np.float32).reshape(3000, 1024)  # rows of 4 KiB
 
     def blocks(n):
@@ -852,7 +855,7 @@ def test_reshard_by_rows_reads_in_place_and_checks_the_blocks_around_each_region
     prefix = ss.Saver({"w": blocks(2)}).save(str(tmp_path / "m"))
     targets = [ss.Variable("w", np.zeros((b - a, 1024), np.float32), global_shape=full.shape, offset=(a, 0),
                            register=False) for a, b in ((0, 1000), (1000, 2000), (2000, 3000))]
-    saver = ss.Saver({"w": targets})
+    saver = ss.Saver({"w": targets}, restore_in_place=in_place)
     saver.restore(prefix)
     for t in targets:
         np.testing.assert_array_equal(t.value, full[t.offset[0] : t.offset[0] + t.shape[0]])
@@ -865,15 +868,17 @@ def test_reshard_by_rows_reads_in_place_and_checks_the_blocks_around_each_region
     data_file = Path(prefix + DATA_FILE)
     original = data_file.read_bytes()
     # row 1000 starts inside a checksum block: damage that block just before the region
-    # (read into a side buffer) and inside the region (read into the variable)
-    for where in (1000 * 4096 - 8, 1000 * 4096 + 8, 1400 * 4096):
+    # (read into a side buffer) and inside the region (read into the variable); blocks are
+    # checked 16 at a time from block 62 on, so block 78 is the first of a run
+    for where in (1000 * 4096 - 8, 1000 * 4096 + 8, 78 * 65536 + 8, 1400 * 4096):
         damaged = bytearray(original)
         damaged[first.offset + where] ^= 0x01
         data_file.write_bytes(bytes(damaged))
         fresh = [ss.Variable("w", np.zeros((1000, 1024), np.float32), global_shape=full.shape, offset=(a, 0),
                              register=False) for a in (0, 1000, 2000)]
-        with pytest.raises(ss.DataLossError, match="checksum does not match for tensor 'w'"):
-            ss.Saver({"w": fresh}).restore(prefix)
+        block = first.offset + where // 65536 * 65536
+        with pytest.raises(ss.DataLossError, match=rf"checksum does not match for tensor 'w' \(bytes {block}\.\.\)"):
+            ss.Saver({"w": fresh}, restore_in_place=in_place).restore(prefix)
         assert all((v.value == 0).all() for v in fresh)  # untouched
     data_file.write_bytes(original)
 
