@@ -5,16 +5,18 @@ in; reading straight into the arrays the variables already hold needs neither, b
 checksum or read error found halfway would leave them half-restored. So this reads in
 two passes:
 
-1. ``check``: every byte that will land in a variable's array is read into a small
-   scratch buffer and compared with its CRC32C, by one thread per CPU. Nothing is
-   written yet.
+1. ``check``: every byte that will land in a variable's array is read into a 1 MiB
+   scratch buffer and compared with its CRC32C, by one thread per CPU (up to
+   MAX_WORKERS). Nothing is written yet.
 2. ``fill``: once every rank has checked (the Saver agrees in between), the same bytes
-   are read again, normally from the page cache, straight into the arrays.
+   are read again, normally from the page cache: straight into the arrays where a region
+   is contiguous in the file, else a slab of whole stored rows at a time (a reshard by
+   columns), so neither pass needs memory in proportion to the data.
 
 The data files stay open from the first pass to the second, so the second reads the
 files that were checked even if a path is replaced meanwhile; a file written to in place
-meanwhile changes its modification time, which the second pass compares. Local files only: on an
-object store the second pass would download everything again. (Mapping the files
+meanwhile changes its modification time, which the second pass compares. Local files
+only: on an object store the second pass would download everything again. (Mapping the files
 instead of reading them saves the first pass's copy: 0.15 -> 0.10 s per GiB here. But a
 file truncated under the mapping, or an I/O error on a network filesystem, kills the
 process with SIGBUS instead of raising an error, and the mapped pages count in the
@@ -40,13 +42,13 @@ from .loader import (
     LoadStats,
     Read,
     Target,
-    assign_buffers,
     check_run,
     checksum_error,
     planned_reads,
-    scatter,
+    scatter_rows,
     span_run_crcs,
 )
+from .writer import byte_view
 
 CHECK_CHUNK = 1 << 20
 """Bytes read and checked at a time in the first pass: a scratch buffer that stays in cache.
@@ -60,6 +62,8 @@ class InPlaceLoad:
         self.prefix = prefix
         self.index = index
         self._files: list[_File] = []
+        self._slab_bytes = 0
+        self._slab_scratch: list[memoryview] = []
 
     def __enter__(self) -> InPlaceLoad:
         return self
@@ -95,38 +99,34 @@ class InPlaceLoad:
                              for start, want in zip(range(span.start, span.stop, step), expected, strict=True)]
                 else:  # one CRC over the whole entry (as TF writes them), computed in order
                     jobs.append(partial(_check_entry, file_loc, fd, r))
-            f.ranges, f.groups = assign_buffers(reads)
-        if not jobs:
-            return
-        stats.requests += len(jobs)
-        workers = min(len(jobs), _cpus())
-        failed = threading.Event()
-
-        def work(mine: list[Callable[[memoryview], None]]) -> None:
-            scratch = memoryview(np.empty(scratch_bytes, np.uint8))
-            try:
-                for job in mine:
-                    if failed.is_set():
-                        return
-                    job(scratch)
-            except BaseException:
-                failed.set()
-                raise
-
-        storage.wait_all([storage.io_pool().submit(work, jobs[i::workers]) for i in range(workers)])
+            # the second pass reads a region that is contiguous in the file straight into its
+            # array; any other (reshards by columns, or across several dimensions) through a
+            # slab of whole stored rows at a time, never a buffer as large as the stored bytes
+            for r in reads:
+                if r.direct:
+                    f.ranges.append((r.entry.offset, byte_view(r.target.out)))
+                elif r.body is not None:
+                    start, _, dest = r.body
+                    f.ranges.append((r.entry.offset + start, dest))
+                else:
+                    f.slabs += _slab_jobs(r)
+            for job in f.slabs:
+                self._slab_bytes = max(self._slab_bytes, _slab_span(*job)[2])
+        if jobs:
+            stats.requests += len(jobs)
+            _run_on_workers(jobs, scratch_bytes)
+        if any(f.slabs for f in self._files):  # allocated now: after the check only reads can fail
+            self._slab_scratch = [memoryview(np.empty(self._slab_bytes, np.uint8)) for _ in range(_workers())]
 
     def fill(self, stats: LoadStats) -> None:
         """Pass 2: read the checked bytes into the targets, from the files opened by ``check``,
         and make sure no file was written to in between (a write updates its mtime)."""
         for f in self._files:
             stats.bytes_reread += sum(len(buf) for _, buf in f.ranges)
-
-            def place(i: int, groups=f.groups) -> None:
-                for r in groups[i]:
-                    if r.parts is None:  # an in-place read is already where it belongs
-                        scatter(r)
-
-            storage.read_ranges(f.loc, f.ranges, after=place, fd=f.fd)
+            storage.read_ranges(f.loc, f.ranges, fd=f.fd)
+            if f.slabs:
+                stats.bytes_reread += sum(_slab_span(*job)[2] for job in f.slabs)
+                _run_on_workers([partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch)
             now = os.fstat(f.fd)
             if _identity(now) != _identity(f.stat):
                 raise DataLossError(
@@ -143,8 +143,60 @@ class _File:
     fd: int
     stat: os.stat_result
     reads: list[Read]
-    ranges: list[tuple[int, memoryview]] = field(default_factory=list)
-    groups: list[list[Read]] = field(default_factory=list)
+    ranges: list[tuple[int, memoryview]] = field(default_factory=list)  # straight into arrays
+    slabs: list[tuple[Read, int, int]] = field(default_factory=list)  # (read, first row, rows)
+
+
+SLAB_BYTES = 4 << 20
+"""Stored rows read at a time for a region that is not contiguous in the file (or one row,
+if a row is larger)."""
+
+
+def _slab_jobs(r: Read) -> list[tuple[Read, int, int]]:
+    """``(r, first, count)`` for each slab of ``r``'s region: its rows ``[first, first + count)``
+    (first dimension, region-relative), as many whole stored rows as fit in SLAB_BYTES."""
+    per = max(1, SLAB_BYTES // _row_bytes(r))
+    rows = r.region.shape[0]
+    return [(r, first, min(per, rows - first)) for first in range(0, rows, per)]
+
+
+def _row_bytes(r: Read) -> int:
+    return r.entry.size // r.piece.shape[0]
+
+
+def _slab_span(r: Read, first: int, count: int) -> tuple[int, int, int]:
+    """Where the stored rows of a slab are: ``(file offset, entry offset, bytes)``."""
+    row = _row_bytes(r)
+    start = (r.region.offset[0] + first) * row
+    return r.entry.offset + start, start, count * row
+
+
+def _fill_slab(f: _File, r: Read, first: int, count: int, scratch: memoryview) -> None:
+    offset, _, nbytes = _slab_span(r, first, count)
+    rows = scratch[:nbytes]
+    _read(f.loc, f.fd, offset, rows, r)
+    scatter_rows(r, first, count, rows)
+
+
+def _run_on_workers(jobs: list[Callable[[memoryview], None]], scratch_bytes: int = 0,
+                    scratch: Sequence[memoryview] = ()) -> None:
+    """Run ``jobs`` on ``_workers()`` threads, each thread passing its own scratch buffer
+    (``scratch[i]``, or a new one of ``scratch_bytes``); stop all at the first error."""
+    workers = min(len(jobs), _workers())
+    failed = threading.Event()
+
+    def work(i: int) -> None:
+        buf = scratch[i] if scratch else memoryview(np.empty(scratch_bytes, np.uint8))
+        try:
+            for job in jobs[i::workers]:
+                if failed.is_set():
+                    return
+                job(buf)
+        except BaseException:
+            failed.set()
+            raise
+
+    storage.wait_all([storage.io_pool().submit(work, i) for i in range(workers)])
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
@@ -153,10 +205,14 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+MAX_WORKERS = 8
+"""Threads per pass and rank: one per CPU up to this, which bounds the scratch memory
+(1 MiB each in the first pass, SLAB_BYTES in the second) on nodes with many cores."""
+
+
+def _workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, MAX_WORKERS)
 
 
 def _check_blocks(file_loc: storage.Location, fd: int, r: Read, start: int, stop: int, expected: int,

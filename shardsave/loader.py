@@ -497,18 +497,10 @@ def scatter(r: Read) -> None:
         if not r.direct:
             byte_view(r.target.out)[:] = _span_bytes(r)
         return
-    t = r.target
-    dest = tuple(
-        slice(o - b, o - b + n)
-        for o, b, n in zip(
-            (p + q for p, q in zip(r.piece.offset, r.region.offset, strict=True)),
-            t.block.offset,
-            r.region.shape,
-            strict=True,
-        )
-    )
     if r.direct:
         return
+    t = r.target
+    dest = _dest(r)
     data = _span_bytes(r)
     if r.entry.dtype == dtypes.DT_STRING:
         src = r.strings[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
@@ -526,6 +518,28 @@ def scatter(r: Read) -> None:
         strides=strides,
     )
     t.out[dest] = src
+
+
+def scatter_rows(r: Read, first: int, count: int, rows: memoryview) -> None:
+    """Copy rows ``[first, first + count)`` of ``r``'s region (first dimension, region-relative)
+    into the target from ``rows``, which holds those whole rows as stored in the piece."""
+    src = np.ndarray((count, *r.piece.shape[1:]), dtype=dtypes.to_numpy(r.entry.dtype), buffer=rows)
+    inner = tuple(slice(o, o + n) for o, n in zip(r.region.offset[1:], r.region.shape[1:], strict=True))
+    dest = _dest(r)
+    r.target.out[(slice(dest[0].start + first, dest[0].start + first + count), *dest[1:])] = src[(slice(None), *inner)]
+
+
+def _dest(r: Read) -> tuple[slice, ...]:
+    """Where ``r``'s region lands in its target."""
+    return tuple(
+        slice(o - b, o - b + n)
+        for o, b, n in zip(
+            (p + q for p, q in zip(r.piece.offset, r.region.offset, strict=True)),
+            r.target.block.offset,
+            r.region.shape,
+            strict=True,
+        )
+    )
 
 
 def _decode_strings(file_loc: storage.Location, data: bytes, r: Read) -> np.ndarray:

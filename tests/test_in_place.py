@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 import shardsave as ss
 import shardsave.saver as saver_module
+from shardsave import in_place
 from shardsave.format import table
 from shardsave.format.bundle import BundleEntry
 from shardsave.writer import checksum_blocks
@@ -90,8 +92,8 @@ def test_arrays_a_restore_cannot_write_into_are_replaced(tmp_path, unsuitable):
 
 @pytest.mark.parametrize("cut", ["rows", "cols", "grid"])
 def test_resharded_restore_in_place(tmp_path, cut):
-    """Rows are read straight into place; columns and grids through buffers and copies
-    (every block here is over 1 MiB)."""
+    """Rows are read straight into place; columns and grids through slabs of rows and
+    copies (every block here is over 1 MiB)."""
     full = np.arange(1536 * 1024, dtype=np.float32).reshape(1536, 1024)
     prefix = ss.Saver({"w": blocks("w", full, [0, 700, 1536], [0, 1024])}).save(str(tmp_path / "m"))
     rows, cols = {"rows": ([0, 500, 1536], [0, 1024]), "cols": ([0, 1536], [0, 256, 1024]),
@@ -99,6 +101,45 @@ def test_resharded_restore_in_place(tmp_path, cut):
     targets = blocks("w", full, rows, cols, fill=-1.0)
     owns = [t.value for t in targets]
     ss.Saver({"w": targets}).restore(prefix)
+    for t, own in zip(targets, owns, strict=True):
+        assert t.value is own
+        np.testing.assert_array_equal(own, full[t.block_slices])
+
+
+def test_reshard_by_columns_needs_no_buffer_as_large_as_the_stored_bytes(tmp_path):
+    """A region that is not contiguous in the file is checked in 1 MiB pieces and then read
+    a slab of rows at a time: the restore allocates a few MiB, not the 128 MiB stored."""
+    full = np.random.default_rng(0).standard_normal((4096, 8192), dtype=np.float32)  # 128 MiB
+    prefix = ss.Saver([ss.Variable("w", full, register=False)]).save(str(tmp_path / "m"))
+    halves = blocks("w", full, [0, 4096], [0, 3000, 8192], fill=0.0)
+    owns = [t.value for t in halves]
+    tracemalloc.start()
+    try:
+        ss.Saver({"w": halves}).restore(prefix)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    for t, own in zip(halves, owns, strict=True):
+        assert t.value is own
+        np.testing.assert_array_equal(own, full[t.block_slices])
+    bound = in_place._workers() * (in_place.CHECK_CHUNK + in_place.SLAB_BYTES) + (4 << 20)
+    assert bound <= full.nbytes // 3
+    assert peak < bound, f"peak {peak >> 20} MiB"
+
+
+def test_reshard_of_a_3d_tensor_across_its_inner_dimensions(tmp_path, monkeypatch):
+    """Slabs of several rows, each cut on the two inner dimensions."""
+    monkeypatch.setattr(in_place, "SLAB_BYTES", 3 * 64 * 96 * 4)
+    full = np.arange(40 * 64 * 96, dtype=np.float32).reshape(40, 64, 96)
+    pieces = [ss.Variable("t", full[a:b], global_shape=full.shape, offset=(a, 0, 0), register=False)
+              for a, b in ((0, 17), (17, 40))]
+    prefix = ss.Saver({"t": pieces}).save(str(tmp_path / "m"))
+    cuts = [((0, 0, 0), (40, 30, 50)), ((0, 0, 50), (40, 30, 46)), ((0, 30, 0), (40, 34, 96))]
+    targets = [ss.Variable("t", np.zeros(shape, np.float32), global_shape=full.shape, offset=offset, register=False)
+               for offset, shape in cuts]
+    owns = [t.value for t in targets]
+    monkeypatch.setattr(saver_module, "IN_PLACE_MIN_BYTES", 0)
+    ss.Saver({"t": targets}).restore(prefix)
     for t, own in zip(targets, owns, strict=True):
         assert t.value is own
         np.testing.assert_array_equal(own, full[t.block_slices])
@@ -169,13 +210,16 @@ def test_the_second_pass_reads_the_files_the_first_one_checked(tmp_path, monkeyp
     saved=st.tuples(st.lists(st.integers(1, 47), max_size=3), st.lists(st.integers(1, 23), max_size=2)),
     restored=st.tuples(st.lists(st.integers(1, 47), max_size=3), st.lists(st.integers(1, 23), max_size=2)),
     damaged_at=st.none() | st.floats(0, 1, exclude_max=True),
+    slab_bytes=st.sampled_from([1, 200, 4 << 20]),
     data=st.data(),
 )
 def test_any_layout_restored_in_place_is_exact_or_untouched(tmp_path, monkeypatch, saved, restored, damaged_at,
-                                                             data):
+                                                             slab_bytes, data):
     """Every block written in place (threshold lowered to 0): either the exact values, or,
-    with one flipped data byte, a DataLossError and every array as it was."""
+    with one flipped data byte, a DataLossError and every array as it was. Regions that are
+    not contiguous in the file go through slabs of one row (rows of 96 bytes), two, or all."""
     monkeypatch.setattr(saver_module, "IN_PLACE_MIN_BYTES", 0)
+    monkeypatch.setattr(in_place, "SLAB_BYTES", slab_bytes)
     full = np.random.default_rng(len(saved[0])).standard_normal((48, 24)).astype(np.float32)
 
     def cuts(points, n):
