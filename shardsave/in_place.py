@@ -27,27 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 
-from . import storage
+from . import slabs, storage
 from .errors import DataLossError
 from .format import crc
 from .format.bundle import Index
-from .loader import (
-    LoadStats,
-    Read,
-    Target,
-    check_run,
-    checksum_error,
-    planned_reads,
-    scatter_rows,
-    span_run_crcs,
-)
+from .loader import LoadStats, Read, Target, check_run, checksum_error, planned_reads, span_run_crcs
 from .writer import byte_view
 
 CHECK_CHUNK = 1 << 20
@@ -94,7 +84,7 @@ class InPlaceLoad:
                     per_chunk = max(1, CHECK_CHUNK // e.block_size)
                     step = per_chunk * e.block_size
                     scratch_bytes = max(scratch_bytes, step)
-                    expected = span_run_crcs(r, per_chunk)
+                    expected = span_run_crcs(e, span, per_chunk)
                     jobs += [partial(_check_blocks, file_loc, fd, r, start, min(start + step, span.stop), want)
                              for start, want in zip(range(span.start, span.stop, step), expected, strict=True)]
                 else:  # one CRC over the whole entry (as TF writes them), computed in order
@@ -109,14 +99,15 @@ class InPlaceLoad:
                     start, _, dest = r.body
                     f.ranges.append((r.entry.offset + start, dest))
                 else:
-                    f.slabs += _slab_jobs(r)
-            for job in f.slabs:
-                self._slab_bytes = max(self._slab_bytes, _slab_span(*job)[2])
+                    f.slabs += [(r, first, count) for first, count in slabs.row_slabs(r)]
+            for r, first, count in f.slabs:
+                start, stop = slabs.rows_span(r, first, count)
+                self._slab_bytes = max(self._slab_bytes, stop - start)
         if jobs:
             stats.requests += len(jobs)
-            _run_on_workers(jobs, scratch_bytes)
+            storage.run_on_workers(jobs, scratch_bytes)
         if any(f.slabs for f in self._files):  # allocated now: after the check only reads can fail
-            self._slab_scratch = [memoryview(np.empty(self._slab_bytes, np.uint8)) for _ in range(_workers())]
+            self._slab_scratch = [memoryview(np.empty(self._slab_bytes, np.uint8)) for _ in range(storage.workers())]
 
     def fill(self, stats: LoadStats) -> None:
         """Pass 2: read the checked bytes into the targets, from the files opened by ``check``,
@@ -125,8 +116,8 @@ class InPlaceLoad:
             stats.bytes_reread += sum(len(buf) for _, buf in f.ranges)
             storage.read_ranges(f.loc, f.ranges, fd=f.fd)
             if f.slabs:
-                stats.bytes_reread += sum(_slab_span(*job)[2] for job in f.slabs)
-                _run_on_workers([partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch)
+                stats.bytes_reread += sum(stop - start for start, stop in (slabs.rows_span(*job) for job in f.slabs))
+                storage.run_on_workers([partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch)
             now = os.fstat(f.fd)
             if _identity(now) != _identity(f.stat):
                 raise DataLossError(
@@ -147,72 +138,17 @@ class _File:
     slabs: list[tuple[Read, int, int]] = field(default_factory=list)  # (read, first row, rows)
 
 
-SLAB_BYTES = 4 << 20
-"""Stored rows read at a time for a region that is not contiguous in the file (or one row,
-if a row is larger)."""
-
-
-def _slab_jobs(r: Read) -> list[tuple[Read, int, int]]:
-    """``(r, first, count)`` for each slab of ``r``'s region: its rows ``[first, first + count)``
-    (first dimension, region-relative), as many whole stored rows as fit in SLAB_BYTES."""
-    per = max(1, SLAB_BYTES // _row_bytes(r))
-    rows = r.region.shape[0]
-    return [(r, first, min(per, rows - first)) for first in range(0, rows, per)]
-
-
-def _row_bytes(r: Read) -> int:
-    return r.entry.size // r.piece.shape[0]
-
-
-def _slab_span(r: Read, first: int, count: int) -> tuple[int, int, int]:
-    """Where the stored rows of a slab are: ``(file offset, entry offset, bytes)``."""
-    row = _row_bytes(r)
-    start = (r.region.offset[0] + first) * row
-    return r.entry.offset + start, start, count * row
-
-
 def _fill_slab(f: _File, r: Read, first: int, count: int, scratch: memoryview) -> None:
-    offset, _, nbytes = _slab_span(r, first, count)
-    rows = scratch[:nbytes]
-    _read(f.loc, f.fd, offset, rows, r)
-    scatter_rows(r, first, count, rows)
-
-
-def _run_on_workers(jobs: list[Callable[[memoryview], None]], scratch_bytes: int = 0,
-                    scratch: Sequence[memoryview] = ()) -> None:
-    """Run ``jobs`` on ``_workers()`` threads, each thread passing its own scratch buffer
-    (``scratch[i]``, or a new one of ``scratch_bytes``); stop all at the first error."""
-    workers = min(len(jobs), _workers())
-    failed = threading.Event()
-
-    def work(i: int) -> None:
-        buf = scratch[i] if scratch else memoryview(np.empty(scratch_bytes, np.uint8))
-        try:
-            for job in jobs[i::workers]:
-                if failed.is_set():
-                    return
-                job(buf)
-        except BaseException:
-            failed.set()
-            raise
-
-    storage.wait_all([storage.io_pool().submit(work, i) for i in range(workers)])
+    start, stop = slabs.rows_span(r, first, count)
+    rows = scratch[: stop - start]
+    _read(f.loc, f.fd, r.entry.offset + start, rows, r)
+    slabs.scatter_rows(r, first, count, rows)
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     """What a write to the file changes (not ctime: unlinking a checked file changes that
     too, and then its bytes stay as they were)."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-MAX_WORKERS = 8
-"""Threads per pass and rank: one per CPU up to this, which bounds the scratch memory
-(1 MiB each in the first pass, SLAB_BYTES in the second) on nodes with many cores."""
-
-
-def _workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cpus, MAX_WORKERS)
 
 
 def _check_blocks(file_loc: storage.Location, fd: int, r: Read, start: int, stop: int, expected: int,

@@ -15,10 +15,11 @@ import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
-from . import storage
+from . import slabs, storage
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.bundle import BundleEntry, Index, PlainColumns
@@ -90,16 +91,48 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target],
     """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
     stats = stats if stats is not None else LoadStats()
     for file_loc, shard_reads in planned_reads(prefix, index, targets, stats):
-        ranges, groups = assign_buffers(shard_reads)
+        by_rows = [r for r in shard_reads if _by_rows(r)]
+        ranges, groups = assign_buffers([r for r in shard_reads if not _by_rows(r)])
         stats.requests += len(ranges)
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)
         try:
             storage.read_ranges(file_loc, ranges, after=_after_range(file_loc, groups))
+            if by_rows:
+                _load_by_rows(file_loc, by_rows, stats)
         except DataLossError as exc:
             names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
             raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
     return stats
+
+
+def _by_rows(r: Read) -> bool:
+    """A large region that is not contiguous in the file, with block checksums: read a slab
+    of rows at a time (slabs.py), each slab checked on its own."""
+    e = r.entry
+    return (not r.direct and r.body is None and e.dtype != dtypes.DT_STRING and bool(e.block_size and e.block_crcs)
+            and bool(r.piece.shape) and r.span.stop - r.span.start > slabs.SLAB_BYTES)
+
+
+def _load_by_rows(file_loc: storage.Location, reads: list[Read], stats: LoadStats) -> None:
+    jobs, largest = [], 0
+    for r in reads:
+        for first, count in slabs.row_slabs(r):
+            span = align_span(Span(*slabs.rows_span(r, first, count)), r.entry.block_size, r.entry.size)
+            largest = max(largest, span.stop - span.start)
+            stats.bytes_read += span.stop - span.start
+            jobs.append(partial(_load_rows, file_loc, r, first, count, span))
+    stats.requests += len(jobs)
+    storage.run_on_workers(jobs, largest)
+
+
+def _load_rows(file_loc: storage.Location, r: Read, first: int, count: int, span: Span, scratch: memoryview) -> None:
+    """Read the checksum blocks holding a slab's rows, check them, and copy out the region."""
+    data = scratch[: span.stop - span.start]
+    storage.read_ranges(file_loc, [(r.entry.offset + span.start, data)])
+    _check_blocks(file_loc, r, span, data)
+    start, stop = slabs.rows_span(r, first, count)
+    slabs.scatter_rows(r, first, count, data[start - span.start : stop - span.start])
 
 
 def planned_reads(prefix: storage.Location, index: Index, targets: Sequence[Target],
@@ -391,9 +424,7 @@ def _verify(file_loc: storage.Location, reads: list[Read]) -> None:
             r.strings = _decode_strings(file_loc, bytes(data), r)
             return
         if e.block_size and e.block_crcs:
-            step = CHECK_RUN_BLOCKS * e.block_size
-            for start, want in zip(range(0, len(data), step), span_run_crcs(r, CHECK_RUN_BLOCKS), strict=True):
-                check_run(file_loc, r, r.span.start + start, data[start : start + step], want)
+            _check_blocks(file_loc, r, r.span, data)
         else:
             actual = crc.mask(crc.crc32c(data))
             if actual != e.crc32c:
@@ -401,6 +432,13 @@ def _verify(file_loc: storage.Location, reads: list[Read]) -> None:
 
     for r in reads:
         check(r)
+
+
+def _check_blocks(file_loc: storage.Location, r: Read, span: Span, data: memoryview) -> None:
+    """Check ``data``, entry bytes ``span`` (aligned to checksum blocks), a run of blocks at a time."""
+    step = CHECK_RUN_BLOCKS * r.entry.block_size
+    for start, want in zip(range(0, len(data), step), span_run_crcs(r.entry, span, CHECK_RUN_BLOCKS), strict=True):
+        check_run(file_loc, r, span.start + start, data[start : start + step], want)
 
 
 def _after_range(file_loc: storage.Location, groups: list[list[Read]]):
@@ -427,7 +465,7 @@ def _verify_in_place(file_loc: storage.Location, r: Read) -> None:
     """Check an in-place read across the buffers holding it, a run of checksum blocks at a time."""
     e, bs = r.entry, r.entry.block_size
     step = CHECK_RUN_BLOCKS * bs
-    for start, want in zip(range(r.span.start, r.span.stop, step), span_run_crcs(r, CHECK_RUN_BLOCKS), strict=True):
+    for start, want in zip(range(r.span.start, r.span.stop, step), span_run_crcs(e, r.span, CHECK_RUN_BLOCKS), strict=True):
         stop = min(start + step, r.span.stop)
         actual = _parts_crc(r, start, stop)
         if actual != want:
@@ -447,13 +485,13 @@ def _parts_crc(r: Read, start: int, stop: int) -> int:
     return actual
 
 
-def span_run_crcs(r: Read, run_blocks: int) -> list[int]:
-    """The CRC32C of each run of ``run_blocks`` checksum blocks of ``r``'s span, from the
-    stored block CRCs (lengths checked by the plan)."""
-    e, bs = r.entry, r.entry.block_size
-    first = r.span.start // bs
-    count = -(-(r.span.stop - r.span.start) // bs)
-    return crc.run_crcs(e.block_crcs[4 * first : 4 * (first + count)], bs, r.span.stop - r.span.start, run_blocks)
+def span_run_crcs(e: BundleEntry, span: Span, run_blocks: int) -> list[int]:
+    """The CRC32C of each run of ``run_blocks`` checksum blocks of entry bytes ``span``
+    (aligned to blocks), from the stored block CRCs (lengths checked by the plan)."""
+    bs = e.block_size
+    first = span.start // bs
+    count = -(-(span.stop - span.start) // bs)
+    return crc.run_crcs(e.block_crcs[4 * first : 4 * (first + count)], bs, span.stop - span.start, run_blocks)
 
 
 def check_run(file_loc: storage.Location, r: Read, start: int, data: memoryview, expected: int) -> None:
@@ -500,7 +538,7 @@ def scatter(r: Read) -> None:
     if r.direct:
         return
     t = r.target
-    dest = _dest(r)
+    dest = slabs.region_destination(r)
     data = _span_bytes(r)
     if r.entry.dtype == dtypes.DT_STRING:
         src = r.strings[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
@@ -518,28 +556,6 @@ def scatter(r: Read) -> None:
         strides=strides,
     )
     t.out[dest] = src
-
-
-def scatter_rows(r: Read, first: int, count: int, rows: memoryview) -> None:
-    """Copy rows ``[first, first + count)`` of ``r``'s region (first dimension, region-relative)
-    into the target from ``rows``, which holds those whole rows as stored in the piece."""
-    src = np.ndarray((count, *r.piece.shape[1:]), dtype=dtypes.to_numpy(r.entry.dtype), buffer=rows)
-    inner = tuple(slice(o, o + n) for o, n in zip(r.region.offset[1:], r.region.shape[1:], strict=True))
-    dest = _dest(r)
-    r.target.out[(slice(dest[0].start + first, dest[0].start + first + count), *dest[1:])] = src[(slice(None), *inner)]
-
-
-def _dest(r: Read) -> tuple[slice, ...]:
-    """Where ``r``'s region lands in its target."""
-    return tuple(
-        slice(o - b, o - b + n)
-        for o, b, n in zip(
-            (p + q for p, q in zip(r.piece.offset, r.region.offset, strict=True)),
-            r.target.block.offset,
-            r.region.shape,
-            strict=True,
-        )
-    )
 
 
 def _decode_strings(file_loc: storage.Location, data: bytes, r: Read) -> np.ndarray:

@@ -38,6 +38,7 @@ import errno
 import fnmatch
 import os
 import posixpath
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -664,6 +665,38 @@ def wait_all(futures: Sequence[Future]) -> None:
         future.exception()
     for future in futures:
         future.result()
+
+
+MAX_WORKERS = 8
+"""Threads of ``run_on_workers``: one per CPU up to this, which bounds the scratch memory
+(one buffer per thread) on nodes with many cores."""
+
+
+def workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, MAX_WORKERS)
+
+
+def run_on_workers(jobs: Sequence[Callable[[memoryview], None]], scratch_bytes: int = 0,
+                   scratch: Sequence[memoryview] = ()) -> None:
+    """Run ``jobs`` on ``workers()`` I/O threads, each passing its own scratch buffer to its
+    jobs (``scratch[i]``, or a new one of ``scratch_bytes``); after an error, the other
+    threads start no new job, and the first error is raised once all have stopped."""
+    count = min(len(jobs), workers())
+    failed = threading.Event()
+
+    def work(i: int) -> None:
+        buf = scratch[i] if scratch else memoryview(bytearray(scratch_bytes))
+        try:
+            for job in jobs[i::count]:
+                if failed.is_set():
+                    return
+                job(buf)
+        except BaseException:
+            failed.set()
+            raise
+
+    wait_all([io_pool().submit(work, i) for i in range(count)])
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import shardsave as ss
 import shardsave.saver as saver_module
-from shardsave import in_place
+from shardsave import in_place as in_place_module
+from shardsave import slabs, storage
 from shardsave.format import table
 from shardsave.format.bundle import BundleEntry
 from shardsave.writer import checksum_blocks
@@ -106,30 +107,62 @@ def test_resharded_restore_in_place(tmp_path, cut):
         np.testing.assert_array_equal(own, full[t.block_slices])
 
 
-def test_reshard_by_columns_needs_no_buffer_as_large_as_the_stored_bytes(tmp_path):
-    """A region that is not contiguous in the file is checked in 1 MiB pieces and then read
-    a slab of rows at a time: the restore allocates a few MiB, not the 128 MiB stored."""
+@pytest.mark.parametrize("in_place", [True, False])
+def test_reshard_by_columns_needs_no_buffer_as_large_as_the_stored_bytes(tmp_path, in_place):
+    """A region that is not contiguous in the file is read a slab of rows at a time (in
+    place, after a check in 1 MiB pieces; into new arrays, each slab checked on its own):
+    the restore allocates a few MiB beyond the arrays it fills, not the 128 MiB stored."""
     full = np.random.default_rng(0).standard_normal((4096, 8192), dtype=np.float32)  # 128 MiB
     prefix = ss.Saver([ss.Variable("w", full, register=False)]).save(str(tmp_path / "m"))
     halves = blocks("w", full, [0, 4096], [0, 3000, 8192], fill=0.0)
     owns = [t.value for t in halves]
+    saver = ss.Saver({"w": halves}, restore_in_place=in_place)
     tracemalloc.start()
     try:
-        ss.Saver({"w": halves}).restore(prefix)
-        peak = tracemalloc.get_traced_memory()[1]
+        saver.restore(prefix)
+        peak = tracemalloc.get_traced_memory()[1] - (0 if in_place else full.nbytes)  # new arrays
     finally:
         tracemalloc.stop()
     for t, own in zip(halves, owns, strict=True):
-        assert t.value is own
-        np.testing.assert_array_equal(own, full[t.block_slices])
-    bound = in_place._workers() * (in_place.CHECK_CHUNK + in_place.SLAB_BYTES) + (4 << 20)
+        assert (t.value is own) == in_place
+        np.testing.assert_array_equal(t.value, full[t.block_slices])
+    bound = storage.workers() * (in_place_module.CHECK_CHUNK + slabs.SLAB_BYTES) + (4 << 20)
     assert bound <= full.nbytes // 3
     assert peak < bound, f"peak {peak >> 20} MiB"
+    # every stored row holds part of each half: each reads them all, once (plus, into new
+    # arrays, the checksum blocks around each slab)
+    assert 2 * full.nbytes <= saver.last_restore_stats.bytes_read < 2 * full.nbytes * 1.05
+
+
+def test_slabs_into_new_arrays_are_each_checked(tmp_path, monkeypatch):
+    """A flipped byte anywhere in a column reshard into new arrays: a DataLossError naming
+    its checksum block, and no variable changes."""
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 300_000)  # slabs of 9 rows of 32 KiB
+    full = np.arange(96 * 8192, dtype=np.float32).reshape(96, 8192)
+    prefix = ss.Saver([ss.Variable("w", full, register=False)]).save(str(tmp_path / "m"))
+    entry = ss.CheckpointReader(prefix).get_entries().entries["w"]
+    data_file = Path(prefix + DATA_FILE)
+    original = data_file.read_bytes()
+    for where in (0, 40 * 32768 + 5, full.nbytes - 1):
+        damage(data_file, entry.offset + where)
+        targets = blocks("w", full, [0, 96], [0, 5000, 8192], fill=3.0)
+        owns = [t.value for t in targets]
+        block = entry.offset + where // 65536 * 65536
+        with pytest.raises(ss.DataLossError, match=rf"tensor 'w' \(bytes {block}\.\.\)"):
+            ss.Saver({"w": targets}, restore_in_place=False).restore(prefix)
+        assert all(t.value is own and (own == 3.0).all() for t, own in zip(targets, owns, strict=True))
+        data_file.write_bytes(original)
+    targets = blocks("w", full, [0, 96], [0, 5000, 8192], fill=3.0)
+    saver = ss.Saver({"w": targets}, restore_in_place=False)
+    saver.restore(prefix)
+    for t in targets:
+        np.testing.assert_array_equal(t.value, full[t.block_slices])
+    assert saver.last_restore_stats.requests >= 2 * 11  # 11 slabs of rows per target
 
 
 def test_reshard_of_a_3d_tensor_across_its_inner_dimensions(tmp_path, monkeypatch):
     """Slabs of several rows, each cut on the two inner dimensions."""
-    monkeypatch.setattr(in_place, "SLAB_BYTES", 3 * 64 * 96 * 4)
+    monkeypatch.setattr(slabs, "SLAB_BYTES", 3 * 64 * 96 * 4)
     full = np.arange(40 * 64 * 96, dtype=np.float32).reshape(40, 64, 96)
     pieces = [ss.Variable("t", full[a:b], global_shape=full.shape, offset=(a, 0, 0), register=False)
               for a, b in ((0, 17), (17, 40))]
@@ -219,7 +252,7 @@ def test_any_layout_restored_in_place_is_exact_or_untouched(tmp_path, monkeypatc
     with one flipped data byte, a DataLossError and every array as it was. Regions that are
     not contiguous in the file go through slabs of one row (rows of 96 bytes), two, or all."""
     monkeypatch.setattr(saver_module, "IN_PLACE_MIN_BYTES", 0)
-    monkeypatch.setattr(in_place, "SLAB_BYTES", slab_bytes)
+    monkeypatch.setattr(slabs, "SLAB_BYTES", slab_bytes)
     full = np.random.default_rng(len(saved[0])).standard_normal((48, 24)).astype(np.float32)
 
     def cuts(points, n):

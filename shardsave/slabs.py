@@ -1,0 +1,63 @@
+"""Regions that are not contiguous in the file, read a slab of whole stored rows at a time.
+
+A reshard by columns (or across inner dimensions) needs only part of each stored row.
+Reading from a region's first stored byte to its last into one buffer needs as much
+memory as the stored piece; reading a few MiB of whole rows at a time and copying out the
+part the target holds bounds it to one slab per thread. Rows are the first dimension.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .format import dtypes
+
+if TYPE_CHECKING:
+    from .loader import Read
+
+SLAB_BYTES = 4 << 20
+"""Stored rows read at a time (or one row, if a row is larger)."""
+
+
+def row_slabs(r: Read) -> list[tuple[int, int]]:
+    """``(first, count)`` for each slab of ``r``'s region: its rows ``[first, first + count)``
+    (region-relative), as many whole stored rows as fit in SLAB_BYTES."""
+    per = max(1, SLAB_BYTES // _row_bytes(r))
+    rows = r.region.shape[0]
+    return [(first, min(per, rows - first)) for first in range(0, rows, per)]
+
+
+def rows_span(r: Read, first: int, count: int) -> tuple[int, int]:
+    """Entry-relative ``[start, stop)`` of the whole stored rows of a slab."""
+    row = _row_bytes(r)
+    start = (r.region.offset[0] + first) * row
+    return start, start + count * row
+
+
+def scatter_rows(r: Read, first: int, count: int, rows: memoryview) -> None:
+    """Copy rows ``[first, first + count)`` of ``r``'s region into its target from ``rows``,
+    which holds those whole rows as stored."""
+    src = np.ndarray((count, *r.piece.shape[1:]), dtype=dtypes.to_numpy(r.entry.dtype), buffer=rows)
+    inner = tuple(slice(o, o + n) for o, n in zip(r.region.offset[1:], r.region.shape[1:], strict=True))
+    dest = region_destination(r)
+    at = dest[0].start + first
+    r.target.out[(slice(at, at + count), *dest[1:])] = src[(slice(None), *inner)]
+
+
+def _row_bytes(r: Read) -> int:
+    return r.entry.size // r.piece.shape[0]
+
+
+def region_destination(r: Read) -> tuple[slice, ...]:
+    """Where ``r``'s region lands in its target."""
+    return tuple(
+        slice(o - b, o - b + n)
+        for o, b, n in zip(
+            (p + q for p, q in zip(r.piece.offset, r.region.offset, strict=True)),
+            r.target.block.offset,
+            r.region.shape,
+            strict=True,
+        )
+    )
