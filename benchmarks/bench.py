@@ -183,6 +183,34 @@ def bench_restore_memory(args) -> dict:
     return {"target_bytes": targets, "restore_peak_bytes": peak, "restore_extra_bytes": peak - targets}
 
 
+def bench_restore_memory_columns(args) -> dict:
+    """Peak RSS above the arrays it fills of a restore that reshards by columns: the
+    matrices saved whole, restored as two column halves each, in place or into variables
+    declared by shape only (new arrays)."""
+    in_place = args.workload == "restore-memory-columns"
+
+    def part(name, shape, **where):  # holding an array, or declared by shape only (new arrays)
+        if in_place:
+            return ss.Variable(name, np.ones(shape, np.float32), register=False, **where)
+        return ss.Variable(name, dtype=np.float32, shape=shape, register=False, **where)
+
+    variables = {}
+    for name, shape in ss.list_variables(os.path.join(args.dir, "mem")):
+        if len(shape) == 2:
+            half = shape[1] // 2
+            variables[name] = [part(name, (shape[0], n), global_shape=shape, offset=(0, c))
+                               for c, n in ((0, half), (half, shape[1] - half))]
+        else:
+            variables[name] = part(name, shape)
+    targets = sum(int(np.prod(s)) * 4 for _, s in ss.list_variables(os.path.join(args.dir, "mem")))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ss.Saver(variables, comm=MPI.COMM_SELF).restore(os.path.join(args.dir, "mem"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    if in_place:  # the arrays were there before the restore began
+        return {"columns_in_place_extra_bytes": peak}
+    return {"columns_new_arrays_extra_bytes": peak - targets}
+
+
 def bench_restart_save(args) -> dict:
     """The checkpoint and the raw file that ``bench_restart`` reads."""
     variables = transformer_like(args.gib, 0, 1)
@@ -266,7 +294,8 @@ def bench_reshard_restore(args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workload", required=True, choices=["a", "b", "memory", "restore-memory",
-                                                         "restore-memory-in-place", "restart-save", "restart",
+                                                         "restore-memory-in-place", "restore-memory-columns",
+                                                         "restore-memory-columns-new", "restart-save", "restart",
                                                          "reshard-save",
                                                          "reshard-restore"])
     p.add_argument("--dir", required=True)
@@ -277,6 +306,8 @@ def main() -> int:
     args = p.parse_args()
     fn = {"a": bench_save_restore, "b": bench_save_restore, "memory": bench_memory,
           "restore-memory": bench_restore_memory, "restore-memory-in-place": bench_restore_memory,
+          "restore-memory-columns": bench_restore_memory_columns,
+          "restore-memory-columns-new": bench_restore_memory_columns,
           "restart-save": bench_restart_save, "restart": bench_restart, "reshard-save": bench_reshard_save,
           "reshard-restore": bench_reshard_restore}[args.workload]
     result = fn(args)

@@ -86,6 +86,8 @@ def main() -> int:
         m = mpi(1, "--workload", "memory", "--dir", f"{scratch}/m", *common)
         m.update(mpi(1, "--workload", "restore-memory", "--dir", f"{scratch}/m", *common))
         m.update(mpi(1, "--workload", "restore-memory-in-place", "--dir", f"{scratch}/m", *common))
+        m.update(mpi(1, "--workload", "restore-memory-columns", "--dir", f"{scratch}/m", *common))
+        m.update(mpi(1, "--workload", "restore-memory-columns-new", "--dir", f"{scratch}/m", *common))
         row("memory", m, "memory")
     if "e" not in args.skip:
         ranks = 100 if args.quick else 1000
@@ -151,6 +153,9 @@ def main() -> int:
             print(f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
                   f"restore peak above the new arrays: {r['restore_extra_bytes'] / 2**20:.1f} MiB; "
                   f"in place, above the variables: {r['in_place_restore_extra_bytes'] / 2**20:.1f} MiB")
+            print(f"{'':<26} reshard by columns (matrices saved whole, restored as column halves): in place "
+                  f"{r['columns_in_place_extra_bytes'] / 2**20:.1f} MiB above the variables; into new arrays "
+                  f"{r['columns_new_arrays_extra_bytes'] / 2**20:.1f} MiB above them")
         elif kind == "s3":
             print(f"{name:<26} {r['bytes'] / 2**20:.0f} MiB held by the ranks, {r['variables']} variables per rank: "
                   f"save {r['save_s']:.2f} s in {r['save_requests']} requests, "
