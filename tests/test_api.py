@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -903,3 +905,47 @@ def test_many_small_mixed_variables_round_trip_as_aligned_writable_arrays(tmp_pa
         assert (got.dtype, got.shape) == (want.dtype, want.shape), var.name
         assert got.tobytes() == want.tobytes(), var.name
         assert got.flags.aligned and got.flags.writeable, var.name
+
+
+def test_a_durable_save_starts_writing_back_early_and_stops_doing_so(tmp_path, monkeypatch):
+    """Past storage.EARLY_WRITEBACK_BYTES a thread fdatasyncs the data file while it is
+    written; it is gone once the save returns."""
+    from shardsave import storage
+
+    calls = []
+    real = os.fdatasync
+
+    def counting(fd):
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(storage.os, "fdatasync", counting)
+    v = ss.Variable("v", np.arange(8 << 20, dtype=np.float32), register=False)  # 32 MiB
+    ss.Saver([v]).save(str(tmp_path / "m"))
+    assert calls
+    assert not [t for t in threading.enumerate() if t.name == "shardsave-writeback"]
+    calls.clear()
+    ss.Saver([v], fsync=False).save(str(tmp_path / "n"))
+    assert not calls  # only durable saves
+
+
+def test_a_writeback_error_met_early_fails_the_save_and_commits_nothing(tmp_path, monkeypatch):
+    """The kernel reports a writeback error once per open file: the error the early
+    writeback thread meets must fail the save itself, naming the file, with no index."""
+    from shardsave import storage
+
+    v = ss.Variable("v", np.arange(8 << 20, dtype=np.float32), register=False)
+    saver = ss.Saver([v])
+    saver.save(str(tmp_path / "m"), global_step=1)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage.os, "fdatasync", failing)
+    with pytest.raises(OSError, match=r"m-2\.data-00000-of-00001.*Input/output error"):
+        saver.save(str(tmp_path / "m"), global_step=2)
+    monkeypatch.undo()
+    assert not (tmp_path / "m-2.index").exists()
+    assert ss.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-1")
+    assert not [t for t in threading.enumerate() if t.name == "shardsave-writeback"]
+    assert saver.save(str(tmp_path / "m"), global_step=3) == str(tmp_path / "m-3")
