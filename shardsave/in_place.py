@@ -7,7 +7,7 @@ two passes:
 
 1. ``check``: every byte that will land in a variable's array is read into a 1 MiB
    scratch buffer and compared with its CRC32C, by one thread per CPU (up to
-   MAX_WORKERS). Nothing is written yet.
+   ``storage.MAX_WORKERS``). Nothing is written yet.
 2. ``fill``: once every rank has checked (the Saver agrees in between), the same bytes
    are read again, normally from the page cache: straight into the arrays where a region
    is contiguous in the file, else a slab of whole stored rows at a time (a reshard by
@@ -16,8 +16,8 @@ two passes:
 The data files stay open from the first pass to the second, so the second reads the
 files that were checked even if a path is replaced meanwhile; a file written to in place
 meanwhile changes its modification time, which the second pass compares. Local files
-only: on an object store the second pass would download everything again. (Mapping the files
-instead of reading them saves the first pass's copy: 0.15 -> 0.10 s per GiB here. But a
+only: on an object store the second pass would download everything again. (Mapping the
+files instead of reading them saves the first pass's copy: 0.15 -> 0.10 s per GiB here. But a
 file truncated under the mapping, or an I/O error on a network filesystem, kills the
 process with SIGBUS instead of raising an error, and the mapped pages count in the
 process's RSS unless released window by window.)
