@@ -80,7 +80,7 @@ def run_crcs(masked_block_crcs: bytes, block_size: int, nbytes: int, run_blocks:
 
     Checking a run of blocks with one CRC call against this is as strong as checking each
     block (CRC32C's Hamming distance is 4 up to 2**31 bits) and saves a Python call per
-    64 KiB block, which cost a quarter of a restore's checking. The runs made of
+    64 KiB block, which cost a fifth of a restore's checking. The runs made of
     full-length blocks, all but at most the last, are folded together with numpy.
     """
     blocks = -(-nbytes // block_size)
