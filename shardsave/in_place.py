@@ -7,7 +7,7 @@ two passes:
 
 1. ``check``: every byte that will land in a variable's array is read into a 1 MiB
    scratch buffer and compared with its CRC32C, by one thread per CPU (up to
-   ``storage.MAX_WORKERS``). Nothing is written yet.
+   ``io_threads.MAX_WORKERS``). Nothing is written yet.
 2. ``fill``: once every rank has checked (the Saver agrees in between), the same bytes
    are read again, normally from the page cache: straight into the arrays where a region
    is contiguous in the file, else a slab of whole stored rows at a time (a reshard by
@@ -33,7 +33,7 @@ from functools import partial
 
 import numpy as np
 
-from . import slabs, storage
+from . import io_threads, slabs, storage
 from .errors import DataLossError
 from .format import crc
 from .format.bundle import Index
@@ -105,9 +105,9 @@ class InPlaceLoad:
                 self._slab_bytes = max(self._slab_bytes, stop - start)
         if jobs:
             stats.requests += len(jobs)
-            storage.run_on_workers(jobs, scratch_bytes)
+            io_threads.run_on_workers(jobs, scratch_bytes)
         if any(f.slabs for f in self._files):  # allocated now: after the check only reads can fail
-            self._slab_scratch = [memoryview(np.empty(self._slab_bytes, np.uint8)) for _ in range(storage.workers())]
+            self._slab_scratch = [memoryview(np.empty(self._slab_bytes, np.uint8)) for _ in range(io_threads.workers())]
 
     def fill(self, stats: LoadStats) -> None:
         """Pass 2: read the checked bytes into the targets, from the files opened by ``check``,
@@ -117,7 +117,7 @@ class InPlaceLoad:
             storage.read_ranges(f.loc, f.ranges, fd=f.fd)
             if f.slabs:
                 stats.bytes_reread += sum(stop - start for start, stop in (slabs.rows_span(*job) for job in f.slabs))
-                storage.run_on_workers([partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch)
+                io_threads.run_on_workers([partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch)
             now = os.fstat(f.fd)
             if _identity(now) != _identity(f.stat):
                 raise DataLossError(

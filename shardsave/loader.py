@@ -19,7 +19,7 @@ from functools import partial
 
 import numpy as np
 
-from . import slabs, storage
+from . import io_threads, slabs, storage
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.bundle import BundleEntry, Index, PlainColumns
@@ -123,7 +123,7 @@ def _load_by_rows(file_loc: storage.Location, reads: list[Read], stats: LoadStat
             stats.bytes_read += span.stop - span.start
             jobs.append(partial(_load_rows, file_loc, r, first, count, span))
     stats.requests += len(jobs)
-    storage.run_on_workers(jobs, largest)
+    io_threads.run_on_workers(jobs, largest)
 
 
 def _load_rows(file_loc: storage.Location, r: Read, first: int, count: int, span: Span, scratch: memoryview) -> None:

@@ -41,7 +41,6 @@ import posixpath
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +55,8 @@ from .errors import (
     ShardsaveError,
     UnavailableError,
 )
+from .io_threads import io_pool, wait_all
 
-READ_THREADS = 8
 PART_BYTES = 8 << 20
 """Size of one part of an S3 multipart upload (S3 needs at least 5 MiB but for the last)."""
 UPLOAD_CONCURRENCY = 8
@@ -704,58 +703,3 @@ def _pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location,
         one(0)
         return
     wait_all([io_pool().submit(one, i) for i in range(len(ranges))])
-
-
-def wait_all(futures: Sequence[Future]) -> None:
-    """Wait for every future, then raise the first one's error, if any.
-
-    Returning at the first error would leave the others still reading into their
-    buffers, and into whatever file reuses a descriptor the caller then closes.
-    """
-    for future in futures:
-        future.exception()
-    for future in futures:
-        future.result()
-
-
-MAX_WORKERS = 8
-"""Threads of ``run_on_workers``: one per CPU up to this, which bounds the scratch memory
-(one buffer per thread) on nodes with many cores."""
-
-
-def workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cpus, MAX_WORKERS)
-
-
-def run_on_workers(jobs: Sequence[Callable[[memoryview], None]], scratch_bytes: int = 0,
-                   scratch: Sequence[memoryview] = ()) -> None:
-    """Run ``jobs`` on ``workers()`` I/O threads, each passing its own scratch buffer to its
-    jobs (``scratch[i]``, or a new one of ``scratch_bytes``); after an error, the other
-    threads start no new job, and the first error is raised once all have stopped."""
-    count = min(len(jobs), workers())
-    failed = threading.Event()
-
-    def work(i: int) -> None:
-        buf = scratch[i] if scratch else memoryview(bytearray(scratch_bytes))
-        try:
-            for job in jobs[i::count]:
-                if failed.is_set():
-                    return
-                job(buf)
-        except BaseException:
-            failed.set()
-            raise
-
-    wait_all([io_pool().submit(work, i) for i in range(count)])
-
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def io_pool() -> ThreadPoolExecutor:
-    """Threads shared by all reads (file I/O and CRC32C release the GIL)."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardsave-io")
-    return _pool

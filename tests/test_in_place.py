@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import shardsave as ss
 import shardsave.saver as saver_module
 from shardsave import in_place as in_place_module
-from shardsave import slabs, storage
+from shardsave import io_threads, slabs
 from shardsave.format import table
 from shardsave.format.bundle import BundleEntry
 from shardsave.writer import checksum_blocks
@@ -126,7 +126,7 @@ def test_reshard_by_columns_needs_no_buffer_as_large_as_the_stored_bytes(tmp_pat
     for t, own in zip(halves, owns, strict=True):
         assert (t.value is own) == in_place
         np.testing.assert_array_equal(t.value, full[t.block_slices])
-    bound = storage.workers() * (in_place_module.CHECK_CHUNK + slabs.SLAB_BYTES) + (4 << 20)
+    bound = io_threads.workers() * (in_place_module.CHECK_CHUNK + slabs.SLAB_BYTES) + (4 << 20)
     assert bound <= full.nbytes // 3
     assert peak < bound, f"peak {peak >> 20} MiB"
     # every stored row holds part of each half: each reads them all, once (plus, into new
