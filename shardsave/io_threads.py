@@ -41,7 +41,10 @@ def run_on_workers(jobs: Sequence[Callable[[memoryview], None]], scratch_bytes: 
                    scratch: Sequence[memoryview] = ()) -> None:
     """Run ``jobs`` on ``workers()`` I/O threads, each passing its own scratch buffer to its
     jobs (``scratch[i]``, or a new one of ``scratch_bytes``); after an error, the other
-    threads start no new job, and the first error is raised once all have stopped."""
+    threads start no new job, and the first error is raised once all have stopped.
+
+    A job must not wait on ``io_pool`` itself (``storage.read_ranges`` of one range reads
+    in the calling thread): with as many CPUs as MAX_WORKERS, every pool thread is a worker."""
     count = min(len(jobs), workers())
     failed = threading.Event()
 
