@@ -37,7 +37,16 @@ from . import io_threads, slabs, storage
 from .errors import DataLossError
 from .format import crc
 from .format.bundle import Index
-from .loader import LoadStats, Read, Target, check_run, checksum_error, planned_reads, span_run_crcs
+from .loader import (
+    LoadStats,
+    Read,
+    Target,
+    check_run,
+    checksum_error,
+    crc_of_bytes,
+    planned_reads,
+    span_run_crcs,
+)
 from .writer import byte_view
 
 CHECK_CHUNK = 1 << 20
@@ -156,7 +165,7 @@ def _check_blocks(file_loc: storage.Location, fd: int, r: Read, start: int, stop
     """Check entry bytes ``[start, stop)`` (whole checksum blocks, ``expected`` their CRC)."""
     data = scratch[: stop - start]
     _read(file_loc, fd, r.entry.offset + start, data, r)
-    check_run(file_loc, r, start, data, expected)
+    check_run(file_loc, r, start, stop, expected, crc_of_bytes(data, start))
 
 
 def _check_entry(file_loc: storage.Location, fd: int, r: Read, scratch: memoryview) -> None:

@@ -13,7 +13,7 @@ import bisect
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -130,7 +130,7 @@ def _load_rows(file_loc: storage.Location, r: Read, first: int, count: int, span
     """Read the checksum blocks holding a slab's rows, check them, and copy out the region."""
     data = scratch[: span.stop - span.start]
     storage.read_ranges(file_loc, [(r.entry.offset + span.start, data)])
-    _check_blocks(file_loc, r, span, data)
+    _check_runs(file_loc, r, span, crc_of_bytes(data, span.start))
     start, stop = slabs.rows_span(r, first, count)
     slabs.scatter_rows(r, first, count, data[start - span.start : stop - span.start])
 
@@ -424,7 +424,7 @@ def _verify(file_loc: storage.Location, reads: list[Read]) -> None:
             r.strings = _decode_strings(file_loc, bytes(data), r)
             return
         if e.block_size and e.block_crcs:
-            _check_blocks(file_loc, r, r.span, data)
+            _check_runs(file_loc, r, r.span, crc_of_bytes(data, r.span.start))
         else:
             actual = crc.mask(crc.crc32c(data))
             if actual != e.crc32c:
@@ -434,11 +434,17 @@ def _verify(file_loc: storage.Location, reads: list[Read]) -> None:
         check(r)
 
 
-def _check_blocks(file_loc: storage.Location, r: Read, span: Span, data: memoryview) -> None:
-    """Check ``data``, entry bytes ``span`` (aligned to checksum blocks), a run of blocks at a time."""
+def _check_runs(file_loc: storage.Location, r: Read, span: Span, crc_of: Callable[[int, int], int]) -> None:
+    """Check entry bytes ``span`` (aligned to checksum blocks) a run of blocks at a time."""
     step = CHECK_RUN_BLOCKS * r.entry.block_size
-    for start, want in zip(range(0, len(data), step), span_run_crcs(r.entry, span, CHECK_RUN_BLOCKS), strict=True):
-        check_run(file_loc, r, span.start + start, data[start : start + step], want)
+    runs = range(span.start, span.stop, step)
+    for start, want in zip(runs, span_run_crcs(r.entry, span, CHECK_RUN_BLOCKS), strict=True):
+        check_run(file_loc, r, start, min(start + step, span.stop), want, crc_of)
+
+
+def crc_of_bytes(data: memoryview, start: int) -> Callable[[int, int], int]:
+    """``crc_of`` for ``check_run`` over ``data``, which holds entry bytes from ``start``."""
+    return lambda lo, hi: crc.crc32c(data[lo - start : hi - start])
 
 
 def _after_range(file_loc: storage.Location, groups: list[list[Read]]):
@@ -462,17 +468,8 @@ def _after_range(file_loc: storage.Location, groups: list[list[Read]]):
 
 
 def _verify_in_place(file_loc: storage.Location, r: Read) -> None:
-    """Check an in-place read across the buffers holding it, a run of checksum blocks at a time."""
-    e, bs = r.entry, r.entry.block_size
-    step = CHECK_RUN_BLOCKS * bs
-    for start, want in zip(range(r.span.start, r.span.stop, step), span_run_crcs(e, r.span, CHECK_RUN_BLOCKS), strict=True):
-        stop = min(start + step, r.span.stop)
-        actual = _parts_crc(r, start, stop)
-        if actual != want:
-            for block in range(start, stop, bs):
-                check_block(file_loc, r.name, e, block, crc.mask(_parts_crc(r, block, min(block + bs, stop))))
-            at = e.offset + start  # no block differs alone: the stored CRCs are inconsistent
-            raise checksum_error(file_loc, r.name, f"bytes {at}..{e.offset + stop}", crc.mask(want), crc.mask(actual))
+    """Check an in-place read across the buffers holding it."""
+    _check_runs(file_loc, r, r.span, partial(_parts_crc, r))
 
 
 def _parts_crc(r: Read, start: int, stop: int) -> int:
@@ -494,17 +491,19 @@ def span_run_crcs(e: BundleEntry, span: Span, run_blocks: int) -> list[int]:
     return crc.run_crcs(e.block_crcs[4 * first : 4 * (first + count)], bs, span.stop - span.start, run_blocks)
 
 
-def check_run(file_loc: storage.Location, r: Read, start: int, data: memoryview, expected: int) -> None:
-    """Check ``data``, entry bytes from ``start`` (whole checksum blocks), against the CRC
-    its blocks' stored CRCs combine to; on a mismatch, name the block that differs."""
-    actual = crc.crc32c(data)
+def check_run(file_loc: storage.Location, r: Read, start: int, stop: int, expected: int,
+              crc_of: Callable[[int, int], int]) -> None:
+    """Check entry bytes ``[start, stop)`` (whole checksum blocks) against ``expected``, the
+    CRC their blocks' stored CRCs combine to; ``crc_of(lo, hi)`` is the CRC32C of entry
+    bytes ``[lo, hi)`` as read. On a mismatch, name the block that differs."""
+    actual = crc_of(start, stop)
     if actual == expected:
         return
-    bs = r.entry.block_size
-    for k in range(0, len(data), bs):
-        check_block(file_loc, r.name, r.entry, start + k, crc.mask(crc.crc32c(data[k : k + bs])))
-    at = r.entry.offset + start  # no block differs alone: cannot happen unless the CRCs are inconsistent
-    raise checksum_error(file_loc, r.name, f"bytes {at}..{at + len(data)}", crc.mask(expected), crc.mask(actual))
+    e = r.entry
+    for block in range(start, stop, e.block_size):
+        check_block(file_loc, r.name, e, block, crc.mask(crc_of(block, min(block + e.block_size, stop))))
+    at = e.offset + start  # no block differs alone: the stored CRCs are inconsistent
+    raise checksum_error(file_loc, r.name, f"bytes {at}..{e.offset + stop}", crc.mask(expected), crc.mask(actual))
 
 
 def check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start: int, actual: int) -> None:
