@@ -83,7 +83,7 @@ class InPlaceLoad:
         scratch_bytes = CHECK_CHUNK
         for file_loc, reads in planned_reads(self.prefix, self.index, targets, stats):
             fd = storage.open_local(file_loc)
-            f = _File(file_loc, fd, os.fstat(fd), reads)
+            f = _File(file_loc, fd, os.fstat(fd))
             self._files.append(f)
             stats.files.add(file_loc.url)
             for r in reads:
@@ -142,7 +142,6 @@ class _File:
     loc: storage.Location
     fd: int
     stat: os.stat_result
-    reads: list[Read]
     ranges: list[tuple[int, memoryview]] = field(default_factory=list)  # straight into arrays
     slabs: list[tuple[Read, int, int]] = field(default_factory=list)  # (read, first row, rows)
 

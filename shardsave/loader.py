@@ -91,8 +91,10 @@ def load(prefix: storage.Location, index: Index, targets: Sequence[Target],
     """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
     stats = stats if stats is not None else LoadStats()
     for file_loc, shard_reads in planned_reads(prefix, index, targets, stats):
-        by_rows = [r for r in shard_reads if _by_rows(r)]
-        ranges, groups = assign_buffers([r for r in shard_reads if not _by_rows(r)])
+        by_rows, buffered = [], []
+        for r in shard_reads:
+            (by_rows if _by_rows(r) else buffered).append(r)
+        ranges, groups = assign_buffers(buffered)
         stats.requests += len(ranges)
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)

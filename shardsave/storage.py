@@ -48,6 +48,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import (
+    DataLossError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -672,8 +673,6 @@ def read_ranges(
 
 
 def _short_read(loc: Location, offset: int, want: int, got: int) -> ShardsaveError:
-    from .errors import DataLossError
-
     return DataLossError(
         f"{loc.url}: file too short: wanted {want} bytes at offset {offset}, got {got}"
     )
@@ -688,8 +687,6 @@ def _pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location,
             try:
                 n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as exc:  # EIO and the like: the device could not give the bytes
-                from .errors import DataLossError
-
                 raise DataLossError(
                     f"{loc.url}: reading {len(view)} bytes at offset {offset} failed: {exc}"
                 ) from exc
