@@ -166,49 +166,39 @@ def bench_memory(args) -> dict:
 
 
 def bench_restore_memory(args) -> dict:
-    """Peak RSS of a restore above the arrays it fills: into variables declared by shape
-    only (every array new), or into variables that hold arrays already (in place)."""
-    in_place = args.workload == "restore-memory-in-place"
-    shapes = ss.list_variables(os.path.join(args.dir, "mem"))
-    if in_place:
-        variables = [ss.Variable(n, np.ones(s, np.float32), register=False) for n, s in shapes]
-    else:
-        variables = [ss.Variable(n, dtype=np.float32, shape=s, register=False) for n, s in shapes]
-    targets = sum(int(np.prod(v.shape)) * 4 for v in variables)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ss.Saver(variables, comm=MPI.COMM_SELF).restore(os.path.join(args.dir, "mem"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    if in_place:  # the arrays were there before the restore began
-        return {"in_place_restore_extra_bytes": peak}
-    return {"target_bytes": targets, "restore_peak_bytes": peak, "restore_extra_bytes": peak - targets}
+    """Peak RSS of a restore above the arrays it fills: into variables that hold arrays
+    already (in place) or declared by shape only (new arrays); with ``-columns``, the
+    matrices (saved whole) restored as two column halves each."""
+    in_place = args.workload in ("restore-memory-in-place", "restore-memory-columns")
+    columns = args.workload.startswith("restore-memory-columns")
+    prefix = os.path.join(args.dir, "mem")
 
-
-def bench_restore_memory_columns(args) -> dict:
-    """Peak RSS above the arrays it fills of a restore that reshards by columns: the
-    matrices saved whole, restored as two column halves each, in place or into variables
-    declared by shape only (new arrays)."""
-    in_place = args.workload == "restore-memory-columns"
-
-    def part(name, shape, **where):  # holding an array, or declared by shape only (new arrays)
+    def part(name, shape, **where):
         if in_place:
             return ss.Variable(name, np.ones(shape, np.float32), register=False, **where)
         return ss.Variable(name, dtype=np.float32, shape=shape, register=False, **where)
 
+    shapes = ss.list_variables(prefix)
     variables = {}
-    for name, shape in ss.list_variables(os.path.join(args.dir, "mem")):
-        if len(shape) == 2:
+    for name, shape in shapes:
+        if columns and len(shape) == 2:
             half = shape[1] // 2
             variables[name] = [part(name, (shape[0], n), global_shape=shape, offset=(0, c))
                                for c, n in ((0, half), (half, shape[1] - half))]
         else:
             variables[name] = part(name, shape)
-    targets = sum(int(np.prod(s)) * 4 for _, s in ss.list_variables(os.path.join(args.dir, "mem")))
+    targets = sum(int(np.prod(s)) * 4 for _, s in shapes)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ss.Saver(variables, comm=MPI.COMM_SELF).restore(os.path.join(args.dir, "mem"))
+    ss.Saver(variables, comm=MPI.COMM_SELF).restore(prefix)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    if in_place:  # the arrays were there before the restore began
-        return {"columns_in_place_extra_bytes": peak}
-    return {"columns_new_arrays_extra_bytes": peak - targets}
+    extra = peak if in_place else peak - targets  # in place, the arrays were there before the restore began
+    key = {"restore-memory": "restore_extra_bytes", "restore-memory-in-place": "in_place_restore_extra_bytes",
+           "restore-memory-columns": "columns_in_place_extra_bytes",
+           "restore-memory-columns-new": "columns_new_arrays_extra_bytes"}[args.workload]
+    out = {key: extra}
+    if args.workload == "restore-memory":
+        out.update(target_bytes=targets, restore_peak_bytes=peak)
+    return out
 
 
 def bench_restart_save(args) -> dict:
@@ -306,8 +296,7 @@ def main() -> int:
     args = p.parse_args()
     fn = {"a": bench_save_restore, "b": bench_save_restore, "memory": bench_memory,
           "restore-memory": bench_restore_memory, "restore-memory-in-place": bench_restore_memory,
-          "restore-memory-columns": bench_restore_memory_columns,
-          "restore-memory-columns-new": bench_restore_memory_columns,
+          "restore-memory-columns": bench_restore_memory, "restore-memory-columns-new": bench_restore_memory,
           "restart-save": bench_restart_save, "restart": bench_restart, "reshard-save": bench_reshard_save,
           "reshard-restore": bench_reshard_restore}[args.workload]
     result = fn(args)
