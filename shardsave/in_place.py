@@ -41,8 +41,8 @@ from .loader import (
     LoadStats,
     Read,
     Target,
+    check_entry,
     check_run,
-    checksum_error,
     crc_of_bytes,
     planned_reads,
     span_run_crcs,
@@ -175,9 +175,7 @@ def _check_entry(file_loc: storage.Location, fd: int, r: Read, scratch: memoryvi
         data = scratch[: min(len(scratch), e.size - start)]
         _read(file_loc, fd, e.offset + start, data, r)
         actual = crc.crc32c(data, actual)
-    actual = crc.mask(actual)
-    if actual != e.crc32c:
-        raise checksum_error(file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, actual)
+    check_entry(file_loc, r, actual)
 
 
 def _read(file_loc: storage.Location, fd: int, offset: int, data: memoryview, r: Read) -> None:

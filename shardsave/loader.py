@@ -428,9 +428,7 @@ def _verify(file_loc: storage.Location, reads: list[Read]) -> None:
         if e.block_size and e.block_crcs:
             _check_runs(file_loc, r, r.span, crc_of_bytes(data, r.span.start))
         else:
-            actual = crc.mask(crc.crc32c(data))
-            if actual != e.crc32c:
-                raise checksum_error(file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, actual)
+            check_entry(file_loc, r, crc.crc32c(data))
 
     for r in reads:
         check(r)
@@ -506,6 +504,13 @@ def check_run(file_loc: storage.Location, r: Read, start: int, stop: int, expect
         check_block(file_loc, r.name, e, block, crc.mask(crc_of(block, min(block + e.block_size, stop))))
     at = e.offset + start  # no block differs alone: the stored CRCs are inconsistent
     raise checksum_error(file_loc, r.name, f"bytes {at}..{e.offset + stop}", crc.mask(expected), crc.mask(actual))
+
+
+def check_entry(file_loc: storage.Location, r: Read, actual: int) -> None:
+    """Compare ``actual``, the (unmasked) CRC32C of all of ``r``'s entry, with its stored CRC."""
+    e = r.entry
+    if crc.mask(actual) != e.crc32c:
+        raise checksum_error(file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, crc.mask(actual))
 
 
 def check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start: int, actual: int) -> None:
