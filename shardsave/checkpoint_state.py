@@ -13,7 +13,7 @@ from typing import Any
 from . import storage
 from .errors import DataLossError, NotFoundError
 from .format.coding import DecodeError
-from .format.state import CheckpointState, decode_state, encode_state
+from .format.state import MAX_STATE_BYTES, CheckpointState, decode_state, encode_state
 
 __all__ = [
     "CheckpointState",
@@ -60,7 +60,8 @@ def get_checkpoint_state(
     checkpoint_dir = os.fspath(checkpoint_dir)
     loc = storage.resolve(checkpoint_dir, storage_options, fs).child(latest_filename or "checkpoint")
     try:
-        data = storage.read_bytes(loc, missing_ok=True)  # a missing S3 bucket still raises
+        # a missing S3 bucket still raises; one byte past the cap tells that it is too big
+        data = storage.read_bytes(loc, missing_ok=True, limit=MAX_STATE_BYTES + 1)
     except IsADirectoryError:
         return None
     if data is None:

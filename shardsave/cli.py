@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fnmatch
 import json
 import math
 import os
@@ -27,11 +26,10 @@ import numpy as np
 from . import storage
 from .checkpoint_state import get_checkpoint_state
 from .errors import InvalidArgumentError, ShardsaveError
-from .format import dtypes
+from .format import dtypes, names
 from .reader import CheckpointReader
 
 _STEP = re.compile(r"-(\d+)$")
-_DATA = re.compile(r"\.data-\d{5,}-of-\d{5,}")
 
 
 _OPTIONS_HELP = "fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://minio:9000\"}' (default: $SHARDSAVE_STORAGE_OPTIONS)"
@@ -99,17 +97,21 @@ def cmd_inspect(args, options) -> None:
 def _checkpoints(directory: str, options) -> list[dict]:
     """The committed checkpoints of ``directory``, from one listing of it."""
     files = storage.scan(storage.resolve(directory, options))
+    data_bytes: dict[str, int] = {}
+    for f, i in files:
+        parsed = names.parse_data_file_name(f.name)
+        if parsed is not None:
+            data_bytes[parsed[0]] = data_bytes.get(parsed[0], 0) + i["size"]
     out = []
     for index_loc, index_info in files:
         if not index_loc.name.endswith(".index"):
             continue
         name = index_loc.name[: -len(".index")]
-        data = [i for f, i in files if f.name.startswith(name + ".data-") and _DATA.fullmatch(f.name[len(name):])]
         step = _STEP.search(name)
         out.append({
             "prefix": name,
             "step": int(step.group(1)) if step else None,
-            "bytes": index_info["size"] + sum(i["size"] for i in data),
+            "bytes": index_info["size"] + data_bytes.get(name, 0),
             "mtime": index_info["mtime"] or 0.0,
         })
     out.sort(key=lambda c: (c["mtime"], c["step"] or 0))
@@ -133,18 +135,22 @@ def cmd_ls(args, options) -> None:
 
 def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tuple]]:
     """What failed saves left behind in ``directory``: data files whose checkpoint has no
-    index, temp files of interrupted publishes, and (S3) unfinished uploads of data files."""
+    index, temp files of interrupted publishes, and (S3) unfinished uploads of data files.
+
+    Only files directly in ``directory`` whose names are exactly those shardsave writes
+    (``<prefix>.data-SSSSS-of-NNNNN``, ``<prefix>.index.tmp<hex>``, ``checkpoint.tmp<hex>``)
+    are candidates; the state file is not read, so nothing outside is ever touched.
+    """
     loc = storage.resolve(directory, options)
     files = [f for f, _ in storage.scan(loc)]
     committed = {f.name[: -len(".index")] for f in files if f.name.endswith(".index")}
 
     def orphan(name: str) -> bool:
-        prefix, sep, rest = name.rpartition(".data-")
-        return bool(sep) and _DATA.fullmatch(".data-" + rest) is not None and prefix not in committed
+        parsed = names.parse_data_file_name(name)
+        return parsed is not None and parsed[0] not in committed
 
-    doomed = [f for f in files if orphan(f.name)]
-    doomed += [f for f in files if fnmatch.fnmatchcase(f.name, "*.index.tmp*") or f.name.startswith("checkpoint.tmp")]
-    uploads = [u for u in storage.pending_uploads(loc, "*.data-*-of-*") if orphan(u[0].name)]
+    doomed = [f for f in files if orphan(f.name) or names.is_publish_temp(f.name)]
+    uploads = [u for u in storage.pending_uploads(loc) if orphan(u[0].name)]
     return doomed, uploads
 
 

@@ -24,6 +24,7 @@ from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.bundle import BundleEntry, Index, PlainColumns
 from .format.coding import DecodeError
+from .format.names import data_file_name
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
 from .writer import byte_view
@@ -70,10 +71,6 @@ class Read:
     target; the rest of the span (partial checksum blocks) in ``parts``' small buffers."""
     parts: list[tuple[int, memoryview]] | None = None  # (entry offset, buffer) of an in-place read
     pending: int = 0  # parts of an in-place read not read yet
-
-
-def data_file_name(prefix: str, shard_id: int, num_shards: int) -> str:
-    return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
 
 
 def stored_pieces(index: Index, name: str) -> tuple[BundleEntry, list[tuple[Block, BundleEntry]]]:

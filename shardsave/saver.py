@@ -27,6 +27,7 @@ import operator
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -43,6 +44,7 @@ from .errors import (
 from .format import dtypes
 from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
+from .format.state import MAX_STATE_ENTRIES
 from .in_place import InPlaceLoad
 from .layout import SaveLayout
 from .loader import LoadStats, Target, data_file_name, is_small_plain, load, load_small, small_plain_rows
@@ -70,6 +72,8 @@ def _saveables(var_list: VarList) -> dict[str, list[Variable]]:
     if var_list is None:
         var_list = global_variables()
     if isinstance(var_list, Mapping):
+        if "" in var_list:  # the empty key is the index's header entry
+            raise InvalidArgumentError("var_list has a variable under the name '': a variable name must not be empty")
         return {str(name): _blocks_of(v) for name, v in var_list.items()}
     out: dict[str, list[Variable]] = {}
     for var in var_list:
@@ -117,6 +121,10 @@ class Saver:
         self._saveables = _saveables(var_list)
         if not self._saveables and not allow_empty:
             raise InvalidArgumentError("no variables to save (pass allow_empty=True to save none)")
+        if max_to_keep is not None and max_to_keep > MAX_STATE_ENTRIES:
+            raise InvalidArgumentError(
+                f"max_to_keep={max_to_keep}: a state file lists at most {MAX_STATE_ENTRIES} checkpoints"
+            )
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.pad_step_number = pad_step_number
@@ -171,9 +179,12 @@ class Saver:
     def _prefix(self, save_path: str | os.PathLike, global_step: Any) -> str:
         save_path = os.fspath(save_path)
         if global_step is None:
-            return save_path
-        step = int(np.asarray(global_step.value if isinstance(global_step, Variable) else global_step))
-        return f"{save_path}-{step:08d}" if self.pad_step_number else f"{save_path}-{step}"
+            prefix = save_path
+        else:
+            step = _step_number(global_step)
+            prefix = f"{save_path}-{step:08d}" if self.pad_step_number else f"{save_path}-{step}"
+        _check_prefix(prefix)
+        return prefix
 
     # ------------------------------------------------------------------------- save
     def _local_arrays(self, prefix: str) -> tuple[list[np.ndarray], list[BlockMeta]]:
@@ -238,6 +249,8 @@ class Saver:
         self.wait_until_finished()
         prefix = self._prefix(save_path, global_step)
         loc = self._resolve(prefix)
+        if loc.is_s3 and "/" not in loc.path.strip("/"):
+            raise InvalidArgumentError(f"cannot save to {prefix!r}: the prefix needs a name inside the bucket")
         arrays, metas = self._checked_arrays(prefix)
         if blocking:
             return self._plan_write_commit(prefix, loc, arrays, metas, latest_filename, write_state)
@@ -365,7 +378,7 @@ class Saver:
     def _commit(self, loc, prefix, sliced, gathered, latest_filename, write_state, timestamp) -> None:
         nranks = len(gathered)
         # one listing of the directory, not one request per rank (S3 with 1000s of ranks)
-        sizes = {f.name: meta["size"] for f, meta in storage.scan(loc.parent, loc.name + ".data-*")}
+        sizes = {f.name: meta["size"] for f, meta in storage.data_files(loc.parent, loc.name)}
         for rank, (_, written) in enumerate(gathered):
             data_loc = loc.with_path(data_file_name(loc.path, rank, nranks))
             found = sizes.get(data_loc.name)
@@ -384,12 +397,28 @@ class Saver:
         storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync, exclusive=True)
         # leftovers of earlier saves of this prefix with another number of ranks
         current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
-        storage.remove([loc.parent.child(name) for name in sizes if name not in current and "-of-" in name])
+        storage.remove([loc.parent.child(name) for name in sizes if name not in current])
         kept, doomed, _, preserved = self._retention(prefix, timestamp)
         if write_state:
             self._write_state(kept or [(prefix, timestamp)], latest_filename, preserved)
         for path in doomed:
-            delete_checkpoint_files(self._resolve(path))
+            self._delete_expired(loc, path)
+
+    def _delete_expired(self, loc: storage.Location, path: str) -> None:
+        """Delete a checkpoint that retention let go, if it is one of the directory of
+        ``loc`` (the checkpoint just saved); one elsewhere (a state file can name any path)
+        is only dropped from the list, with a warning."""
+        old = self._resolve(path)
+        if storage.same_path(old, loc):  # the one just saved, spelled differently
+            return
+        if storage.is_directly_in(old, loc.parent):
+            delete_checkpoint_files(old)
+        else:
+            warnings.warn(
+                f"retention: not deleting checkpoint {old.url}: it is not in {loc.parent.url}, the "
+                f"directory of {loc.url}; shardsave deletes only checkpoints of the directory it saves to",
+                stacklevel=2,
+            )
 
     def _retention(self, prefix: str, timestamp: float):
         """TF's retention after saving ``prefix``, computed without changing the Saver.
@@ -597,6 +626,30 @@ def _own_array(var: Variable, dtype: np.dtype) -> np.ndarray | None:
     return arr
 
 
+def _step_number(global_step: Any) -> int:
+    """``global_step`` as an int: a Python or numpy integer, a 0-d integer array or a
+    Variable holding one; anything else (1.5, 2.0, "3") is an error, not truncated."""
+    value = global_step.value if isinstance(global_step, Variable) else global_step
+    if isinstance(value, int):  # numbers of any size, bool as TF takes it
+        return int(value)
+    arr = np.asarray(value) if isinstance(value, np.ndarray | np.generic) else None
+    if arr is None or arr.ndim != 0 or arr.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"global_step must be an integer, got {value!r}")
+    return int(arr)
+
+
+def _check_prefix(prefix: str) -> None:
+    """A prefix must end in a file name: ``P.index`` and ``P.data-*`` are made by appending
+    to it, so ``.``, ``..`` or a trailing slash would put them beside the directory."""
+    name = prefix.rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        ending = f"{name!r}" if name else "a slash"
+        raise InvalidArgumentError(
+            f"cannot save to {prefix!r}: a checkpoint prefix must end in a file name (its files "
+            f"are <prefix>.index and <prefix>.data-*), not in {ending}"
+        )
+
+
 def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:
     """Object arrays are string tensors: every element must be bytes or str."""
     for i, item in enumerate(arr.reshape(-1)):
@@ -653,5 +706,5 @@ def parse_index_or_raise(loc: storage.Location, data: bytes) -> Index:
 def delete_checkpoint_files(loc: storage.Location) -> None:
     """Remove a checkpoint: its index first (so it stops counting), then its data files."""
     storage.remove([loc.with_path(loc.path + ".index")])
-    storage.remove(storage.glob(loc.parent, loc.name + ".data-*-of-*"))
+    storage.remove([f for f, _ in storage.data_files(loc.parent, loc.name)])
     storage.remove([loc.with_path(loc.path + ".meta")])

@@ -56,6 +56,7 @@ from .errors import (
     ShardsaveError,
     UnavailableError,
 )
+from .format import names
 from .io_threads import io_pool, wait_all
 
 PART_BYTES = 8 << 20
@@ -214,7 +215,13 @@ def makedirs(loc: Location) -> None:
     """
     with translate_errors(loc, "creating directory"):
         if loc.is_local:
-            os.makedirs(loc.path, exist_ok=True)
+            try:
+                os.makedirs(loc.path, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidArgumentError(
+                    f"cannot create directory {loc.path}: {_file_in_the_way(loc.path)} is a "
+                    "file, not a directory"
+                ) from None
         elif loc.is_s3:
             bucket = loc.path.split("/", 1)[0]
             try:
@@ -225,19 +232,40 @@ def makedirs(loc: Location) -> None:
             loc.fs.makedirs(loc.path, exist_ok=True)
 
 
-def read_bytes(loc: Location, missing_ok: bool = False) -> bytes | None:
-    """The whole file; None if it does not exist and ``missing_ok`` (a missing S3 bucket
-    still raises :class:`NotFoundError`)."""
+def _file_in_the_way(path: str) -> str:
+    """The deepest existing one of ``path`` and its ancestors (a file, when makedirs failed)."""
+    here = os.path.normpath(path)
+    while not os.path.exists(here) and os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+    return here
+
+
+def read_bytes(loc: Location, missing_ok: bool = False, limit: int | None = None) -> bytes | None:
+    """The whole file, or its first ``limit`` bytes; None if it does not exist and
+    ``missing_ok`` (a missing S3 bucket still raises :class:`NotFoundError`)."""
     with translate_errors(loc, "reading"):
         try:
             if loc.is_local:
                 with open(loc.path, "rb") as f:
-                    return f.read()
-            return loc.fs.cat_file(loc.path)
+                    return f.read() if limit is None else f.read(limit)
+            if limit is None:
+                return loc.fs.cat_file(loc.path)
+            return _read_head(loc, limit)
         except FileNotFoundError as exc:
             if missing_ok and not _missing_bucket(exc):
                 return None
             raise
+
+
+def _read_head(loc: Location, limit: int) -> bytes:
+    """The first ``limit`` bytes of a file on an fsspec filesystem: one ranged GET on S3."""
+    try:
+        return loc.fs.cat_file(loc.path, start=0, end=limit)
+    except OSError as exc:  # S3 answers a range of an empty object with 416 InvalidRange
+        if exc.errno != errno.EINVAL:
+            raise
+    with loc.fs.open(loc.path, "rb") as f:
+        return f.read(limit)
 
 
 class Writer:
@@ -559,7 +587,8 @@ def _mtime(d: dict) -> float | None:
 
 
 def glob(loc: Location, pattern: str) -> list[Location]:
-    """Files in the directory ``loc`` whose names match ``pattern`` (fnmatch)."""
+    """Files in the directory ``loc`` whose names match ``pattern`` (fnmatch). The pattern
+    is a fixed one: a checkpoint's name is never part of it (see :func:`data_files`)."""
     if loc.is_local:
         with translate_errors(loc, "listing"):
             try:
@@ -580,6 +609,38 @@ def scan(loc: Location, pattern: str = "*") -> list[tuple[Location, dict]]:
     ]
 
 
+def data_files(directory: Location, prefix: str) -> list[tuple[Location, dict]]:
+    """The data files of the checkpoint named ``prefix`` (a file name, taken literally)
+    in ``directory``, each with its ``{"size", "mtime"}``: one listing of the directory,
+    names matched exactly (:func:`names.is_data_file_of`), never as a glob."""
+    return [(f, i) for f, i in scan(directory) if names.is_data_file_of(f.name, prefix)]
+
+
+def _normalized(loc: Location) -> str:
+    return os.path.normpath(loc.path) if loc.is_local else loc.path.rstrip("/")
+
+
+def same_path(a: Location, b: Location) -> bool:
+    """Whether ``a`` and ``b`` name the same file (``D/./x`` and ``D/x`` locally)."""
+    return (a.fs is b.fs or a.fs == b.fs) and _normalized(a) == _normalized(b)
+
+
+def is_directly_in(loc: Location, directory: Location) -> bool:
+    """Whether ``loc`` names a file directly inside ``directory`` (same filesystem).
+
+    Local paths are compared normalized, so ``D/../victim/x`` is not in ``D``; on object
+    stores, where ``..`` is an ordinary key segment, a path with a ``.`` or ``..`` segment
+    is never inside.
+    """
+    if loc.fs is not directory.fs and loc.fs != directory.fs:
+        return False
+    if not loc.is_local and any(part in (".", "..") for part in loc.path.split("/")):
+        return False
+    path = _normalized(loc)
+    name = posixpath.basename(path)
+    return name not in ("", ".", "..") and posixpath.dirname(path) == _normalized(directory)
+
+
 def info(loc: Location) -> dict:
     """``{"size": int, "mtime": float or None}`` of a file."""
     with translate_errors(loc, "checking"):
@@ -591,10 +652,10 @@ def info(loc: Location) -> dict:
         return {"size": int(d.get("size") or 0), "mtime": _mtime(d)}
 
 
-def pending_uploads(loc: Location, pattern: str = "*") -> list[tuple[Location, str, float | None]]:
-    """Unfinished S3 multipart uploads of files directly in directory ``loc`` whose names
-    match ``pattern``: ``(location, upload id, start time)``. Their parts are invisible
-    but stored (and billed) until aborted. [] on other filesystems."""
+def pending_uploads(loc: Location) -> list[tuple[Location, str, float | None]]:
+    """Unfinished S3 multipart uploads of files directly in directory ``loc``:
+    ``(location, upload id, start time)``. Their parts are invisible but stored (and
+    billed) until aborted. [] on other filesystems."""
     if not loc.is_s3:
         return []
     bucket, key, _ = loc.fs.split_path(loc.path)
@@ -606,7 +667,7 @@ def pending_uploads(loc: Location, pattern: str = "*") -> list[tuple[Location, s
             page = loc.fs.call_s3("list_multipart_uploads", **kwargs)
             for u in page.get("Uploads", []):
                 name = u["Key"][len(prefix):]
-                if "/" not in name and fnmatch.fnmatchcase(name, pattern):
+                if name and "/" not in name:
                     started = u.get("Initiated")
                     out.append((loc.child(name), u["UploadId"], started.timestamp() if started else None))
             if not page.get("IsTruncated"):

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 from .coding import DecodeError
 
+MAX_STATE_BYTES = 4 << 20
+"""A state file larger than this is not read: it is damaged or not a state file."""
+MAX_STATE_ENTRIES = 10_000
+"""At most this many checkpoint paths (and as many timestamps) in a state file."""
+
 
 @dataclass
 class CheckpointState:
@@ -87,7 +92,11 @@ _LINE = re.compile(r'\s*([A-Za-z_]+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|([-+0-9.eEinfI
 
 
 def decode_state(data: bytes) -> CheckpointState:
-    """Parse the text format; raise DecodeError naming the line that does not parse."""
+    """Parse the text format; raise DecodeError naming the line that does not parse, or
+    if the file is larger than :data:`MAX_STATE_BYTES` or lists more than
+    :data:`MAX_STATE_ENTRIES` paths or timestamps."""
+    if len(data) > MAX_STATE_BYTES:
+        raise DecodeError(f"larger than {MAX_STATE_BYTES} bytes, the most a state file may have")
     state = CheckpointState()
     text = data.decode("utf-8", errors="surrogateescape")
     # split on "\n" only: str.splitlines() would also split at U+2028 and friends,
@@ -113,4 +122,7 @@ def decode_state(data: bytes) -> CheckpointState:
                 raise DecodeError(f"line {lineno}: unexpected field {line.strip()!r}")
         except ValueError as exc:
             raise DecodeError(f"line {lineno}: {exc}") from exc
+        entries = max(len(state.all_model_checkpoint_paths), len(state.all_model_checkpoint_timestamps))
+        if entries > MAX_STATE_ENTRIES:
+            raise DecodeError(f"line {lineno}: more than {MAX_STATE_ENTRIES} checkpoints listed")
     return state
