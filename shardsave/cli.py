@@ -7,8 +7,9 @@ usual AWS chain: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS
 ``AWS_PROFILE``, ``~/.aws``, instance roles.
 
 ``gc`` deletes what failed saves left: data files of checkpoints that have no index, temp
-files of interrupted publishes, and on S3 unfinished multipart uploads of data files. Run
-it when no job is saving to the directory: a save in progress looks the same.
+files of interrupted publishes, and on S3 unfinished multipart uploads of data files, all
+directly in the directory and matched by exact name (never a glob; the state file is not
+read). Run it when no job is saving to the directory: a save in progress looks the same.
 """
 
 from __future__ import annotations
