@@ -263,3 +263,41 @@ def test_global_step_must_be_an_integer(tmp_path):
         assert saver.save(f"{tmp_path}/m", global_step=step) == f"{tmp_path}/m-{want}"
     padded = saver_of(1.0, None, pad_step_number=True)
     assert padded.save(f"{tmp_path}/p", global_step=np.int64(12)) == f"{tmp_path}/p-00000012"
+
+
+# ------------------------------------------------------------------ on 3 ranks
+RANKS_SCRIPT = """
+import sys
+import numpy as np
+import shardsave as ss
+from mpi4py import MPI
+from shardsave.errors import InvalidArgumentError
+
+d, rank, size = sys.argv[1], MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+v = ss.Variable("w", np.zeros(2), global_shape=(2 * size,), offset=(2 * rank,))
+saver = ss.Saver([v])
+for value, prefix in [(1.0, "ckpt"), (2.0, "ck*"), (3.0, "m[1]")]:
+    v.assign(np.full(2, value))
+    saver.save(f"{d}/{prefix}")
+try:
+    saver.save(f"{d}/afile/ckpt")
+except InvalidArgumentError as exc:
+    print(f"rank {rank}: InvalidArgumentError: {exc}", flush=True)
+"""
+
+
+def test_literal_prefixes_and_refused_prefix_on_three_ranks(tmp_path):
+    from faults.common import run_mpi
+
+    (tmp_path / "afile").write_bytes(b"x")
+    proc = run_mpi(3, ["-c", RANKS_SCRIPT, str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(3):
+        assert (
+            f"rank {rank}: InvalidArgumentError: " in proc.stdout
+            and "is a file, not a directory" in proc.stdout
+        )
+    for value, prefix in [(1.0, "ckpt"), (2.0, "ck*"), (3.0, "m[1]")]:
+        assert ss.load_variable(f"{tmp_path}/{prefix}", "w").tolist() == [value] * 6, prefix
+        data = sorted(names.data_files_of(os.listdir(tmp_path), prefix))
+        assert data == [names.data_file_name(prefix, r, 3) for r in range(3)], prefix
