@@ -616,29 +616,38 @@ def data_files(directory: Location, prefix: str) -> list[tuple[Location, dict]]:
     return [(f, i) for f, i in scan(directory) if names.is_data_file_of(f.name, prefix)]
 
 
-def _normalized(loc: Location) -> str:
-    return os.path.normpath(loc.path) if loc.is_local else loc.path.rstrip("/")
+def _where(loc: Location) -> tuple[str, str]:
+    """``(directory, name)`` of a file: locally the directory as the kernel resolves it
+    (symlinks and ``..`` included, so ``D/link/../x`` is where ``link`` points), else as
+    written."""
+    parent, name = posixpath.split(loc.path.rstrip("/"))
+    return (os.path.realpath(parent or "/") if loc.is_local else parent), name
+
+
+def _same_fs(a: Location, b: Location) -> bool:
+    return a.fs is b.fs or a.fs == b.fs
 
 
 def same_path(a: Location, b: Location) -> bool:
     """Whether ``a`` and ``b`` name the same file (``D/./x`` and ``D/x`` locally)."""
-    return (a.fs is b.fs or a.fs == b.fs) and _normalized(a) == _normalized(b)
+    return _same_fs(a, b) and _where(a) == _where(b)
 
 
 def is_directly_in(loc: Location, directory: Location) -> bool:
     """Whether ``loc`` names a file directly inside ``directory`` (same filesystem).
 
-    Local paths are compared normalized, so ``D/../victim/x`` is not in ``D``; on object
-    stores, where ``..`` is an ordinary key segment, a path with a ``.`` or ``..`` segment
-    is never inside.
+    Locally the directories are compared as the kernel resolves them, so neither
+    ``D/../victim/x`` nor ``D/link/../x`` is in ``D``; on object stores, where ``..`` is
+    an ordinary key segment, a path with a ``.`` or ``..`` segment is never inside.
     """
-    if loc.fs is not directory.fs and loc.fs != directory.fs:
+    if not _same_fs(loc, directory):
         return False
     if not loc.is_local and any(part in (".", "..") for part in loc.path.split("/")):
         return False
-    path = _normalized(loc)
-    name = posixpath.basename(path)
-    return name not in ("", ".", "..") and posixpath.dirname(path) == _normalized(directory)
+    parent, name = _where(loc)
+    if name in ("", ".", ".."):
+        return False
+    return parent == (os.path.realpath(directory.path) if directory.is_local else directory.path.rstrip("/"))
 
 
 def info(loc: Location) -> dict:

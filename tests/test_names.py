@@ -142,6 +142,12 @@ def test_retention_never_deletes_outside_its_directory(where):
     d = f"{base}/a/ckpts"
     victims = [f"{base}/victim/x", f"{base}/victim/y", f"{d}/sub/z"]
     listed = ["../../victim/x", f"{base}/victim/y", "sub/z"]
+    if opts is None:  # through a symlink: D/link/../w is where link points, not D/w
+        os.makedirs(f"{base}/victim/inner")
+        os.makedirs(d)
+        os.symlink(f"{base}/victim/inner", f"{d}/link")
+        victims.append(f"{base}/victim/w")
+        listed.append("link/../w")
     for i, prefix in enumerate(victims):
         saver_of(10.0 + i, opts).save(prefix)
     state = "".join(f'all_model_checkpoint_paths: "{p}"\n' for p in listed)
