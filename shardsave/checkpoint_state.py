@@ -11,9 +11,9 @@ import posixpath
 from typing import Any
 
 from . import storage
-from .errors import DataLossError, NotFoundError
+from .errors import DataLossError, InvalidArgumentError, NotFoundError
 from .format.coding import DecodeError
-from .format.state import MAX_STATE_BYTES, CheckpointState, decode_state, encode_state
+from .format.state import MAX_STATE_BYTES, MAX_STATE_ENTRIES, CheckpointState, decode_state, encode_state
 
 __all__ = [
     "CheckpointState",
@@ -154,4 +154,10 @@ def update_checkpoint_state(
         last_preserved_timestamp=last_preserved_timestamp or 0.0,
     )
     loc = storage.resolve(save_dir, storage_options, fs).child(latest_filename or "checkpoint")
-    storage.publish(loc, encode_state(state))
+    data = encode_state(state)
+    if max(len(paths), len(state.all_model_checkpoint_timestamps)) > MAX_STATE_ENTRIES or len(data) > MAX_STATE_BYTES:
+        raise InvalidArgumentError(
+            f"writing {loc.url}: {len(paths)} checkpoints in {len(data)} bytes; a state file holds at "
+            f"most {MAX_STATE_ENTRIES} in {MAX_STATE_BYTES} bytes (readers refuse larger ones)"
+        )
+    storage.publish(loc, data)

@@ -207,6 +207,8 @@ def test_state_file_size_and_entries_are_capped(where):
         ss.latest_checkpoint(d, storage_options=opts)
     with pytest.raises(InvalidArgumentError, match="max_to_keep"):
         saver_of(1.0, opts, max_to_keep=MAX_STATE_ENTRIES + 1)
+    with pytest.raises(InvalidArgumentError, match="a state file holds at most"):  # none that readers refuse
+        ss.update_checkpoint_state(d, "m-1", ["m-0"] * MAX_STATE_ENTRIES, storage_options=opts)
 
 
 # ------------------------------------------------------------------ refused before writing
