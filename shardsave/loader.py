@@ -113,6 +113,11 @@ class DataFiles:
             self._sizes[shard_id] = found
         return found
 
+    def holds(self, entry: BundleEntry) -> bool:
+        """Whether the entry's bytes lie inside its data file, if its size is known already."""
+        size = self._sizes.get(entry.shard_id)
+        return size is not None and entry.offset + entry.size <= size
+
     def check(self, name: str, entry: BundleEntry) -> None:
         """The entry's bytes lie inside its data file."""
         if entry.offset + entry.size > self.size(entry.shard_id, name):
@@ -132,9 +137,14 @@ def stored_dtype(prefix: storage.Location | str, name: str, tf_type: int) -> np.
                             "which is no DataType shardsave can read") from None
 
 
+def shape_ok(shape: tuple[int, ...]) -> bool:
+    """Whether numpy can make an array of this shape (the index may say anything)."""
+    return len(shape) <= MAX_RANK and all(d >= 0 for d in shape) and math.prod(d for d in shape if d) <= MAX_ELEMENTS
+
+
 def check_shape(prefix: storage.Location | str, name: str, shape: tuple[int, ...]) -> None:
-    """A shape numpy can make an array of (the index may say anything)."""
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+    """DataLossError unless ``shape_ok``."""
+    if not shape_ok(shape):
         raise DataLossError(f"{_url(prefix)}.index: tensor {name!r} has shape {list(shape)}, which no array "
                             f"can have (at most {MAX_RANK} dimensions, none negative, {MAX_ELEMENTS} elements)")
 
@@ -165,12 +175,25 @@ def checked_pieces(prefix: storage.Location, index: Index, name: str,
         check_stored_entry(prefix, name, full, Block.whole(full.shape), dtype, files)
         return full, [(Block.whole(full.shape), full)]
     pieces = []
-    for extents, entry in index.pieces[name].items():
-        piece = _piece_block(prefix, name, full, extents, entry)
-        check_stored_entry(prefix, name, entry, piece, dtype, files)
+    shape, rank, itemsize = full.shape, len(full.shape), dtype.itemsize
+    plain = full.dtype != dtypes.DT_STRING
+    for extents, entry in index.pieces[name].items():  # a million pieces may be checked: the common case inline
+        piece = Block(tuple([start for start, _ in extents]), entry.shape)
+        if not (entry.dtype == full.dtype and len(extents) == rank and _fits(extents, entry.shape, shape)):
+            _explain_piece(prefix, name, full, extents, entry)
+        if not (plain and entry.size == math.prod(entry.shape) * itemsize and not entry.block_size
+                and not entry.block_crcs and files.holds(entry)):
+            check_stored_entry(prefix, name, entry, piece, dtype, files)
         pieces.append((piece, entry))
     _check_disjoint(prefix, name, [piece for piece, _ in pieces])
     return full, pieces
+
+
+def _fits(extents, piece_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Extents ``(start, length)`` (length -1: the whole dimension) inside ``shape``, and
+    ``piece_shape`` is their lengths."""
+    return all(n >= 0 and start >= 0 and start + n <= d and (length == n or (length == -1 and start == 0 and n == d))
+               for (start, length), n, d in zip(extents, piece_shape, shape, strict=True))
 
 
 def _check_disjoint(prefix: storage.Location, name: str, pieces: list[Block]) -> None:
@@ -202,7 +225,8 @@ def _check_disjoint(prefix: storage.Location, name: str, pieces: list[Block]) ->
                             f"of tensor {name!r} overlap")
 
 
-def _piece_block(prefix: storage.Location, name: str, full: BundleEntry, extents, entry: BundleEntry) -> Block:
+def _explain_piece(prefix: storage.Location, name: str, full: BundleEntry, extents, entry: BundleEntry) -> None:
+    """Raise the DataLossError that says why a piece does not fit its tensor."""
     where = f"{prefix.url}.index: piece {list(extents)} of tensor {name!r}"
     if entry.dtype != full.dtype:
         raise DataLossError(f"{where} has dtype {dtypes.tf_name(entry.dtype)}, its tensor {dtypes.tf_name(full.dtype)}")
@@ -212,9 +236,7 @@ def _piece_block(prefix: storage.Location, name: str, full: BundleEntry, extents
         if not (length == -1 and start == 0) and not (start >= 0 and length >= 0 and start + length <= dim):
             raise DataLossError(f"{where} does not lie inside the tensor's shape {list(full.shape)}")
     piece = Block.from_extents(extents, full.shape)
-    if tuple(entry.shape) != piece.shape:
-        raise DataLossError(f"{where} has shape {list(entry.shape)}, its extents say {list(piece.shape)}")
-    return piece
+    raise DataLossError(f"{where} has shape {list(entry.shape)}, its extents say {list(piece.shape)}")
 
 
 def check_stored_entry(prefix: storage.Location, name: str, entry: BundleEntry, piece: Block, dtype: np.dtype,
@@ -368,14 +390,17 @@ def _load_small_shard(prefix, file_loc, file_size: int, fields: PlainColumns, wh
     tf_types = fields.dtype[which]
     numpy_of = {}
     for t in set(tf_types.tolist()):
-        first = names[which_list[int(np.flatnonzero(tf_types == t)[0])]]
-        numpy_of[t] = dt = stored_dtype(prefix, first, t)
-        if dt.hasobject:  # never an array of references over file bytes
+        dt = dtypes.to_numpy(t) if t in dtypes.KNOWN else None
+        if dt is None or dt.hasobject:  # never an array of references over file bytes
+            first = names[which_list[int(np.flatnonzero(tf_types == t)[0])]]
+            stored_dtype(prefix, first, t)
             raise DataLossError(f"{file_loc.url}: tensor {first!r} is a string tensor, read as plain bytes")
+        numpy_of[t] = dt
     shapes = [fields.shape[k] for k in which_list]
     count_of = {}
     for shape in set(shapes):
-        check_shape(prefix, names[which_list[shapes.index(shape)]], shape)
+        if not shape_ok(shape):
+            check_shape(prefix, names[which_list[shapes.index(shape)]], shape)
         count_of[shape] = math.prod(shape)
     dts = [numpy_of[t] for t in tf_types.tolist()]
     itemsizes = np.fromiter((dt.itemsize for dt in dts), np.int64, n)
