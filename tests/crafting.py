@@ -83,7 +83,8 @@ class Crafted:
         if e.block_size:
             bs = e.block_size
             fields["block_crcs"] = b"".join(
-                crc.masked_crc32c(data[i : i + bs]).to_bytes(4, "little") for i in range(0, len(data), bs))
+                crc.masked_crc32c(data[i : i + bs]).to_bytes(4, "little") for i in range(0, len(data), bs)
+            )
         return self.set(key, **fields)
 
     def encoded(self) -> bytes:
@@ -133,6 +134,7 @@ def _long_varint(value: int) -> bytes:
 
 # ------------------------------------------------------------------ every reading path
 
+
 def every_path(prefix: str, layouts: dict[str, dict]) -> dict[str, str]:
     """Run every code path that reads ``prefix`` and return, per path, ``"ok"`` or the
     name of the exception class it raised (``"ShardsaveError:<class>"`` for shardsave's).
@@ -144,7 +146,7 @@ def every_path(prefix: str, layouts: dict[str, dict]) -> dict[str, str]:
     import io
 
     import shardsave as ss
-    from shardsave import cli
+    from shardsave import _inspect, cli
     from shardsave.reader import CheckpointReader, list_variables
 
     out: dict[str, str] = {}
@@ -177,15 +179,26 @@ def every_path(prefix: str, layouts: dict[str, dict]) -> dict[str, str]:
         if code != 0:  # an error it caught (anything else escapes): one line, no traceback
             raise ss.ShardsaveError(err.getvalue().strip())
 
+    def inspect_checkpoint() -> None:  # python -m shardsave.inspect_checkpoint, TF's tool
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = _inspect.main(["--file_name", prefix, "--all_tensors"])
+        if code != 0:
+            raise ss.ShardsaveError(err.getvalue().strip())
+
     run("list_variables", lambda: list_variables(prefix))
     run("reader", reader_all)
     run("get_tensor", tensors)
     run("inspect", inspect)
+    run("inspect_checkpoint", inspect_checkpoint)
     for name, spec in layouts.items():
         for in_place in (True, False):
-            run(f"restore:{name}:{'in_place' if in_place else 'new'}",
-                lambda spec=spec, in_place=in_place: ss.Saver(variables(spec), restore_in_place=in_place)
-                .restore(prefix))
+            run(
+                f"restore:{name}:{'in_place' if in_place else 'new'}",
+                lambda spec=spec, in_place=in_place: ss.Saver(
+                    variables(spec), restore_in_place=in_place
+                ).restore(prefix),
+            )
     return out
 
 
@@ -193,8 +206,10 @@ def variables(spec: dict) -> dict:
     """A Saver var_list from ``{name: [(array, global_shape, offset), ...]}``, arrays copied."""
     import shardsave as ss
 
-    return {name: [ss.Variable(name, a.copy(), global_shape=g, offset=o, register=False) for a, g, o in blocks]
-            for name, blocks in spec.items()}
+    return {
+        name: [ss.Variable(name, a.copy(), global_shape=g, offset=o, register=False) for a, g, o in blocks]
+        for name, blocks in spec.items()
+    }
 
 
 # ------------------------------------------------------------------ a checkpoint to craft from
@@ -213,8 +228,12 @@ def emb_value():
 def standard_values() -> dict:
     import numpy as np
 
-    return {"emb": emb_value(), "s": np.array([b"hi", b"", b"tensor"], dtype=object),
-            "small": np.arange(10, dtype=np.float32), "small2": np.arange(6, dtype=np.int64).reshape(2, 3)}
+    return {
+        "emb": emb_value(),
+        "s": np.array([b"hi", b"", b"tensor"], dtype=object),
+        "small": np.arange(10, dtype=np.float32),
+        "small2": np.arange(6, dtype=np.int64).reshape(2, 3),
+    }
 
 
 def save_standard(directory: str) -> str:
@@ -234,19 +253,36 @@ def standard_layouts() -> dict[str, dict]:
     import numpy as np
 
     values = standard_values()
-    base = {name: [(np.zeros_like(v) if v.dtype != object else np.array([b""] * v.size, object).reshape(v.shape),
-                    v.shape, (0,) * v.ndim)] for name, v in values.items() if name != "emb"}
-    return {"same": {**base, "emb": _emb_blocks([0, 256, 512], [0, 1024])},
-            "rows": {**base, "emb": _emb_blocks([0, 384, 512], [0, 1024])},
-            "cols": {**base, "emb": _emb_blocks([0, 512], [0, 768, 1024])}}
+    base = {
+        name: [
+            (
+                np.zeros_like(v) if v.dtype != object else np.array([b""] * v.size, object).reshape(v.shape),
+                v.shape,
+                (0,) * v.ndim,
+            )
+        ]
+        for name, v in values.items()
+        if name != "emb"
+    }
+    return {
+        "same": {**base, "emb": _emb_blocks([0, 256, 512], [0, 1024])},
+        "rows": {**base, "emb": _emb_blocks([0, 384, 512], [0, 1024])},
+        "cols": {**base, "emb": _emb_blocks([0, 512], [0, 768, 1024])},
+    }
 
 
 def _emb_blocks(rows: list[int], cols: list[int], value=None) -> list:
     import numpy as np
 
-    return [(np.zeros((r1 - r0, c1 - c0), np.float32) if value is None else value[r0:r1, c0:c1],
-             EMB_SHAPE, (r0, c0))
-            for r0, r1 in zip(rows, rows[1:], strict=False) for c0, c1 in zip(cols, cols[1:], strict=False)]
+    return [
+        (
+            np.zeros((r1 - r0, c1 - c0), np.float32) if value is None else value[r0:r1, c0:c1],
+            EMB_SHAPE,
+            (r0, c0),
+        )
+        for r0, r1 in zip(rows, rows[1:], strict=False)
+        for c0, c1 in zip(cols, cols[1:], strict=False)
+    ]
 
 
 def every_path_isolated(prefix: str, address_space: int = 3 << 30, timeout: float = 120) -> dict:
@@ -259,14 +295,22 @@ def every_path_isolated(prefix: str, address_space: int = 3 << 30, timeout: floa
     import subprocess
     import sys
 
-    code = ("import json, sys, tracemalloc; sys.path.insert(0, sys.argv[2]); import crafting; "
-            "tracemalloc.start(); out = crafting.every_path(sys.argv[1], crafting.standard_layouts()); "
-            "out['peak_bytes'] = tracemalloc.get_traced_memory()[1]; print(json.dumps(out))")
+    code = (
+        "import json, sys, tracemalloc; sys.path.insert(0, sys.argv[2]); import crafting; "
+        "tracemalloc.start(); out = crafting.every_path(sys.argv[1], crafting.standard_layouts()); "
+        "out['peak_bytes'] = tracemalloc.get_traced_memory()[1]; print(json.dumps(out))"
+    )
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
-    proc = subprocess.run([sys.executable, "-c", code, prefix, os.path.dirname(__file__)], capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=limit, env=os.environ.copy())
+    proc = subprocess.run(
+        [sys.executable, "-c", code, prefix, os.path.dirname(__file__)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+        env=os.environ.copy(),
+    )
     assert proc.returncode == 0, f"the readers died (exit status {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
