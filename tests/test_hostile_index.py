@@ -10,6 +10,8 @@ under an address-space limit (crafting.every_path_isolated).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tracemalloc
 
@@ -286,3 +288,25 @@ def test_the_standard_checkpoint_reads_on_every_path(crafted):
     for name, value in standard_values().items():
         got = reader.get_tensor(name)
         assert got.dtype == value.dtype and got.tolist() == value.tolist()
+
+
+@pytest.mark.parametrize("dtype", [7, 2], ids=["string", "float64"])
+def test_every_rank_of_a_reshard_raises_and_no_variable_changes(crafted, tmp_path, dtype):
+    """Two real ranks restore onto another layout, rank 0 in place: the crafted piece (the
+    one that crashed the rank, or failed it in the fill) is DataLossError on both, before
+    either writes anything."""
+    from faults.common import run_mpi
+
+    e = crafted.get(EMB_PIECE)
+    crafted.set(EMB_PIECE, dtype=dtype, size=2 * e.size if dtype == 7 else e.size).fix_crcs(EMB_PIECE).save()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "ranks"
+    out.mkdir()
+    proc = run_mpi(2, [os.path.join(here, "hostile_restore_rank.py"), crafted.prefix, str(out)], env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for line in lines:
+        assert line["error"].startswith(("DataLossError", "AbortedError")), line
+        assert line["untouched"], line
+    assert any("its tensor float32" in line["error"] for line in lines), lines
