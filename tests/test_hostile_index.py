@@ -310,3 +310,30 @@ def test_every_rank_of_a_reshard_raises_and_no_variable_changes(crafted, tmp_pat
         assert line["error"].startswith(("DataLossError", "AbortedError")), line
         assert line["untouched"], line
     assert any("its tensor float32" in line["error"] for line in lines), lines
+
+
+def test_the_overlap_check_agrees_with_comparing_every_pair():
+    """loader._check_disjoint compares only pieces that overlap along one dimension."""
+    import itertools
+    import random
+
+    from shardsave import loader, storage
+    from shardsave.plan import Block
+
+    rng = random.Random(11)
+    loc = storage.resolve("/nonexistent/m")
+    for _ in range(400):
+        rank = rng.choice([1, 2, 3])
+        pieces = [
+            Block(
+                tuple(rng.randrange(8) for _ in range(rank)), tuple(rng.randrange(0, 4) for _ in range(rank))
+            )
+            for _ in range(rng.randrange(2, 7))
+        ]
+        overlapping = any(a.intersect(b) is not None for a, b in itertools.combinations(pieces, 2))
+        try:
+            loader._check_disjoint(loc, "t", pieces)
+        except ss.DataLossError:
+            assert overlapping, pieces
+        else:
+            assert not overlapping, pieces
