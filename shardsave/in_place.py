@@ -38,6 +38,7 @@ from .errors import DataLossError
 from .format import crc
 from .format.bundle import Index
 from .loader import (
+    DataFiles,
     LoadStats,
     Read,
     Target,
@@ -60,6 +61,9 @@ class InPlaceLoad:
     def __init__(self, prefix: storage.Location, index: Index):
         self.prefix = prefix
         self.index = index
+        self.files = DataFiles(prefix, index)
+        """The data files' sizes, which every planned read is checked against (shared with
+        the restore's other loads, so that each file is looked up once)."""
         self._files: list[_File] = []
         self._slab_bytes = 0
         self._slab_scratch: list[memoryview] = []
@@ -81,7 +85,7 @@ class InPlaceLoad:
         allocate what the second pass needs (so nothing after the check can fail but a read)."""
         jobs: list[Callable[[memoryview], None]] = []
         scratch_bytes = CHECK_CHUNK
-        for file_loc, reads in planned_reads(self.prefix, self.index, targets, stats):
+        for file_loc, reads in planned_reads(self.prefix, self.index, targets, stats, self.files):
             fd = storage.open_local(file_loc)
             f = _File(file_loc, fd, os.fstat(fd))
             self._files.append(f)

@@ -10,10 +10,11 @@ whole large entry and the whole destination is read straight into the destinatio
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -74,7 +75,8 @@ class Read:
 
 
 def stored_pieces(index: Index, name: str) -> tuple[BundleEntry, list[tuple[Block, BundleEntry]]]:
-    """The full entry of ``name`` and its pieces (one whole piece for a plain tensor)."""
+    """The full entry of ``name`` and its pieces (one whole piece for a plain tensor), as
+    stored: nothing checked (``checked_pieces`` checks them)."""
     full = index.entries[name]
     if name in index.pieces:
         pieces = [(Block.from_extents(ext, full.shape), e) for ext, e in index.pieces[name].items()]
@@ -83,11 +85,171 @@ def stored_pieces(index: Index, name: str) -> tuple[BundleEntry, list[tuple[Bloc
     return full, pieces
 
 
+MAX_BLOCK_SIZE = 16 << 20
+"""The largest checksum block a reader accepts (shardsave writes 64 KiB): each read
+thread holds one block at a time, so a crafted size must not make that a GiB."""
+
+
+class DataFiles:
+    """The sizes of a checkpoint's data files, each looked up once (a stat; a HEAD request
+    on an object store), so that every entry can be checked to lie inside its file before
+    anything is allocated or read."""
+
+    def __init__(self, prefix: storage.Location, index: Index):
+        self.prefix = prefix
+        self.index = index
+        self._sizes: dict[int, int] = {}
+
+    def size(self, shard_id: int, name: str) -> int:
+        found = self._sizes.get(shard_id)
+        if found is None:
+            loc = shard_file(self.prefix, self.index, shard_id, name)
+            found = storage.size(loc)
+            if found is None:
+                raise NotFoundError(f"reading {loc.url}: not found (the data file of tensor {name!r})")
+            self._sizes[shard_id] = found
+        return found
+
+    def holds(self, entry: BundleEntry) -> bool:
+        """Whether the entry's bytes lie inside its data file, if its size is known already."""
+        size = self._sizes.get(entry.shard_id)
+        return size is not None and entry.offset + entry.size <= size
+
+    def check(self, name: str, entry: BundleEntry) -> None:
+        """The entry's bytes lie inside its data file."""
+        if entry.offset + entry.size > self.size(entry.shard_id, name):
+            loc = shard_file(self.prefix, self.index, entry.shard_id, name)
+            raise DataLossError(
+                f"{loc.url}: file too short for tensor {name!r}, stored at offset {entry.offset}, "
+                f"{entry.size} bytes: past the end of the file ({self.size(entry.shard_id, name)} bytes)"
+            )
+
+
+def stored_dtype(prefix: storage.Location | str, name: str, tf_type: int) -> np.dtype:
+    """The numpy dtype of a tensor's DataType; DataLossError if shardsave knows no such type."""
+    try:
+        return dtypes.to_numpy(tf_type)
+    except ValueError:
+        raise DataLossError(f"{_url(prefix)}.index: tensor {name!r} has dtype {tf_type}, "
+                            "which is no DataType shardsave can read") from None
+
+
+def shape_ok(shape: tuple[int, ...]) -> bool:
+    """Whether numpy can make an array of this shape (the index may say anything)."""
+    return len(shape) <= MAX_RANK and all(d >= 0 for d in shape) and math.prod(d for d in shape if d) <= MAX_ELEMENTS
+
+
+def check_shape(prefix: storage.Location | str, name: str, shape: tuple[int, ...]) -> None:
+    """DataLossError unless ``shape_ok``."""
+    if not shape_ok(shape):
+        raise DataLossError(f"{_url(prefix)}.index: tensor {name!r} has shape {list(shape)}, which no array "
+                            f"can have (at most {MAX_RANK} dimensions, none negative, {MAX_ELEMENTS} elements)")
+
+
+def _url(prefix: storage.Location | str) -> str:
+    return prefix if isinstance(prefix, str) else prefix.url
+
+
+MAX_RANK = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+"""numpy's limit on dimensions (TF's is 254)."""
+MAX_ELEMENTS = 1 << 59
+"""More elements than this (the non-zero dimensions' product) no array can hold: numpy
+needs ``elements x itemsize`` (up to 16 bytes) to fit in 63 bits."""
+
+
+def checked_pieces(prefix: storage.Location, index: Index, name: str,
+                   files: DataFiles) -> tuple[BundleEntry, list[tuple[Block, BundleEntry]]]:
+    """``stored_pieces``, every piece checked against its tensor before a byte is read:
+    a known dtype, the tensor's dtype and rank, an extent inside its shape, as many bytes
+    as its elements need (and checksum blocks that fit them), inside its data file.
+
+    After this, reading and placing the pieces can fail only on the bytes read (checksums,
+    I/O): the second pass of an in-place restore cannot meet anything it did not check."""
+    full = index.entries[name]
+    dtype = stored_dtype(prefix, name, full.dtype)
+    check_shape(prefix, name, full.shape)
+    if name not in index.pieces:
+        check_stored_entry(prefix, name, full, Block.whole(full.shape), dtype, files)
+        return full, [(Block.whole(full.shape), full)]
+    pieces = []
+    shape, rank, itemsize = full.shape, len(full.shape), dtype.itemsize
+    plain = full.dtype != dtypes.DT_STRING
+    for extents, entry in index.pieces[name].items():  # a million pieces may be checked: the common case inline
+        piece = Block(tuple([start for start, _ in extents]), entry.shape)
+        if not (entry.dtype == full.dtype and len(extents) == rank and _fits(extents, entry.shape, shape)):
+            _explain_piece(prefix, name, full, extents, entry)
+        if not (plain and entry.size == math.prod(entry.shape) * itemsize and not entry.block_size
+                and not entry.block_crcs and files.holds(entry)):
+            check_stored_entry(prefix, name, entry, piece, dtype, files)
+        pieces.append((piece, entry))
+    _check_disjoint(prefix, name, [piece for piece, _ in pieces])
+    return full, pieces
+
+
+def _fits(extents, piece_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Extents ``(start, length)`` (length -1: the whole dimension) inside ``shape``, and
+    ``piece_shape`` is their lengths."""
+    return all(n >= 0 and start >= 0 and start + n <= d and (length == n or (length == -1 and start == 0 and n == d))
+               for (start, length), n, d in zip(extents, piece_shape, shape, strict=True))
+
+
+def _check_disjoint(prefix: storage.Location, name: str, pieces: list[Block]) -> None:
+    """No two pieces share an element (else a region is stored twice and another not at
+    all, and the covered count of a restore would not see it).
+
+    Pieces are sorted along the dimension where their starts differ most, and only those
+    that overlap in it are compared: no pair at all for pieces cut along one dimension,
+    a row of a grid for pieces cut along two."""
+    pieces = [p for p in pieces if p.size]
+    if len(pieces) < 2 or not pieces[0].shape:
+        return
+    lo = np.array([p.offset for p in pieces], np.int64)
+    hi = lo + np.array([p.shape for p in pieces], np.int64)
+    dim = max(range(lo.shape[1]), key=lambda d: len(np.unique(lo[:, d])))
+    order = np.argsort(lo[:, dim], kind="stable")
+    lo, hi = lo[order], hi[order]
+    stop = np.searchsorted(lo[:, dim], hi[:, dim], "left")  # j < stop[i]: j starts before i ends
+    counts = np.maximum(stop - np.arange(len(lo)) - 1, 0)
+    if not counts.any():
+        return
+    first = np.repeat(np.arange(len(lo)), counts)
+    second = first + 1 + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    overlap = ((lo[first] < hi[second]) & (lo[second] < hi[first])).all(axis=1)
+    if overlap.any():
+        k = int(np.flatnonzero(overlap)[0])
+        a, b = (pieces[int(order[i])] for i in (first[k], second[k]))
+        raise DataLossError(f"{prefix.url}.index: pieces {list(a.extents())} and {list(b.extents())} "
+                            f"of tensor {name!r} overlap")
+
+
+def _explain_piece(prefix: storage.Location, name: str, full: BundleEntry, extents, entry: BundleEntry) -> None:
+    """Raise the DataLossError that says why a piece does not fit its tensor."""
+    where = f"{prefix.url}.index: piece {list(extents)} of tensor {name!r}"
+    if entry.dtype != full.dtype:
+        raise DataLossError(f"{where} has dtype {dtypes.tf_name(entry.dtype)}, its tensor {dtypes.tf_name(full.dtype)}")
+    if len(extents) != len(full.shape):
+        raise DataLossError(f"{where} has rank {len(extents)}, its tensor's shape is {list(full.shape)}")
+    for (start, length), dim in zip(extents, full.shape, strict=True):
+        if not (length == -1 and start == 0) and not (start >= 0 and length >= 0 and start + length <= dim):
+            raise DataLossError(f"{where} does not lie inside the tensor's shape {list(full.shape)}")
+    piece = Block.from_extents(extents, full.shape)
+    raise DataLossError(f"{where} has shape {list(entry.shape)}, its extents say {list(piece.shape)}")
+
+
+def check_stored_entry(prefix: storage.Location, name: str, entry: BundleEntry, piece: Block, dtype: np.dtype,
+                files: DataFiles) -> None:
+    """The entry holding ``piece`` of tensor ``name`` has the bytes its elements need,
+    checksum blocks that fit them, and lies inside its data file."""
+    _check_entry_size(prefix, name, entry, piece, dtype)
+    _check_block_crcs(prefix, name, entry)
+    files.check(name, entry)
+
+
 def load(prefix: storage.Location, index: Index, targets: Sequence[Target],
-         stats: LoadStats | None = None) -> LoadStats:
+         stats: LoadStats | None = None, files: DataFiles | None = None) -> LoadStats:
     """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
     stats = stats if stats is not None else LoadStats()
-    for file_loc, shard_reads in planned_reads(prefix, index, targets, stats):
+    for file_loc, shard_reads in planned_reads(prefix, index, targets, stats, files):
         by_rows, buffered = [], []
         for r in shard_reads:
             (by_rows if _by_rows(r) else buffered).append(r)
@@ -134,18 +296,27 @@ def _load_rows(file_loc: storage.Location, r: Read, first: int, count: int, span
     slabs.scatter_rows(r, first, count, data[start - span.start : stop - span.start])
 
 
-def planned_reads(prefix: storage.Location, index: Index, targets: Sequence[Target],
-                  stats: LoadStats) -> list[tuple[storage.Location, list[Read]]]:
-    """The reads that fill ``targets``, grouped by data file (in shard order)."""
-    try:
-        reads = _plan(prefix, index, targets, stats)
-    except DecodeError as exc:  # slice entries are decoded only now (bundle.Pieces)
-        raise DataLossError(f"{prefix.url}.index is damaged: {exc}") from exc
+def planned_reads(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats,
+                  files: DataFiles | None = None) -> list[tuple[storage.Location, list[Read]]]:
+    """The reads that fill ``targets``, grouped by data file (in shard order), every entry
+    they touch checked against its tensor and its data file (``checked_pieces``)."""
+    files = files if files is not None else DataFiles(prefix, index)
+    with index_damage(prefix):  # slice entries are decoded only now (bundle.Pieces)
+        reads = _plan(prefix, index, targets, stats, files)
     by_shard: dict[int, list[Read]] = defaultdict(list)
     for r in reads:
         by_shard[r.entry.shard_id].append(r)
     return [(shard_file(prefix, index, shard_id, shard_reads[0].name), shard_reads)
             for shard_id, shard_reads in sorted(by_shard.items())]
+
+
+@contextlib.contextmanager
+def index_damage(prefix: storage.Location) -> Iterator[None]:
+    """Turn a DecodeError (of slice entries, decoded on first use) into a DataLossError."""
+    try:
+        yield
+    except DecodeError as exc:
+        raise DataLossError(f"{prefix.url}.index is damaged: {exc}") from exc
 
 
 def shard_file(prefix: storage.Location, index: Index, shard_id: int, name: str) -> storage.Location:
@@ -179,7 +350,8 @@ def small_plain_rows(columns: PlainColumns, rows: np.ndarray) -> np.ndarray:
     return columns.plain[rows] & (columns.size[rows] < DIRECT_MIN_BYTES) & (columns.dtype[rows] != dtypes.DT_STRING)
 
 
-def load_small(prefix: storage.Location, index: Index, names: Sequence[str], stats: LoadStats) -> list[np.ndarray]:
+def load_small(prefix: storage.Location, index: Index, names: Sequence[str], stats: LoadStats,
+               files: DataFiles | None = None) -> list[np.ndarray]:
     """New arrays holding the stored tensors ``names`` (each ``is_small_plain``).
 
     Column-wise, for checkpoints of many small tensors: the entries' fields come from the
@@ -199,21 +371,34 @@ def load_small(prefix: storage.Location, index: Index, names: Sequence[str], sta
         e = entries[names[k]]
         fields.dtype[k], fields.shape[k], fields.shard_id[k] = e.dtype, e.shape, e.shard_id
         fields.offset[k], fields.size[k], fields.crc32c[k] = e.offset, e.size, e.crc32c
+    files = files if files is not None else DataFiles(prefix, index)
     out: list[np.ndarray | None] = [None] * n
     for shard_id in np.unique(fields.shard_id).tolist():
         which = np.flatnonzero(fields.shard_id == shard_id)
         file_loc = shard_file(prefix, index, shard_id, names[which[0]])
-        _load_small_shard(file_loc, fields, which, names, out, stats)
+        _load_small_shard(prefix, file_loc, files.size(shard_id, names[which[0]]), fields, which, names, out, stats)
     return out
 
 
-def _load_small_shard(file_loc, fields: PlainColumns, which: np.ndarray, names, out, stats) -> None:
+def _load_small_shard(prefix, file_loc, file_size: int, fields: PlainColumns, which: np.ndarray, names, out,
+                      stats) -> None:
     n = len(which)
     which_list = which.tolist()
     tf_types = fields.dtype[which]
-    numpy_of = {t: dtypes.to_numpy(t) for t in set(tf_types.tolist())}
+    numpy_of = {}
+    for t in set(tf_types.tolist()):
+        dt = dtypes.to_numpy(t) if t in dtypes.KNOWN else None
+        if dt is None or dt.hasobject:  # never an array of references over file bytes
+            first = names[which_list[int(np.flatnonzero(tf_types == t)[0])]]
+            stored_dtype(prefix, first, t)
+            raise DataLossError(f"{file_loc.url}: tensor {first!r} is a string tensor, read as plain bytes")
+        numpy_of[t] = dt
     shapes = [fields.shape[k] for k in which_list]
-    count_of = {shape: math.prod(shape) for shape in set(shapes)}
+    count_of = {}
+    for shape in set(shapes):
+        if not shape_ok(shape):
+            check_shape(prefix, names[which_list[shapes.index(shape)]], shape)
+        count_of[shape] = math.prod(shape)
     dts = [numpy_of[t] for t in tf_types.tolist()]
     itemsizes = np.fromiter((dt.itemsize for dt in dts), np.int64, n)
     starts, sizes, stored = fields.offset[which], fields.size[which], fields.crc32c[which]
@@ -225,9 +410,13 @@ def _load_small_shard(file_loc, fields: PlainColumns, which: np.ndarray, names, 
             f"{file_loc.url}: tensor {names[which_list[j]]!r} has {sizes[j]} bytes stored, its shape "
             f"{list(shapes[j])} of {dts[j]} needs {expected[j]}"
         )
-    if (starts < 0).any():
-        j = int(np.flatnonzero(starts < 0)[0])
-        raise DataLossError(f"{file_loc.url}: tensor {names[which_list[j]]!r} has an impossible offset")
+    past = starts + sizes > file_size  # offsets and sizes are below 2**62 (parse_index)
+    if past.any():
+        j = int(np.flatnonzero(past)[0])
+        raise DataLossError(
+            f"{file_loc.url}: file too short for tensor {names[which_list[j]]!r}, stored at offset {starts[j]}, "
+            f"{sizes[j]} bytes: past the end of the file ({file_size} bytes)"
+        )
     stats.bytes_needed += int(sizes.sum())
     # ranges of entries that touch, cut at about SMALL_RANGE_BYTES
     order = np.argsort(starts, kind="stable")
@@ -261,17 +450,19 @@ def _load_small_shard(file_loc, fields: PlainColumns, which: np.ndarray, names, 
                                   int(stored[j]), int(actual[wrong[0]]))
         odd = (rel % itemsizes[picked] != 0) | (rel == ends)
         for j, x in zip(picked[~odd].tolist(), rel[~odd].tolist(), strict=True):
-            out[which_list[j]] = np.ndarray(shapes[j], dts[j], buf, x)
+            out[which_list[j]] = np.ndarray(shapes[j], dts[j], buf, x)  # dts checked: none is object
         for j, x, y in zip(picked[odd].tolist(), rel[odd].tolist(), ends[odd].tolist(), strict=True):
             # empty, or a view would be misaligned: an array of its own
-            out[which_list[j]] = np.frombuffer(view[x:y], dts[j]).reshape(shapes[j]).copy()
+            out[which_list[j]] = slabs.file_array(view[x:y], shapes[j], dts[j]).copy()
 
     storage.read_ranges(file_loc, [(int(s[a]), memoryview(buf)) for (a, _), buf in zip(bounds, buffers, strict=True)],
                         after=place)
 
 
-def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats) -> list[Read]:
+def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], stats: LoadStats,
+          files: DataFiles) -> list[Read]:
     reads: list[Read] = []
+    checked: dict[str, tuple[BundleEntry, list[tuple[Block, BundleEntry]]]] = {}
     for t in targets:
         full = index.entries.get(t.name)
         if full is None:
@@ -282,11 +473,14 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
             if full.size != size:
                 _check_entry_size(prefix, t.name, full, t.block, t.out.dtype)
             _check_block_crcs(prefix, t.name, full)
+            files.check(t.name, full)
             stats.bytes_needed += size
             reads.append(Read(t, full, t.name, t.block, t.block, Span(0, size),
                                direct=size >= DIRECT_MIN_BYTES, whole=True))
             continue
-        full, pieces = stored_pieces(index, t.name)
+        if t.name not in checked:
+            checked[t.name] = checked_pieces(prefix, index, t.name, files)
+        full, pieces = checked[t.name]
         dtype = dtypes.to_numpy(full.dtype)
         stats.bytes_needed += t.block.size * (dtype.itemsize if full.dtype != dtypes.DT_STRING else 0)
         covered = 0
@@ -298,8 +492,6 @@ def _plan(prefix: storage.Location, index: Index, targets: Sequence[Target], sta
             region = Block(
                 tuple(a - b for a, b in zip(inter.offset, piece.offset, strict=True)), inter.shape
             )
-            _check_entry_size(prefix, t.name, entry, piece, dtype)
-            _check_block_crcs(prefix, t.name, entry)
             if full.dtype == dtypes.DT_STRING or not entry.block_size:
                 span = Span(0, entry.size)
             else:
@@ -347,7 +539,12 @@ def _in_place_body(t: Target, piece: Block, region: Block, inter: Block, entry: 
 
 
 def _check_entry_size(prefix, name: str, entry: BundleEntry, piece: Block, dtype: np.dtype) -> None:
-    if entry.dtype == dtypes.DT_STRING:
+    if entry.dtype == dtypes.DT_STRING:  # a varint length of at least a byte per element, and a CRC
+        if piece.size and entry.size < piece.size + 4:
+            raise DataLossError(
+                f"{prefix.url}.index: string tensor {name!r} has {entry.size} bytes stored, too few "
+                f"for the {piece.size} elements of its shape {list(piece.shape)} (at least {piece.size + 4})"
+            )
         return
     expected = piece.size * dtype.itemsize
     if entry.size != expected:
@@ -358,8 +555,13 @@ def _check_entry_size(prefix, name: str, entry: BundleEntry, piece: Block, dtype
 
 
 def _check_block_crcs(prefix, name: str, entry: BundleEntry) -> None:
-    if not (entry.block_size and entry.block_crcs):
+    if not (entry.block_size or entry.block_crcs):
         return
+    if not 0 < entry.block_size <= MAX_BLOCK_SIZE:
+        raise DataLossError(
+            f"{prefix.url}.index: tensor {name!r} has a crc32c_block_size of {entry.block_size} bytes, "
+            f"outside 1..{MAX_BLOCK_SIZE}"
+        )
     want = 4 * -(-entry.size // entry.block_size)
     if len(entry.block_crcs) != want:
         raise DataLossError(
@@ -543,7 +745,7 @@ def scatter(r: Read) -> None:
     t = r.target
     dest = slabs.region_destination(r)
     data = _span_bytes(r)
-    if r.entry.dtype == dtypes.DT_STRING:
+    if r.strings is not None:  # decoded by the string decoder, which checked them
         src = r.strings[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
         t.out[dest] = src
         return
@@ -551,13 +753,7 @@ def scatter(r: Read) -> None:
     itemsize = dtype.itemsize
     strides = tuple(s * itemsize for s in c_strides(r.piece.shape))
     first = sum(o * s for o, s in zip(r.region.offset, strides, strict=True))
-    src = np.ndarray(
-        r.region.shape,
-        dtype=dtypes.to_numpy(r.entry.dtype),
-        buffer=data,
-        offset=first - r.span.start,
-        strides=strides,
-    )
+    src = slabs.file_array(data, r.region.shape, dtype, offset=first - r.span.start, strides=strides)
     t.out[dest] = src
 
 

@@ -12,7 +12,7 @@ from .checkpoint_state import resolve_checkpoint
 from .comm import Comm
 from .errors import InvalidArgumentError, NotFoundError
 from .format import dtypes
-from .loader import Target, load
+from .loader import DataFiles, Target, check_shape, checked_pieces, index_damage, load, stored_dtype
 from .plan import Block
 from .saver import read_index
 
@@ -51,7 +51,7 @@ class CheckpointReader:
         return {name: list(e.shape) for name, e in self._index.entries.items()}
 
     def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
-        return {name: dtypes.to_numpy(e.dtype) for name, e in self._index.entries.items()}
+        return {name: stored_dtype(self._loc, name, e.dtype) for name, e in self._index.entries.items()}
 
     def get_tensor(self, name: str) -> np.ndarray:
         """The whole tensor, reassembled from its pieces if it was saved sliced."""
@@ -62,14 +62,18 @@ class CheckpointReader:
         """``tensor[index]`` for basic numpy indices (ints and step-1 slices), reading
         only the bytes that region needs."""
         entry = self._full(name)
+        check_shape(self._loc, name, entry.shape)
         block, squeeze = _block_of(entry.shape, index, name)
         out = self._read(name, block)
         return out.reshape([n for n, sq in zip(out.shape, squeeze, strict=True) if not sq])
 
     def _read(self, name: str, block: Block) -> np.ndarray:
-        entry = self._full(name)
-        out = np.empty(block.shape, dtype=dtypes.to_numpy(entry.dtype))
-        stats = load(self._loc, self._index, [Target(name, block, out)])
+        self._full(name)
+        files = DataFiles(self._loc, self._index)
+        with index_damage(self._loc):  # shape, dtype and pieces checked before allocating
+            full, _ = checked_pieces(self._loc, self._index, name, files)
+        out = np.empty(block.shape, dtype=dtypes.to_numpy(full.dtype))
+        stats = load(self._loc, self._index, [Target(name, block, out)], files=files)
         self.bytes_read += stats.bytes_read
         return out
 

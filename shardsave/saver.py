@@ -47,7 +47,17 @@ from .format.coding import DecodeError
 from .format.state import MAX_STATE_ENTRIES
 from .in_place import InPlaceLoad
 from .layout import SaveLayout
-from .loader import LoadStats, Target, data_file_name, is_small_plain, load, load_small, small_plain_rows
+from .loader import (
+    LoadStats,
+    Target,
+    check_shape,
+    data_file_name,
+    is_small_plain,
+    load,
+    load_small,
+    small_plain_rows,
+    stored_dtype,
+)
 from .pending import SaveHandle, register_exit_join
 from .plan import Block, BlockMeta, make_save_plan
 from .staging import StagingBuffers
@@ -488,10 +498,11 @@ class Saver:
         with InPlaceLoad(loc, index) as in_place:
             try:
                 found = self._targets(prefix, index, live=self.restore_in_place and loc.is_local)
-                load(loc, index, found.fresh, stats)
+                files = in_place.files  # each data file's size looked up once
+                load(loc, index, found.fresh, stats, files)
                 in_place.check(found.live, stats)
                 if found.small_names:  # these arrays already have their variables' shapes
-                    small_arrays = load_small(loc, index, found.small_names, stats)
+                    small_arrays = load_small(loc, index, found.small_names, stats, files)
                 self.last_restore_stats = stats
                 updates = [(var, _finish(var, arr)) for var, arr in found.updates]
             except Exception as exc:  # noqa: BLE001
@@ -559,10 +570,7 @@ class Saver:
                 raise NotFoundError(f"{prefix}: variable {name!r} not found in checkpoint{hint}")
             stored = numpy_of.get(full.dtype)
             if stored is None:
-                try:
-                    stored = numpy_of[full.dtype] = dtypes.to_numpy(full.dtype)
-                except ValueError as exc:
-                    raise InvalidArgumentError(f"{prefix}: variable {name!r}: {exc}") from None
+                stored = numpy_of[full.dtype] = stored_dtype(prefix, name, full.dtype)
             if stored != var.dtype and not (dtypes.is_string(stored) and dtypes.is_string(var.dtype)):
                 raise InvalidArgumentError(
                     f"{prefix}: variable {name!r} has dtype {var.dtype}, the checkpoint holds "
@@ -573,6 +581,7 @@ class Saver:
                 found.small_vars.append(var)
                 continue
             if tuple(var.global_shape) != tuple(full.shape):
+                check_shape(prefix, name, full.shape)
                 same_size = math.prod(var.global_shape) == math.prod(full.shape)
                 if not (self.reshape and same_size and not var.is_sliced):
                     raise InvalidArgumentError(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .format import dtypes
+from .errors import DataLossError
 
 if TYPE_CHECKING:
     from .loader import Read
@@ -39,11 +39,20 @@ def rows_span(r: Read, first: int, count: int) -> tuple[int, int]:
 def scatter_rows(r: Read, first: int, count: int, rows: memoryview) -> None:
     """Copy rows ``[first, first + count)`` of ``r``'s region into its target from ``rows``,
     which holds those whole rows as stored."""
-    src = np.ndarray((count, *r.piece.shape[1:]), dtype=dtypes.to_numpy(r.entry.dtype), buffer=rows)
+    src = file_array(rows, (count, *r.piece.shape[1:]), r.target.out.dtype)
     inner = tuple(slice(o, o + n) for o, n in zip(r.region.offset[1:], r.region.shape[1:], strict=True))
     dest = region_destination(r)
     at = dest[0].start + first
     r.target.out[(slice(at, at + count), *dest[1:])] = src[(slice(None), *inner)]
+
+
+def file_array(buffer, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0,
+               strides: tuple[int, ...] | None = None) -> np.ndarray:
+    """An array over bytes read from a data file. Never of dtype object: its elements would
+    be whatever pointers the file's bytes spell (strings go through format/strings.py)."""
+    if dtype.hasobject:
+        raise DataLossError(f"an array of {dtype} cannot be made over stored bytes")
+    return np.ndarray(shape, dtype, buffer, offset, strides)
 
 
 def _row_bytes(r: Read) -> int:

@@ -558,7 +558,7 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
             return found
         if name not in self._counts:
             raise KeyError(name)
-        prefix = b"\x00" + write_string(name.encode("utf-8", errors="surrogateescape"))
+        prefix = b"\x00" + write_string(name.encode("utf-8"))
         out: dict[tuple[Extent, ...], BundleEntry] = {}
         for key, value in self._reader.range(prefix, prefix + b"\xff"):
             try:
@@ -566,7 +566,10 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
             except ValueError as exc:
                 raise DecodeError(f"bad slice key {key!r}: {exc}") from exc
             if key_name == name:
-                out[tuple(extents)] = BundleEntry.decode(value)
+                entry = out[tuple(extents)] = BundleEntry.decode(value)
+                problem = entry_problem(entry)
+                if problem:
+                    raise DecodeError(f"a piece of tensor {name!r}: {problem}")
         if len(out) != self._counts[name]:
             raise DecodeError(
                 f"tensor {name!r}: its entry lists {self._counts[name]} slices, the index holds {len(out)}"
@@ -735,6 +738,7 @@ def parse_index(data: bytes | memoryview) -> Index:
         entry = others[names[i]] = BundleEntry.decode(values[i])
         if entry.slices:
             counts[names[i]] = len(entry.slices)
+    _check_ranges(names, columns, others)
     entries = Entries(names, columns, others)
     if len(entries.row) != len(names):
         raise DecodeError("index holds the same tensor name twice")
@@ -743,13 +747,54 @@ def parse_index(data: bytes | memoryview) -> Index:
     return Index(header, entries, Pieces(reader, counts))
 
 
+FIELD_LIMIT = 1 << 62
+"""Shard ids, offsets, sizes and block sizes at or past this are damage (no file holds
+4 EiB), rejected when the index is parsed, so that sums of two of them fit in an int64."""
+
+
+def entry_problem(entry: BundleEntry) -> str | None:
+    """What makes an entry's integer fields unusable, whatever its tensor (None: nothing)."""
+    if entry.shard_id < FIELD_LIMIT and entry.offset < FIELD_LIMIT and entry.size < FIELD_LIMIT \
+            and entry.block_size < FIELD_LIMIT:
+        return None
+    return (f"shard_id {entry.shard_id}, offset {entry.offset}, size {entry.size} or crc32c_block_size "
+            f"{entry.block_size} is out of range (2**62 or more)")
+
+
+def _check_ranges(names: list[str], columns: PlainColumns, others: dict[str, BundleEntry]) -> None:
+    """``entry_problem`` of every plain and full entry: the plain ones column-wise."""
+    limit = np.uint64(FIELD_LIMIT)
+    bad = columns.plain & ((columns.shard_id >= limit) | (columns.offset >= limit) | (columns.size >= limit))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DecodeError(f"tensor {names[i]!r}: shard_id {int(columns.shard_id[i])}, offset "
+                          f"{int(columns.offset[i])} or size {int(columns.size[i])} is out of range (2**62 or more)")
+    for name, entry in others.items():
+        problem = entry_problem(entry)
+        if problem:
+            raise DecodeError(f"tensor {name!r}: {problem}")
+
+
 def _decode_names(keys: list[bytes]) -> list[str]:
-    """The keys as tensor names (UTF-8; undecodable bytes kept as surrogate escapes):
-    decoded in one call, joined by a byte no name holds, when there is one."""
+    """The keys as tensor names, decoded in one call, joined by a byte no name holds, when
+    there is one. A name that is not UTF-8 is damage: no writer can produce one (TF's and
+    shardsave's names are Python strings), and no caller could print it."""
     joined = b"\x00".join(keys)
-    if joined.count(b"\x00") == len(keys) - 1 and keys:
-        return joined.decode("utf-8", errors="surrogateescape").split("\x00")
-    return [key.decode("utf-8", errors="surrogateescape") for key in keys]
+    try:
+        if joined.count(b"\x00") == len(keys) - 1 and keys:
+            return joined.decode("utf-8").split("\x00")
+        return [key.decode("utf-8") for key in keys]
+    except UnicodeDecodeError:
+        bad = next(key for key in keys if not _is_utf8(key))
+        raise DecodeError(f"tensor name {bad!r} is not UTF-8") from None
+
+
+def _is_utf8(key: bytes) -> bool:
+    try:
+        key.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _explain_slice_mismatch(slice_keys: list[bytes], counts: dict[str, int]) -> None:

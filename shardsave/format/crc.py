@@ -45,9 +45,8 @@ _shift_tables: dict[int, tuple[list[int], ...]] = {}
 def _tables_for(length: int) -> tuple[list[int], ...]:
     tables = _shift_tables.get(length)
     if tables is None:
-        zeros = bytes(length)
-        base = crc32c(zeros, 0)
-        cols = [crc32c(zeros, 1 << bit) ^ base for bit in range(32)]
+        base = _crc_of_zeros(length, 0)
+        cols = [_crc_of_zeros(length, 1 << bit) ^ base for bit in range(32)]
         tables = tuple(
             [_fold(cols[8 * k : 8 * k + 8], b) for b in range(256)] for k in range(4)
         )
@@ -55,6 +54,18 @@ def _tables_for(length: int) -> tuple[list[int], ...]:
             _shift_tables.clear()
         _shift_tables[length] = tables
     return tables
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _crc_of_zeros(length: int, value: int) -> int:
+    """``crc32c(bytes(length), value)`` without making ``length`` bytes (a block size comes
+    from the index, which may say anything)."""
+    view = memoryview(_ZEROS)
+    for start in range(0, length, len(_ZEROS)):
+        value = crc32c(view[: min(len(_ZEROS), length - start)], value)
+    return value
 
 
 def _fold(cols: list[int], byte: int) -> int:

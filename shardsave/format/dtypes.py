@@ -28,6 +28,8 @@ _TF_TYPES: dict[int, tuple[str, np.dtype | None]] = {
     24: ("float8_e5m2", np.dtype(ml_dtypes.float8_e5m2)),
     25: ("float8_e4m3fn", np.dtype(ml_dtypes.float8_e4m3fn)),
 }
+KNOWN = frozenset(_TF_TYPES)
+"""The DataType numbers ``to_numpy`` knows."""
 _FROM_NUMPY = {dt: num for num, (_, dt) in _TF_TYPES.items() if dt is not None}
 
 _BY_ID: dict[int, tuple[object, int]] = {}
