@@ -313,7 +313,7 @@ def read_bytes(loc: Location, missing_ok: bool = False) -> bytes | None:
                 return None
             raise
         except OSError as exc:
-            if exc.errno == errno.EIO:  # the device cannot give back stored bytes
+            if loc.is_local and exc.errno == errno.EIO:  # the disk cannot give back stored bytes
                 raise DataLossError(f"{loc.url}: reading failed: {_os_reason(exc)}") from exc
             raise
 
