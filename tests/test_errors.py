@@ -12,7 +12,8 @@
 The real failures come from a tmpfs mounted in a private mount namespace (``unshare
 --mount``; where that is not allowed, in a user namespace too) and from dropping root.
 Those scenarios run in subprocesses, as this file run as a script:
-``python tests/test_errors.py SCENARIO DIR`` prints one ``RESULT {json}`` line per process.
+``python tests/test_errors.py SCENARIO DIR REPORTS`` leaves one JSON report per process
+in REPORTS.
 """
 
 from __future__ import annotations
@@ -100,19 +101,29 @@ def assert_one_line_error(proc: subprocess.CompletedProcess | tuple, *needles: s
     return lines[0]
 
 
-def results(proc: subprocess.CompletedProcess) -> list[dict]:
-    """The ``RESULT`` lines a scenario printed, one per process."""
-    found = [
-        json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")
-    ]
+@pytest.fixture
+def reports(tmp_path_factory) -> str:
+    """Where scenario processes leave their reports (not on the tmpfs they test, which
+    goes away with them; open to everyone, for the process that drops root)."""
+    path = str(tmp_path_factory.mktemp("reports"))
+    os.chmod(path, 0o777)
+    return path
+
+
+def results(proc: subprocess.CompletedProcess, reports: str) -> list[dict]:
+    """The reports of a scenario's processes (a file each: ranks' stdout can interleave)."""
+    found = []
+    for name in sorted(os.listdir(reports)):
+        with open(os.path.join(reports, name)) as f:
+            found.append(json.load(f))
     assert proc.returncode == 0 and found, (
         f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
     return found
 
 
-def scenario(name: str, directory: str) -> list[str]:
-    return [sys.executable, os.path.abspath(__file__), name, directory]
+def scenario(name: str, directory: str, reports: str) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), name, directory, reports]
 
 
 @functools.cache
@@ -197,8 +208,10 @@ def test_errors_of_several_ranks_combine_into_one_class_with_their_errno():
 
 
 # ------------------------------------------------------------------ real storage failures
-def test_a_full_disk_is_resource_exhausted_with_its_errno_and_keeps_the_old_checkpoint(tmp_path):
-    (out,) = results(run(on_tmpfs(str(tmp_path), "256k", scenario("enospc", str(tmp_path)))))
+def test_a_full_disk_is_resource_exhausted_with_its_errno_and_keeps_the_old_checkpoint(tmp_path, reports):
+    (out,) = results(
+        run(on_tmpfs(str(tmp_path), "256k", scenario("enospc", str(tmp_path), reports))), reports
+    )
     err = out["error"]
     assert err["cls"] == "ResourceExhaustedError" and err["errno"] == errno.ENOSPC and err["oserror"]
     data = f"{tmp_path}/m-2.data-00000-of-00001"
@@ -206,11 +219,19 @@ def test_a_full_disk_is_resource_exhausted_with_its_errno_and_keeps_the_old_chec
     assert out["latest"] == f"{tmp_path}/m-1" and not out["index_2"] and out["restored"]
 
 
-def test_a_full_disk_on_one_of_two_ranks_is_the_same_class_and_errno_on_both(tmp_path):
+def test_a_full_disk_on_one_of_two_ranks_is_the_same_class_and_errno_on_both(tmp_path, reports):
     if MPIEXEC is None:
         pytest.fail("mpiexec not found: install the 'mpi' extra (the mpich wheel)")
-    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", *scenario("enospc_ranks", str(tmp_path))[1:]]
-    outs = results(run(on_tmpfs(str(tmp_path), "256k", cmd)))
+    cmd = [
+        MPIEXEC,
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "mpi4py",
+        *scenario("enospc_ranks", str(tmp_path), reports)[1:],
+    ]
+    outs = results(run(on_tmpfs(str(tmp_path), "256k", cmd)), reports)
     assert sorted(o["rank"] for o in outs) == [0, 1]
     for out in outs:
         err = out["error"]
@@ -222,8 +243,8 @@ def test_a_full_disk_on_one_of_two_ranks_is_the_same_class_and_errno_on_both(tmp
     assert outs[0]["error"] == outs[1]["error"]
 
 
-def test_a_read_only_filesystem_denies_saving_and_gc_but_restores_and_lists(tmp_path):
-    (out,) = results(run(on_tmpfs(str(tmp_path), "1m", scenario("erofs", str(tmp_path)))))
+def test_a_read_only_filesystem_denies_saving_and_gc_but_restores_and_lists(tmp_path, reports):
+    (out,) = results(run(on_tmpfs(str(tmp_path), "1m", scenario("erofs", str(tmp_path), reports))), reports)
     err = out["error"]
     assert err["cls"] == "PermissionDeniedError" and err["errno"] == errno.EROFS and err["permission"]
     assert "m-2" in err["message"] and "Read-only file system" in err["message"]
@@ -238,12 +259,15 @@ def test_a_read_only_filesystem_denies_saving_and_gc_but_restores_and_lists(tmp_
     assert out["gc_dry_run"][0] == 0 and "old-3.data-00000-of-00001" in out["gc_dry_run"][1]
 
 
-def test_no_permission_is_permission_denied_with_eacces(tmp_path):
+def test_no_permission_is_permission_denied_with_eacces():
     """As root, permissions are not checked: the scenario drops to nobody after saving."""
-    base = tempfile.mkdtemp()  # under /tmp, which nobody may enter (tmp_path's parents are 0700)
+    base = tempfile.mkdtemp()  # in /tmp, which nobody may enter (tmp_path's parents are 0700)
     try:
+        reports = os.path.join(base, "reports")
+        os.mkdir(reports)
+        os.chmod(reports, 0o777)
         os.chmod(base, 0o755)
-        (out,) = results(run(scenario("eacces", base)))
+        (out,) = results(run(scenario("eacces", base, reports)), reports)
     finally:
         with contextlib.suppress(OSError):
             os.chmod(os.path.join(base, "ckpt"), 0o755)
@@ -423,9 +447,9 @@ def test_wrong_secret_unknown_key_and_missing_permission_are_told_apart(s3_serve
 
 
 # ------------------------------------------------------------------ without MPI
-def test_without_an_mpi_library_one_process_saves_restores_and_runs_the_cli(tmp_path):
+def test_without_an_mpi_library_one_process_saves_restores_and_runs_the_cli(tmp_path, reports):
     env = dict(os.environ, **NO_MPI)
-    (out,) = results(run(scenario("no_mpi", str(tmp_path)), env=env))
+    (out,) = results(run(scenario("no_mpi", str(tmp_path), reports), env=env), reports)
     assert out["mpi4py"].startswith("cannot load MPI library")  # the situation is real
     assert out["size"] == 1 and out["restored"] and out["batch_script"] == 1
     for name in ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "MV2_COMM_WORLD_SIZE"):
@@ -437,11 +461,13 @@ def test_without_an_mpi_library_one_process_saves_restores_and_runs_the_cli(tmp_
     assert out["inspect"][0] == 0 and "w  float64  [6]" in out["inspect"][1]
 
 
-def test_a_multi_rank_launch_without_an_mpi_library_is_a_clear_error(tmp_path):
+def test_a_multi_rank_launch_without_an_mpi_library_is_a_clear_error(tmp_path, reports):
     if MPIEXEC is None:
         pytest.fail("mpiexec not found: install the 'mpi' extra (the mpich wheel)")
     env = dict(os.environ, **NO_MPI)
-    outs = results(run([MPIEXEC, "-n", "2", *scenario("no_mpi_ranks", str(tmp_path))], env=env))
+    outs = results(
+        run([MPIEXEC, "-n", "2", *scenario("no_mpi_ranks", str(tmp_path), reports)], env=env), reports
+    )
     assert len(outs) == 2
     for out in outs:
         err = out["error"]
@@ -570,5 +596,7 @@ def _scenario_no_mpi_ranks(d: str) -> dict:
 
 
 if __name__ == "__main__":
-    _name, _directory = sys.argv[1], sys.argv[2]
-    print("RESULT " + json.dumps(globals()[f"_scenario_{_name}"](_directory)), flush=True)
+    _name, _directory, _reports = sys.argv[1:4]
+    _report = json.dumps(globals()[f"_scenario_{_name}"](_directory))
+    with open(os.path.join(_reports, f"{os.getpid()}.json"), "w") as _f:
+        _f.write(_report)
