@@ -21,7 +21,10 @@ from .errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     ShardsaveError,
+    StorageError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from .initializers import (
@@ -66,9 +69,12 @@ __all__ = [
     "NotFoundError",
     "PartitionedVariable",
     "PermissionDeniedError",
+    "ResourceExhaustedError",
     "SaveHandle",
     "Saver",
     "ShardsaveError",
+    "StorageError",
+    "UnauthenticatedError",
     "UnavailableError",
     "Variable",
     "checkpoint_exists",

@@ -6,12 +6,14 @@ return them as a user would pass them back: joined to the directory path or URL.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import re
 from typing import Any
 
 from . import storage
-from .errors import DataLossError, InvalidArgumentError, NotFoundError
+from .errors import DataLossError, InvalidArgumentError, NotFoundError, StorageError
 from .format.coding import DecodeError
 from .format.state import MAX_STATE_BYTES, MAX_STATE_ENTRIES, CheckpointState, decode_state, encode_state
 
@@ -62,8 +64,10 @@ def get_checkpoint_state(
     try:
         # a missing S3 bucket still raises; one byte past the cap tells that it is too big
         data = storage.read_bytes(loc, missing_ok=True, limit=MAX_STATE_BYTES + 1)
-    except IsADirectoryError:
-        return None
+    except StorageError as exc:  # "checkpoint" is a directory, or checkpoint_dir a file
+        if exc.errno in (errno.EISDIR, errno.ENOTDIR):
+            return None
+        raise
     if data is None:
         return None
     try:
@@ -115,10 +119,21 @@ def resolve_checkpoint(ckpt: str | os.PathLike, *, storage_options: dict | None 
     latest = latest_checkpoint(ckpt, storage_options=storage_options, fs=fs)
     if latest is not None:
         return latest
-    raise NotFoundError(
-        f"no checkpoint found at {ckpt!r}: neither {ckpt}.index nor a directory with a "
-        "'checkpoint' state file naming a committed checkpoint"
-    )
+    raise NotFoundError(f"no checkpoint found at {ckpt!r}: " + (
+        _file_hint(ckpt, storage_options, fs)
+        or f"neither {ckpt}.index nor a directory with a 'checkpoint' state file naming a committed checkpoint"
+    ))
+
+
+_CHECKPOINT_FILE = re.compile(r"(.+)(\.index|\.data-\d+-of-\d+)")
+
+
+def _file_hint(ckpt: str, storage_options: dict | None, fs: Any) -> str:
+    """A hint when ``ckpt`` names one file of a checkpoint instead of its prefix."""
+    match = _CHECKPOINT_FILE.fullmatch(ckpt)
+    if match is None or not checkpoint_exists(match.group(1), storage_options=storage_options, fs=fs):
+        return ""
+    return f"it is a file of checkpoint {match.group(1)!r}; pass the prefix, without {match.group(2)!r}"
 
 
 def update_checkpoint_state(

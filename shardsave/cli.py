@@ -26,7 +26,7 @@ import numpy as np
 
 from . import storage
 from .checkpoint_state import get_checkpoint_state
-from .errors import InvalidArgumentError, ShardsaveError
+from .errors import InvalidArgumentError, NotFoundError, ShardsaveError
 from .format import dtypes, names
 from .reader import CheckpointReader
 
@@ -95,9 +95,19 @@ def cmd_inspect(args, options) -> None:
     print(f"# Total number of params: {total}")
 
 
+def _directory(directory: str, options) -> storage.Location:
+    """``directory`` resolved; a local one must exist and be a directory (on S3 every
+    prefix is a directory, an empty one when nothing is stored under it)."""
+    loc = storage.resolve(directory, options)
+    if loc.is_local and not os.path.isdir(loc.path):
+        problem = "not a directory" if os.path.exists(loc.path) else "no such directory"
+        raise NotFoundError(f"{directory}: {problem}")
+    return loc
+
+
 def _checkpoints(directory: str, options) -> list[dict]:
     """The committed checkpoints of ``directory``, from one listing of it."""
-    files = storage.scan(storage.resolve(directory, options))
+    files = storage.scan(_directory(directory, options))
     data_bytes: dict[str, int] = {}
     for f, i in files:
         parsed = names.parse_data_file_name(f.name)
@@ -142,7 +152,7 @@ def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tup
     (``<prefix>.data-SSSSS-of-NNNNN``, ``<prefix>.index.tmp<hex>``, ``checkpoint.tmp<hex>``)
     are candidates; the state file is not read, so nothing outside is ever touched.
     """
-    loc = storage.resolve(directory, options)
+    loc = _directory(directory, options)
     files = [f for f, _ in storage.scan(loc)]
     committed = {f.name[: -len(".index")] for f in files if f.name.endswith(".index")}
 
@@ -175,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = storage_options_from(args.storage_options)
         {"inspect": cmd_inspect, "ls": cmd_ls, "gc": cmd_gc}[args.command](args, options)
-    except ShardsaveError as exc:
-        print(f"shardsave {args.command}: error: {exc}", file=sys.stderr)
+    except (ShardsaveError, OSError) as exc:  # OSError: a backend's, should one escape
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"shardsave {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
 

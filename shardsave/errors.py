@@ -35,8 +35,39 @@ class AbortedError(ShardsaveError, RuntimeError):
     """A collective call failed on another rank, so this rank gave up too."""
 
 
-class PermissionDeniedError(ShardsaveError, PermissionError):
-    """Storage refused access (credentials, bucket policy)."""
+class StorageError(ShardsaveError, OSError):
+    """The filesystem or object store failed an operation: no space, read-only, an I/O
+    error on write, a directory where a file was expected...
+
+    ``errno``, ``strerror`` and ``filename`` are the operating system's (``errno.ENOSPC``,
+    "No space left on device", the path or URL); ``errno`` is None where the store gave
+    none. A restore that cannot read stored bytes raises :class:`DataLossError` instead.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
+                 filename: str | None = None):
+        super().__init__(message)
+        self.errno, self.strerror, self.filename = errno, strerror, filename
+
+    def __str__(self) -> str:  # OSError would print "[Errno n] strerror: filename"
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):
+        return type(self), (str(self), self.errno, self.strerror, self.filename)
+
+
+class PermissionDeniedError(StorageError, PermissionError):
+    """Storage refused access: file permissions (EACCES, EPERM), a read-only filesystem
+    (EROFS, as TensorFlow maps it), S3 credentials or policy."""
+
+
+class UnauthenticatedError(PermissionDeniedError):
+    """The store does not accept the credentials themselves: none found, an unknown
+    access key, a wrong secret, an expired token (S3 says which in the message)."""
+
+
+class ResourceExhaustedError(StorageError):
+    """Storage is full: no space left on the device (ENOSPC) or a quota reached (EDQUOT)."""
 
 
 class UnavailableError(ShardsaveError, ConnectionError):
@@ -50,6 +81,9 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ResourceExhaustedError",
     "ShardsaveError",
+    "StorageError",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -699,7 +699,9 @@ def read_index_bytes(loc: storage.Location) -> bytes:
     index_loc = loc.with_path(loc.path + ".index")
     try:
         return storage.read_bytes(index_loc)
-    except NotFoundError:
+    except NotFoundError as exc:
+        if storage.missing_bucket(exc):  # the bucket's name is wrong, not the checkpoint's
+            raise
         raise NotFoundError(
             f"no checkpoint at {loc.url}: {index_loc.url} does not exist"
         ) from None

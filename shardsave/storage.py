@@ -53,7 +53,10 @@ from .errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     ShardsaveError,
+    StorageError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from .format import names
@@ -135,20 +138,85 @@ def resolve(
     return Location(fs, path)
 
 
-def _missing_bucket(exc: BaseException) -> bool:
-    """Whether an S3 error (as s3fs translated it) says the bucket does not exist."""
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code (``NoSuchBucket``, ``AccessDenied``, ``403``...) of an error as
+    s3fs translated it (the botocore error is in its chain), or None."""
     seen = 0
     e: BaseException | None = exc
     while e is not None and seen < 5:
         response = getattr(e, "response", None)
-        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "NoSuchBucket":
-            return True
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
         e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
+    return None
+
+
+def missing_bucket(exc: BaseException) -> bool:
+    """Whether an S3 error (as s3fs translated it) says the bucket does not exist."""
+    return _s3_code(exc) == "NoSuchBucket"
 
 
 def _bucket_of(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+_S3_DENIALS = {
+    "InvalidAccessKeyId": "the access key ID is not known to the store",
+    "SignatureDoesNotMatch": "the secret key does not match the access key ID",
+    "AccessDenied": "the credentials are valid but not allowed to do this (bucket or IAM policy)",
+    "ExpiredToken": "the session token has expired",
+    "InvalidToken": "the session token is not valid",
+}
+"""S3 error codes that say why a request was refused: the first two and the tokens mean
+the credentials themselves are wrong (:class:`UnauthenticatedError`)."""
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError"}
+_DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}  # as TensorFlow's errno mapping
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _why_forbidden(location: Location | str, exc: BaseException) -> str | None:
+    """The S3 code of a refusal. A HEAD request's 403 has no body to say why, so ask
+    again with a GET of one byte, whose answer says it (only ever on this error path)."""
+    code = _s3_code(exc)
+    if code not in ("403", "Forbidden") or not isinstance(location, Location) or not location.is_s3:
+        return code
+    bucket, key, _ = location.fs.split_path(location.path)
+    try:
+        if key:
+            location.fs.call_s3("get_object", Bucket=bucket, Key=key, Range="bytes=0-0")
+        else:
+            location.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+    except Exception as again:  # noqa: BLE001 - only its code is wanted
+        return _s3_code(again) or code
+    return code
+
+
+def _denied(location: Location | str, url: str, action: str, exc: BaseException) -> PermissionDeniedError:
+    if exc.errno in _DENIED_ERRNOS and not _s3_code(exc):  # a local file (or any OS call)
+        return PermissionDeniedError(f"{action} {url}: {_os_reason(exc)}", exc.errno, exc.strerror, url)
+    code = _why_forbidden(location, exc)
+    reason = _S3_DENIALS.get(code or "")
+    cls = UnauthenticatedError if code in _S3_DENIALS and code != "AccessDenied" else PermissionDeniedError
+    detail = f"{reason} (S3 {code})" if reason else str(exc)
+    return cls(f"{action} {url}: permission denied: {detail}", errno.EACCES, "Permission denied", url)
+
+
+def _os_reason(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the system's words and the errno's name."""
+    name = errno.errorcode.get(exc.errno or -1)
+    words = exc.strerror or str(exc)
+    return f"{words} ({name})" if name else words
+
+
+def _storage_error(url: str, action: str, exc: OSError) -> StorageError:
+    """The shardsave error for an operating-system error of ``action`` on ``url``,
+    keeping its errno: permissions and read-only filesystems, full disks, the rest."""
+    cls = StorageError
+    if exc.errno in _DENIED_ERRNOS:
+        cls = PermissionDeniedError
+    elif exc.errno in _FULL_ERRNOS:
+        cls = ResourceExhaustedError
+    return cls(f"{action} {url}: {_os_reason(exc)}", exc.errno, exc.strerror, url)
 
 
 @contextlib.contextmanager
@@ -160,18 +228,24 @@ def translate_errors(location: Location | str, action: str) -> Iterator[None]:
     except ShardsaveError:
         raise
     except FileNotFoundError as exc:
-        if _missing_bucket(exc):
+        if missing_bucket(exc):
             raise NotFoundError(f"{action} {url}: bucket {_bucket_of(url)!r} does not exist") from exc
         raise NotFoundError(f"{action} {url}: not found ({exc})") from exc
     except PermissionError as exc:
-        raise PermissionDeniedError(f"{action} {url}: permission denied ({exc})") from exc
+        raise _denied(location, url, action, exc) from exc
     except Exception as exc:
         # botocore's EndpointConnectionError and friends: the store cannot be reached
         # (wrong endpoint, network down) after the client's own retries
         if type(exc).__name__ in _UNREACHABLE or isinstance(exc, ConnectionError):
             raise UnavailableError(f"{action} {url}: storage unreachable: {exc}") from exc
-        if isinstance(exc, OSError) and exc.errno is not None:  # EIO, ENOSPC, EDQUOT...: name the file
-            raise OSError(exc.errno, f"{action} {url}: {exc.strerror or exc}") from exc
+        if type(exc).__name__ in _NO_CREDENTIALS:
+            raise UnauthenticatedError(
+                f"{action} {url}: no S3 credentials found ({exc}): set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or pass storage_options key and secret",
+                errno.EACCES, "Permission denied", url,
+            ) from exc
+        if isinstance(exc, OSError):  # ENOSPC, EROFS, EIO, EISDIR...: name the file, keep errno
+            raise _storage_error(url, action, exc) from exc
         raise
 
 
@@ -202,7 +276,7 @@ def size(loc: Location) -> int | None:
             _fresh(loc)
             return int(loc.fs.size(loc.path))
         except FileNotFoundError as exc:
-            if _missing_bucket(exc):
+            if missing_bucket(exc):
                 raise
             return None
 
@@ -252,8 +326,12 @@ def read_bytes(loc: Location, missing_ok: bool = False, limit: int | None = None
                 return loc.fs.cat_file(loc.path)
             return _read_head(loc, limit)
         except FileNotFoundError as exc:
-            if missing_ok and not _missing_bucket(exc):
+            if missing_ok and not missing_bucket(exc):
                 return None
+            raise
+        except OSError as exc:
+            if loc.is_local and exc.errno == errno.EIO:  # the disk cannot give back stored bytes
+                raise DataLossError(f"{loc.url}: reading failed: {_os_reason(exc)}") from exc
             raise
 
 
@@ -501,14 +579,15 @@ def publish(loc: Location, data: bytes, fsync: bool = True, *, exclusive: bool =
 def fsync_dir(loc: Location) -> None:
     if not loc.is_local:
         return
-    fd = os.open(loc.path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some filesystems refuse fsync on directories
-        if exc.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+    with translate_errors(loc, "syncing directory"):
+        fd = os.open(loc.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some filesystems refuse fsync on directories
+            if exc.errno not in (errno.EINVAL, errno.EBADF):
+                raise
+        finally:
+            os.close(fd)
 
 
 def remove(locs: Sequence[Location]) -> None:
@@ -544,9 +623,11 @@ def _delete_objects(locs: list[Location]) -> None:
             for err in out.get("Errors", []):
                 url = f"s3://{bucket}/{err.get('Key')}"
                 if err.get("Code") == "AccessDenied":
-                    raise PermissionDeniedError(f"deleting {url}: permission denied ({err.get('Message')})")
+                    raise PermissionDeniedError(f"deleting {url}: permission denied ({err.get('Message')})",
+                                                errno.EACCES, "Permission denied", url)
                 if err.get("Code") != "NoSuchKey":
-                    raise OSError(errno.EIO, f"deleting {url}: {err.get('Code')}: {err.get('Message')}")
+                    raise StorageError(f"deleting {url}: {err.get('Code')}: {err.get('Message')}",
+                                       errno.EIO, err.get("Message"), url)
 
 
 def _listing(loc: Location) -> list[dict]:
@@ -569,7 +650,7 @@ def _listing(loc: Location) -> list[dict]:
         try:
             entries = loc.fs.ls(loc.path, detail=True)
         except FileNotFoundError as exc:
-            if _missing_bucket(exc):
+            if missing_bucket(exc):
                 raise
             return []
         return [
