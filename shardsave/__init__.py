@@ -17,6 +17,7 @@ from .checkpoint_state import (
 from .errors import (
     AbortedError,
     DataLossError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -59,6 +60,7 @@ __all__ = [
     "CheckpointReader",
     "CheckpointState",
     "DataLossError",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "Graph",
     "InvalidArgumentError",

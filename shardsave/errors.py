@@ -35,6 +35,10 @@ class AbortedError(ShardsaveError, RuntimeError):
     """A collective call failed on another rank, so this rank gave up too."""
 
 
+class DeadlineExceededError(ShardsaveError, TimeoutError):
+    """A collective step waited ``timeout`` seconds for ranks that did not arrive."""
+
+
 class PermissionDeniedError(ShardsaveError, PermissionError):
     """Storage refused access (credentials, bucket policy)."""
 
@@ -46,6 +50,7 @@ class UnavailableError(ShardsaveError, ConnectionError):
 __all__ = [
     "AbortedError",
     "DataLossError",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",

@@ -1,0 +1,71 @@
+"""Run under mpiexec: one rank (the last) never makes a collective call the others make.
+
+``--case save|restore|constructor``. Every other rank prints one line per outcome
+(``rank R: <ErrorClass> after S s: <message>``) that tests/test_ranks.py checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import shardsave as ss
+
+TIMEOUT = 2.0
+
+
+def report(rank: int, start: float, exc: BaseException) -> None:
+    print(f"rank {rank}: {type(exc).__name__} after {time.monotonic() - start:.1f} s: {exc}", flush=True)
+
+
+def variables(rank: int, size: int) -> dict:
+    ss.reset_default_graph()
+    block = ss.Variable("rows", dtype=np.float32, shape=(2, 4), global_shape=(2 * size, 4), offset=(2 * rank, 0))
+    block.assign(np.full((2, 4), rank, np.float32))
+    return {"rows": block}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--case", choices=["save", "restore", "constructor"], required=True)
+    args = parser.parse_args()
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    absent = size - 1
+    prefix = os.path.join(args.dir, "ckpt")
+    if args.case == "constructor":
+        end = time.monotonic() + TIMEOUT + 1.5  # absent, but alive, until the others have given up
+        if rank != absent:
+            start = time.monotonic()
+            try:
+                ss.Saver(variables(rank, size), timeout=TIMEOUT)
+                print(f"rank {rank}: constructed", flush=True)
+            except ss.ShardsaveError as exc:
+                report(rank, start, exc)
+        time.sleep(max(0.0, end - time.monotonic()))
+        os._exit(0)  # the others' duplication of COMM_WORLD never completes: skip MPI_Finalize
+    saver = ss.Saver(variables(rank, size), timeout=TIMEOUT)
+    if args.case == "restore":
+        saver.save(prefix)
+    if rank == absent:
+        return
+    start = time.monotonic()
+    try:
+        saver.save(prefix + "-2") if args.case == "save" else saver.restore(prefix)
+        print(f"rank {rank}: {args.case} returned", flush=True)
+    except ss.ShardsaveError as exc:
+        report(rank, start, exc)
+    start = time.monotonic()
+    try:  # the communicator is broken now: refused at once
+        saver.save(prefix + "-3")
+    except ss.ShardsaveError as exc:
+        report(rank, start, exc)
+
+
+if __name__ == "__main__":
+    main()
