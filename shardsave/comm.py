@@ -49,12 +49,14 @@ class _Report(NamedTuple):
     key: dict | None  # what every rank must agree on (first step), e.g. the prefix
     error: tuple[str, str] | None  # (class name, message)
     gives_up_at: float | None  # wall-clock time at which this rank stops waiting
+    flag: bool  # for all_true
 
 
 class _Verdict(NamedTuple):
-    call: str
-    step: int
+    call: str  # the receiver's call and step it answers; step 0: sent to a rank that was
+    step: int  # missing, which will find it when (if ever) it arrives
     error: tuple[str, str] | None  # (class name in shardsave.errors, message); None: go on
+    all_true: bool  # whether every rank's flag was true
 
 
 class Comm:
@@ -69,6 +71,7 @@ class Comm:
         self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
         self.timeout = timeout
         self.call = "a shardsave call"
+        self._what = self.call  # of the last agree, for the steps that have none of their own
         self._step = 0
         self._broken: str | None = None  # why, once a deadline passed
         self._sends: list[Any] = []  # verdict/report sends not yet known complete
@@ -129,9 +132,9 @@ class Comm:
         """Whether ``flag`` holds on every rank."""
         if self._comm is None:
             return flag
-        from mpi4py import MPI
-
-        return self._usable().allreduce(bool(flag), op=MPI.LAND)
+        # a step of its own, bounded like agree: it is the first collective of the background
+        # part of a non-blocking save, which a rank that failed to stage never reaches
+        return self._round(None, self._what, None, bool(flag))
 
     def barrier(self) -> None:
         if self._comm is not None:
@@ -148,16 +151,32 @@ class Comm:
             if error is not None:
                 raise error
             return
+        self._what = what
+        self._round(error, what, key, True)
+
+    def _round(self, error: BaseException | None, what: str, key: dict | None, flag: bool) -> bool:
+        """One bounded step: report to the coordinator, get its verdict; raise its error or
+        return whether every rank's ``flag`` was true."""
         self._usable(what)
         self._step += 1
         now = time.time()
         gives_up_at = None if self.timeout is None else now + self.timeout + _grace(self.timeout)
-        report = _Report(self.rank, self.call, self._step, what, key,
-                         None if error is None else _describe(error), gives_up_at)
+        report = _Report(
+            self.rank,
+            self.call,
+            self._step,
+            what,
+            key,
+            None if error is None else _describe(error),
+            gives_up_at,
+            flag,
+        )
         self._prune_sends()
-        verdict_error = self._coordinate(report) if self.is_coordinator else self._await_verdict(report)
+        verdict_error, all_true = (
+            self._coordinate(report) if self.is_coordinator else self._await_verdict(report)
+        )
         if verdict_error is None:
-            return
+            return all_true
         kind, message = verdict_error
         cls = getattr(errors, kind, None)
         if not (isinstance(cls, type) and issubclass(cls, errors.ShardsaveError)):
@@ -167,7 +186,7 @@ class Comm:
         raise cls(message) from error
 
     # ------------------------------------------------------------------ agree's parts
-    def _coordinate(self, mine: _Report) -> tuple[str, str] | None:
+    def _coordinate(self, mine: _Report) -> tuple[tuple[str, str] | None, bool]:
         """Collect every rank's report (or give up at the deadline), decide, tell them all."""
         from mpi4py import MPI
 
@@ -182,12 +201,15 @@ class Comm:
 
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         _poll(all_arrived, deadline)
-        verdict = _Verdict(mine.call, mine.step, _decide(mine, reports, self.size, self.timeout))
+        error = _decide(mine, reports, self.size, self.timeout)
+        all_true = all(r.flag for r in reports.values())
         for rank in range(1, self.size):  # the missing too: one that arrives late learns at once
-            self._sends.append(comm.isend(verdict, dest=rank, tag=VERDICT_TAG))
-        return verdict.error
+            report = reports.get(rank)
+            stamp = (report.call, report.step) if report else (mine.call, 0)
+            self._sends.append(comm.isend(_Verdict(*stamp, error, all_true), dest=rank, tag=VERDICT_TAG))
+        return error, all_true
 
-    def _await_verdict(self, mine: _Report) -> tuple[str, str] | None:
+    def _await_verdict(self, mine: _Report) -> tuple[tuple[str, str] | None, bool]:
         comm = self._comm
         self._sends.append(comm.isend(mine, dest=0, tag=REPORT_TAG))
         got: list[_Verdict] = []
@@ -201,15 +223,21 @@ class Comm:
         waited = None if self.timeout is None else self.timeout + _grace(self.timeout)
         _poll(verdict_arrived, None if waited is None else time.monotonic() + waited)
         if not got:
-            return "DeadlineExceededError", (
-                f"{mine.what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} "
-                f"within {waited:g} s"
-            )
+            return (
+                "DeadlineExceededError",
+                (
+                    f"{mine.what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} "
+                    f"within {waited:g} s"
+                ),
+            ), False
         verdict = got[0]
         if (verdict.call, verdict.step) != (mine.call, mine.step):  # left from a step this rank missed
             kind, message = verdict.error or ("DeadlineExceededError", "the other ranks gave up")
-            return kind, f"{mine.what}: the other ranks gave up waiting for this rank earlier: {message}"
-        return verdict.error
+            return (
+                kind,
+                f"{mine.what}: the other ranks gave up waiting for this rank earlier: {message}",
+            ), False
+        return verdict.error, verdict.all_true
 
     # --------------------------------------------------------------------- plumbing
     def _usable(self, what: str | None = None) -> Any:
@@ -275,7 +303,9 @@ def _ranks(ranks: list[int]) -> str:
     return ", ".join(map(str, sorted(ranks)))
 
 
-def _decide(mine: _Report, reports: dict[int, _Report], size: int, timeout: float | None) -> tuple[str, str] | None:
+def _decide(
+    mine: _Report, reports: dict[int, _Report], size: int, timeout: float | None
+) -> tuple[str, str] | None:
     """The coordinator's verdict: None if every rank arrived, at the same step, agreeing on
     the key, without error; else the error (class name, message) every rank raises."""
     what = mine.what
@@ -285,7 +315,9 @@ def _decide(mine: _Report, reports: dict[int, _Report], size: int, timeout: floa
             f"{what}: rank(s) {_ranks(missing)} did not {_expected(mine.call, mine.step)} within {timeout:g} s"
         )
     now = time.time()
-    late = [r.rank for r in reports.values() if r.gives_up_at is not None and now + LATE_MARGIN > r.gives_up_at]
+    late = [
+        r.rank for r in reports.values() if r.gives_up_at is not None and now + LATE_MARGIN > r.gives_up_at
+    ]
     if late:  # they stopped waiting for this coordinator: going on would leave them behind
         return "DeadlineExceededError", (
             f"{what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} before rank(s) "
@@ -295,8 +327,10 @@ def _decide(mine: _Report, reports: dict[int, _Report], size: int, timeout: floa
     for r in reports.values():
         steps.setdefault((r.call, r.step), []).append(r.rank)
     if len(steps) > 1:
-        detail = "; ".join(f"rank(s) {_ranks(ranks)}: {call} (step {step}: {reports[ranks[0]].what})"
-                           for (call, step), ranks in sorted(steps.items(), key=lambda kv: min(kv[1])))
+        detail = "; ".join(
+            f"rank(s) {_ranks(ranks)}: {call} (step {step}: {reports[ranks[0]].what})"
+            for (call, step), ranks in sorted(steps.items(), key=lambda kv: min(kv[1]))
+        )
         return "InvalidArgumentError", f"{what}: the ranks are not in the same collective call: {detail}"
     disagreement = _key_disagreement(reports)
     if disagreement:
@@ -314,14 +348,19 @@ def _decide(mine: _Report, reports: dict[int, _Report], size: int, timeout: floa
 def _key_disagreement(reports: dict[int, _Report]) -> str:
     """``"prefix: rank 0 '/d/ckpt-1', rank(s) 1, 2 '/d/ckpt-2'"`` for every field that differs."""
     keys = {rank: r.key or {} for rank, r in reports.items()}
-    fields = sorted({f for key in keys.values() for f in key}, key=lambda f: (f != "prefix" and f != "path", f))
+    fields = sorted(
+        {f for key in keys.values() for f in key}, key=lambda f: (f != "prefix" and f != "path", f)
+    )
     parts = []
     for field in fields:
         values: dict[str, list[int]] = {}
         for rank in sorted(keys):
             values.setdefault(repr(keys[rank].get(field)), []).append(rank)
         if len(values) > 1:
-            parts.append(f"{field}: " + ", ".join(f"rank(s) {_ranks(ranks)} {value}" for value, ranks in values.items()))
+            parts.append(
+                f"{field}: "
+                + ", ".join(f"rank(s) {_ranks(ranks)} {value}" for value, ranks in values.items())
+            )
     return "; ".join(parts)
 
 

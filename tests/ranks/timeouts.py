@@ -1,7 +1,8 @@
 """Run under mpiexec: one rank (the last) never makes a collective call the others make.
 
-``--case save|restore|constructor``. Every other rank prints one line per outcome
-(``rank R: <ErrorClass> after S s: <message>``) that tests/test_ranks.py checks.
+``--case save|restore|constructor``. Every other rank R writes one line per outcome,
+``<ErrorClass> after S s: <message>``, to ``DIR/rank-R.out`` (not to stdout, where mpiexec
+may interleave the ranks' lines), which tests/test_ranks.py checks.
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ import shardsave as ss
 TIMEOUT = 2.0
 
 
+OUT = ""
+
+
+def say(rank: int, line: str) -> None:
+    with open(os.path.join(OUT, f"rank-{rank}.out"), "a") as f:
+        f.write(line.replace("\n", " ") + "\n")
+
+
 def report(rank: int, start: float, exc: BaseException) -> None:
-    print(f"rank {rank}: {type(exc).__name__} after {time.monotonic() - start:.1f} s: {exc}", flush=True)
+    say(rank, f"{type(exc).__name__} after {time.monotonic() - start:.1f} s: {exc}")
 
 
 def variables(rank: int, size: int) -> dict:
     ss.reset_default_graph()
-    block = ss.Variable("rows", dtype=np.float32, shape=(2, 4), global_shape=(2 * size, 4), offset=(2 * rank, 0))
+    block = ss.Variable(
+        "rows", dtype=np.float32, shape=(2, 4), global_shape=(2 * size, 4), offset=(2 * rank, 0)
+    )
     block.assign(np.full((2, 4), rank, np.float32))
     return {"rows": block}
 
@@ -34,17 +45,20 @@ def main() -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--case", choices=["save", "restore", "constructor"], required=True)
     args = parser.parse_args()
+    global OUT
+    OUT = args.dir
+    os.makedirs(OUT, exist_ok=True)
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     absent = size - 1
     prefix = os.path.join(args.dir, "ckpt")
     if args.case == "constructor":
-        end = time.monotonic() + TIMEOUT + 1.5  # absent, but alive, until the others have given up
+        end = time.monotonic() + TIMEOUT + 3  # absent, but alive, until the others have given up
         if rank != absent:
             start = time.monotonic()
             try:
                 ss.Saver(variables(rank, size), timeout=TIMEOUT)
-                print(f"rank {rank}: constructed", flush=True)
+                say(rank, "constructed")
             except ss.ShardsaveError as exc:
                 report(rank, start, exc)
         time.sleep(max(0.0, end - time.monotonic()))
@@ -57,7 +71,7 @@ def main() -> None:
     start = time.monotonic()
     try:
         saver.save(prefix + "-2") if args.case == "save" else saver.restore(prefix)
-        print(f"rank {rank}: {args.case} returned", flush=True)
+        say(rank, f"{args.case} returned")
     except ss.ShardsaveError as exc:
         report(rank, start, exc)
     start = time.monotonic()
