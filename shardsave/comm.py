@@ -20,6 +20,7 @@ be at different steps, so the communicator is marked broken and refuses further 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -34,6 +35,11 @@ MAX_PAUSE = 0.01
 """Longest sleep between two polls while waiting, for the first second; then LONG_PAUSE.
 Ranks often outnumber cores, so waiting must not spin."""
 LONG_PAUSE = 0.05
+SPIN = 0.05
+"""For this long (seconds) a waiting rank polls without sleeping, only yielding its core
+(as MPICH's own blocking calls do): on a busy machine a sleep's wake-up costs milliseconds,
+and most agrees find every rank there within a few. Measured on 2 loaded cores, 2-8 ranks:
+an agree costs about what the all-gather it replaces did with this, 5-50x more with 2 ms."""
 LATE_MARGIN = 0.25
 """A rank whose give-up time is nearer than this (seconds) counts as gone: the verdict
 might not reach it in time."""
@@ -274,6 +280,9 @@ def _poll(ready: Callable[[], bool], deadline: float | None) -> bool:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return False
+        if now - start < SPIN:  # the others are usually about to arrive: yield, do not sleep
+            os.sched_yield()
+            continue
         pause = min(pause * 2, MAX_PAUSE if now - start < 1.0 else LONG_PAUSE)
         if deadline is not None:
             pause = min(pause, max(deadline - now, 0.0))
