@@ -171,6 +171,7 @@ def restored(prefix: str) -> dict[str, np.ndarray]:
         "rows": ss.Variable("rows", dtype=np.float32, shape=(2 * RANKS, 4)),
         "shared": ss.Variable("shared", dtype=np.float64, shape=(3,)),
         "rng": ss.Variable("rng", dtype=np.int64, shape=(2,)),
+        "per_rank": ss.Variable("per_rank", dtype=np.int64, shape=(RANKS, 2)),
     }
     ss.Saver(variables).restore(prefix)
     return {name: v.value for name, v in variables.items()}
@@ -183,6 +184,7 @@ def test_replicas_that_agree_save_fine(disagree):
     assert values["rng"].tolist() == [7, 1]
     assert values["shared"].tolist() == [0.0, 1.0, 2.0]
     assert values["rows"][:, 0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert values["per_rank"].tolist() == [[0, 0], [1, 10], [2, 20]]  # every rank's own row
 
 
 def test_check_replicas_false_stores_one_ranks_copy(disagree):

@@ -22,7 +22,8 @@ RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
 
 
 def variables(rng_value: int = 7) -> dict:
-    """``rows`` sharded by rows; ``shared`` and ``rng`` held whole by every rank."""
+    """``rows`` sharded by rows; ``shared`` and ``rng`` held whole by every rank;
+    ``per_rank`` one row per rank (README: per-rank state has a leading rank axis)."""
     ss.reset_default_graph()
     rows = ss.Variable(
         "rows", dtype=np.float32, shape=(2, 4), global_shape=(2 * SIZE, 4), offset=(2 * RANK, 0)
@@ -32,7 +33,10 @@ def variables(rng_value: int = 7) -> dict:
     shared.assign(np.arange(3.0))
     rng = ss.Variable("rng", dtype=np.int64, shape=(2,))
     rng.assign(np.array([rng_value, 1], np.int64))
-    return {"rows": rows, "shared": shared, "rng": rng}
+    per_rank = ss.Variable(
+        "per_rank", np.array([[RANK, 10 * RANK]]), global_shape=(SIZE, 2), offset=(RANK, 0)
+    )
+    return {"rows": rows, "shared": shared, "rng": rng, "per_rank": per_rank}
 
 
 def outcome(case: str, fn) -> None:
