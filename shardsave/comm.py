@@ -355,22 +355,23 @@ def _decide(
 
 
 def _key_disagreement(reports: dict[int, _Report]) -> str:
-    """``"prefix: rank 0 '/d/ckpt-1', rank(s) 1, 2 '/d/ckpt-2'"`` for every field that differs."""
-    keys = {rank: r.key or {} for rank, r in reports.items()}
+    """``"prefix: rank(s) 0 '/d/ckpt-1', rank(s) 1, 2 '/d/ckpt-2'"`` for every field that
+    differs (the prefix or path first; ``location``, where it leads, only if they agree)."""
+    keys = {rank: reports[rank].key or {} for rank in sorted(reports)}
+    first = ("prefix", "path", "location")
     fields = sorted(
-        {f for key in keys.values() for f in key}, key=lambda f: (f != "prefix" and f != "path", f)
+        {f for key in keys.values() for f in key}, key=lambda f: (first.index(f) if f in first else 3, f)
     )
-    parts = []
+    parts = {}
     for field in fields:
         values: dict[str, list[int]] = {}
-        for rank in sorted(keys):
-            values.setdefault(repr(keys[rank].get(field)), []).append(rank)
+        for rank, key in keys.items():
+            values.setdefault(repr(key.get(field)), []).append(rank)
         if len(values) > 1:
-            parts.append(
-                f"{field}: "
-                + ", ".join(f"rank(s) {_ranks(ranks)} {value}" for value, ranks in values.items())
-            )
-    return "; ".join(parts)
+            parts[field] = ", ".join(f"rank(s) {_ranks(ranks)} {value}" for value, ranks in values.items())
+    if "location" in parts and ("prefix" in parts or "path" in parts):
+        del parts["location"]
+    return "; ".join(f"{field}: {detail}" for field, detail in parts.items())
 
 
 def _describe(error: BaseException) -> tuple[str, str]:

@@ -253,7 +253,7 @@ class Saver:
         self._comm.begin("Saver.save")
         prefix = self._prefix(save_path, global_step)
         loc = self._resolve(prefix)
-        arrays, metas = self._checked_arrays(prefix, self._save_key(prefix, latest_filename, write_state, blocking))
+        arrays, metas = self._checked_arrays(prefix, self._save_key(prefix, loc, latest_filename, write_state, blocking))
         if blocking:
             return self._plan_write_commit(prefix, loc, arrays, metas, latest_filename, write_state)
         if self._comm.size > 1 and not self._comm.thread_multiple:
@@ -290,10 +290,11 @@ class Saver:
                 handle._error_seen = True
                 raise handle._error
 
-    def _save_key(self, prefix: str, latest_filename, write_state, blocking) -> dict:
-        """What every rank must pass alike to ``save``: the prefix and every option that
-        changes what is written (compared in step 1, before anything is)."""
-        return {"prefix": prefix, "latest_filename": latest_filename, "write_state": bool(write_state),
+    def _save_key(self, prefix: str, loc: storage.Location, latest_filename, write_state, blocking) -> dict:
+        """What every rank must pass alike to ``save``: the prefix (as given, and where it
+        leads: a relative one on ranks with different working directories) and every option
+        that changes what is written (compared in step 1, before anything is)."""
+        return {"prefix": prefix, "location": loc.url, "latest_filename": latest_filename, "write_state": bool(write_state),
                 "blocking": bool(blocking), "fsync": self.fsync, "max_to_keep": self.max_to_keep,
                 "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
                 "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas}
@@ -480,7 +481,7 @@ class Saver:
         prefix = os.fspath(save_path)
         what = f"restoring {prefix}"
         loc = self._resolve(prefix)
-        index = read_index(loc, comm, what, key={"path": prefix})
+        index = read_index(loc, comm, what, key={"path": prefix, "location": loc.url})
         err = None
         found = _Found([], [], [], [], [])
         stats = LoadStats()

@@ -135,7 +135,7 @@ def test_ranks_with_different_prefixes_write_nothing(disagree):
 
 
 def test_ranks_with_different_options_or_paths_write_nothing(disagree):
-    _, cases, _ = disagree
+    directory, cases, _ = disagree
     assert same_error_on_every_rank(cases, "option") == (
         "InvalidArgumentError: Saver.save: the ranks disagree on write_state: rank(s) 0, 2 True, "
         "rank(s) 1 False; every rank must pass the same; nothing was written"
@@ -147,6 +147,12 @@ def test_ranks_with_different_options_or_paths_write_nothing(disagree):
     assert "ckpt-1', rank(s) 2 '" in message and message.endswith(
         "ckpt-9'; every rank must pass the same; nothing was written"
     )
+    message = same_error_on_every_rank(cases, "cwd")
+    assert message.startswith(
+        "InvalidArgumentError: Saver.save: the ranks disagree on location: rank(s) 0 '/"
+    )
+    assert "cwd-0/rel/ckpt-5', rank(s) 1 '" in message and "cwd-2/rel/ckpt-5'; every rank" in message
+    assert not any(os.listdir(os.path.join(directory, f"cwd-{rank}")) for rank in range(RANKS))
     message = same_error_on_every_rank(cases, "call")
     assert "the ranks are not in the same collective call: rank(s) 0, 1: Saver.save" in message
     assert "rank(s) 2: Saver.restore" in message

@@ -74,6 +74,12 @@ def main() -> None:
     outcome("path", lambda: saver.restore(prefix + ("-1" if RANK != 2 else "-9")))
     outcome("call", lambda: saver.restore(prefix + "-1") if RANK == 2 else saver.save(prefix, global_step=4))
     files("after", os.path.dirname(prefix))
+    # one relative prefix, but every rank in another working directory: another place each
+    home = os.getcwd()
+    os.makedirs(os.path.join(args.dir, f"cwd-{RANK}"))
+    os.chdir(os.path.join(args.dir, f"cwd-{RANK}"))
+    outcome("cwd", lambda: saver.save("rel/ckpt", global_step=5))
+    os.chdir(home)
     outcome("restore", lambda: saver.restore(prefix + "-1"))  # still usable, still intact
 
     replicas = os.path.join(args.dir, "replicas", "ckpt")
