@@ -197,3 +197,48 @@ def test_check_replicas_false_stores_one_ranks_copy(disagree):
     directory, cases, _ = disagree
     assert [cases[("unchecked", rank)] for rank in range(RANKS)] == ["OK"] * RANKS
     assert restored(os.path.join(directory, "unchecked", "ckpt"))["rng"].tolist() in ([7, 1], [8, 1])
+
+
+def test_the_plan_lists_every_replicated_block_and_who_writes_it():
+    from shardsave.plan import Block, BlockMeta, make_save_plan
+
+    def meta(name, offset, shape, global_shape):
+        return BlockMeta(name, 1, global_shape, Block(offset, shape), 4 * int(np.prod(shape)))
+
+    whole = meta("w", (0,), (4,), (4,))
+    top, bottom = meta("t", (0, 0), (2, 2), (4, 2)), meta("t", (2, 0), (2, 2), (4, 2))
+    empty = meta("e", (0,), (0,), (0,))
+    metas = [[top, whole, empty], [top, whole, empty], [bottom, whole, empty]]
+    plan = make_save_plan(metas)
+    assert plan.replicas == [("t", top.block), ("w", whole.block)]  # not the empty one
+    holders, writers = {}, {}
+    for rank, items in enumerate(plan.replica_items):
+        for number, index, pos in items:
+            assert metas[rank][index].name == plan.replicas[number][0]
+            holders.setdefault(number, []).append(rank)
+            if pos >= 0:  # this rank writes it: the write at pos is that item
+                assert (plan.writes[rank][pos].name, plan.writes[rank][pos].index) == (
+                    metas[rank][index].name,
+                    index,
+                )
+                writers.setdefault(number, []).append(rank)
+    assert holders == {0: [0, 1], 1: [0, 1, 2]}
+    assert sorted(writers) == [0, 1] and all(len(ranks) == 1 for ranks in writers.values())
+
+
+def test_the_coordinator_names_the_differing_block_and_ranks():
+    from shardsave.plan import Block, SavePlan
+    from shardsave.saver import checked_replicas
+
+    plan = SavePlan([[], [], []], {}, [("t", Block((2, 0), (2, 2))), ("w", Block((0,), (4,)))])
+    gathered = [(b"p0", 1, [(0, 5), (1, 9)]), (b"p1", 2, [(0, 6), (1, 9)]), (b"p2", 3, [(1, 9)])]
+    with pytest.raises(ss.InvalidArgumentError) as info:
+        checked_replicas("/d/ck", plan, gathered)
+    message = str(info.value)
+    assert message.startswith(
+        "saving /d/ck: variable 't' (block at offset [2, 0]) differs between the ranks that "
+        "hold it: rank(s) 0 value A, rank(s) 1 value B; nothing was committed"
+    )
+    assert "'w'" not in message
+    gathered[1] = (b"p1", 2, [(0, 5), (1, 9)])
+    assert checked_replicas("/d/ck", plan, gathered) == [(b"p0", 1), (b"p1", 2), (b"p2", 3)]
