@@ -30,13 +30,11 @@ def matches(stdout: str, pattern: str) -> list[tuple[str, ...]]:
     return [m.groups() for line in stdout.splitlines() if (m := re.match(pattern, line))]
 
 
-def run_timeouts(case: str, tmp_path) -> dict[int, list[str]]:
+def run_timeouts(case: str, tmp_path, absent: int = RANKS - 1) -> dict[int, list[str]]:
     """Each waiting rank's printed outcomes: ``{rank: [line, ...]}``."""
-    proc = run_mpi(
-        RANKS,
-        [os.path.join(HERE, "ranks", "timeouts.py"), "--dir", str(tmp_path), "--case", case],
-        timeout=60,
-    )
+    script = os.path.join(HERE, "ranks", "timeouts.py")
+    args = [script, "--dir", str(tmp_path), "--case", case, "--absent", str(absent)]
+    proc = run_mpi(RANKS, args, timeout=60)
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     # after a constructor's timeout the ranks leave without MPI_Finalize (their duplication
     # of COMM_WORLD never completes), which mpiexec may report as a kill
@@ -46,7 +44,7 @@ def run_timeouts(case: str, tmp_path) -> dict[int, list[str]]:
         path = tmp_path / f"rank-{rank}.out"
         if path.exists():
             lines[rank] = path.read_text().splitlines()
-    assert sorted(lines) == list(range(RANKS - 1)), log  # the absent rank says nothing
+    assert sorted(lines) == [r for r in range(RANKS) if r != absent], log  # the absent rank says nothing
     return lines
 
 
@@ -68,6 +66,16 @@ def test_a_rank_that_never_calls_makes_the_others_raise_after_the_timeout(case, 
         assert "unusable since an earlier collective step timed out" in lines[1], lines[1]
     if case == "save":
         assert not [n for n in os.listdir(tmp_path) if n.startswith("ckpt-2")]
+
+
+def test_a_coordinator_that_never_calls_is_named_by_the_others(tmp_path):
+    for lines in run_timeouts("save", tmp_path, absent=0).values():
+        match = re.match(r"DeadlineExceededError after ([\d.]+) s: (.*)", lines[0])
+        assert match, lines
+        # they wait for the coordinator's verdict a grace longer: 2 + 2 s
+        assert 2 * TIMEOUT - 0.1 <= float(match.group(1)) < 2 * TIMEOUT + 5, lines[0]
+        assert match.group(2).endswith("ckpt-2: rank 0 (the coordinator) did not call Saver.save within 4 s")
+        assert "unusable since an earlier collective step timed out" in lines[1], lines[1]
 
 
 def test_constructing_a_saver_is_bounded_by_the_timeout(tmp_path):

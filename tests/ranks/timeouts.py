@@ -1,4 +1,4 @@
-"""Run under mpiexec: one rank (the last) never makes a collective call the others make.
+"""Run under mpiexec: one rank (``--absent``, default the last) never makes a collective call the others make.
 
 ``--case save|restore|constructor``. Every other rank R writes one line per outcome,
 ``<ErrorClass> after S s: <message>``, to ``DIR/rank-R.out`` (not to stdout, where mpiexec
@@ -44,13 +44,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
     parser.add_argument("--case", choices=["save", "restore", "constructor"], required=True)
+    parser.add_argument(
+        "--absent", type=int, default=-1, help="the rank that does not call (default: the last)"
+    )
     args = parser.parse_args()
     global OUT
     OUT = args.dir
     os.makedirs(OUT, exist_ok=True)
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    absent = size - 1
+    absent = args.absent % size
     prefix = os.path.join(args.dir, "ckpt")
     if args.case == "constructor":
         end = time.monotonic() + TIMEOUT + 3  # absent, but alive, until the others have given up
