@@ -50,7 +50,7 @@ from .pending import SaveHandle, register_exit_join
 from .plan import Block, BlockMeta, make_save_plan
 from .staging import StagingBuffers
 from .variables import PartitionedVariable, Variable, global_variables
-from .writer import entry_crc, write_data_file
+from .writer import entry_crcs, write_data_file
 
 VarList = Mapping[str, Any] | Iterable[Any] | None
 
@@ -294,10 +294,12 @@ class Saver:
         """What every rank must pass alike to ``save``: the prefix (as given, and where it
         leads: a relative one on ranks with different working directories) and every option
         that changes what is written (compared in step 1, before anything is)."""
-        return {"prefix": prefix, "location": loc.url, "latest_filename": latest_filename, "write_state": bool(write_state),
-                "blocking": bool(blocking), "fsync": self.fsync, "max_to_keep": self.max_to_keep,
-                "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
-                "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas}
+        return {
+            "prefix": prefix, "location": loc.url, "latest_filename": latest_filename,
+            "write_state": bool(write_state), "blocking": bool(blocking), "fsync": self.fsync,
+            "max_to_keep": self.max_to_keep, "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
+            "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas,
+        }
 
     def _checked_arrays(self, prefix: str, key: dict | None = None):
         """Step 1: list and check this rank's blocks; every rank raises if any rank failed
@@ -362,10 +364,12 @@ class Saver:
         out = None
         masks: list[int] = []
         copies = ReplicaCrcs(replicas)  # of the copies another rank writes, while this one writes
+        replica_crcs: list[tuple[int, int]] = []
         try:
             out = storage.Writer(data_loc, fsync=self.fsync)
             entries = write_data_file(out, *todo, comm.rank, masks)
             out.close()
+            replica_crcs = copies.result(masks)
         except Exception as exc:  # noqa: BLE001
             err = exc
             if out is not None:
@@ -376,7 +380,6 @@ class Saver:
             storage.remove([data_loc])
             raise
 
-        replica_crcs = copies.result(masks)
         gathered = comm.gather((encode_rank_part(*entries, plan.sliced), out.written if out else 0, replica_crcs))
         err = None
         timestamp = time.time()
@@ -658,26 +661,26 @@ class ReplicaCrcs:
     def __init__(self, replicas: list[tuple[int, np.ndarray, int]]):
         self._replicas = replicas
         self._copies: dict[int, int] = {}
+        self._error: BaseException | None = None
         self._thread = None
         if any(pos < 0 for _, _, pos in replicas):
             self._thread = threading.Thread(target=self._compute, name="shardsave-replica-crcs", daemon=True)
             self._thread.start()
 
     def _compute(self) -> None:
-        for number, array, pos in self._replicas:
-            if pos < 0:
-                self._copies[number] = entry_crc(array)
+        try:
+            copies = [(number, array) for number, array, pos in self._replicas if pos < 0]
+            self._copies = dict(zip([n for n, _ in copies], entry_crcs([a for _, a in copies]), strict=True))
+        except Exception as exc:  # noqa: BLE001 - raised by result()
+            self._error = exc
 
     def result(self, masks: list[int]) -> list[tuple[int, int]]:
-        """``masks``: the entry CRCs of this rank's writes (empty if its write failed)."""
+        """``masks``: the entry CRCs of this rank's writes, which must have succeeded."""
         if self._thread is not None:
             self._thread.join()
-        out = []
-        for number, _, pos in self._replicas:
-            crc = self._copies.get(number) if pos < 0 else (masks[pos] if pos < len(masks) else None)
-            if crc is not None:
-                out.append((number, crc))
-        return out
+        if self._error is not None:
+            raise self._error
+        return [(number, self._copies[number] if pos < 0 else masks[pos]) for number, _, pos in self._replicas]
 
 
 def checked_replicas(prefix: str, plan, gathered: list[tuple]) -> list[tuple]:
@@ -689,13 +692,14 @@ def checked_replicas(prefix: str, plan, gathered: list[tuple]) -> list[tuple]:
             holders.setdefault(number, {}).setdefault(crc, []).append(rank)
     differ = [(number, by_crc) for number, by_crc in sorted(holders.items()) if len(by_crc) > 1]
     if differ:
-        raise InvalidArgumentError(f"saving {prefix}: " + "; ".join(
-            _replica_difference(plan.replicas[number], by_crc) for number, by_crc in differ[:5])
-            + f"{f' (and {len(differ) - 5} more)' if len(differ) > 5 else ''}; nothing was committed. "
-            "A variable held whole by several ranks is stored once, so its copies must be equal; "
-            "to save per-rank state (e.g. RNG keys) give it a leading rank axis "
-            "(global_shape=(size, ...), offset=(rank, ...)), or pass Saver(check_replicas=False) "
-            "to store one rank's copy")
+        shown = "; ".join(_replica_difference(plan.replicas[number], by_crc) for number, by_crc in differ[:5])
+        more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
+        raise InvalidArgumentError(
+            f"saving {prefix}: {shown}{more}; nothing was committed. A variable held whole by several "
+            "ranks is stored once, so its copies must be equal; to save per-rank state (e.g. RNG keys) "
+            "give it a leading rank axis (global_shape=(size, ...), offset=(rank, ...)), or pass "
+            "Saver(check_replicas=False) to store one rank's copy"
+        )
     return [(part, written) for part, written, _ in gathered]
 
 
@@ -703,9 +707,12 @@ def _replica_difference(replica: tuple[str, Block], by_crc: dict[int, list[int]]
     name, block = replica
     where = "" if not any(block.offset) else f" (block at offset {list(block.offset)})"
     groups = sorted(by_crc.values(), key=min)
-    values = ", ".join(f"rank(s) {', '.join(map(str, ranks))} value {chr(ord('A') + i) if i < 26 else i}"
-                       for i, ranks in enumerate(groups))
+    values = ", ".join(f"rank(s) {', '.join(map(str, ranks))} value {_letter(i)}" for i, ranks in enumerate(groups))
     return f"variable {name!r}{where} differs between the ranks that hold it: {values}"
+
+
+def _letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else str(i + 1)
 
 
 def read_index(loc: storage.Location, comm: Comm, what: str, key: dict | None = None) -> Index:

@@ -51,6 +51,19 @@ def entry_crc(array: np.ndarray) -> int:
     return crc.masked_crc32c(byte_view(np.ascontiguousarray(array)))
 
 
+def entry_crcs(arrays: Sequence[np.ndarray]) -> list[int]:
+    """:func:`entry_crc` of every array; the small plain ones in bulk, as the writer does."""
+    out = [0] * len(arrays)
+    small = [i for i, a in enumerate(arrays) if a.nbytes <= CHECKSUM_BLOCK and not a.dtype.hasobject]
+    for i, masked in zip(small, crc.masked_crc32cs([arrays[i].tobytes() for i in small]), strict=True):
+        out[i] = masked
+    done = set(small)
+    for i, array in enumerate(arrays):
+        if i not in done:
+            out[i] = entry_crc(array)
+    return out
+
+
 def write_data_file(
     out: storage.Writer,
     keys: Sequence[bytes],
