@@ -12,8 +12,9 @@ first step of a call a key such as the prefix) to the coordinator, which polls u
 have arrived or ``timeout`` seconds have passed, combines them and sends every rank the
 same verdict. A rank that never arrives (``if rank == 0: saver.save(...)``) thus costs the
 others at most ``timeout`` seconds and a :class:`~shardsave.errors.DeadlineExceededError`
-naming it. The blocking collectives (``bcast``, ``gather``, ...) are only used right after
-a successful ``agree``, when every rank is known to be there. After a deadline the ranks may
+naming it. ``all_true`` is such a step too. The blocking collectives (``bcast``,
+``gather``, ``allgather``) are only used right after a successful step, when every rank is
+known to be there. After a deadline the ranks may
 be at different steps, so the communicator is marked broken and refuses further use.
 """
 
@@ -31,15 +32,15 @@ REPORT_TAG = 0x5A501
 """Tag of the reports ranks send the coordinator in ``agree`` (on the duplicate only)."""
 VERDICT_TAG = 0x5A502
 """Tag of the coordinator's verdicts."""
-MAX_PAUSE = 0.01
-"""Longest sleep between two polls while waiting, for the first second; then LONG_PAUSE.
-Ranks often outnumber cores, so waiting must not spin."""
-LONG_PAUSE = 0.05
 SPIN = 0.05
 """For this long (seconds) a waiting rank polls without sleeping, only yielding its core
 (as MPICH's own blocking calls do): on a busy machine a sleep's wake-up costs milliseconds,
 and most agrees find every rank there within a few. Measured on 2 loaded cores, 2-8 ranks:
 an agree costs about what the all-gather it replaces did with this, 5-50x more with 2 ms."""
+MAX_PAUSE = 0.01
+"""After SPIN, the longest sleep between two polls for the first second; then LONG_PAUSE:
+a long wait (the coordinator committing to S3) must not burn the cores ranks share."""
+LONG_PAUSE = 0.05
 LATE_MARGIN = 0.25
 """A rank whose give-up time is nearer than this (seconds) counts as gone: the verdict
 might not reach it in time."""
@@ -265,6 +266,9 @@ class Comm:
             self._comm = None
 
 
+_yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+
 def _grace(timeout: float) -> float:
     """How much longer than the coordinator a rank waits for its verdict: the coordinator
     waits ``timeout`` from its own arrival, which may be a little later."""
@@ -281,7 +285,7 @@ def _poll(ready: Callable[[], bool], deadline: float | None) -> bool:
         if deadline is not None and now >= deadline:
             return False
         if now - start < SPIN:  # the others are usually about to arrive: yield, do not sleep
-            os.sched_yield()
+            _yield_core()
             continue
         pause = min(pause * 2, MAX_PAUSE if now - start < 1.0 else LONG_PAUSE)
         if deadline is not None:
@@ -330,7 +334,7 @@ def _decide(
     if late:  # they stopped waiting for this coordinator: going on would leave them behind
         return "DeadlineExceededError", (
             f"{what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} before rank(s) "
-            f"{_ranks(late)} stopped waiting for it ({timeout:g} s)"
+            f"{_ranks(late)} stopped waiting for it (their timeout)"
         )
     steps: dict[tuple[str, int], list[int]] = {}
     for r in reports.values():

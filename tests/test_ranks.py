@@ -30,10 +30,10 @@ def matches(stdout: str, pattern: str) -> list[tuple[str, ...]]:
     return [m.groups() for line in stdout.splitlines() if (m := re.match(pattern, line))]
 
 
-def run_timeouts(case: str, tmp_path, absent: int = RANKS - 1) -> dict[int, list[str]]:
+def run_timeouts(case: str, tmp_path, absent: int = RANKS - 1, late: bool = False) -> dict[int, list[str]]:
     """Each waiting rank's printed outcomes: ``{rank: [line, ...]}``."""
     script = os.path.join(HERE, "ranks", "timeouts.py")
-    args = [script, "--dir", str(tmp_path), "--case", case, "--absent", str(absent)]
+    args = [script, "--dir", str(tmp_path), "--case", case, "--absent", str(absent)] + ["--late"] * late
     proc = run_mpi(RANKS, args, timeout=60)
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     # after a constructor's timeout the ranks leave without MPI_Finalize (their duplication
@@ -44,7 +44,7 @@ def run_timeouts(case: str, tmp_path, absent: int = RANKS - 1) -> dict[int, list
         path = tmp_path / f"rank-{rank}.out"
         if path.exists():
             lines[rank] = path.read_text().splitlines()
-    assert sorted(lines) == [r for r in range(RANKS) if r != absent], log  # the absent rank says nothing
+    assert sorted(lines) == [r for r in range(RANKS) if r != absent or late], log  # the absent says nothing
     return lines
 
 
@@ -68,8 +68,18 @@ def test_a_rank_that_never_calls_makes_the_others_raise_after_the_timeout(case, 
         assert not [n for n in os.listdir(tmp_path) if n.startswith("ckpt-2")]
 
 
-def test_a_coordinator_that_never_calls_is_named_by_the_others(tmp_path):
-    for lines in run_timeouts("save", tmp_path, absent=0).values():
+def test_a_coordinator_that_comes_too_late_is_named_and_does_not_go_on_alone(tmp_path):
+    outcomes = run_timeouts("save", tmp_path, absent=0, late=True)
+    # it finds the others' reports, but they have given up: it must fail too, at once,
+    # rather than go on into a collective the others never join
+    late = outcomes.pop(0)
+    assert late[0].startswith("DeadlineExceededError after 0.0 s: "), late
+    assert late[0].endswith(
+        "ckpt-2: rank 0 (the coordinator) did not call Saver.save before rank(s) 1, 2 "
+        "stopped waiting for it (their timeout)"
+    ), late
+    assert "unusable since an earlier collective step timed out" in late[1], late
+    for lines in outcomes.values():
         match = re.match(r"DeadlineExceededError after ([\d.]+) s: (.*)", lines[0])
         assert match, lines
         # they wait for the coordinator's verdict a grace longer: 2 + 2 s

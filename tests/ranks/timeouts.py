@@ -1,4 +1,5 @@
-"""Run under mpiexec: one rank (``--absent``, default the last) never makes a collective call the others make.
+"""Run under mpiexec: one rank (``--absent``, default the last) never makes (or with
+``--late``, makes only after the others gave up waiting for it) a collective call the others make.
 
 ``--case save|restore|constructor``. Every other rank R writes one line per outcome,
 ``<ErrorClass> after S s: <message>``, to ``DIR/rank-R.out`` (not to stdout, where mpiexec
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument(
         "--absent", type=int, default=-1, help="the rank that does not call (default: the last)"
     )
+    parser.add_argument("--late", action="store_true", help="the absent rank calls, after the others gave up")
     args = parser.parse_args()
     global OUT
     OUT = args.dir
@@ -70,7 +72,9 @@ def main() -> None:
     if args.case == "restore":
         saver.save(prefix)
     if rank == absent:
-        return
+        if not args.late:
+            return
+        time.sleep(2 * TIMEOUT + 1.5)  # longer than the others wait: timeout + grace
     start = time.monotonic()
     try:
         saver.save(prefix + "-2") if args.case == "save" else saver.restore(prefix)
