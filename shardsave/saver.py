@@ -1,15 +1,17 @@
 """The Saver: collective save and restore of a set of variables, as ``tf.train.Saver``.
 
 Per rank, ``save`` runs (every step ends in :meth:`Comm.agree`, so a failure anywhere
-makes every rank raise the same error and none waits forever):
+makes every rank raise the same error and none waits longer than ``timeout``):
 
-1. list this rank's blocks (name, dtype, global shape, block) and check them;
+1. list this rank's blocks (name, dtype, global shape, block) and check them; every rank
+   must have passed the same prefix and options (Comm.agree compares them);
 2. all-gather the lists; every rank computes the same plan (plan.py): who writes which
    block, replicated blocks once, and the checks of shapes, overlaps and gaps;
 3. the coordinator creates the directory and removes an old index at this prefix, so an
    index never points at data being rewritten;
 4. every rank streams its blocks into ``P.data-<rank>-of-<size>`` (writer.py);
-5. the coordinator gathers the index entries, checks every data file has the expected
+5. the coordinator gathers the index entries (and the CRC32C of every replicated block
+   from each of its holders, which must agree), checks every data file has the expected
    size, publishes ``P.index`` atomically (the commit point), then writes the state
    file and deletes checkpoints that retention lets go.
 
@@ -138,7 +140,7 @@ class Saver:
         self.filename = filename
         self.restore_in_place = restore_in_place
         self.check_replicas = check_replicas
-        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        if timeout is not None and (isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)):
             raise InvalidArgumentError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         self._comm = Comm.create(comm, timeout=timeout)
         self._last_checkpoints: list[tuple[str, float]] = []

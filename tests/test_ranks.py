@@ -106,7 +106,7 @@ def test_deadline_exceeded_is_a_shardsave_error_and_a_timeout_error():
     assert "DeadlineExceededError" in ss.__all__ and "DeadlineExceededError" in ss.errors.__all__
 
 
-@pytest.mark.parametrize("timeout", [0, -1.0, "5"])
+@pytest.mark.parametrize("timeout", [0, -1.0, "5", True])
 def test_timeout_must_be_positive_or_none(timeout):
     ss.reset_default_graph()
     v = ss.Variable("v", dtype=np.float32, shape=(2,))
