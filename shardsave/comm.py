@@ -361,7 +361,8 @@ def _decide(
 def _key_disagreement(reports: dict[int, _Report]) -> str:
     """``"prefix: rank(s) 0 '/d/ckpt-1', rank(s) 1, 2 '/d/ckpt-2'"`` for every field that
     differs (the prefix or path first; ``location``, where it leads, only if they agree)."""
-    keys = {rank: reports[rank].key or {} for rank in sorted(reports)}
+    # a rank that failed before it could say what it was doing has no key: its error counts
+    keys = {rank: reports[rank].key for rank in sorted(reports) if reports[rank].key is not None}
     first = ("prefix", "path", "location")
     fields = sorted(
         {f for key in keys.values() for f in key}, key=lambda f: (first.index(f) if f in first else 3, f)

@@ -253,8 +253,12 @@ class Saver:
     def _save(self, save_path, global_step, latest_filename, write_state, blocking) -> str | SaveHandle:
         self.wait_until_finished()
         self._comm.begin("Saver.save")
-        prefix = self._prefix(save_path, global_step)
-        loc = self._resolve(prefix)
+        try:
+            prefix = self._prefix(save_path, global_step)
+            loc = self._resolve(prefix)
+        except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
+            self._comm.agree(exc, f"saving {os.fspath(save_path)}")
+            raise
         arrays, metas = self._checked_arrays(prefix, self._save_key(prefix, loc, latest_filename, write_state, blocking))
         if blocking:
             return self._plan_write_commit(prefix, loc, arrays, metas, latest_filename, write_state)
@@ -485,7 +489,11 @@ class Saver:
         comm.begin("Saver.restore")
         prefix = os.fspath(save_path)
         what = f"restoring {prefix}"
-        loc = self._resolve(prefix)
+        try:
+            loc = self._resolve(prefix)
+        except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
+            comm.agree(exc, what)
+            raise
         index = read_index(loc, comm, what, key={"path": prefix, "location": loc.url})
         err = None
         found = _Found([], [], [], [], [])

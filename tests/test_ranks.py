@@ -165,6 +165,11 @@ def test_ranks_with_different_options_or_paths_write_nothing(disagree):
     assert "ckpt-1', rank(s) 2 '" in message and message.endswith(
         "ckpt-9'; every rank must pass the same; nothing was written"
     )
+    # a rank that cannot even make its prefix tells the others in their first step
+    message = same_error_on_every_rank(cases, "step")
+    assert message.startswith(
+        f"AbortedError: saving {directory}/agree/ckpt-3 failed on rank(s) 1: rank 1: ValueError: invalid literal"
+    )
     message = same_error_on_every_rank(cases, "cwd")
     assert message.startswith(
         "InvalidArgumentError: Saver.save: the ranks disagree on location: rank(s) 0 '/"

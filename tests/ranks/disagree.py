@@ -70,6 +70,7 @@ def main() -> None:
     files("before", os.path.dirname(prefix))
     # the coordinator's step lags: it would re-save ckpt-1 while the others write ckpt-2
     outcome("prefix", lambda: saver.save(prefix, global_step=1 if RANK == 0 else 2))
+    outcome("step", lambda: saver.save(prefix, global_step="x" if RANK == 1 else 3))  # fails on rank 1 alone
     outcome("option", lambda: saver.save(prefix, global_step=3, write_state=RANK != 1))
     outcome("path", lambda: saver.restore(prefix + ("-1" if RANK != 2 else "-9")))
     outcome("call", lambda: saver.restore(prefix + "-1") if RANK == 2 else saver.save(prefix, global_step=4))
