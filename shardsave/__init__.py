@@ -17,6 +17,7 @@ from .checkpoint_state import (
 from .errors import (
     AbortedError,
     DataLossError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -62,6 +63,7 @@ __all__ = [
     "CheckpointReader",
     "CheckpointState",
     "DataLossError",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "Graph",
     "InvalidArgumentError",

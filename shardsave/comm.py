@@ -2,49 +2,112 @@
 
 :class:`Comm` wraps a duplicate of the caller's communicator, so shardsave's messages never
 mix with the application's, and has a fast path for a single process that never imports
-MPI. :meth:`Comm.agree` is how every collective call ends: each rank reports its own
+MPI. :meth:`Comm.agree` is how every collective step ends: each rank reports its own
 exception (or none) and, if any rank failed, every rank raises the same error naming the
 failed ranks, so no rank waits forever for one that gave up.
+
+``agree`` is built from point-to-point messages, not a blocking all-gather, so that it can
+give up: every rank sends its report (its error, the call and step it is in, and at the
+first step of a call a key such as the prefix) to the coordinator, which polls until all
+have arrived or ``timeout`` seconds have passed, combines them and sends every rank the
+same verdict. A rank that never arrives (``if rank == 0: saver.save(...)``) thus costs the
+others at most ``timeout`` seconds and a :class:`~shardsave.errors.DeadlineExceededError`
+naming it. ``all_true`` is such a step too. The blocking collectives (``bcast``,
+``gather``, ``allgather``) are only used right after a successful step, when every rank is
+known to be there. After a deadline the ranks may
+be at different steps, so the communicator is marked broken and refuses further use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from . import errors
 
+REPORT_TAG = 0x5A501
+"""Tag of the reports ranks send the coordinator in ``agree`` (on the duplicate only)."""
+VERDICT_TAG = 0x5A502
+"""Tag of the coordinator's verdicts."""
+SPIN = 0.05
+"""For this long (seconds) a waiting rank polls without sleeping, only yielding its core
+(as MPICH's own blocking calls do): on a busy machine a sleep's wake-up costs milliseconds,
+and most agrees find every rank there within a few. Measured on 2 loaded cores, 2-8 ranks:
+an agree costs about what the all-gather it replaces did with this, 5-50x more with 2 ms."""
+MAX_PAUSE = 0.01
+"""After SPIN, the longest sleep between two polls for the first second; then LONG_PAUSE:
+a long wait (the coordinator committing to S3) must not burn the cores ranks share."""
+LONG_PAUSE = 0.05
+LATE_MARGIN = 0.25
+"""A rank whose give-up time is nearer than this (seconds) counts as gone: the verdict
+might not reach it in time."""
+
+
+class _Report(NamedTuple):
+    """What one rank tells the coordinator at one ``agree``."""
+
+    rank: int
+    call: str  # the public call in progress, e.g. "Saver.save"
+    step: int  # how many agrees into that call (1 = the first)
+    what: str  # e.g. "saving /d/ckpt-3"
+    key: dict | None  # what every rank must agree on (first step), e.g. the prefix
+    error: tuple | None  # _describe's (class name, message, errno, file)
+    gives_up_at: float | None  # wall-clock time at which this rank stops waiting
+    flag: bool  # for all_true
+
+
+class _Verdict(NamedTuple):
+    call: str  # the receiver's call and step it answers; step 0: sent to a rank that was
+    step: int  # missing, which will find it when (if ever) it arrives
+    error: tuple | None  # (class name in shardsave.errors, message[, errno, file]); None: go on
+    all_true: bool  # whether every rank's flag was true
+
 
 class Comm:
-    """A communicator of ``size`` ranks (size 1 needs no MPI)."""
+    """A communicator of ``size`` ranks (size 1 needs no MPI).
 
-    def __init__(self, mpi_comm: Any = None):
+    ``timeout`` (seconds, None = forever) bounds every wait of :meth:`agree`.
+    """
+
+    def __init__(self, mpi_comm: Any = None, timeout: float | None = None):
         self._comm = mpi_comm
         self.rank = 0 if mpi_comm is None else mpi_comm.Get_rank()
         self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
+        self.timeout = timeout
+        self.call = "a shardsave call"
+        self._what = self.call  # of the last agree, for the steps that have none of their own
+        self._step = 0
+        self._broken: str | None = None  # why, once a deadline passed
+        self._sends: list[Any] = []  # verdict/report sends not yet known complete
 
     @classmethod
-    def create(cls, comm: Any = None) -> Comm:
-        """Duplicate ``comm`` (default ``MPI.COMM_WORLD``); a single process gets no MPI."""
+    def create(cls, comm: Any = None, timeout: float | None = None) -> Comm:
+        """Duplicate ``comm`` (default ``MPI.COMM_WORLD``); a single process gets no MPI.
+
+        Duplicating is collective: with a ``timeout`` it waits at most that long for every
+        rank of ``comm`` to take part. A :class:`Comm` is returned as it is.
+        """
         if isinstance(comm, Comm):
             return comm
         if comm is None:
             try:
                 from mpi4py import MPI
             except (ImportError, RuntimeError) as exc:  # RuntimeError: no MPI library to load
-                return cls._without_mpi(exc)
+                return cls._without_mpi(exc, timeout)
             comm = MPI.COMM_WORLD
         if comm.Get_size() == 1:
-            return cls(None)
-        return cls(comm.Dup())
+            return cls(None, timeout)
+        return cls(_duplicate(comm, timeout), timeout)
 
     @classmethod
-    def _without_mpi(cls, exc: BaseException) -> Comm:
+    def _without_mpi(cls, exc: BaseException, timeout: float | None) -> Comm:
         """One rank when MPI cannot be loaded, unless a launcher started several."""
         launched = launched_ranks()
         if launched is None:
-            return cls(None)
+            return cls(None, timeout)
         name, size = launched
         reason = ": ".join(line for line in str(exc).splitlines() if line) or type(exc).__name__
         raise errors.FailedPreconditionError(
@@ -66,38 +129,146 @@ class Comm:
     def is_coordinator(self) -> bool:
         return self.rank == 0
 
+    @property
+    def broken(self) -> bool:
+        """Whether a deadline passed, leaving the ranks at unknown steps."""
+        return self._broken is not None
+
+    def begin(self, call: str) -> None:
+        """Start the public collective call ``call`` (e.g. ``"Saver.save"``): its agrees are
+        counted from 1 and a timeout names it as what the missing ranks should have called."""
+        self.call = call
+        self._step = 0
+
     def bcast(self, obj: Any, root: int = 0) -> Any:
-        return obj if self._comm is None else self._comm.bcast(obj, root=root)
+        return obj if self._comm is None else self._usable().bcast(obj, root=root)
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
-        return [obj] if self._comm is None else self._comm.gather(obj, root=root)
+        return [obj] if self._comm is None else self._usable().gather(obj, root=root)
 
     def allgather(self, obj: Any) -> list[Any]:
-        return [obj] if self._comm is None else self._comm.allgather(obj)
+        return [obj] if self._comm is None else self._usable().allgather(obj)
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
         if self._comm is None:
             return flag
-        from mpi4py import MPI
-
-        return self._comm.allreduce(bool(flag), op=MPI.LAND)
+        # a step of its own, bounded like agree: it is the first collective of the background
+        # part of a non-blocking save, which a rank that failed to stage never reaches
+        return self._round(None, self._what, None, bool(flag))
 
     def barrier(self) -> None:
         if self._comm is not None:
-            self._comm.Barrier()
+            self._usable().Barrier()
 
-    def agree(self, error: BaseException | None, what: str) -> None:
-        """Raise on every rank if ``error`` is set on any rank; return if none failed."""
+    def agree(self, error: BaseException | None, what: str, *, key: dict | None = None) -> None:
+        """Raise on every rank if ``error`` is set on any rank; return if none failed.
+
+        ``key`` (a dict of plain values), if given, must be equal on every rank, else every
+        rank raises InvalidArgumentError naming the ranks and their values. Waits at most
+        ``timeout`` seconds for the other ranks (DeadlineExceededError naming the missing).
+        """
         if self._comm is None:
             if error is not None:
                 raise error
             return
-        reports = self._comm.allgather(None if error is None else _describe(error))
-        failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-        if not failed:
-            return
-        raise combined_error(failed, what) from error
+        self._what = what
+        self._round(error, what, key, True)
+
+    def _round(self, error: BaseException | None, what: str, key: dict | None, flag: bool) -> bool:
+        """One bounded step: report to the coordinator, get its verdict; raise its error or
+        return whether every rank's ``flag`` was true."""
+        self._usable(what)
+        self._step += 1
+        now = time.time()
+        gives_up_at = None if self.timeout is None else now + self.timeout + _grace(self.timeout)
+        report = _Report(
+            self.rank,
+            self.call,
+            self._step,
+            what,
+            key,
+            None if error is None else _describe(error),
+            gives_up_at,
+            flag,
+        )
+        self._prune_sends()
+        verdict_error, all_true = (
+            self._coordinate(report) if self.is_coordinator else self._await_verdict(report)
+        )
+        if verdict_error is None:
+            return all_true
+        exc = _rebuild(verdict_error)
+        if isinstance(exc, errors.DeadlineExceededError):
+            self._broken = str(exc)
+        raise exc from error
+
+    # ------------------------------------------------------------------ agree's parts
+    def _coordinate(self, mine: _Report) -> tuple[tuple | None, bool]:
+        """Collect every rank's report (or give up at the deadline), decide, tell them all."""
+        from mpi4py import MPI
+
+        comm = self._comm
+        reports = {0: mine}
+
+        def all_arrived() -> bool:
+            while (message := comm.improbe(source=MPI.ANY_SOURCE, tag=REPORT_TAG)) is not None:
+                report = message.recv()
+                reports[report.rank] = report
+            return len(reports) == self.size
+
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        _poll(all_arrived, deadline)
+        error = _decide(mine, reports, self.size, self.timeout)
+        all_true = all(r.flag for r in reports.values())
+        for rank in range(1, self.size):  # the missing too: one that arrives late learns at once
+            report = reports.get(rank)
+            stamp = (report.call, report.step) if report else (mine.call, 0)
+            self._sends.append(comm.isend(_Verdict(*stamp, error, all_true), dest=rank, tag=VERDICT_TAG))
+        return error, all_true
+
+    def _await_verdict(self, mine: _Report) -> tuple[tuple | None, bool]:
+        comm = self._comm
+        self._sends.append(comm.isend(mine, dest=0, tag=REPORT_TAG))
+        got: list[_Verdict] = []
+
+        def verdict_arrived() -> bool:
+            message = comm.improbe(source=0, tag=VERDICT_TAG)
+            if message is not None:
+                got.append(message.recv())
+            return bool(got)
+
+        waited = None if self.timeout is None else self.timeout + _grace(self.timeout)
+        _poll(verdict_arrived, None if waited is None else time.monotonic() + waited)
+        if not got:
+            return (
+                "DeadlineExceededError",
+                (
+                    f"{mine.what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} "
+                    f"within {waited:g} s"
+                ),
+            ), False
+        verdict = got[0]
+        if (verdict.call, verdict.step) != (mine.call, mine.step):  # left from a step this rank missed
+            kind, message = (verdict.error or ("DeadlineExceededError", "the other ranks gave up"))[:2]
+            return (
+                kind,
+                f"{mine.what}: the other ranks gave up waiting for this rank earlier: {message}",
+            ), False
+        return verdict.error, verdict.all_true
+
+    # --------------------------------------------------------------------- plumbing
+    def _usable(self, what: str | None = None) -> Any:
+        if self._broken is not None:
+            raise errors.FailedPreconditionError(
+                f"{what or self.call}: this Saver's communicator is unusable since an earlier collective "
+                f"step timed out ({self._broken}); its ranks may be at different steps. Construct a new "
+                "Saver on every rank"
+            )
+        return self._comm
+
+    def _prune_sends(self) -> None:
+        self._sends = [req for req in self._sends if not req.Test()]
 
     def free(self) -> None:
         if self._comm is not None:
@@ -106,12 +277,127 @@ class Comm:
             self._comm = None
 
 
-LAUNCHER_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
-                  "SLURM_STEP_NUM_TASKS")
+LAUNCHER_SIZES = (
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "MV2_COMM_WORLD_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_STEP_NUM_TASKS",
+)
 """Variables in which MPI launchers tell a process how many ranks they started: MPICH's
 and Intel MPI's Hydra and PMI (``PMI_SIZE``; ``MPI_LOCALNRANKS``, the ranks on this node),
 Open MPI, MVAPICH2, Slurm's ``srun`` (``SLURM_STEP_NUM_TASKS``). Not ``SLURM_NTASKS``: a
 batch script has it too, and it is one process that may save on its own."""
+
+
+_yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+
+def _grace(timeout: float) -> float:
+    """How much longer than the coordinator a rank waits for its verdict: the coordinator
+    waits ``timeout`` from its own arrival, which may be a little later."""
+    return max(1.0, min(timeout, 30.0))
+
+
+def _poll(ready: Callable[[], bool], deadline: float | None) -> bool:
+    """Call ``ready`` until it is true or the ``deadline`` (monotonic) passes, sleeping in
+    between with a growing pause."""
+    start = time.monotonic()
+    pause = 2e-5
+    while not ready():
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return False
+        if now - start < SPIN:  # the others are usually about to arrive: yield, do not sleep
+            _yield_core()
+            continue
+        pause = min(pause * 2, MAX_PAUSE if now - start < 1.0 else LONG_PAUSE)
+        if deadline is not None:
+            pause = min(pause, max(deadline - now, 0.0))
+        time.sleep(pause)
+    return True
+
+
+def _duplicate(comm: Any, timeout: float | None) -> Any:
+    """``comm.Dup()``, waiting at most ``timeout`` seconds for every rank to take part."""
+    if timeout is None:
+        return comm.Dup()
+    new, request = comm.Idup()
+    if not _poll(request.Test, time.monotonic() + timeout):
+        raise errors.DeadlineExceededError(
+            f"constructing a Saver: not all {comm.Get_size()} ranks of the communicator constructed a "
+            f"Saver within {timeout:g} s (this is rank {comm.Get_rank()}); constructing a Saver is "
+            "collective, every rank must call it (MPI does not tell which rank did not)"
+        )
+    return new
+
+
+def _expected(call: str, step: int) -> str:
+    return f"call {call}" if step == 1 else f"reach step {step} of {call}"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, sorted(ranks)))
+
+
+def _decide(mine: _Report, reports: dict[int, _Report], size: int, timeout: float | None) -> tuple | None:
+    """The coordinator's verdict: None if every rank arrived, at the same step, agreeing on
+    the key, without error; else the error (class name, message) every rank raises."""
+    what = mine.what
+    missing = [rank for rank in range(size) if rank not in reports]
+    if missing:
+        return "DeadlineExceededError", (
+            f"{what}: rank(s) {_ranks(missing)} did not {_expected(mine.call, mine.step)} within {timeout:g} s"
+        )
+    now = time.time()
+    late = [
+        r.rank for r in reports.values() if r.gives_up_at is not None and now + LATE_MARGIN > r.gives_up_at
+    ]
+    if late:  # they stopped waiting for this coordinator: going on would leave them behind
+        return "DeadlineExceededError", (
+            f"{what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} before rank(s) "
+            f"{_ranks(late)} stopped waiting for it (their timeout)"
+        )
+    steps: dict[tuple[str, int], list[int]] = {}
+    for r in reports.values():
+        steps.setdefault((r.call, r.step), []).append(r.rank)
+    if len(steps) > 1:
+        detail = "; ".join(
+            f"rank(s) {_ranks(ranks)}: {call} (step {step}: {reports[ranks[0]].what})"
+            for (call, step), ranks in sorted(steps.items(), key=lambda kv: min(kv[1]))
+        )
+        return "InvalidArgumentError", f"{what}: the ranks are not in the same collective call: {detail}"
+    disagreement = _key_disagreement(reports)
+    if disagreement:
+        return "InvalidArgumentError", (
+            f"{mine.call}: the ranks disagree on {disagreement}; every rank must pass the same; "
+            "nothing was written"
+        )
+    failed = [(rank, reports[rank].error) for rank in sorted(reports) if reports[rank].error is not None]
+    if failed:
+        return _describe(combined_error(failed, what))
+    return None
+
+
+def _key_disagreement(reports: dict[int, _Report]) -> str:
+    """``"prefix: rank(s) 0 '/d/ckpt-1', rank(s) 1, 2 '/d/ckpt-2'"`` for every field that
+    differs (the prefix or path first; ``location``, where it leads, only if they agree)."""
+    # a rank that failed before it could say what it was doing has no key: its error counts
+    keys = {rank: reports[rank].key for rank in sorted(reports) if reports[rank].key is not None}
+    first = ("prefix", "path", "location")
+    fields = sorted(
+        {f for key in keys.values() for f in key}, key=lambda f: (first.index(f) if f in first else 3, f)
+    )
+    parts = {}
+    for field in fields:
+        values: dict[str, list[int]] = {}
+        for rank, key in keys.items():
+            values.setdefault(repr(key.get(field)), []).append(rank)
+        if len(values) > 1:
+            parts[field] = ", ".join(f"rank(s) {_ranks(ranks)} {value}" for value, ranks in values.items())
+    if "location" in parts and ("prefix" in parts or "path" in parts):
+        del parts["location"]
+    return "; ".join(f"{field}: {detail}" for field, detail in parts.items())
 
 
 def launched_ranks() -> tuple[str, int] | None:
@@ -130,8 +416,25 @@ def _describe(error: BaseException) -> tuple[str, str, int | None, str | None]:
     """What a rank tells the others about its error: class name, message, and for a
     :class:`~shardsave.errors.StorageError` its errno and file (else None)."""
     storage = isinstance(error, errors.StorageError)
-    return (type(error).__name__, str(error) or repr(error),
-            error.errno if storage else None, error.filename if storage else None)
+    return (
+        type(error).__name__,
+        str(error) or repr(error),
+        error.errno if storage else None,
+        error.filename if storage else None,
+    )
+
+
+def _rebuild(report: tuple) -> errors.ShardsaveError:
+    """The error a verdict names: its class from shardsave.errors (else AbortedError),
+    with the errno and file of a storage error, so every rank raises the same."""
+    kind, message, *rest = report
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.ShardsaveError)):
+        cls = errors.AbortedError
+    if not issubclass(cls, errors.StorageError):
+        return cls(message)
+    code, filename = (*rest, None, None)[:2]
+    return cls(message, code, os.strerror(code) if code is not None else None, filename)
 
 
 def combined_error(failed: list[tuple[int, tuple]], what: str) -> errors.ShardsaveError:

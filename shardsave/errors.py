@@ -35,6 +35,10 @@ class AbortedError(ShardsaveError, RuntimeError):
     """A collective call failed on another rank, so this rank gave up too."""
 
 
+class DeadlineExceededError(ShardsaveError, TimeoutError):
+    """A collective step waited ``timeout`` seconds for ranks that did not arrive."""
+
+
 class StorageError(ShardsaveError, OSError):
     """The filesystem or object store failed an operation: no space, read-only, an I/O
     error on write, a directory where a file was expected...
@@ -77,6 +81,7 @@ class UnavailableError(ShardsaveError, ConnectionError):
 __all__ = [
     "AbortedError",
     "DataLossError",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",

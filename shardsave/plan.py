@@ -11,7 +11,7 @@ import math
 import operator
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .errors import InvalidArgumentError
@@ -100,6 +100,12 @@ class SavePlan:
     """For each rank, the blocks it writes, in the order it writes them."""
     sliced: dict[str, tuple[int, Shape, list[tuple[tuple[int, int], ...]]]]
     """Tensors stored in pieces: name -> (dtype, global shape, every piece's extents)."""
+    replicas: list[tuple[str, Block]] = field(default_factory=list)
+    """Blocks held by more than one rank (or twice by one), written once: their copies
+    must be equal (``Saver(check_replicas=True)`` compares their CRC32C)."""
+    replica_items: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    """For each rank, the replicas it holds: (number in ``replicas``, its local item
+    index, its position in ``writes[rank]`` or -1 if another holder writes it)."""
 
     def bytes_per_rank(self) -> list[int]:
         return [sum(a.nbytes for a in ws) for ws in self.writes]
@@ -219,7 +225,32 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
     if distinct:  # the fast path appended in name order already
         for ws in writes:
             ws.sort(key=lambda a: (a.name, a.extents or ()))
-    return SavePlan(writes, sliced)
+    replicas, replica_items = _replicas(shared, sliced, writes)
+    return SavePlan(writes, sliced, replicas, replica_items)
+
+
+def _replicas(shared, sliced, writes: list[list[Assignment]]):
+    """``SavePlan.replicas`` and ``replica_items`` from the blocks with several holders
+    (empty tensors have no bytes to compare)."""
+    shared = [d for d in shared if d[2].nbytes and math.prod(d[2].global_shape)]
+    items: list[list[tuple[int, int, int]]] = [[] for _ in writes]
+    if not shared:
+        return [], items
+    position: dict[tuple[int, str, tuple], int] = {}
+    wanted = {(name, block.extents() if name in sliced else None) for name, block, _, _ in shared}
+    for rank, ws in enumerate(writes):
+        for pos, a in enumerate(ws):
+            if (a.name, a.extents) in wanted:
+                position[(rank, a.name, a.extents or ())] = pos
+    replicas = []
+    for number, (name, block, _, holders) in enumerate(shared):
+        replicas.append((name, block))
+        extents = block.extents() if name in sliced else ()
+        for rank, index in holders:
+            pos = position.get((rank, name, extents), -1)
+            # one rank holding the block twice (two names are two variables): one writes
+            items[rank].append((number, index, pos if pos >= 0 and writes[rank][pos].index == index else -1))
+    return replicas, items
 
 
 # ---------------------------------------------------------------------------------------

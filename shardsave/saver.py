@@ -1,15 +1,17 @@
 """The Saver: collective save and restore of a set of variables, as ``tf.train.Saver``.
 
 Per rank, ``save`` runs (every step ends in :meth:`Comm.agree`, so a failure anywhere
-makes every rank raise the same error and none waits forever):
+makes every rank raise the same error and none waits longer than ``timeout``):
 
-1. list this rank's blocks (name, dtype, global shape, block) and check them;
+1. list this rank's blocks (name, dtype, global shape, block) and check them; every rank
+   must have passed the same prefix and options (Comm.agree compares them);
 2. all-gather the lists; every rank computes the same plan (plan.py): who writes which
    block, replicated blocks once, and the checks of shapes, overlaps and gaps;
 3. the coordinator creates the directory and removes an old index at this prefix, so an
    index never points at data being rewritten;
 4. every rank streams its blocks into ``P.data-<rank>-of-<size>`` (writer.py);
-5. the coordinator gathers the index entries, checks every data file has the expected
+5. the coordinator gathers the index entries (and the CRC32C of every replicated block
+   from each of its holders, which must agree), checks every data file has the expected
    size, publishes ``P.index`` atomically (the commit point), then writes the state
    file and deletes checkpoints that retention lets go.
 
@@ -62,7 +64,7 @@ from .pending import SaveHandle, register_exit_join
 from .plan import Block, BlockMeta, make_save_plan
 from .staging import StagingBuffers
 from .variables import PartitionedVariable, Variable, global_variables
-from .writer import write_data_file
+from .writer import entry_crcs, write_data_file
 
 VarList = Mapping[str, Any] | Iterable[Any] | None
 
@@ -108,6 +110,13 @@ class Saver:
     shape, C-contiguous, writable), as PyTorch DCP does, instead of making new ones; it
     checks every byte first, so a damaged checkpoint still changes nothing. False: every
     array is new and the variables adopt them at the end (twice the memory).
+
+    ``timeout`` (seconds; None waits forever): every collective step of save, restore and
+    the constructor waits at most this long for the other ranks, then raises
+    DeadlineExceededError naming the ranks that did not arrive (e.g. a rank that never
+    called ``save``); the Saver is unusable afterwards. ``check_replicas`` (default True):
+    a variable held whole by several ranks must have the same bytes on each (their
+    CRC32C are compared before the commit); False stores one rank's copy unchecked.
     """
 
     def __init__(
@@ -126,6 +135,8 @@ class Saver:
         fsync: bool = True,
         filename: str | None = None,
         restore_in_place: bool = True,
+        timeout: float | None = 1800.0,
+        check_replicas: bool = True,
     ):
         self._var_list = var_list
         self._saveables = _saveables(var_list)
@@ -146,7 +157,10 @@ class Saver:
         self.fsync = fsync
         self.filename = filename
         self.restore_in_place = restore_in_place
-        self._comm = Comm.create(comm)
+        self.check_replicas = check_replicas
+        if timeout is not None and (isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)):
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+        self._comm = Comm.create(comm, timeout=timeout)
         self._last_checkpoints: list[tuple[str, float]] = []
         self._next_checkpoint_time = time.time() + keep_checkpoint_every_n_hours * 3600
         self._last_preserved_timestamp: float | None = None
@@ -170,6 +184,8 @@ class Saver:
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt the committed ones of ``checkpoint_paths`` (e.g. after a restart)."""
+        self.wait_until_finished()  # its steps run on the same communicator
+        self._comm.begin("Saver.recover_last_checkpoints")
         kept, err = [], None
         if self._comm.is_coordinator:
             now = time.time()
@@ -257,11 +273,16 @@ class Saver:
 
     def _save(self, save_path, global_step, latest_filename, write_state, blocking) -> str | SaveHandle:
         self.wait_until_finished()
-        prefix = self._prefix(save_path, global_step)
-        loc = self._resolve(prefix)
-        if loc.is_s3 and "/" not in loc.path.strip("/"):
-            raise InvalidArgumentError(f"cannot save to {prefix!r}: the prefix needs a name inside the bucket")
-        arrays, metas = self._checked_arrays(prefix)
+        self._comm.begin("Saver.save")
+        try:
+            prefix = self._prefix(save_path, global_step)
+            loc = self._resolve(prefix)
+            if loc.is_s3 and "/" not in loc.path.strip("/"):
+                raise InvalidArgumentError(f"cannot save to {prefix!r}: the prefix needs a name inside the bucket")
+        except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
+            self._comm.agree(exc, f"saving {os.fspath(save_path)}")
+            raise
+        arrays, metas = self._checked_arrays(prefix, self._save_key(prefix, loc, latest_filename, write_state, blocking))
         if blocking:
             return self._plan_write_commit(prefix, loc, arrays, metas, latest_filename, write_state)
         if self._comm.size > 1 and not self._comm.thread_multiple:
@@ -298,8 +319,20 @@ class Saver:
                 handle._error_seen = True
                 raise handle._error
 
-    def _checked_arrays(self, prefix: str):
-        """Step 1: list and check this rank's blocks; every rank raises if any rank failed."""
+    def _save_key(self, prefix: str, loc: storage.Location, latest_filename, write_state, blocking) -> dict:
+        """What every rank must pass alike to ``save``: the prefix (as given, and where it
+        leads: a relative one on ranks with different working directories) and every option
+        that changes what is written (compared in step 1, before anything is)."""
+        return {
+            "prefix": prefix, "location": loc.url, "latest_filename": latest_filename,
+            "write_state": bool(write_state), "blocking": bool(blocking), "fsync": self.fsync,
+            "max_to_keep": self.max_to_keep, "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
+            "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas,
+        }
+
+    def _checked_arrays(self, prefix: str, key: dict | None = None):
+        """Step 1: list and check this rank's blocks; every rank raises if any rank failed
+        or the ranks' ``key`` (prefix and options) differ."""
         arrays: list[np.ndarray] = []
         metas: list[BlockMeta] = []
         err = None
@@ -307,7 +340,7 @@ class Saver:
             arrays, metas = self._local_arrays(prefix)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by agree()
             err = exc
-        self._comm.agree(err, f"saving {prefix}")
+        self._comm.agree(err, f"saving {prefix}", key=key)
         return arrays, metas
 
     def _plan_write_commit(self, prefix, loc, arrays, metas, latest_filename, write_state) -> str:
@@ -337,9 +370,10 @@ class Saver:
         todo = [arrays[i] for i in indices]
         for pos, shape in empties:
             todo[pos] = np.empty(shape, dtype=todo[pos].dtype)
-        return self._write_and_commit(prefix, loc, plan, (keys, todo), latest_filename, write_state)
+        replicas = [(n, arrays[i], pos) for n, i, pos in plan.replica_items[comm.rank]] if self.check_replicas else []
+        return self._write_and_commit(prefix, loc, plan, (keys, todo), latest_filename, write_state, replicas)
 
-    def _write_and_commit(self, prefix, loc, plan, todo, latest_filename, write_state) -> str:
+    def _write_and_commit(self, prefix, loc, plan, todo, latest_filename, write_state, replicas=()) -> str:
         """Steps 3-5: prepare the directory, write this rank's data file, commit."""
         comm = self._comm
         what = f"saving {prefix}"
@@ -357,10 +391,14 @@ class Saver:
         entries: tuple = ([], b"", ())
         err = None
         out = None
+        masks: list[int] = []
+        copies = ReplicaCrcs(replicas)  # of the copies another rank writes, while this one writes
+        replica_crcs: list[tuple[int, int]] = []
         try:
             out = storage.Writer(data_loc, fsync=self.fsync)
-            entries = write_data_file(out, *todo, comm.rank)
+            entries = write_data_file(out, *todo, comm.rank, masks)
             out.close()
+            replica_crcs = copies.result(masks)
         except Exception as exc:  # noqa: BLE001
             err = exc
             if out is not None:
@@ -371,11 +409,12 @@ class Saver:
             storage.remove([data_loc])
             raise
 
-        gathered = comm.gather((encode_rank_part(*entries, plan.sliced), out.written if out else 0))
+        gathered = comm.gather((encode_rank_part(*entries, plan.sliced), out.written if out else 0, replica_crcs))
         err = None
         timestamp = time.time()
         if comm.is_coordinator:
             try:
+                gathered = checked_replicas(prefix, plan, gathered)
                 self._commit(loc, prefix, plan.sliced, gathered, latest_filename, write_state, timestamp)
             except Exception as exc:  # noqa: BLE001
                 err = exc
@@ -486,10 +525,15 @@ class Saver:
     def _restore(self, save_path: str | os.PathLike) -> None:
         self.wait_until_finished()
         comm = self._comm
+        comm.begin("Saver.restore")
         prefix = os.fspath(save_path)
         what = f"restoring {prefix}"
-        loc = self._resolve(prefix)
-        index = read_index(loc, comm, what)
+        try:
+            loc = self._resolve(prefix)
+        except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
+            comm.agree(exc, what)
+            raise
+        index = read_index(loc, comm, what, key={"path": prefix, "location": loc.url})
         err = None
         found = _Found([], [], [], [], [])
         stats = LoadStats()
@@ -681,8 +725,71 @@ def _finish(var: Variable, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def read_index(loc: storage.Location, comm: Comm, what: str) -> Index:
-    """The coordinator reads ``P.index`` once; every rank gets its parsed form."""
+class ReplicaCrcs:
+    """The masked CRC32C of every replica this rank holds, as ``(replica number, crc)``:
+    computed in a second thread for the copies it does not write, taken from the writer's
+    entries for those it does."""
+
+    def __init__(self, replicas: list[tuple[int, np.ndarray, int]]):
+        self._replicas = replicas
+        self._copies: dict[int, int] = {}
+        self._error: BaseException | None = None
+        self._thread = None
+        if any(pos < 0 for _, _, pos in replicas):
+            self._thread = threading.Thread(target=self._compute, name="shardsave-replica-crcs", daemon=True)
+            self._thread.start()
+
+    def _compute(self) -> None:
+        try:
+            copies = [(number, array) for number, array, pos in self._replicas if pos < 0]
+            self._copies = dict(zip([n for n, _ in copies], entry_crcs([a for _, a in copies]), strict=True))
+        except Exception as exc:  # noqa: BLE001 - raised by result()
+            self._error = exc
+
+    def result(self, masks: list[int]) -> list[tuple[int, int]]:
+        """``masks``: the entry CRCs of this rank's writes, which must have succeeded."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return [(number, self._copies[number] if pos < 0 else masks[pos]) for number, _, pos in self._replicas]
+
+
+def checked_replicas(prefix: str, plan, gathered: list[tuple]) -> list[tuple]:
+    """The coordinator's check that every rank holding a replica holds the same bytes; the
+    gathered ``(index part, bytes written, replica CRCs)`` without the CRCs."""
+    holders: dict[int, dict[int, list[int]]] = {}  # replica -> crc -> ranks
+    for rank, (_, _, crcs) in enumerate(gathered):
+        for number, crc in crcs:
+            holders.setdefault(number, {}).setdefault(crc, []).append(rank)
+    differ = [(number, by_crc) for number, by_crc in sorted(holders.items()) if len(by_crc) > 1]
+    if differ:
+        shown = "; ".join(_replica_difference(plan.replicas[number], by_crc) for number, by_crc in differ[:5])
+        more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
+        raise InvalidArgumentError(
+            f"saving {prefix}: {shown}{more}; nothing was committed. A variable held whole by several "
+            "ranks is stored once, so its copies must be equal; to save per-rank state (e.g. RNG keys) "
+            "give it a leading rank axis (global_shape=(size, ...), offset=(rank, ...)), or pass "
+            "Saver(check_replicas=False) to store one rank's copy"
+        )
+    return [(part, written) for part, written, _ in gathered]
+
+
+def _replica_difference(replica: tuple[str, Block], by_crc: dict[int, list[int]]) -> str:
+    name, block = replica
+    where = "" if not any(block.offset) else f" (block at offset {list(block.offset)})"
+    groups = sorted(by_crc.values(), key=min)
+    values = ", ".join(f"rank(s) {', '.join(map(str, ranks))} value {_letter(i)}" for i, ranks in enumerate(groups))
+    return f"variable {name!r}{where} differs between the ranks that hold it: {values}"
+
+
+def _letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else str(i + 1)
+
+
+def read_index(loc: storage.Location, comm: Comm, what: str, key: dict | None = None) -> Index:
+    """The coordinator reads ``P.index`` once; every rank gets its parsed form. ``key``:
+    what the ranks must agree on (see ``Comm.agree``)."""
     data = None
     err = None
     if comm.is_coordinator:
@@ -690,7 +797,7 @@ def read_index(loc: storage.Location, comm: Comm, what: str) -> Index:
             data = read_index_bytes(loc)
         except Exception as exc:  # noqa: BLE001
             err = exc
-    comm.agree(err, what)
+    comm.agree(err, what, key=key)
     data = comm.bcast(data)
     return parse_index_or_raise(loc, data)
 

@@ -44,14 +44,36 @@ def checksum_blocks(data: memoryview, block: int = CHECKSUM_BLOCK) -> tuple[int,
     return crc.mask(whole), bytes(packed)
 
 
+def entry_crc(array: np.ndarray) -> int:
+    """The masked CRC32C the data file entry of ``array`` gets, without writing it."""
+    if dtypes.to_tf(array.dtype) == dtypes.DT_STRING:
+        return encode_strings(array)[1]
+    return crc.masked_crc32c(byte_view(np.ascontiguousarray(array)))
+
+
+def entry_crcs(arrays: Sequence[np.ndarray]) -> list[int]:
+    """:func:`entry_crc` of every array; the small plain ones in bulk, as the writer does."""
+    out = [0] * len(arrays)
+    small = [i for i, a in enumerate(arrays) if a.nbytes <= CHECKSUM_BLOCK and not a.dtype.hasobject]
+    for i, masked in zip(small, crc.masked_crc32cs([arrays[i].tobytes() for i in small]), strict=True):
+        out[i] = masked
+    done = set(small)
+    for i, array in enumerate(arrays):
+        if i not in done:
+            out[i] = entry_crc(array)
+    return out
+
+
 def write_data_file(
     out: storage.Writer,
     keys: Sequence[bytes],
     arrays: Sequence[np.ndarray],
     shard_id: int,
+    crcs: list[int] | None = None,
 ) -> tuple[list[bytes], bytes, np.ndarray]:
     """Write ``arrays`` in order; return their index entries: the keys, the encoded
-    entries back to back, and the length of each.
+    entries back to back, and the length of each. ``crcs``, if given, receives every
+    entry's masked CRC32C (as :func:`entry_crc` computes it).
 
     Arrays up to one checksum block are handled column-wise (copies, checksums and index
     entries in bulk): a model may have tens of thousands of them, and a loop of Python
@@ -98,6 +120,8 @@ def write_data_file(
                 masks[j], blocks[j] = pending.result()
             i = j + 1
         batch.flush()
+    if crcs is not None:
+        crcs[:] = masks
     offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     values, lengths = encode_plain_columns(types, shapes, shard_id, offsets, sizes, masks)
     if any(blocks.values()):  # large entries also list their block checksums
