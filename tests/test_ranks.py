@@ -168,7 +168,8 @@ def test_ranks_with_different_options_or_paths_write_nothing(disagree):
     # a rank that cannot even make its prefix tells the others in their first step
     message = same_error_on_every_rank(cases, "step")
     assert message.startswith(
-        f"AbortedError: saving {directory}/agree/ckpt-3 failed on rank(s) 1: rank 1: ValueError: invalid literal"
+        f"InvalidArgumentError: saving {directory}/agree/ckpt-3 failed on rank(s) 1: rank 1: "
+        "InvalidArgumentError: global_step must be an integer, got 'x'"
     )
     message = same_error_on_every_rank(cases, "cwd")
     assert message.startswith(
