@@ -6,9 +6,11 @@ flag wins; they are not merged). S3 endpoint and credentials otherwise come from
 usual AWS chain: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ``~/.aws``, instance roles.
 
-``gc`` deletes what failed saves left: data files of checkpoints that have no index, temp
-files of interrupted publishes, and on S3 unfinished multipart uploads of data files. Run
-it when no job is saving to the directory: a save in progress looks the same.
+``gc`` cleans up after failed saves: it finishes a save interrupted after its commit point
+(commit.py) and deletes data files of checkpoints that have no index, staged files of
+saves that never committed, temp files of interrupted publishes, and on S3 unfinished
+multipart uploads of data files. Run it when no job is saving to the directory: a save in
+progress looks the same.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 
 import numpy as np
 
-from . import storage
+from . import commit, storage
 from .checkpoint_state import get_checkpoint_state
 from .errors import InvalidArgumentError, ShardsaveError
 from .format import dtypes
@@ -131,12 +133,17 @@ def cmd_ls(args, options) -> None:
         print(f"{c['prefix']:<32} {step:>8} {c['bytes']:>12}  {when}{mark}")
 
 
-def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tuple]]:
+def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tuple], list[commit.Recovery]]:
     """What failed saves left behind in ``directory``: data files whose checkpoint has no
-    index, temp files of interrupted publishes, and (S3) unfinished uploads of data files."""
+    index, temp files of interrupted publishes, (S3) unfinished uploads of data files,
+    and the recoveries of interrupted saves (commit.py: roll forward, or delete their
+    staged files)."""
     loc = storage.resolve(directory, options)
-    files = [f for f, _ in storage.scan(loc)]
+    listing = storage.files_in(loc)
+    recoveries = [commit.plan(loc.child(base), listing) for base in sorted(commit.in_flight(listing))]
+    files = [loc.child(name) for name in sorted(listing)]
     committed = {f.name[: -len(".index")] for f in files if f.name.endswith(".index")}
+    committed |= {r.prefix.name for r in recoveries if r.journal is not None}
 
     def orphan(name: str) -> bool:
         prefix, sep, rest = name.rpartition(".data-")
@@ -144,18 +151,24 @@ def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tup
 
     doomed = [f for f in files if orphan(f.name)]
     doomed += [f for f in files if fnmatch.fnmatchcase(f.name, "*.index.tmp*") or f.name.startswith("checkpoint.tmp")]
-    uploads = [u for u in storage.pending_uploads(loc, "*.data-*-of-*") if orphan(u[0].name)]
-    return doomed, uploads
+    uploads = [u for u in storage.pending_uploads(loc) if orphan(u[0].name) or commit.is_staged_name(u[0].name)]
+    return doomed, uploads, recoveries
 
 
 def cmd_gc(args, options) -> None:
-    doomed, uploads = leftovers(args.directory, options)
+    doomed, uploads, recoveries = leftovers(args.directory, options)
     verb = "would delete " if args.dry_run else "deleting "
+    for r in recoveries:
+        if r.journal is not None:
+            print(("would finish " if args.dry_run else "finishing ") + "the interrupted save of " + r.prefix.url)
+    doomed = [f for r in recoveries for f in r.doomed] + doomed
     for f in doomed:
         print(verb + f.url)
     for f, _, _ in uploads:
         print(("would abort " if args.dry_run else "aborting ") + "unfinished upload of " + f.url)
     if not args.dry_run:
+        for r in recoveries:
+            commit.apply(r)
         storage.remove(doomed)
         for f, upload_id, _ in uploads:
             storage.abort_upload(f, upload_id)

@@ -265,6 +265,7 @@ def plan(loc: storage.Location, listing: dict[str, dict], roll_back: bool = True
         staged_finals = {_final_of(n) for n in rec.staged}
         wanted = [data_file_name(loc.name, r, nranks) for r in range(nranks)]
         missing = [n for n in wanted if n not in staged_finals and n not in files.data]
+        missing = [n for n in missing if not _present_now(directory, n, journal)]
         if missing:
             raise DataLossError(
                 f"cannot finish the interrupted save of {loc.url}: its journal "
@@ -275,6 +276,13 @@ def plan(loc: storage.Location, listing: dict[str, dict], roll_back: bool = True
     if roll_back:
         rec.doomed += [directory.child(n) for n in files.others(journal or "")]
     return rec
+
+
+def _present_now(directory: storage.Location, final: str, save_id: str) -> bool:
+    """Whether ``final`` is staged or in place now: a listing made while another process
+    rolls the same journal forward may have seen a file under neither name."""
+    staged = f"{final}.{save_id}.staged"
+    return storage.exists(directory.child(staged)) or storage.exists(directory.child(final))
 
 
 def _journal_shards(loc: storage.Location, save_id: str) -> int:
