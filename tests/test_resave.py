@@ -48,7 +48,12 @@ FAULTS = {  # name: (fault of crash_save.py, rank killed, the values that surviv
     "final": ("final", 0, NEW),
 }
 JOURNAL = re.compile(r"model\.ckpt\.index\.[0-9a-f]{16}\.pending")
-COMMITTED = ["checkpoint", "model.ckpt.data-00000-of-00002", "model.ckpt.data-00001-of-00002", "model.ckpt.index"]
+COMMITTED = [
+    "checkpoint",
+    "model.ckpt.data-00000-of-00002",
+    "model.ckpt.data-00001-of-00002",
+    "model.ckpt.index",
+]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -61,7 +66,7 @@ def where(request, tmp_path):
 
 
 def names(directory: str, options) -> list[str]:
-    return sorted(storage.files_in(storage.resolve(directory, options)))
+    return sorted(f.name for f in storage.glob(storage.resolve(directory, options), "*"))
 
 
 def copy_dir(src: str, dst: str, options) -> None:
@@ -69,7 +74,7 @@ def copy_dir(src: str, dst: str, options) -> None:
         shutil.copytree(src, dst)
         return
     source, dest = storage.resolve(src, options), storage.resolve(dst, options)
-    for name in storage.files_in(source):
+    for name in names(src, options):
         source.fs.cp_file(source.child(name).path, dest.child(name).path)
 
 
@@ -105,8 +110,22 @@ def test_killed_resave_leaves_old_or_new_checkpoint(name, where, capsys):
     fault, rank, survivor = FAULTS[name]
     if options is not None and name == "writer-0":
         pytest.skip("the coordinator killed while writing: as writer-1 on S3, covered locally")
-    args = [CRASH, "--dir", directory, "--rows", str(ROWS), "--fixed", "--steps", str(OLD),
-            "--crash-step", str(NEW), "--fault", fault, "--kill-rank", str(rank)]
+    args = [
+        CRASH,
+        "--dir",
+        directory,
+        "--rows",
+        str(ROWS),
+        "--fixed",
+        "--steps",
+        str(OLD),
+        "--crash-step",
+        str(NEW),
+        "--fault",
+        fault,
+        "--kill-rank",
+        str(rank),
+    ]
     if options is not None:
         args += ["--storage-options", json.dumps(options)]
     proc = run_mpi(RANKS, args, env=env, timeout=120)
@@ -142,8 +161,9 @@ def test_killed_resave_leaves_old_or_new_checkpoint(name, where, capsys):
     variables = make_vars(ROWS)
     assign(variables, 3, ROWS)
     ss.Saver(storage_options=options).save(f"{copies['save']}/model.ckpt")
-    assert_clean(copies["save"], options, capsys, ["checkpoint", "model.ckpt.data-00000-of-00001",
-                                                   "model.ckpt.index"])
+    assert_clean(
+        copies["save"], options, capsys, ["checkpoint", "model.ckpt.data-00000-of-00001", "model.ckpt.index"]
+    )
     assert_restores(copies["save"], options, 3)
 
 
@@ -166,7 +186,9 @@ def test_two_jobs_saving_one_prefix_at_once(fresh, where, tmp_path, capsys):
     args = [sys.executable, PAUSED, "--dir", directory, "--rows", str(ROWS), "--step", "2", "--flag", flag]
     if options is not None:
         args += ["--storage-options", json.dumps(options)]
-    job_a = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_a = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(flag + ".ready"):
@@ -182,4 +204,58 @@ def test_two_jobs_saving_one_prefix_at_once(fresh, where, tmp_path, capsys):
     assert f"another save is writing {directory}/model.ckpt at the same time" in out, out
     assert "two jobs saving into one directory?" in out, out
     assert_restores(directory, options, 3)
-    assert_clean(directory, options, capsys, ["checkpoint", "model.ckpt.data-00000-of-00001", "model.ckpt.index"])
+    assert_clean(
+        directory, options, capsys, ["checkpoint", "model.ckpt.data-00000-of-00001", "model.ckpt.index"]
+    )
+
+
+# ---------------------------------------------------------------- one process, no kill
+def staged_resave(directory: str, monkeypatch, stop_at: str) -> None:
+    """Re-save ``directory/model.ckpt`` with the values of NEW and stop it (an exception,
+    as a kill would) at ``stop_at``: "renames" after the first staged file is renamed."""
+    from shardsave import commit
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt(stop_at)
+
+    if stop_at == "renames":
+        monkeypatch.setattr(commit.storage, "rename_all", stop)
+    variables = make_vars(ROWS)
+    assign(variables, NEW, ROWS)
+    with pytest.raises(KeyboardInterrupt):
+        ss.Saver(variables).save(f"{directory}/model.ckpt")
+    monkeypatch.undo()
+
+
+def test_a_journal_naming_a_missing_file_is_data_loss(tmp_path, monkeypatch):
+    directory = str(tmp_path)
+    save_fixed(directory, None, OLD)
+    staged_resave(directory, monkeypatch, "renames")
+    staged = [n for n in names(directory, None) if n.endswith(".staged")]
+    assert len(staged) == 1, names(directory, None)
+    final = staged[0].rsplit(".", 2)[0]
+    os.remove(os.path.join(directory, staged[0]))
+    os.remove(os.path.join(directory, final))
+    with pytest.raises(
+        ss.DataLossError, match=re.escape(os.path.join(directory, final)) + ".*neither staged nor"
+    ):
+        ss.Saver(make_vars(ROWS)).restore(f"{directory}/model.ckpt")
+
+
+def test_gc_dry_run_names_the_commit_it_would_finish(tmp_path, monkeypatch, capsys):
+    directory = str(tmp_path)
+    save_fixed(directory, None, OLD)
+    staged_resave(directory, monkeypatch, "renames")
+    before = names(directory, None)
+    out = gc(directory, None, capsys, dry_run=True)
+    assert f"would finish the interrupted save of {directory}/model.ckpt" in out, out
+    assert names(directory, None) == before
+    reader = ss.CheckpointReader(f"{directory}/model.ckpt")  # a reader finishes it too
+    assert reader.get_tensor("embedding").tobytes() == make_expected(NEW)
+    assert names(directory, None) == ["checkpoint", "model.ckpt.data-00000-of-00001", "model.ckpt.index"]
+
+
+def make_expected(step: int) -> bytes:
+    from faults.common import global_values
+
+    return global_values(step, ROWS)["embedding"].tobytes()
