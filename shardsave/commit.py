@@ -40,6 +40,7 @@ only rolls forward: it must not delete the files of a save another job is runnin
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -158,11 +159,15 @@ def commit(
     then make ``index`` the checkpoint at ``loc`` (the module docstring has the steps)."""
     nranks = len(reports)
     directory = loc.parent
+    journal = directory.child(journal_name(loc.name, mode.save_id))
+    staged = [mode.data_path(loc.name, r, nranks) for r in range(nranks)]
     try:
         files = storage.files_in(directory)  # one listing, not one request per rank
         index_now = files.get(loc.name + ".index")
         if (None if index_now is None else index_now["version"]) != mode.index_version:
-            raise _another_save(loc, what, f"{loc.url}.index changed while this save was running")
+            raise _another_save(
+                loc, what, f"{loc.url}.index changed while this save was running; nothing was committed"
+            )
         others = _Files.of(loc.name, files).others(mode.save_id)
         if others:
             raise _another_save(loc, what, f"{directory.child(others[0]).url} is not this save's")
@@ -172,17 +177,16 @@ def commit(
                 storage.fsync_dir(directory)
             _publish_index_create_only(loc, index, what, fsync)
         else:
-            storage.publish(
-                directory.child(journal_name(loc.name, mode.save_id)), index, fsync=fsync, exclusive=True
-            )
+            storage.publish(journal, index, fsync=fsync, exclusive=True)
     except BaseException:
-        if mode.staged:  # nothing names them yet: they go, and the old checkpoint stays
+        if mode.staged:  # once no journal names them they go, and the old checkpoint stays
             with contextlib.suppress(Exception):
-                storage.remove([loc.with_path(mode.data_path(loc.path, r, nranks)) for r in range(nranks)])
+                storage.remove([journal])  # a PUT that failed may still have landed
+                storage.remove([directory.child(n) for n in staged])
         raise
     if mode.staged:
-        staged = [mode.data_path(loc.name, r, nranks) for r in range(nranks)]
-        _roll_forward(loc, mode.save_id, staged, fsync)
+        moved_by_others = _roll_forward(loc, mode.save_id, staged, fsync)
+        _check_moved(loc, moved_by_others, files, what)
     current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
     storage.remove([directory.child(n) for n in _Files.of(loc.name, files).data if n not in current])
 
@@ -213,7 +217,7 @@ def _check_written(loc, mode: SaveMode, reports, files: dict[str, dict], what: s
 def _another_save(loc: storage.Location, what: str, detail: str) -> AbortedError:
     return AbortedError(
         f"{what}: another save is writing {loc.url} at the same time (two jobs saving into one "
-        f"directory?): {detail}; nothing was committed"
+        f"directory?): {detail}"
     )
 
 
@@ -224,14 +228,36 @@ def _publish_index_create_only(loc: storage.Location, index: bytes, what: str, f
         raise _another_save(loc, what, f"{loc.url}.index appeared while this save was running") from exc
 
 
-def _roll_forward(loc: storage.Location, save_id: str, staged: list[str], fsync: bool) -> None:
+def _roll_forward(loc: storage.Location, save_id: str, staged: list[str], fsync: bool) -> list[str]:
     """Rename the staged files, then the journal, to their final names. Idempotent: a
-    file already moved (by an earlier, interrupted run of this) is skipped."""
+    file already moved (by an earlier, interrupted run of this, or by another process
+    finishing the same journal) is skipped. Returns the staged files it did not find."""
     directory = loc.parent
-    storage.rename_all([(directory.child(n), directory.child(_final_of(n))) for n in staged])
+    skipped = storage.rename_all([(directory.child(n), directory.child(_final_of(n))) for n in staged])
     storage.rename(directory.child(journal_name(loc.name, save_id)), loc.with_path(loc.path + ".index"))
     if fsync:
         storage.fsync_dir(directory)
+    return [posixpath.basename(src.path) for src in skipped]
+
+
+def _check_moved(loc: storage.Location, names: list[str], before: dict[str, dict], what: str) -> None:
+    """Staged files that were gone when this save renamed them: fine if another process
+    finishing the same journal moved them (the final file is the staged one: same inode
+    locally, same size elsewhere), else another save deleted them after the checks."""
+    if not names:
+        return
+    after = storage.files_in(loc.parent)
+    for name in names:
+        was, now = before[name], after.get(_final_of(name))
+        same = now is not None and now["size"] == was["size"]
+        if same and loc.is_local:
+            same = now["version"][0] == was["version"][0]
+        if not same:
+            raise _another_save(
+                loc,
+                what,
+                f"{loc.parent.child(name).url} vanished after the commit point; the checkpoint is damaged",
+            )
 
 
 # -------------------------------------------------------------------------- recovery
@@ -245,10 +271,6 @@ class Recovery:
     journal: str | None = None
     staged: list[str] = field(default_factory=list)  # the journal's staged files
     doomed: list[storage.Location] = field(default_factory=list)
-
-    @property
-    def needed(self) -> bool:
-        return self.journal is not None or bool(self.doomed)
 
 
 def plan(loc: storage.Location, listing: dict[str, dict], roll_back: bool = True) -> Recovery:

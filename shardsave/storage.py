@@ -573,18 +573,18 @@ def files_in(loc: Location) -> dict[str, dict]:
     return {d["name"]: d for d in _listing(loc)}
 
 
-def rename(src: Location, dst: Location) -> None:
-    """Move ``src`` to ``dst``, replacing it (see :func:`rename_all`)."""
-    rename_all([(src, dst)])
+def rename(src: Location, dst: Location) -> bool:
+    """Move ``src`` to ``dst``, replacing it; False if ``src`` was missing (see :func:`rename_all`)."""
+    return not rename_all([(src, dst)])
 
 
 RENAME_CONCURRENCY = 16
 """Server-side copies in flight at once when S3 files are renamed."""
 
 
-def rename_all(pairs: Sequence[tuple[Location, Location]]) -> None:
+def rename_all(pairs: Sequence[tuple[Location, Location]]) -> list[Location]:
     """Move each ``src`` to its ``dst``, replacing what is there; a missing ``src`` is
-    skipped (someone else moved it already: renames here are idempotent).
+    skipped (someone else moved it already: renames here are idempotent), and returned.
 
     Locally ``os.replace`` (atomic; readers holding the old file keep it). Elsewhere a
     server-side copy, in parallel, then one delete of the sources: an S3 object is
@@ -592,14 +592,18 @@ def rename_all(pairs: Sequence[tuple[Location, Location]]) -> None:
     the caller fsyncs the directory.
     """
     if not pairs:
-        return
+        return []
+    missing = []
     if pairs[0][0].is_local:
         for src, dst in pairs:
-            with translate_errors(src, "renaming"), contextlib.suppress(FileNotFoundError):
-                os.replace(src.path, dst.path)
-        return
+            with translate_errors(src, "renaming"):
+                try:
+                    os.replace(src.path, dst.path)
+                except FileNotFoundError:
+                    missing.append(src)
+        return missing
 
-    def copy(pair: tuple[Location, Location]) -> Location | None:
+    def copy(pair: tuple[Location, Location]) -> bool:
         src, dst = pair
         _fresh(src)
         with translate_errors(src, "renaming"):
@@ -608,13 +612,14 @@ def rename_all(pairs: Sequence[tuple[Location, Location]]) -> None:
             except FileNotFoundError as exc:
                 if _missing_bucket(exc):
                     raise
-                return None
+                return False
         _fresh(dst)
-        return src
+        return True
 
     with concurrent.futures.ThreadPoolExecutor(min(RENAME_CONCURRENCY, len(pairs))) as pool:
-        copied = [src for src in pool.map(copy, pairs) if src is not None]
-    remove(copied)
+        copied = list(pool.map(copy, pairs))
+    remove([src for (src, _), done in zip(pairs, copied, strict=True) if done])
+    return [src for (src, _), done in zip(pairs, copied, strict=True) if not done]
 
 
 def _mtime(d: dict) -> float | None:
