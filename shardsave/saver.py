@@ -23,6 +23,7 @@ already, in place, once every rank has checked every byte (in_place.py).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import operator
@@ -41,6 +42,7 @@ from .errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
 )
 from .format import dtypes
 from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
@@ -617,7 +619,10 @@ def read_index(loc: storage.Location, comm: Comm, what: str, *, recover: bool = 
     if comm.is_coordinator:
         try:
             if recover:
-                commit.recover(loc, roll_back=False, fsync=fsync)
+                # without the right to list (an S3 reader with GetObject only) or to rename, a
+                # restore reads as before: a checksum error if it meets an unfinished commit
+                with contextlib.suppress(PermissionDeniedError):
+                    commit.recover(loc, roll_back=False, fsync=fsync)
             data = read_index_bytes(loc)
         except Exception as exc:  # noqa: BLE001
             err = exc
