@@ -17,7 +17,8 @@ S3 (s3fs) specifics, all decided here:
   sent while the next is filled, at most :data:`UPLOAD_CONCURRENCY` in flight, so a rank
   holds at most that many parts in memory, never a copy of its whole file; a file smaller
   than one part is a single PUT. :func:`publish` is one PUT, create-only
-  (``If-None-Match: *``) for the index, on stores that support it.
+  (``If-None-Match: *``) for the index, on stores that support it. :func:`rename_all` is
+  a server-side copy per file, in parallel, then one batched delete of the sources.
 - Errors. A missing bucket and access denied fail at once (:class:`NotFoundError`,
   :class:`PermissionDeniedError`, naming the URL); a missing bucket is never created.
   Transient errors (throttling, 5xx, dropped or refused connections, timeouts) are
@@ -434,7 +435,8 @@ def publish(loc: Location, data: bytes, fsync: bool = True, *, exclusive: bool =
     PUT. ``exclusive`` makes that PUT create-only (``If-None-Match: *`` on S3) where the
     store supports it, so a file that appeared meanwhile (another job saving to the same
     prefix) is never overwritten: :class:`FailedPreconditionError`. Locally the replace
-    always overwrites (the saver removes an old index before it rewrites data).
+    always overwrites (a local save publishes only its journal, under a name of its own,
+    and renames that over the index: commit.py).
     """
     with translate_errors(loc, "publishing"):
         if loc.is_local:
