@@ -259,3 +259,20 @@ def make_expected(step: int) -> bytes:
     from faults.common import global_values
 
     return global_values(step, ROWS)["embedding"].tobytes()
+
+
+def test_a_reader_that_may_not_list_restores_as_before(tmp_path, monkeypatch):
+    """An S3 reader allowed GetObject but not ListBucket cannot look for an unfinished
+    commit; its restore must still work as it did before there was anything to look for."""
+    from shardsave import commit
+
+    directory = str(tmp_path)
+    save_fixed(directory, None, OLD)
+
+    def denied(loc):
+        raise ss.PermissionDeniedError(f"listing {loc.url}: permission denied")
+
+    monkeypatch.setattr(commit.storage, "files_in", denied)
+    variables = make_vars(ROWS)
+    ss.Saver().restore(f"{directory}/model.ckpt")
+    check_equal(variables, OLD, ROWS)
