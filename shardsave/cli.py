@@ -6,10 +6,12 @@ flag wins; they are not merged). S3 endpoint and credentials otherwise come from
 usual AWS chain: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ``~/.aws``, instance roles.
 
-``gc`` deletes what failed saves left: data files of checkpoints that have no index, temp
-files of interrupted publishes, and on S3 unfinished multipart uploads of data files, all
-directly in the directory and matched by exact name (never a glob; the state file is not
-read). Run it when no job is saving to the directory: a save in progress looks the same.
+``gc`` cleans up after failed saves: it finishes a save interrupted after its commit point
+(commit.py) and deletes data files of checkpoints that have no index, staged files of
+saves that never committed, temp files of interrupted publishes, and on S3 unfinished
+multipart uploads of data files, all directly in the directory and matched by exact name
+(never a glob; the state file is not read). Run it when no job is saving to the
+directory: a save in progress looks the same.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 
 import numpy as np
 
-from . import storage
+from . import commit, storage
 from .checkpoint_state import get_checkpoint_state
 from .errors import InvalidArgumentError, NotFoundError, ShardsaveError
 from .format import dtypes, names
@@ -144,35 +146,47 @@ def cmd_ls(args, options) -> None:
         print(f"{c['prefix']:<32} {step:>8} {c['bytes']:>12}  {when}{mark}")
 
 
-def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tuple]]:
+def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tuple], list[commit.Recovery]]:
     """What failed saves left behind in ``directory``: data files whose checkpoint has no
-    index, temp files of interrupted publishes, and (S3) unfinished uploads of data files.
+    index, temp files of interrupted publishes, (S3) unfinished uploads of data files,
+    and the recoveries of interrupted saves (commit.py: roll forward, or delete their
+    staged files).
 
     Only files directly in ``directory`` whose names are exactly those shardsave writes
-    (``<prefix>.data-SSSSS-of-NNNNN``, ``<prefix>.index.tmp<hex>``, ``checkpoint.tmp<hex>``)
-    are candidates; the state file is not read, so nothing outside is ever touched.
+    (``<prefix>.data-SSSSS-of-NNNNN``, ``<prefix>.index.tmp<hex>``, ``checkpoint.tmp<hex>``,
+    staged files) are candidates; the state file is not read, so nothing outside is ever
+    touched.
     """
     loc = _directory(directory, options)
-    files = [f for f, _ in storage.scan(loc)]
+    listing = storage.files_in(loc)
+    recoveries = [commit.plan(loc.child(base), listing) for base in sorted(commit.in_flight(listing))]
+    files = [loc.child(name) for name in sorted(listing)]
     committed = {f.name[: -len(".index")] for f in files if f.name.endswith(".index")}
+    committed |= {r.prefix.name for r in recoveries if r.journal is not None}
 
     def orphan(name: str) -> bool:
         parsed = names.parse_data_file_name(name)
         return parsed is not None and parsed[0] not in committed
 
     doomed = [f for f in files if orphan(f.name) or names.is_publish_temp(f.name)]
-    uploads = [u for u in storage.pending_uploads(loc) if orphan(u[0].name)]
-    return doomed, uploads
+    uploads = [u for u in storage.pending_uploads(loc) if orphan(u[0].name) or commit.is_staged_name(u[0].name)]
+    return doomed, uploads, recoveries
 
 
 def cmd_gc(args, options) -> None:
-    doomed, uploads = leftovers(args.directory, options)
+    doomed, uploads, recoveries = leftovers(args.directory, options)
     verb = "would delete " if args.dry_run else "deleting "
+    for r in recoveries:
+        if r.journal is not None:
+            print(("would finish " if args.dry_run else "finishing ") + "the interrupted save of " + r.prefix.url)
+    doomed = [f for r in recoveries for f in r.doomed] + doomed
     for f in doomed:
         print(verb + f.url)
     for f, _, _ in uploads:
         print(("would abort " if args.dry_run else "aborting ") + "unfinished upload of " + f.url)
     if not args.dry_run:
+        for r in recoveries:
+            commit.apply(r)
         storage.remove(doomed)
         for f, upload_id, _ in uploads:
             storage.abort_upload(f, upload_id)

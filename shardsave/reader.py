@@ -27,7 +27,8 @@ class CheckpointReader:
     def __init__(self, prefix: str | os.PathLike, *, storage_options: dict | None = None, fs: Any = None):
         self.prefix = resolve_checkpoint(prefix, storage_options=storage_options, fs=fs)
         self._loc = storage.resolve(self.prefix, storage_options, fs)
-        self._index = read_index(self._loc, Comm(None), f"reading {self.prefix}")
+        # recover: a save interrupted after its commit point is finished first (commit.py)
+        self._index = read_index(self._loc, Comm(None), f"reading {self.prefix}", recover=True)
         self.bytes_read = 0
 
     @property

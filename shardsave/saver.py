@@ -7,13 +7,15 @@ makes every rank raise the same error and none waits longer than ``timeout``):
    must have passed the same prefix and options (Comm.agree compares them);
 2. all-gather the lists; every rank computes the same plan (plan.py): who writes which
    block, replicated blocks once, and the checks of shapes, overlaps and gaps;
-3. the coordinator creates the directory and removes an old index at this prefix, so an
-   index never points at data being rewritten;
-4. every rank streams its blocks into ``P.data-<rank>-of-<size>`` (writer.py);
+3. the coordinator creates the directory, finishes or undoes what an interrupted save
+   of this prefix left, and picks this save's id (commit.py);
+4. every rank streams its blocks into its data file (writer.py): ``P.data-<rank>-of-<size>``
+   staged under a name of this save's own while an older checkpoint stays at ``P``;
 5. the coordinator gathers the index entries (and the CRC32C of every replicated block
-   from each of its holders, which must agree), checks every data file has the expected
-   size, publishes ``P.index`` atomically (the commit point), then writes the state
-   file and deletes checkpoints that retention lets go.
+   from each of its holders, which must agree), checks every data file is the one its rank
+   wrote, and commits (commit.py: a journal, then renames; the old checkpoint or the new
+   one is restorable at every moment), then writes the state file and deletes
+   checkpoints that retention lets go.
 
 ``restore``: the coordinator reads the index once and broadcasts it; every rank plans and
 reads only the byte ranges its own blocks need (loader.py). Into fresh arrays, which the
@@ -23,6 +25,7 @@ already, in place, once every rank has checked every byte (in_place.py).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import operator
@@ -35,13 +38,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import checkpoint_state, gcpause, storage
+from . import checkpoint_state, commit, gcpause, storage
 from .comm import Comm
 from .errors import (
     DataLossError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
 )
 from .format import dtypes
 from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
@@ -53,7 +57,6 @@ from .loader import (
     LoadStats,
     Target,
     check_shape,
-    data_file_name,
     is_small_plain,
     load,
     load_small,
@@ -377,17 +380,18 @@ class Saver:
         """Steps 3-5: prepare the directory, write this rank's data file, commit."""
         comm = self._comm
         what = f"saving {prefix}"
-        # The directory exists and no stale index points at the files about to be rewritten.
+        # The directory exists, an interrupted save of this prefix is finished or undone.
         err = None
+        mode = None
         if comm.is_coordinator:
             try:
-                storage.makedirs(loc.parent)
-                storage.remove([loc.with_path(loc.path + ".index")])
+                mode = commit.prepare(loc, fsync=self.fsync)
             except Exception as exc:  # noqa: BLE001
                 err = exc
         comm.agree(err, what)
+        mode = comm.bcast(mode)
 
-        data_loc = loc.with_path(data_file_name(loc.path, comm.rank, comm.size))
+        data_loc = loc.with_path(mode.data_path(loc.path, comm.rank, comm.size))
         entries: tuple = ([], b"", ())
         err = None
         out = None
@@ -409,13 +413,15 @@ class Saver:
             storage.remove([data_loc])
             raise
 
-        gathered = comm.gather((encode_rank_part(*entries, plan.sliced), out.written if out else 0, replica_crcs))
+        gathered = comm.gather((encode_rank_part(*entries, plan.sliced), out.written if out else 0, replica_crcs,
+                                out.etag if out else None))
         err = None
         timestamp = time.time()
         if comm.is_coordinator:
             try:
-                gathered = checked_replicas(prefix, plan, gathered)
-                self._commit(loc, prefix, plan.sliced, gathered, latest_filename, write_state, timestamp)
+                checked = checked_replicas(prefix, plan, [g[:3] for g in gathered])
+                reports = [(part, written, g[3]) for (part, written), g in zip(checked, gathered, strict=True)]
+                self._commit(loc, mode, prefix, plan.sliced, reports, latest_filename, write_state, timestamp)
             except Exception as exc:  # noqa: BLE001
                 err = exc
         comm.agree(err, what)
@@ -424,29 +430,13 @@ class Saver:
         self._last_checkpoints = kept
         return prefix
 
-    def _commit(self, loc, prefix, sliced, gathered, latest_filename, write_state, timestamp) -> None:
-        nranks = len(gathered)
-        # one listing of the directory, not one request per rank (S3 with 1000s of ranks)
-        sizes = {f.name: meta["size"] for f, meta in storage.data_files(loc.parent, loc.name)}
-        for rank, (_, written) in enumerate(gathered):
-            data_loc = loc.with_path(data_file_name(loc.path, rank, nranks))
-            found = sizes.get(data_loc.name)
-            if found != written:
-                raise DataLossError(
-                    f"{data_loc.url}: rank {rank} wrote {written} bytes but the coordinator sees "
-                    f"{'no file' if found is None else f'{found} bytes'}; do all ranks write to the "
-                    "same shared filesystem? (node-local disks and memory:// cannot hold a "
-                    "multi-process checkpoint)"
-                )
+    def _commit(self, loc, mode, prefix, sliced, gathered, latest_filename, write_state, timestamp) -> None:
         index = merge_index(
-            nranks, [part for part, _ in gathered], {name: (dt, shape) for name, (dt, shape, _) in sliced.items()}
+            len(gathered), [part for part, _, _ in gathered],
+            {name: (dt, shape) for name, (dt, shape, _) in sliced.items()},
         )
-        if self.fsync:  # the data files reach the disk before the index that names them
-            storage.fsync_dir(loc.parent)
-        storage.publish(loc.with_path(loc.path + ".index"), index, fsync=self.fsync, exclusive=True)
-        # leftovers of earlier saves of this prefix with another number of ranks
-        current = {data_file_name(loc.name, r, nranks) for r in range(nranks)}
-        storage.remove([loc.parent.child(name) for name in sizes if name not in current])
+        reports = [(written, etag) for _, written, etag in gathered]
+        commit.commit(loc, mode, reports, index, f"saving {prefix}", fsync=self.fsync)
         kept, doomed, _, preserved = self._retention(prefix, timestamp)
         if write_state:
             self._write_state(kept or [(prefix, timestamp)], latest_filename, preserved)
@@ -533,7 +523,8 @@ class Saver:
         except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
             comm.agree(exc, what)
             raise
-        index = read_index(loc, comm, what, key={"path": prefix, "location": loc.url})
+        index = read_index(loc, comm, what, key={"path": prefix, "location": loc.url}, recover=True,
+                           fsync=self.fsync)
         err = None
         found = _Found([], [], [], [], [])
         stats = LoadStats()
@@ -787,13 +778,22 @@ def _letter(i: int) -> str:
     return chr(ord("A") + i) if i < 26 else str(i + 1)
 
 
-def read_index(loc: storage.Location, comm: Comm, what: str, key: dict | None = None) -> Index:
+def read_index(loc: storage.Location, comm: Comm, what: str, key: dict | None = None, *, recover: bool = False,
+               fsync: bool = True) -> Index:
     """The coordinator reads ``P.index`` once; every rank gets its parsed form. ``key``:
-    what the ranks must agree on (see ``Comm.agree``)."""
+    what the ranks must agree on (see ``Comm.agree``).
+
+    ``recover``: first finish a save of ``P`` that was interrupted after its commit point
+    (commit.py), so a restore never meets an old index naming new data files."""
     data = None
     err = None
     if comm.is_coordinator:
         try:
+            if recover:
+                # without the right to list (an S3 reader with GetObject only) or to rename, a
+                # restore reads as before: a checksum error if it meets an unfinished commit
+                with contextlib.suppress(PermissionDeniedError):
+                    commit.recover(loc, roll_back=False, fsync=fsync)
             data = read_index_bytes(loc)
         except Exception as exc:  # noqa: BLE001
             err = exc

@@ -17,7 +17,8 @@ S3 (s3fs) specifics, all decided here:
   sent while the next is filled, at most :data:`UPLOAD_CONCURRENCY` in flight, so a rank
   holds at most that many parts in memory, never a copy of its whole file; a file smaller
   than one part is a single PUT. :func:`publish` is one PUT, create-only
-  (``If-None-Match: *``) for the index, on stores that support it.
+  (``If-None-Match: *``) for the index, on stores that support it. :func:`rename_all` is
+  a server-side copy per file, in parallel, then one batched delete of the sources.
 - Errors. A missing bucket and access denied fail at once (:class:`NotFoundError`,
   :class:`PermissionDeniedError`, naming the URL); a missing bucket is never created.
   Transient errors (throttling, 5xx, dropped or refused connections, timeouts) are
@@ -359,6 +360,7 @@ class Writer:
         self.loc = loc
         self.fsync = fsync
         self.written = 0
+        self.etag: str | None = None  # S3: the finished object's ETag (what the commit compares)
         self._writeback: _EarlyWriteback | None = None
         with translate_errors(loc, "creating"):
             if loc.is_local:
@@ -398,7 +400,9 @@ class Writer:
                 writeback.stop()  # raises what the kernel reported to it, once
             if self.loc.is_local and self.fsync:
                 os.fsync(self._file.fileno())
-            self._file.close()
+            closed = self._file.close()
+            if self.loc.is_s3:
+                self.etag = closed
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
@@ -501,20 +505,22 @@ class _MultipartUpload:
         number, future = self.inflight.popleft()
         self.parts.append({"PartNumber": number, "ETag": future.result()["ETag"]})
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Finish the object; return its ETag."""
         if self.upload_id is None:
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+            out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
         else:
             if self.buffer:
                 self._send()
             while self.inflight:
                 self._finish_one()
-            self.fs.call_s3(
+            out = self.fs.call_s3(
                 "complete_multipart_upload", Bucket=self.bucket, Key=self.key,
                 UploadId=self.upload_id, MultipartUpload={"Parts": self.parts},
             )
         self.buffer = bytearray()
         self.fs.invalidate_cache(self.path)
+        return _etag(out)
 
     def abort(self) -> None:
         futures = [f for _, f in self.inflight]
@@ -535,7 +541,8 @@ def publish(loc: Location, data: bytes, fsync: bool = True, *, exclusive: bool =
     PUT. ``exclusive`` makes that PUT create-only (``If-None-Match: *`` on S3) where the
     store supports it, so a file that appeared meanwhile (another job saving to the same
     prefix) is never overwritten: :class:`FailedPreconditionError`. Locally the replace
-    always overwrites (the saver removes an old index before it rewrites data).
+    always overwrites (a local save publishes only its journal, under a name of its own,
+    and renames that over the index: commit.py).
     """
     with translate_errors(loc, "publishing"):
         if loc.is_local:
@@ -642,7 +649,8 @@ def _listing(loc: Location) -> list[dict]:
                         with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
                             if entry.is_file():
                                 st = entry.stat()
-                                out.append({"name": entry.name, "size": st.st_size, "mtime": st.st_mtime})
+                                out.append({"name": entry.name, "size": st.st_size, "mtime": st.st_mtime, "etag": None,
+                                            "version": (st.st_ino, st.st_mtime_ns, st.st_size)})
                     return out
             except (FileNotFoundError, NotADirectoryError):
                 return []
@@ -654,10 +662,75 @@ def _listing(loc: Location) -> list[dict]:
                 raise
             return []
         return [
-            {"name": posixpath.basename(d["name"].rstrip("/")), "size": int(d.get("size") or 0), "mtime": _mtime(d)}
+            _entry(posixpath.basename(d["name"].rstrip("/")), int(d.get("size") or 0), _mtime(d), _etag(d))
             for d in entries
             if d.get("type", "file") == "file"
         ]
+
+
+def _entry(name: str, size: int, mtime: float | None, etag: str | None) -> dict:
+    return {"name": name, "size": size, "mtime": mtime, "etag": etag, "version": (etag, mtime, size)}
+
+
+def _etag(d: dict) -> str | None:
+    etag = d.get("ETag") or d.get("etag")
+    return etag.strip('"') if isinstance(etag, str) else None
+
+
+def files_in(loc: Location) -> dict[str, dict]:
+    """``{name: {"name", "size", "mtime", "etag", "version"}}`` of the files directly in
+    directory ``loc``, from one fresh listing. ``etag`` is S3's (None elsewhere);
+    ``version`` changes whenever the file is replaced (inode, mtime and size locally)."""
+    return {d["name"]: d for d in _listing(loc)}
+
+
+def rename(src: Location, dst: Location) -> bool:
+    """Move ``src`` to ``dst``, replacing it; False if ``src`` was missing (see :func:`rename_all`)."""
+    return not rename_all([(src, dst)])
+
+
+RENAME_CONCURRENCY = 16
+"""Server-side copies in flight at once when S3 files are renamed."""
+
+
+def rename_all(pairs: Sequence[tuple[Location, Location]]) -> list[Location]:
+    """Move each ``src`` to its ``dst``, replacing what is there; a missing ``src`` is
+    skipped (someone else moved it already: renames here are idempotent), and returned.
+
+    Locally ``os.replace`` (atomic; readers holding the old file keep it). Elsewhere a
+    server-side copy, in parallel, then one delete of the sources: an S3 object is
+    replaced at once, so ``dst`` is always a whole file, old or new. No durability here:
+    the caller fsyncs the directory.
+    """
+    if not pairs:
+        return []
+    missing = []
+    if pairs[0][0].is_local:
+        for src, dst in pairs:
+            with translate_errors(src, "renaming"):
+                try:
+                    os.replace(src.path, dst.path)
+                except FileNotFoundError:
+                    missing.append(src)
+        return missing
+
+    def copy(pair: tuple[Location, Location]) -> bool:
+        src, dst = pair
+        _fresh(src)
+        with translate_errors(src, "renaming"):
+            try:
+                src.fs.cp_file(src.path, dst.path)  # a single file: no globbing of the name
+            except FileNotFoundError as exc:
+                if missing_bucket(exc):
+                    raise
+                return False
+        _fresh(dst)
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(min(RENAME_CONCURRENCY, len(pairs))) as pool:
+        copied = list(pool.map(copy, pairs))
+    remove([src for (src, _), done in zip(pairs, copied, strict=True) if done])
+    return [src for (src, _), done in zip(pairs, copied, strict=True) if not done]
 
 
 def _mtime(d: dict) -> float | None:

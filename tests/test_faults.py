@@ -3,17 +3,20 @@
 Each test runs tests/faults/crash_save.py on 3 ranks: two good saves, then a third save
 during which a process is SIGKILLed, either a rank in the middle of writing its data file
 (``writer``, a new checkpoint) or the coordinator just before it publishes the index
-(``index``, while re-saving a checkpoint that the state file already names, so its old
-index is gone). Then, in this process: the job died instead of hanging, the newest
-committed checkpoint is still ``latest_checkpoint`` and restores bit-exact, ``shardsave
-gc`` lists and removes exactly what the failed save left, and a later successful save of
-the same prefix (on another rank count) removes those leftovers by itself.
+(``index``, while re-saving ``ckpt-2``, which the state file already names: its old
+index and data stay, the new data files are staged under names of their own). Then, in
+this process: the job died instead of hanging, the newest committed checkpoint is still
+``latest_checkpoint`` and restores bit-exact, ``shardsave gc`` lists and removes exactly
+what the failed save left, and a later successful save of the same prefix (on another
+rank count) removes those leftovers by itself. (Re-saves of one fixed prefix killed at
+every moment: tests/test_resave.py.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from faults.common import HERE, assign, check_equal, make_vars, run_mpi
@@ -37,6 +40,20 @@ def gc(directory: str, options, capsys, dry_run: bool) -> tuple[list[str], str]:
     return sorted(line[len(verb):] for line in out.splitlines() if line.startswith(verb)), out
 
 
+def unstaged(name: str) -> str:
+    """The final name of a staged data file (``<final>.<save id>.staged``)."""
+    m = re.fullmatch(r"(.+)\.[0-9a-f]{16}\.staged", name)
+    assert m, name
+    return m[1]
+
+
+def kept_files(fault: str, crashed: str) -> list[str]:
+    """The files of the checkpoint whose re-save died ("index"): they stay."""
+    if fault != "index":
+        return []
+    return [f"{crashed}.index"] + [f"{crashed}.data-{r:05d}-of-{RANKS:05d}" for r in range(RANKS)]
+
+
 def names(directory: str, options) -> list[str]:
     return [f.name for f in storage.glob(storage.resolve(directory, options), "*")]
 
@@ -55,7 +72,9 @@ def test_killed_save_keeps_previous_checkpoint(fault, where, capsys):
     directory, options, env = where
     s3 = options is not None
     rows = BIG_ROWS if s3 and fault == "writer" else SMALL_ROWS
-    crash_step, previous = (3, 2) if fault == "writer" else (2, 1)
+    # "index" re-saves ckpt-2 and dies before its commit point: the old ckpt-2 stays (before
+    # commit.py the old index was deleted first, and ckpt-1 was the newest left)
+    crash_step, previous = (3, 2) if fault == "writer" else (2, 2)
     args = [SCRIPT, "--dir", directory, "--rows", str(rows), "--steps", "1", "2",
             "--crash-step", str(crash_step), "--fault", fault, "--part-bytes", str(PART)]
     if s3:
@@ -69,21 +88,26 @@ def test_killed_save_keeps_previous_checkpoint(fault, where, capsys):
     # the newest committed checkpoint is the latest, and restores bit for bit
     latest = ss.latest_checkpoint(directory, storage_options=options)
     assert latest == f"{directory}/model.ckpt-{previous}"
-    if fault == "index":  # the state file names the checkpoint whose index was removed
+    if fault == "index":  # the state file names the checkpoint whose re-save died
         state = ss.get_checkpoint_state(directory, storage_options=options)
         assert state.model_checkpoint_path == f"{directory}/model.ckpt-2"
     variables = make_vars(rows)
     ss.Saver(storage_options=options).restore(latest)
     check_equal(variables, previous, rows)
 
-    # what the failed save left: its data files, and no index
+    # what the failed save left: its data files, and no index (of its own). They are staged
+    # (named for the save) locally and when re-saving; a new prefix on S3 gets the final names.
     crashed = f"model.ckpt-{crash_step}"
     present = names(directory, options)
-    assert crashed + ".index" not in present
     data = [f"{crashed}.data-{r:05d}-of-{RANKS:05d}" for r in range(RANKS)]
+    staged = not s3 or fault == "index"
     # on S3 the killed rank's object was never completed; locally its file is there, short
-    expected = [data[0], data[2]] if fault == "writer" and s3 else data
-    assert sorted(n for n in present if n.startswith(crashed + ".")) == expected
+    expected_data = [data[0], data[2]] if fault == "writer" and s3 else data
+    left = sorted(n for n in present if n.startswith(crashed + ".") and n not in kept_files(fault, crashed))
+    assert [unstaged(n) if staged else n for n in left] == expected_data, left
+    if staged:
+        assert len({n.rsplit(".", 2)[1] for n in left}) == 1  # one save id
+    expected = left
     urls = sorted(f"{directory}/{n}" for n in expected)
 
     listed, out = gc(directory, options, capsys, dry_run=True)
@@ -96,7 +120,7 @@ def test_killed_save_keeps_previous_checkpoint(fault, where, capsys):
     deleted, out = gc(directory, options, capsys, dry_run=False)
     assert deleted == urls, out
     after = names(directory, options)
-    assert not [n for n in after if n.startswith(crashed + ".")]
+    assert [n for n in after if n.startswith(crashed + ".")] == sorted(kept_files(fault, crashed))
     assert set(present) - set(expected) <= set(after)  # nothing else went
     assert storage.pending_uploads(storage.resolve(directory, options)) == []
     assert gc(directory, options, capsys, dry_run=True)[0] == []
