@@ -474,6 +474,8 @@ def build_case(case: dict, seed_index: bytes, seed_data: dict[str, bytes]) -> Bu
     items = load_items(seed_index)
     apply_model_mutations(items, case["muts"])
     header = next(it for it in items if it.kind == "header").header
+    if _renumber_shards(files, header["num_shards"]):
+        changed = set(files)
     if case["fix_crc"] != "none":
         for it in items:
             if (
@@ -501,19 +503,17 @@ def build_case(case: dict, seed_index: bytes, seed_data: dict[str, bytes]) -> Bu
     return Built(bytes(index), {name: (bytes(files[name]) if name in changed else None) for name in files})
 
 
-def decode_hex(case: dict) -> dict:
-    """A case read from JSON: bytes were written as {"hex": ...}."""
-
-    def walk(x):
-        if isinstance(x, dict) and set(x) == {"hex"}:
-            return bytes.fromhex(x["hex"])
-        if isinstance(x, list):
-            return [walk(y) for y in x]
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        return x
-
-    return walk(case)
+def _renumber_shards(files: dict[str, bytearray], num_shards: int) -> bool:
+    """After a header edit to 2..8 shards, name the data file as its shard 0 and add empty
+    files for the others (so shard ids that point at them reach the readers)."""
+    if not 2 <= num_shards <= 8 or len(files) != 1:
+        return False
+    (data,) = files.values()
+    files.clear()
+    files[data_name(0, num_shards)] = data
+    for shard in range(1, num_shards):
+        files[data_name(shard, num_shards)] = bytearray()
+    return True
 
 
 # ----------------------------------------------------------------------------- strategies

@@ -63,14 +63,20 @@ def same(got, want) -> bool:
     return got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
-def expect(ref, name: str, got, region=None, shape=None) -> None:
-    """``got`` (a successful read of ``name``, or of ``region`` of it) must match the reference."""
+def expect(ref, name: str, got, region=None, shape=None, partial: bool = False) -> None:
+    """``got`` (a successful read of ``name``, or of ``region`` of it) must match the reference.
+
+    A ``partial`` read (get_slice) needs only the pieces and checksum blocks it covers, so
+    damage elsewhere in the tensor is no reason to fail: it is compared only when the
+    whole tensor is well defined."""
     if ref is None:
         return  # the table itself does not parse for the oracle: nothing to compare with
     found = ref.get(name)
     if found is None:
         raise Mismatch("accepted-bad", f"{name!r}: read succeeded, the index holds no such tensor")
     status, value = found
+    if status == "bad" and partial:
+        return
     if status == "bad":
         raise Mismatch("accepted-bad", f"{name!r}: read succeeded although {value}")
     if region is not None:
@@ -239,7 +245,9 @@ def read_all(results: list, prefix: str, ref) -> None:
             run_op(
                 results,
                 f"get_slice:{name!r}",
-                lambda n=name, h=half: expect(ref, n, r.get_slice(n, slice(0, h)), region=(slice(0, h),)),
+                lambda n=name, h=half: expect(
+                    ref, n, r.get_slice(n, slice(0, h)), region=(slice(0, h),), partial=True
+                ),
             )
 
 
