@@ -18,6 +18,9 @@ A mutation is a list whose first element names its kind:
 - ``["bytes", region, pos, op, value]``: bytes of the index file (``region`` "block": the
   contents of a table block; "any": anywhere, also inserting or deleting).
 - ``["data", shard, op, a]``: a data file: truncate, extend, flip.
+- ``["strings", which, element, length]``: give one element of a string tensor (plain or
+  piece) another length, with the lengths' checksum recomputed; the new encoding is
+  appended to the data file and the entry points at it.
 
 ``fix_table`` recomputes every table block's checksum after the byte edits; ``fix_crc``
 ("none", "touched", "all") recomputes the entry CRC32C and block CRCs from the bytes
@@ -476,6 +479,9 @@ def build_case(case: dict, seed_index: bytes, seed_data: dict[str, bytes]) -> Bu
     header = next(it for it in items if it.kind == "header").header
     if _renumber_shards(files, header["num_shards"]):
         changed = set(files)
+    for m in case["muts"]:
+        if m[0] == "strings" and _set_string_length(items, files, header["num_shards"], m):
+            changed = set(files)
     if case["fix_crc"] != "none":
         for it in items:
             if (
@@ -501,6 +507,38 @@ def build_case(case: dict, seed_index: bytes, seed_data: dict[str, bytes]) -> Bu
     if byte_muts and case["fix_table"]:
         fix_table_checksums(index)
     return Built(bytes(index), {name: (bytes(files[name]) if name in changed else None) for name in files})
+
+
+def _set_string_length(items: list[Item], files: dict[str, bytearray], num_shards: int, m: list) -> bool:
+    _, which, element, length = m
+    strings = [
+        it for it in items if it.fields and it.raw is None and it.fields["dtype"] == 7 and it.fields["size"]
+    ]
+    if not strings:
+        return False
+    item = strings[which % len(strings)]
+    f = item.fields
+    data = files.get(data_name(f["shard_id"], num_shards)) if 0 <= f["shard_id"] < 1 << 20 else None
+    count = math.prod(f["shape"]) if all(0 <= d < 1 << 20 for d in f["shape"]) else 0
+    if data is None or not 0 < count <= 1 << 20 or not 0 <= f["offset"] <= len(data):
+        return False
+    body = bytes(data[f["offset"] : f["offset"] + f["size"]])
+    lengths, pos = [], 0
+    try:
+        for _ in range(count):
+            n, pos = decode_varint(body, pos)
+            lengths.append(n)
+    except Exception:  # noqa: BLE001
+        return False
+    lengths[element % count] = length & ((1 << 64) - 1)
+    value = 0
+    for n in lengths:
+        value = crc.crc32c((n & 0xFFFFFFFF).to_bytes(4, "little"), value)
+    encoded = b"".join(map(varint, lengths)) + encode_fixed32(crc.mask(value)) + body[pos + 4 :]
+    f["offset"], f["size"] = len(data), len(encoded)
+    data += encoded
+    item.touched = True
+    return True
 
 
 def _renumber_shards(files: dict[str, bytearray], num_shards: int) -> bool:
