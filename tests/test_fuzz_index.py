@@ -21,12 +21,14 @@ from fuzz.engine import Fuzzer, corpus_cases
 from fuzz.pool import Worker, WorkerDied
 from hypothesis import HealthCheck, Phase, given, settings
 
-CI_EXAMPLES = int(os.environ.get("FUZZ_CI_EXAMPLES", 300))
+CI_EXAMPLES = int(os.environ.get("FUZZ_CI_EXAMPLES", 200))
+TARGET = os.environ.get("SHARDSAVE_FUZZ_TARGET")  # another source tree to test (default: this one)
 
 
 @pytest.fixture(scope="module")
 def fuzzer(tmp_path_factory):
-    with Fuzzer(out_dir=str(tmp_path_factory.mktemp("fuzz-findings"))) as fz:
+    kwargs = {"target": os.path.abspath(TARGET)} if TARGET else {}
+    with Fuzzer(out_dir=str(tmp_path_factory.mktemp("fuzz-findings")), **kwargs) as fz:
         yield fz
 
 

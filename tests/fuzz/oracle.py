@@ -120,6 +120,8 @@ def _extent(d: int, start: int, length: int, dim: int) -> tuple[int, int]:
 def _sliced(name: str, e: BundleEntry, pieces: dict, header, files) -> np.ndarray:
     dt = _numpy_dtype(e.dtype)
     shape = _checked_shape(e.shape)
+    if math.prod(shape) == 0:  # as for a plain entry: an empty tensor needs no piece
+        return np.empty(shape, dt)
     out = np.empty(shape, dt)
     count = np.zeros(shape, np.int32)
     try:
