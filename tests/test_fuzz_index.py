@@ -11,6 +11,7 @@ replay with ``python -m tests.fuzz.replay <file>``.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -36,7 +37,11 @@ def _report(fz: Fuzzer, findings) -> str:
     distinct = {f.signature: fz.findings[f.signature] for f in findings}
     lines = [f"{len(distinct)} distinct findings:"]
     for f in distinct.values():
-        lines += [f"- {f.line()}", f"    replay: python -m tests.fuzz.replay {fz.case_file(f)}"]
+        lines += [
+            f"- {f.line()}",
+            f"    replay: python -m tests.fuzz.replay {fz.case_file(f)}",
+            f"    case: {json.dumps(f.case)}",
+        ]
     return "\n".join(lines)
 
 
@@ -72,6 +77,17 @@ def test_a_worker_killed_by_a_signal_is_a_finding(tmp_path):
     with pytest.raises(WorkerDied) as died:
         worker.run(str(spec))
     assert (died.value.kind, died.value.detail) == ("signal", "SIGSEGV")
+    worker.close()
+
+
+def test_a_worker_that_stops_answering_is_a_hang(tmp_path):
+    worker = Worker(cwd=str(tmp_path), timeout=1.0)
+    spec = tmp_path / "spec.pkl"
+    spec.write_bytes(pickle.dumps({"prefix": str(tmp_path / "none"), "layouts": [], "ref": None}))
+    os.kill(worker.proc.pid, signal.SIGSTOP)  # not even its watchdog runs
+    with pytest.raises(WorkerDied) as died:
+        worker.run(str(spec))
+    assert died.value.kind == "hang"
     worker.close()
 
 

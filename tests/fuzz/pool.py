@@ -67,7 +67,8 @@ class Worker:
         """The worker's result for one case; WorkerDied if it died or hung."""
         self.proc.stdin.write(spec_path.encode() + b"\n")
         self.proc.stdin.flush()
-        return self._result("?", self.timeout + 10.0)
+        # the worker's own watchdog fires at ``timeout``; this is for when even it cannot
+        return self._result("?", self.timeout + max(2.0, min(10.0, self.timeout)))
 
     def _result(self, op: str, limit: float) -> dict:
         deadline = time.monotonic() + limit
