@@ -44,7 +44,7 @@ def _numpy_dtype(tf_type: int) -> np.dtype:
 
 
 def _checked_shape(shape) -> tuple[int, ...]:
-    _check(len(shape) <= 32, f"rank {len(shape)}")
+    _check(len(shape) <= 64, f"rank {len(shape)}")  # numpy's limit (TF's is 254)
     _check(all(0 <= d < 1 << 62 for d in shape), f"bad dimension in {list(shape)}")
     _check(math.prod(shape) <= MAX_ELEMENTS, f"{math.prod(shape)} elements")
     return tuple(shape)
