@@ -25,13 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default=os.environ.get("SHARDSAVE_FUZZ_TARGET", REPO))
     parser.add_argument("--keep", help="copy the crafted checkpoint files into this directory")
     parser.add_argument("-q", "--quiet", action="store_true", help="only the findings")
+    parser.add_argument(
+        "--summary", action="store_true", help="one line per case: its findings or 'no finding'"
+    )
     args = parser.parse_args(argv)
     found_any = False
     with Fuzzer(target=os.path.abspath(args.target)) as fz:
         for path in args.cases:
             case = load_case_file(path)
-            print(f"== {path}\n   {json.dumps(case)}")
+            if not args.summary:
+                print(f"== {path}\n   {json.dumps(case)}")
             findings = fz.run(case)
+            distinct = {f.signature: f for f in findings}
+            found_any |= bool(distinct)
+            if args.summary:
+                what = "; ".join(" ".join(sig) for sig in distinct) or "no finding"
+                print(f"{os.path.basename(path)}: {what}", flush=True)
+                continue
             if args.keep:
                 shutil.copytree(
                     os.path.join(fz.root, "case"),
@@ -44,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                         f" {op.get('type', '')}: {op.get('msg', '')[:150]}" if op["status"] != "ok" else ""
                     )
                     print(f"   {op['status']:8} {op['op']}{extra}")
-            for f in {f.signature: f for f in findings}.values():
-                found_any = True
+            for f in distinct.values():
                 print(f"   FINDING {fz.findings[f.signature].line()}\n{f.detail}")
-            if not findings:
+            if not distinct:
                 print("   no finding")
     return 1 if found_any else 0
 
