@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= /tmp/shardsave-demo
 
-.PHONY: all env demo seeds test lint bench bench-peers clean
+.PHONY: all env demo seeds test lint fuzz bench bench-peers clean
 
 all: test
 
@@ -42,6 +42,16 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# A long fuzz campaign on index parsing and restore (tests/fuzz/): FUZZ_MINUTES of random
+# crafted checkpoints; prints the cases tried and every distinct finding, saved as a case
+# file under FUZZ_OUT (replay: python -m tests.fuzz.replay FILE); fails on any finding.
+# FUZZ_TARGET: another source tree whose shardsave the workers import.
+FUZZ_MINUTES ?= 20
+FUZZ_OUT     ?= fuzz-findings
+FUZZ_TARGET  ?= $(CURDIR)
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz.campaign --minutes $(FUZZ_MINUTES) --out $(FUZZ_OUT) --target $(FUZZ_TARGET)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
