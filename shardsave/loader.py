@@ -183,35 +183,25 @@ def checked_pieces(prefix: storage.Location, index: Index, name: str,
             check_stored_entry(prefix, name, entry, piece, dtype, files)
         pieces.append((piece, entry))
     _check_disjoint(prefix, name, [piece for piece, _ in pieces])
-    _check_covered(prefix, name, full, pieces)
+    _check_covered(prefix, name, full, pieces, index.pieces[name])
     return full, pieces
 
 
 def _check_covered(prefix: storage.Location, name: str, full: BundleEntry,
-                   pieces: list[tuple[Block, BundleEntry]]) -> None:
-    """The (disjoint) pieces tile the whole tensor, and they are the slices its full entry
-    lists: as every writer stores them, and as TensorFlow requires. Else a read would
-    return elements no piece holds."""
+                   pieces: list[tuple[Block, BundleEntry]], keys) -> None:
+    """The (disjoint) pieces tile the whole tensor, and their keys are exactly the slices
+    its full entry lists (TensorFlow finds a tensor's pieces through that list): as every
+    writer stores them. Else a read would return elements no piece holds."""
     where = f"{prefix.url}.index: tensor {name!r}"
     covered, total = sum(math.prod(piece.shape) for piece, _ in pieces), math.prod(full.shape)
     if covered != total:
         raise DataLossError(f"{where}: field slices: its pieces hold {covered} of its {total} elements")
     try:
-        listed = {_whole_extents(extents, full.shape) for extents in full.slices}
+        listed = {tuple(map(tuple, extents)) for extents in full.slices}
     except (DecodeError, ValueError, IndexError, OverflowError) as exc:
         raise DataLossError(f"{where}: field slices do not decode: {exc}") from None
-    held = {(tuple(piece.offset), tuple(piece.shape)) for piece, _ in pieces}
-    if listed != held:
+    if listed != {tuple(map(tuple, extents)) for extents in keys}:
         raise DataLossError(f"{where}: field slices: the slices its entry lists are not the pieces the index holds")
-
-
-def _whole_extents(extents, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(offset, shape)`` of extents ``(start, length)`` (length -1: the whole dimension)."""
-    if len(extents) != len(shape):
-        raise ValueError(f"a slice of rank {len(extents)} for shape {list(shape)}")
-    offset = tuple(0 if length == -1 else start for start, length in extents)
-    lengths = tuple(d if length == -1 else length for (_, length), d in zip(extents, shape, strict=True))
-    return offset, lengths
 
 
 def _fits(extents, piece_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
