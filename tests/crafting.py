@@ -109,27 +109,15 @@ def encode_entry(e: BundleEntry) -> bytes:
     out.append(BundleEntry(0, e.shape).encode())
     for tag, value in ((b"\x18", e.shard_id), (b"\x20", e.offset), (b"\x28", e.size)):
         if value:
-            out += (tag, _long_varint(value))
+            out += (tag, encode_varint(value))
     if e.crc32c:
         out += (b"\x35", e.crc32c.to_bytes(4, "little"))
     out += [BundleEntry(0, (), slices=(s,)).encode()[2:] for s in e.slices]
     if e.block_size:
         tail = BundleEntry(0, (), block_size=1, block_crcs=e.block_crcs).encode()[2:]
         size_tag = tail[:2]  # field 1000's tag, then varint 1, then field 1001
-        out += (size_tag, _long_varint(e.block_size), tail[3:])
+        out += (size_tag, encode_varint(e.block_size), tail[3:])
     return b"".join(out)
-
-
-def _long_varint(value: int) -> bytes:
-    """A varint of any non-negative int (negative ones as 64-bit two's complement)."""
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 # ------------------------------------------------------------------ every reading path

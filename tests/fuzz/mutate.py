@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 from shardsave.format import crc, table
 from shardsave.format.bundle import FIELD_BLOCK_CRCS, FIELD_BLOCK_SIZE, BundleEntry, BundleHeader
-from shardsave.format.coding import decode_varint, encode_fixed32
+from shardsave.format.coding import decode_varint, encode_fixed32, encode_varint
 from shardsave.format.ordered_code import (
     read_num_increasing,
     read_signed_num_increasing,
@@ -59,15 +59,8 @@ CRC_CAP = 1 << 28  # entries larger than this get no recomputed checksums (none 
 
 # ----------------------------------------------------------------------------- encoding
 def varint(value: int) -> bytes:
-    """A varint of any int: negative ones as their 64-bit two's complement."""
-    if value < 0:
-        value &= (1 << 64) - 1
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    """A varint of any int: negative ones (of any size) as their 64-bit two's complement."""
+    return encode_varint(value & ((1 << 64) - 1) if value < 0 else value)
 
 
 def _field(number: int, wire: int, body: bytes) -> bytes:
