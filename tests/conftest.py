@@ -29,3 +29,12 @@ def s3_dir(s3_server, request):
     """A fresh ``s3://bucket/<test>-<id>`` directory URL for one test."""
     name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:60]
     return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """(directory, storage options, environment) on local disk or on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "run"), None, dict(os.environ)
+    server = request.getfixturevalue("s3_server")
+    return request.getfixturevalue("s3_dir"), server.options(), server.env()

@@ -58,15 +58,6 @@ def names(directory: str, options) -> list[str]:
     return [f.name for f in storage.glob(storage.resolve(directory, options), "*")]
 
 
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path):
-    """(directory, storage options, environment) on local disk or on the S3 server."""
-    if request.param == "local":
-        return str(tmp_path / "run"), None, dict(os.environ)
-    server = request.getfixturevalue("s3_server")
-    return request.getfixturevalue("s3_dir"), server.options(), server.env()
-
-
 @pytest.mark.parametrize("fault", ["writer", "index"])
 def test_killed_save_keeps_previous_checkpoint(fault, where, capsys):
     directory, options, env = where

@@ -56,15 +56,6 @@ COMMITTED = [
 ]
 
 
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path):
-    """(directory, storage options, environment) on local disk or on the S3 server."""
-    if request.param == "local":
-        return str(tmp_path / "run"), None, dict(os.environ)
-    server = request.getfixturevalue("s3_server")
-    return request.getfixturevalue("s3_dir"), server.options(), server.env()
-
-
 def names(directory: str, options) -> list[str]:
     return sorted(f.name for f in storage.glob(storage.resolve(directory, options), "*"))
 
