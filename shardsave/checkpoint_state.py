@@ -14,6 +14,7 @@ from typing import Any
 
 from . import storage
 from .errors import DataLossError, InvalidArgumentError, NotFoundError, StorageError
+from .format import names
 from .format.coding import DecodeError
 from .format.state import MAX_STATE_BYTES, MAX_STATE_ENTRIES, CheckpointState, decode_state, encode_state
 
@@ -81,7 +82,7 @@ def get_checkpoint_state(
 
 def checkpoint_exists(prefix: str, *, storage_options: dict | None = None, fs: Any = None) -> bool:
     """True once the checkpoint at ``prefix`` is committed (its index exists)."""
-    return storage.exists(storage.resolve(prefix + ".index", storage_options, fs))
+    return storage.exists(storage.resolve(names.index_name(prefix), storage_options, fs))
 
 
 def latest_checkpoint(

@@ -117,9 +117,9 @@ def _checkpoints(directory: str, options) -> list[dict]:
             data_bytes[parsed[0]] = data_bytes.get(parsed[0], 0) + i["size"]
     out = []
     for index_loc, index_info in files:
-        if not index_loc.name.endswith(".index"):
+        name = names.prefix_of_index(index_loc.name)
+        if name is None:
             continue
-        name = index_loc.name[: -len(".index")]
         step = _STEP.search(name)
         out.append({
             "prefix": name,
@@ -161,7 +161,7 @@ def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tup
     listing = storage.files_in(loc)
     recoveries = [commit.plan(loc.child(base), listing) for base in sorted(commit.in_flight(listing))]
     files = [loc.child(name) for name in sorted(listing)]
-    committed = {f.name[: -len(".index")] for f in files if f.name.endswith(".index")}
+    committed = {p for p in map(names.prefix_of_index, listing) if p is not None}
     committed |= {r.prefix.name for r in recoveries if r.journal is not None}
 
     def orphan(name: str) -> bool:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
-import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -51,11 +50,6 @@ from .format import names
 from .format.bundle import parse_index
 from .format.coding import DecodeError
 from .format.names import data_file_name
-
-_ID = r"[0-9a-f]{16}"
-_STAGED = re.compile(rf"(?P<final>.+)\.(?P<id>{_ID})\.staged")
-_JOURNAL = re.compile(rf"(?P<base>.+)\.index\.(?P<id>{_ID})\.pending")
-_JOURNAL_TEMP = re.compile(rf"(?P<base>.+)\.index\.(?P<id>{_ID})\.pending\.tmp[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -69,23 +63,11 @@ class SaveMode:
     def data_path(self, prefix_path: str, rank: int, nranks: int) -> str:
         """Where rank ``rank`` writes its data file."""
         final = data_file_name(prefix_path, rank, nranks)
-        return f"{final}.{self.save_id}.staged" if self.staged else final
-
-
-def journal_name(base: str, save_id: str) -> str:
-    return f"{base}.index.{save_id}.pending"
-
-
-def _staged(name: str) -> tuple[str, str, str] | None:
-    """``(final name, its prefix, save id)`` of a staged data file's name, else None; the
-    final name must be exactly a data file's (format/names.py)."""
-    m = _STAGED.fullmatch(name)
-    parsed = names.parse_data_file_name(m["final"]) if m else None
-    return None if parsed is None else (m["final"], parsed[0], m["id"])
+        return names.staged_name(final, self.save_id) if self.staged else final
 
 
 def is_staged_name(name: str) -> bool:
-    return _staged(name) is not None
+    return names.parse_staged_name(name) is not None
 
 
 @dataclass
@@ -103,15 +85,15 @@ class _Files:
     @classmethod
     def of(cls, base: str, listing: dict[str, dict]) -> _Files:
         files = cls(base)
-        files.index = base + ".index" in listing
+        files.index = names.index_name(base) in listing
         for name in listing:
             if not name.startswith(base + "."):
                 continue
-            if (staged := _staged(name)) and staged[1] == base:
+            if (staged := names.parse_staged_name(name)) and staged[1] == base:
                 files.staged.setdefault(staged[2], []).append(name)
-            elif (m := _JOURNAL.fullmatch(name)) and m["base"] == base:
-                files.journals[m["id"]] = listing[name]
-            elif (m := _JOURNAL_TEMP.fullmatch(name)) and m["base"] == base:
+            elif (journal := names.parse_journal_name(name)) and journal[0] == base:
+                files.journals[journal[1]] = listing[name]
+            elif (temp := names.parse_journal_temp_name(name)) and temp[0] == base:
                 files.temps.append(name)
             elif names.is_data_file_of(name, base):
                 files.data.append(name)
@@ -125,12 +107,12 @@ class _Files:
     def others(self, save_id: str) -> list[str]:
         """Files of saves other than ``save_id`` in flight (staged files, journals, temps)."""
         out = [n for i, names in self.staged.items() if i != save_id for n in names]
-        out += [journal_name(self.base, i) for i in self.journals if i != save_id]
+        out += [names.journal_name(self.base, i) for i in self.journals if i != save_id]
         return out + self.temps
 
 
 def _final_of(staged_name: str) -> str:
-    return _staged(staged_name)[0]
+    return names.parse_staged_name(staged_name)[0]
 
 
 # ------------------------------------------------------------------------------ save
@@ -143,9 +125,9 @@ def prepare(loc: storage.Location, fsync: bool = True) -> SaveMode:
     apply(plan(loc, listing), fsync)
     existing = files.index or bool(files.data or files.staged or files.journals)
     index = (
-        storage.files_in(loc.parent).get(loc.name + ".index")
+        storage.files_in(loc.parent).get(names.index_name(loc.name))
         if files.journals
-        else listing.get(loc.name + ".index")
+        else listing.get(names.index_name(loc.name))
     )
     return SaveMode(
         uuid.uuid4().hex[:16],
@@ -166,11 +148,11 @@ def commit(
     then make ``index`` the checkpoint at ``loc`` (the module docstring has the steps)."""
     nranks = len(reports)
     directory = loc.parent
-    journal = directory.child(journal_name(loc.name, mode.save_id))
+    journal = directory.child(names.journal_name(loc.name, mode.save_id))
     staged = [mode.data_path(loc.name, r, nranks) for r in range(nranks)]
     try:
         files = storage.files_in(directory)  # one listing, not one request per rank
-        index_now = files.get(loc.name + ".index")
+        index_now = files.get(names.index_name(loc.name))
         if (None if index_now is None else index_now["version"]) != mode.index_version:
             raise _another_save(
                 loc, what, f"{loc.url}.index changed while this save was running; nothing was committed"
@@ -230,7 +212,7 @@ def _another_save(loc: storage.Location, what: str, detail: str) -> AbortedError
 
 def _publish_index_create_only(loc: storage.Location, index: bytes, what: str, fsync: bool) -> None:
     try:
-        storage.publish(loc.with_path(loc.path + ".index"), index, fsync=fsync, exclusive=True)
+        storage.publish(loc.with_path(names.index_name(loc.path)), index, fsync=fsync, exclusive=True)
     except FailedPreconditionError as exc:
         raise _another_save(loc, what, f"{loc.url}.index appeared while this save was running") from exc
 
@@ -241,7 +223,7 @@ def _roll_forward(loc: storage.Location, save_id: str, staged: list[str], fsync:
     finishing the same journal) is skipped. Returns the staged files it did not find."""
     directory = loc.parent
     skipped = storage.rename_all([(directory.child(n), directory.child(_final_of(n))) for n in staged])
-    storage.rename(directory.child(journal_name(loc.name, save_id)), loc.with_path(loc.path + ".index"))
+    storage.rename(directory.child(names.journal_name(loc.name, save_id)), loc.with_path(names.index_name(loc.path)))
     if fsync:
         storage.fsync_dir(directory)
     return [posixpath.basename(src.path) for src in skipped]
@@ -298,7 +280,7 @@ def plan(loc: storage.Location, listing: dict[str, dict], roll_back: bool = True
         if missing:
             raise DataLossError(
                 f"cannot finish the interrupted save of {loc.url}: its journal "
-                f"{directory.child(journal_name(loc.name, journal)).url} names "
+                f"{directory.child(names.journal_name(loc.name, journal)).url} names "
                 f"{directory.child(missing[0]).url}, which is neither staged nor in place"
             )
         rec.doomed += [directory.child(n) for n in files.data if n not in wanted]
@@ -315,7 +297,7 @@ def _present_now(directory: storage.Location, final: str, save_id: str) -> bool:
 
 
 def _journal_shards(loc: storage.Location, save_id: str) -> int:
-    journal = loc.parent.child(journal_name(loc.name, save_id))
+    journal = loc.parent.child(names.journal_name(loc.name, save_id))
     try:
         return parse_index(storage.read_bytes(journal)).header.num_shards
     except (DecodeError, ValueError, IndexError) as exc:
@@ -340,9 +322,9 @@ def in_flight(listing: dict[str, dict]) -> set[str]:
     """Base names of the prefixes in ``listing`` that have staged files or journals."""
     bases = set()
     for name in listing:
-        for pattern in (_JOURNAL, _JOURNAL_TEMP):
-            if m := pattern.fullmatch(name):
-                bases.add(m["base"])
-        if staged := _staged(name):
+        for parse in (names.parse_journal_name, names.parse_journal_temp_name):
+            if journal := parse(name):
+                bases.add(journal[0])
+        if staged := names.parse_staged_name(name):
             bases.add(staged[1])
     return bases

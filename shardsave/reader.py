@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from . import storage
+from ._comm import Comm
 from .checkpoint_state import resolve_checkpoint
-from .comm import Comm
 from .errors import InvalidArgumentError, NotFoundError
 from .format import dtypes
 from .loader import DataFiles, Target, check_shape, checked_pieces, index_damage, load, stored_dtype

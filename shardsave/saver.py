@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import checkpoint_state, commit, gcpause, storage
-from .comm import Comm
+from ._comm import Comm
 from .errors import (
     DataLossError,
     FailedPreconditionError,
@@ -47,7 +47,7 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from .format import dtypes
+from .format import dtypes, names
 from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
 from .format.state import MAX_STATE_ENTRIES
@@ -177,6 +177,21 @@ class Saver:
     def comm(self) -> Comm:
         return self._comm
 
+    def close(self) -> None:
+        """Wait for a pending non-blocking save, then free the Saver's duplicate of the
+        communicator (done too when the Saver is collected). Later calls raise
+        FailedPreconditionError."""
+        try:
+            self.wait_until_finished()
+        finally:
+            self._comm.close()
+
+    def __enter__(self) -> Saver:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @property
     def last_checkpoints(self) -> list[str]:
         """Checkpoints not yet deleted by retention, oldest first."""
@@ -194,7 +209,7 @@ class Saver:
             now = time.time()
             try:
                 for path in checkpoint_paths:
-                    loc = self._resolve(path + ".index")
+                    loc = self._resolve(names.index_name(path))
                     if storage.exists(loc):
                         kept.append((path, storage.info(loc)["mtime"] or now))
             except Exception as exc:  # noqa: BLE001
@@ -803,7 +818,7 @@ def read_index(loc: storage.Location, comm: Comm, what: str, key: dict | None = 
 
 
 def read_index_bytes(loc: storage.Location) -> bytes:
-    index_loc = loc.with_path(loc.path + ".index")
+    index_loc = loc.with_path(names.index_name(loc.path))
     try:
         return storage.read_bytes(index_loc)
     except NotFoundError as exc:
@@ -823,6 +838,6 @@ def parse_index_or_raise(loc: storage.Location, data: bytes) -> Index:
 
 def delete_checkpoint_files(loc: storage.Location) -> None:
     """Remove a checkpoint: its index first (so it stops counting), then its data files."""
-    storage.remove([loc.with_path(loc.path + ".index")])
+    storage.remove([loc.with_path(names.index_name(loc.path))])
     storage.remove([f for f, _ in storage.data_files(loc.parent, loc.name)])
-    storage.remove([loc.with_path(loc.path + ".meta")])
+    storage.remove([loc.with_path(names.meta_name(loc.path))])

@@ -182,7 +182,7 @@ def test_storage_error_classes_keep_errno_and_their_builtin_bases():
 
 
 def test_errors_of_several_ranks_combine_into_one_class_with_their_errno():
-    from shardsave.comm import _describe, combined_error
+    from shardsave._comm import _describe, combined_error
 
     def report(exc):
         return _describe(exc)
@@ -567,7 +567,7 @@ def _scenario_eacces(base: str) -> dict:
 
 
 def _scenario_no_mpi(d: str) -> dict:
-    from shardsave.comm import LAUNCHER_SIZES
+    from shardsave._comm import LAUNCHER_SIZES
 
     out: dict = {}
     try:

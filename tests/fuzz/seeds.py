@@ -201,7 +201,7 @@ PREFIX = "ckpt"
 def build_seeds(root: str) -> dict[str, str]:
     """Write every seed checkpoint under ``root``; ``{seed name: its directory}``."""
     import shardsave as ss
-    from shardsave.comm import Comm
+    from shardsave._comm import Comm
 
     out = {}
     for i, (seed, spec) in enumerate(SPECS.items()):

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 import shardsave as ss
-from shardsave.comm import Comm
+from shardsave._comm import Comm
 from shardsave.errors import ShardsaveError
 
 

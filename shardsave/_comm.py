@@ -20,13 +20,15 @@ be at different steps, so the communicator is marked broken and refuses further 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from . import errors
+
+T = TypeVar("T")
 
 REPORT_TAG = 0x5A501
 """Tag of the reports ranks send the coordinator in ``agree`` (on the duplicate only)."""
@@ -72,7 +74,7 @@ class Comm:
     ``timeout`` (seconds, None = forever) bounds every wait of :meth:`agree`.
     """
 
-    def __init__(self, mpi_comm: Any = None, timeout: float | None = None):
+    def __init__(self, mpi_comm: Any = None, timeout: float | None = None, *, owned: bool = False):
         self._comm = mpi_comm
         self.rank = 0 if mpi_comm is None else mpi_comm.Get_rank()
         self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
@@ -82,6 +84,9 @@ class Comm:
         self._step = 0
         self._broken: str | None = None  # why, once a deadline passed
         self._sends: list[Any] = []  # verdict/report sends not yet known complete
+        self._closed = False
+        # a communicator this Comm duplicated is freed when it is closed or collected
+        self._free = weakref.finalize(self, _free, mpi_comm) if owned and mpi_comm is not None else _nothing
 
     @classmethod
     def create(cls, comm: Any = None, timeout: float | None = None) -> Comm:
@@ -100,7 +105,7 @@ class Comm:
             comm = MPI.COMM_WORLD
         if comm.Get_size() == 1:
             return cls(None, timeout)
-        return cls(_duplicate(comm, timeout), timeout)
+        return cls(_duplicate(comm, timeout), timeout, owned=True)
 
     @classmethod
     def _without_mpi(cls, exc: BaseException, timeout: float | None) -> Comm:
@@ -137,6 +142,8 @@ class Comm:
     def begin(self, call: str) -> None:
         """Start the public collective call ``call`` (e.g. ``"Saver.save"``): its agrees are
         counted from 1 and a timeout names it as what the missing ranks should have called."""
+        if self._closed:
+            raise errors.FailedPreconditionError(f"{call}: this Saver is closed; construct a new one")
         self.call = call
         self._step = 0
 
@@ -157,9 +164,29 @@ class Comm:
         # part of a non-blocking save, which a rank that failed to stage never reaches
         return self._round(None, self._what, None, bool(flag))
 
-    def barrier(self) -> None:
-        if self._comm is not None:
-            self._usable().Barrier()
+    def every_rank(self, what: str, step: Callable[[], T], *, key: dict | None = None) -> T:
+        """Run ``step`` on this rank, then agree on the outcome (as PyTorch DCP's
+        ``_DistWrapper`` does): its result if it succeeded on every rank, else every rank
+        raises the same combined error. ``key``: see :meth:`agree`."""
+        result, error = None, None
+        try:
+            result = step()
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
+            error = exc
+        self.agree(error, what, key=key)
+        return result
+
+    def coordinator_only(self, what: str, step: Callable[[], T], *, key: dict | None = None) -> T:
+        """Run ``step`` on the coordinator alone; every rank gets its result, or raises
+        its error (``key``: see :meth:`agree`)."""
+        result, error = None, None
+        if self.is_coordinator:
+            try:
+                result = step()
+            except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
+                error = exc
+        self.agree(error, what, key=key)
+        return self.bcast(result)
 
     def agree(self, error: BaseException | None, what: str, *, key: dict | None = None) -> None:
         """Raise on every rank if ``error`` is set on any rank; return if none failed.
@@ -270,11 +297,11 @@ class Comm:
     def _prune_sends(self) -> None:
         self._sends = [req for req in self._sends if not req.Test()]
 
-    def free(self) -> None:
-        if self._comm is not None:
-            with contextlib.suppress(Exception):  # MPI may already be finalized at exit
-                self._comm.Free()
-            self._comm = None
+    def close(self) -> None:
+        """Free the duplicated communicator (also done when the Comm is collected); any
+        later call raises FailedPreconditionError."""
+        self._closed = True
+        self._free()
 
 
 LAUNCHER_SIZES = (
@@ -316,6 +343,17 @@ def _poll(ready: Callable[[], bool], deadline: float | None) -> bool:
             pause = min(pause, max(deadline - now, 0.0))
         time.sleep(pause)
     return True
+
+
+def _free(mpi_comm: Any) -> None:
+    from mpi4py import MPI
+
+    if not MPI.Is_finalized():  # at exit, mpi4py may have finalized MPI already
+        mpi_comm.Free()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _duplicate(comm: Any, timeout: float | None) -> Any:
