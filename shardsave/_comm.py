@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 from . import errors
+from ._reports import combined_error, describe, rebuild
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ class _Report(NamedTuple):
     step: int  # how many agrees into that call (1 = the first)
     what: str  # e.g. "saving /d/ckpt-3"
     key: dict | None  # what every rank must agree on (first step), e.g. the prefix
-    error: tuple | None  # _describe's (class name, message, errno, file)
+    error: tuple | None  # describe's (class name, message, errno, file)
     gives_up_at: float | None  # wall-clock time at which this rank stops waiting
     flag: bool  # for all_true
 
@@ -86,7 +87,7 @@ class Comm:
         self._sends: list[Any] = []  # verdict/report sends not yet known complete
         self._closed = False
         # a communicator this Comm duplicated is freed when it is closed or collected
-        self._free = weakref.finalize(self, _free, mpi_comm) if owned and mpi_comm is not None else _nothing
+        self._free = weakref.finalize(self, _free, mpi_comm) if owned and mpi_comm is not None else lambda: None
 
     @classmethod
     def create(cls, comm: Any = None, timeout: float | None = None) -> Comm:
@@ -215,7 +216,7 @@ class Comm:
             self._step,
             what,
             key,
-            None if error is None else _describe(error),
+            None if error is None else describe(error),
             gives_up_at,
             flag,
         )
@@ -225,7 +226,7 @@ class Comm:
         )
         if verdict_error is None:
             return all_true
-        exc = _rebuild(verdict_error)
+        exc = rebuild(verdict_error)
         if isinstance(exc, errors.DeadlineExceededError):
             self._broken = str(exc)
         raise exc from error
@@ -352,10 +353,6 @@ def _free(mpi_comm: Any) -> None:
         mpi_comm.Free()
 
 
-def _nothing() -> None:
-    pass
-
-
 def _duplicate(comm: Any, timeout: float | None) -> Any:
     """``comm.Dup()``, waiting at most ``timeout`` seconds for every rank to take part."""
     if timeout is None:
@@ -413,7 +410,7 @@ def _decide(mine: _Report, reports: dict[int, _Report], size: int, timeout: floa
         )
     failed = [(rank, reports[rank].error) for rank in sorted(reports) if reports[rank].error is not None]
     if failed:
-        return _describe(combined_error(failed, what))
+        return describe(combined_error(failed, what))
     return None
 
 
@@ -448,62 +445,3 @@ def launched_ranks() -> tuple[str, int] | None:
         if size > 1:
             return name, size
     return None
-
-
-def _describe(error: BaseException) -> tuple[str, str, int | None, str | None]:
-    """What a rank tells the others about its error: class name, message, and for a
-    :class:`~shardsave.errors.StorageError` its errno and file (else None)."""
-    storage = isinstance(error, errors.StorageError)
-    return (
-        type(error).__name__,
-        str(error) or repr(error),
-        error.errno if storage else None,
-        error.filename if storage else None,
-    )
-
-
-def _rebuild(report: tuple) -> errors.ShardsaveError:
-    """The error a verdict names: its class from shardsave.errors (else AbortedError),
-    with the errno and file of a storage error, so every rank raises the same."""
-    kind, message, *rest = report
-    cls = getattr(errors, kind, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.ShardsaveError)):
-        cls = errors.AbortedError
-    if not issubclass(cls, errors.StorageError):
-        return cls(message)
-    code, filename = (*rest, None, None)[:2]
-    return cls(message, code, os.strerror(code) if code is not None else None, filename)
-
-
-def combined_error(failed: list[tuple[int, tuple]], what: str) -> errors.ShardsaveError:
-    """One error for all ranks: the failures' own class if they agree on one (the closest
-    common :class:`~shardsave.errors.StorageError` class if they are all storage errors,
-    with the errno and file they agree on), else :class:`~shardsave.errors.AbortedError`.
-
-    ``failed`` holds ``(rank, report)`` with each report from :func:`_describe`."""
-    cls = _common_class({report[0] for _, report in failed})
-    ranks = ", ".join(str(rank) for rank, _ in failed)
-    reasons = "; ".join(f"rank {rank}: {report[0]}: {report[1]}" for rank, report in failed)
-    message = f"{what} failed on rank(s) {ranks}: {reasons}"
-    if not issubclass(cls, errors.StorageError):
-        return cls(message)
-    code = _agreed(report[2] if len(report) > 2 else None for _, report in failed)
-    filename = _agreed(report[3] if len(report) > 3 else None for _, report in failed)
-    return cls(message, code, os.strerror(code) if code is not None else None, filename)
-
-
-def _common_class(kinds: set[str]) -> type[errors.ShardsaveError]:
-    classes = [getattr(errors, kind, None) for kind in kinds]
-    if not all(isinstance(c, type) and issubclass(c, errors.ShardsaveError) for c in classes):
-        return errors.AbortedError
-    if len(classes) == 1:
-        return classes[0]
-    if all(issubclass(c, errors.StorageError) for c in classes):
-        return next(c for c in classes[0].__mro__ if all(issubclass(o, c) for o in classes))
-    return errors.AbortedError
-
-
-def _agreed(values) -> Any:
-    """The value if every one is the same, else None."""
-    distinct = set(values)
-    return distinct.pop() if len(distinct) == 1 else None

@@ -182,7 +182,8 @@ def test_storage_error_classes_keep_errno_and_their_builtin_bases():
 
 
 def test_errors_of_several_ranks_combine_into_one_class_with_their_errno():
-    from shardsave._comm import _describe, combined_error
+    from shardsave._reports import combined_error
+    from shardsave._reports import describe as _describe
 
     def report(exc):
         return _describe(exc)
