@@ -266,3 +266,25 @@ def test_the_coordinator_names_the_differing_block_and_ranks():
     assert "'w'" not in message
     gathered[1] = (b"p1", 2, [(0, 5), (1, 9)])
     assert checked_replicas("/d/ck", plan, gathered) == [(b"p0", 1), (b"p1", 2), (b"p2", 3)]
+
+
+@pytest.mark.parametrize("how", ["collect", "close", "with"])
+def test_a_saver_frees_its_communicator(how, tmp_path):
+    """2,200 Savers one after another on 2 ranks, each collected, closed or used as a
+    context manager: more than MPICH's ~2,045 communicators, so each must free its
+    duplicate; a Saver after them still saves and restores."""
+    script = os.path.join(HERE, "ranks", "many_savers.py")
+    proc = run_mpi(2, [script, "--dir", str(tmp_path), "--how", how], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(re.findall(r"rank (\d) ok", proc.stdout)) == ["0", "1"]  # lines may interleave
+
+
+def test_a_closed_saver_refuses_every_call(tmp_path):
+    v = ss.Variable("w", np.arange(3.0))
+    saver = ss.Saver([v])
+    prefix = saver.save(str(tmp_path / "c"))
+    saver.close()
+    for call, args in (("save", (str(tmp_path / "d"),)), ("restore", (prefix,))):
+        with pytest.raises(ss.FailedPreconditionError, match=rf"Saver\.{call}: this Saver is closed"):
+            getattr(saver, call)(*args)
+    assert not (tmp_path / "d.index").exists()
