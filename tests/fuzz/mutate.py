@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from hypothesis import strategies as st
 
 from shardsave.format import crc, table
-from shardsave.format.bundle import FIELD_BLOCK_CRCS, FIELD_BLOCK_SIZE, BundleEntry, BundleHeader
 from shardsave.format.coding import decode_varint, encode_fixed32, encode_varint
+from shardsave.format.entry import FIELD_BLOCK_CRCS, FIELD_BLOCK_SIZE, BundleEntry
+from shardsave.format.index import BundleHeader
 from shardsave.format.ordered_code import (
     read_num_increasing,
     read_signed_num_increasing,
