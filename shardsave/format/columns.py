@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import table
+from .block import ragged_gather
 from .coding import encode_varints
 from .entry import decode_shape_cached, entry_head
 
@@ -59,7 +59,7 @@ def encode_plain_columns(
     tail_start = int(head_len.sum()) + np.cumsum(cursor) - cursor
     starts = np.stack([head_start[which], tail_start], axis=1).ravel()
     lengths = np.stack([head_len[which], cursor], axis=1).ravel()
-    return table.ragged_gather(src, starts, lengths).tobytes(), head_len[which] + cursor
+    return ragged_gather(src, starts, lengths).tobytes(), head_len[which] + cursor
 
 
 def split_values(flat: bytes, lengths) -> list[bytes]:
