@@ -28,6 +28,8 @@ _VERSION_WIRE = {1: proto.VARINT, 2: proto.VARINT, 3: proto.VARINT}
 
 @dataclass(frozen=True)
 class BundleHeader:
+    """The index's first entry (key ``b""``): number of data files, byte order, version."""
+
     num_shards: int = 1
     endianness: int = LITTLE_ENDIAN
     producer: int = TENSOR_BUNDLE_VERSION
