@@ -13,7 +13,9 @@ import os
 import random
 import time
 
-from shardsave.format.bundle import encode_plain_entry, encode_rank_part, entry_key, merge_index, parse_index
+from shardsave.format.entry import encode_entry
+from shardsave.format.index import entry_key, parse_index
+from shardsave.format.merge import encode_rank_part, merge_index
 
 
 def synthetic_parts(ranks: int, variables: int, rows: int = 64, cols: int = 1024):
@@ -27,7 +29,7 @@ def synthetic_parts(ranks: int, variables: int, rows: int = 64, cols: int = 1024
         for name in sliced:
             size = rows * cols * 4
             key = entry_key(name, [(r * rows, rows), (0, cols)])
-            entries.append((key, encode_plain_entry(1, (rows, cols), r, offset, size, rng.getrandbits(32))))
+            entries.append((key, encode_entry(1, (rows, cols), r, offset, size, rng.getrandbits(32))))
             offset += size
         values = [value for _, value in entries]
         parts.append(encode_rank_part([key for key, _ in entries], b"".join(values), list(map(len, values)), sliced))

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from . import storage
 from .errors import AbortedError, DataLossError, FailedPreconditionError
 from .format import names
-from .format.bundle import parse_index
 from .format.coding import DecodeError
+from .format.index import parse_index
 from .format.names import data_file_name
 
 

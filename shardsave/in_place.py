@@ -36,7 +36,7 @@ import numpy as np
 from . import io_threads, slabs, storage
 from .errors import DataLossError
 from .format import crc
-from .format.bundle import Index
+from .format.index import Index
 from .loader import (
     DataFiles,
     LoadStats,

@@ -23,8 +23,10 @@ import numpy as np
 from . import io_threads, slabs, storage
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
-from .format.bundle import BundleEntry, Index, PlainColumns
 from .format.coding import DecodeError
+from .format.columns import PlainColumns
+from .format.entry import BundleEntry
+from .format.index import Index
 from .format.names import data_file_name
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
@@ -321,7 +323,7 @@ def planned_reads(prefix: storage.Location, index: Index, targets: Sequence[Targ
     """The reads that fill ``targets``, grouped by data file (in shard order), every entry
     they touch checked against its tensor and its data file (``checked_pieces``)."""
     files = files if files is not None else DataFiles(prefix, index)
-    with index_damage(prefix):  # slice entries are decoded only now (bundle.Pieces)
+    with index_damage(prefix):  # slice entries are decoded only now (index.Pieces)
         reads = _plan(prefix, index, targets, stats, files)
     by_shard: dict[int, list[Read]] = defaultdict(list)
     for r in reads:

@@ -48,8 +48,9 @@ from .errors import (
     PermissionDeniedError,
 )
 from .format import dtypes, names
-from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
+from .format.index import Index, entry_key, parse_index
+from .format.merge import encode_rank_part, merge_index
 from .format.state import MAX_STATE_ENTRIES
 from .in_place import InPlaceLoad
 from .layout import SaveLayout

@@ -16,11 +16,12 @@ import numpy as np
 
 from . import storage
 from .format import crc, dtypes
-from .format.bundle import encode_plain_columns, encode_plain_entry, split_values
+from .format.columns import encode_plain_columns, split_values
+from .format.entry import encode_entry
 from .format.strings import encode_strings
 
 CHECKSUM_BLOCK = 64 * 1024
-"""Entries larger than this carry one CRC per block (bundle.py extension fields)."""
+"""Entries larger than this carry one CRC per block (entry.py extension fields)."""
 BATCH_BYTES = 4 << 20
 """Arrays smaller than this are gathered into one buffer before writing."""
 
@@ -128,8 +129,8 @@ def write_data_file(
         entries = split_values(values, lengths)
         for j, packed in blocks.items():
             if packed:
-                entries[j] = encode_plain_entry(types[j], shapes[j], shard_id, offsets[j], sizes[j], masks[j],
-                                                CHECKSUM_BLOCK, packed)
+                entries[j] = encode_entry(types[j], shapes[j], shard_id, offsets[j], sizes[j], masks[j],
+                                          block_size=CHECKSUM_BLOCK, block_crcs=packed)
         values, lengths = b"".join(entries), np.fromiter(map(len, entries), np.int64, len(entries))
     return list(keys), values, lengths
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardsave.format import crc, table
-from shardsave.format.bundle import BundleEntry, BundleHeader, entry_key
 from shardsave.format.coding import encode_varint
+from shardsave.format.entry import BundleEntry
+from shardsave.format.index import BundleHeader, entry_key
 
 DATA = ".data-{:05d}-of-{:05d}"
 

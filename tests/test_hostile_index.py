@@ -29,8 +29,8 @@ from crafting import (
 
 import shardsave as ss
 from shardsave.format import crc
-from shardsave.format.bundle import entry_key
 from shardsave.format.coding import encode_varint
+from shardsave.format.index import entry_key
 
 EMB_PIECE = entry_key("emb", [(0, 256), (0, 1024)])
 """The first of the two stored pieces of ``emb`` (rows 0..256, 1 MiB)."""

@@ -20,7 +20,7 @@ import shardsave.saver as saver_module
 from shardsave import in_place as in_place_module
 from shardsave import io_threads, slabs
 from shardsave.format import table
-from shardsave.format.bundle import BundleEntry
+from shardsave.format.entry import BundleEntry
 from shardsave.writer import checksum_blocks
 
 DATA_FILE = ".data-00000-of-00001"

@@ -66,10 +66,6 @@ def decode_fixed32(buf: bytes | memoryview, pos: int) -> int:
     return _FIXED32.unpack_from(buf, pos)[0]
 
 
-def encode_fixed64(value: int) -> bytes:
-    return _FIXED64.pack(value)
-
-
 def decode_fixed64(buf: bytes | memoryview, pos: int) -> int:
     if pos + 8 > len(buf):
         raise DecodeError("truncated fixed64")

@@ -23,11 +23,6 @@ def mask(crc: int) -> int:
     return ((((crc >> 15) | (crc << 17)) & _U32) + _MASK_DELTA) & _U32
 
 
-def unmask(masked: int) -> int:
-    rot = (masked - _MASK_DELTA) & _U32
-    return ((rot >> 17) | (rot << 15)) & _U32
-
-
 def masked_crc32c(data) -> int:
     return mask(crc32c(data))
 

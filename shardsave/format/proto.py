@@ -25,10 +25,6 @@ def bytes_field(field: int, data: bytes) -> bytes:
     return tag(field, LENGTH_DELIMITED) + encode_varint(len(data)) + data
 
 
-def fixed32_field(field: int, value: int) -> bytes:
-    return tag(field, FIXED32) + value.to_bytes(4, "little")
-
-
 def iter_fields(
     buf: bytes | memoryview, expected: dict[int, int] | None = None
 ) -> Iterator[tuple[int, int, object]]:

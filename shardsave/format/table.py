@@ -4,10 +4,7 @@ Layout (docs/FORMAT.md, "The index file")::
 
     [data block][trailer] ... [metaindex block][trailer] [index block][trailer] [footer]
 
-A block is a run of prefix-compressed entries ``varint32 shared, varint32 unshared,
-varint32 value_len, key_suffix, value`` followed by fixed32 restart offsets and a fixed32
-count. The 5-byte trailer is a compression type (0) and the masked CRC32C of the block
-plus that type byte. The 48-byte footer holds the metaindex and index block handles,
+Each block and its 5-byte trailer are block.py's. The 48-byte footer holds the metaindex and index block handles,
 zero padding to 40 bytes and the magic number. The builder mirrors TF's choices
 (256 KiB blocks, restarts every 16 entries, 1 in the index block, shortest separators)
 so that the files come out byte-identical to TF's; the reader accepts any valid table.
@@ -17,67 +14,27 @@ from __future__ import annotations
 
 import bisect
 import operator
-import struct
 from collections.abc import Iterable
 
 import numpy as np
 
 from . import crc
-from .coding import DecodeError, decode_fixed32, decode_varint, encode_fixed32, encode_varint, encode_varints
+from .block import (
+    NO_COMPRESSION,
+    RESTART_INTERVAL,
+    BlockBuilder,
+    block_contents,
+    block_entries,
+    finish_block,
+    gather_entries,
+    shared_with_previous,
+    varint_len,
+)
+from .coding import DecodeError, decode_fixed32, decode_varint, encode_fixed32, encode_varint
 
 BLOCK_SIZE = 256 * 1024
-RESTART_INTERVAL = 16
-TRAILER_SIZE = 5
 FOOTER_SIZE = 48
 MAGIC = 0xDB4775248B80FB57
-NO_COMPRESSION = 0
-SNAPPY_COMPRESSION = 1
-
-
-class _BlockBuilder:
-    def __init__(self, restart_interval: int):
-        self.restart_interval = restart_interval
-        self.reset()
-
-    def reset(self) -> None:
-        self.buf = bytearray()
-        self.restarts = [0]
-        self.counter = 0
-        self.last_key = b""
-
-    def empty(self) -> bool:
-        return not self.buf
-
-    def size_estimate(self) -> int:
-        return len(self.buf) + 4 * len(self.restarts) + 4
-
-    def add(self, key: bytes, value: bytes) -> None:
-        shared = 0
-        if self.counter < self.restart_interval:
-            shared = _common_prefix(self.last_key, key)
-        else:
-            self.restarts.append(len(self.buf))
-            self.counter = 0
-        unshared, vlen = len(key) - shared, len(value)
-        buf = self.buf
-        if shared < 0x80 and unshared < 0x80 and vlen < 0x80:
-            buf += bytes((shared, unshared, vlen))
-        else:
-            buf += encode_varint(shared) + encode_varint(unshared) + encode_varint(vlen)
-        buf += key[shared:]
-        buf += value
-        self.last_key = key
-        self.counter += 1
-
-    def finish(self) -> bytes:
-        return _finish_block(self.buf, self.restarts)
-
-
-def _common_prefix(a: bytes, b: bytes) -> int:
-    """Length of the common prefix, with C-speed big-integer XOR instead of a byte loop."""
-    n = min(len(a), len(b))
-    diff = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
-    return n if not diff else n - 1 - (diff.bit_length() - 1) // 8
 
 
 def _shortest_separator(start: bytes, limit: bytes) -> bytes:
@@ -133,10 +90,10 @@ def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray,
     value_bytes = np.frombuffer(values, np.uint8)
     key_start = np.cumsum(key_len) - key_len
     value_start = np.cumsum(value_len) - value_len
-    shared_prev = _shared_with_previous(key_bytes, key_start, key_len)
+    shared_prev = shared_with_previous(key_bytes, key_start, key_len)
 
     out = bytearray()
-    index_block = _BlockBuilder(1)
+    index_block = BlockBuilder(1)
 
     def write_block(contents: bytes) -> bytes:
         offset = len(out)
@@ -156,7 +113,7 @@ def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray,
             shared = np.where(j % RESTART_INTERVAL == 0, 0, shared_prev[first:stop])
             unshared = key_len[first:stop] - shared
             vlen = value_len[first:stop]
-            size = _varint_len(shared) + _varint_len(unshared) + _varint_len(vlen) + unshared + vlen
+            size = varint_len(shared) + varint_len(unshared) + varint_len(vlen) + unshared + vlen
             estimate = np.cumsum(size) + 4 * (j // RESTART_INTERVAL + 1) + 4
             full = np.flatnonzero(estimate >= block_size)
             if len(full) or stop == n:
@@ -168,19 +125,19 @@ def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray,
         k0, v0 = key_start[first], value_start[first]
         k1 = key_start[first + count - 1] + key_len[first + count - 1]
         v1 = value_start[first + count - 1] + value_len[first + count - 1]
-        block = _gather_entries(
+        block = gather_entries(
             shared, unshared, vlen,
             key_bytes[k0:k1], key_start[first : first + count] + shared - k0,
             value_bytes[v0:v1], value_start[first : first + count] - v0,
         )
         restarts = (np.cumsum(size) - size)[::RESTART_INTERVAL]
-        handle = write_block(_finish_block(block, restarts.tolist()))
+        handle = write_block(finish_block(block, restarts.tolist()))
         last = first + count - 1
         separator = _shortest_separator(keys[last], keys[last + 1]) if last + 1 < n else _short_successor(keys[last])
         index_block.add(separator, handle)
         first += count
 
-    metaindex_handle = write_block(_BlockBuilder(RESTART_INTERVAL).finish())
+    metaindex_handle = write_block(BlockBuilder(RESTART_INTERVAL).finish())
     index_handle = write_block(index_block.finish())
     footer = metaindex_handle + index_handle
     footer += bytes(40 - len(footer))
@@ -189,167 +146,10 @@ def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray,
     return bytes(out)
 
 
-def _shared_with_previous(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Length of the common prefix of each key with the one before it (0 for the first),
-    compared 16 bytes at a time for the keys whose prefixes are still equal."""
-    n = len(starts)
-    shared = np.zeros(n, np.int64)
-    if n < 2:
-        return shared
-    limit = np.minimum(lengths[1:], lengths[:-1])
-    rows = np.arange(1, n)
-    offset = 0
-    windows = np.lib.stride_tricks.sliding_window_view(np.concatenate([flat, np.zeros(16, np.uint8)]), 16)
-    while len(rows):
-        cols = offset + np.arange(16)
-        a = windows[np.minimum(starts[rows] + offset, len(flat))]
-        b = windows[np.minimum(starts[rows - 1] + offset, len(flat))]
-        differ = (a != b) | (cols >= limit[rows - 1, None])
-        found = differ.any(axis=1)
-        shared[rows[found]] = offset + np.argmax(differ[found], axis=1)
-        rows = rows[~found]
-        offset += 16
-    return shared
-
-
-def _varint_len(values: np.ndarray) -> np.ndarray:
-    """Bytes in the varint of each (non-negative, below 2**35) value."""
-    return 1 + (values >= 1 << 7) + (values >= 1 << 14) + (values >= 1 << 21) + (values >= 1 << 28)
-
-
-def _gather_entries(shared, unshared, vlen, key_bytes, key_from, value_bytes, value_from) -> np.ndarray:
-    """The bytes of a block's entries: varint shared, varint unshared, varint value
-    length, key suffix, value; assembled with one gather from all the pieces."""
-    n = len(shared)
-    header_src, header_len = [], []
-    for column in (shared, unshared, vlen):
-        varints, lengths = encode_varints(column)
-        header_src.append(varints.ravel())
-        header_len.append(lengths)
-    src = np.concatenate([*header_src, key_bytes, value_bytes])
-    base = np.cumsum([0, *(len(x) for x in header_src), len(key_bytes)])
-    rows = np.arange(n)
-    starts = np.stack([base[i] + rows * (len(header_src[i]) // max(n, 1)) for i in range(3)]
-                      + [base[3] + key_from, base[4] + value_from], axis=1).ravel()
-    lengths = np.stack([*header_len, unshared, vlen], axis=1).ravel()
-    return ragged_gather(src, starts, lengths)
-
-
-def ragged_gather(src: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``concatenate([src[s:s+l] for s, l in zip(starts, lengths)])`` without the loop."""
-    total = int(lengths.sum())
-    out_starts = np.cumsum(lengths) - lengths
-    return src[np.arange(total) + np.repeat(starts - out_starts, lengths)]
-
-
-def _finish_block(buf, restarts: list[int]) -> bytes:
-    """A block's entries followed by its restart offsets and their count."""
-    return bytes(buf) + struct.pack(f"<{len(restarts) + 1}I", *restarts, len(restarts))
-
-
 def _read_handle(buf, pos: int) -> tuple[int, int, int]:
     offset, pos = decode_varint(buf, pos)
     size, pos = decode_varint(buf, pos)
     return offset, size, pos
-
-
-def _block_contents(data: memoryview, offset: int, size: int, what: str) -> memoryview:
-    end = offset + size
-    if end + TRAILER_SIZE > len(data) or size < 4:
-        raise DecodeError(f"{what} at offset {offset} (size {size}) runs past the end of the file")
-    contents = data[offset:end]
-    ctype = data[end]
-    stored = decode_fixed32(data, end + 1)
-    actual = crc.mask(crc.crc32c(data[end : end + 1], crc.crc32c(contents)))
-    if stored != actual:
-        raise DecodeError(
-            f"{what} at offset {offset}: checksum does not match: "
-            f"stored {stored:#010x} vs. calculated {actual:#010x}"
-        )
-    if ctype == SNAPPY_COMPRESSION:
-        raise DecodeError(f"{what} at offset {offset} is Snappy-compressed, which is not supported")
-    if ctype != NO_COMPRESSION:
-        raise DecodeError(f"{what} at offset {offset} has unknown compression type {ctype}")
-    return contents
-
-
-def _block_entries(contents: memoryview, what: str) -> list[tuple[bytes, bytes]]:
-    num_restarts = decode_fixed32(contents, len(contents) - 4)
-    limit = len(contents) - 4 - 4 * num_restarts
-    if num_restarts == 0 or limit < 0:
-        raise DecodeError(f"{what}: bad restart count {num_restarts}")
-    block = bytes(contents[:limit])  # bytes slicing is cheaper than memoryview's
-    restarts = np.frombuffer(contents, "<u4", num_restarts, limit).astype(np.int64)
-    fast = _entries_by_restart(block, restarts)
-    if fast is not None:
-        return fast
-    entries = []
-    append = entries.append
-    key = b""
-    pos = 0
-    while pos < limit:
-        head = block[pos : pos + 3]  # one-byte varints inline
-        if len(head) == 3 and head[0] < 0x80 and head[1] < 0x80 and head[2] < 0x80:
-            shared, unshared, vlen = head
-            pos += 3
-        else:
-            shared, pos = decode_varint(block, pos, limit)
-            unshared, pos = decode_varint(block, pos, limit)
-            vlen, pos = decode_varint(block, pos, limit)
-        end = pos + unshared
-        if shared > len(key) or end + vlen > limit:
-            raise DecodeError(f"{what}: corrupt entry at block offset {pos}")
-        key = key[:shared] + block[pos:end]
-        append((key, block[end : end + vlen]))
-        pos = end + vlen
-    return entries
-
-
-def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes, bytes]] | None:
-    """The entries of a block whose entry headers are all one-byte varints, found for all
-    restart runs at once (numpy steps through the k-th entry of every run together), so
-    only the keys are assembled one by one. None when the block does not fit that shape
-    (long keys or values, damage): the sequential parser then decodes or rejects it."""
-    limit = len(block)
-    if not len(restarts) or restarts[0] != 0 or np.any(np.diff(restarts) <= 0) or restarts[-1] >= max(limit, 1):
-        return None
-    data = np.frombuffer(block + bytes(3), np.uint8)
-    run_end = np.append(restarts[1:], limit)
-    pos = restarts.copy()
-    runs, found = np.arange(len(restarts)), []
-    active = pos < run_end
-    for step in range(256):
-        if not active.any():
-            break
-        which = runs[active]
-        at = pos[which]
-        head = data[at[:, None] + np.arange(3)].astype(np.int64)
-        if head.max(initial=0) >= 0x80:
-            return None
-        found.append((which, np.full(len(which), step), at, head))
-        pos[which] = at + 3 + head[:, 1] + head[:, 2]
-        active = pos < run_end
-    else:
-        return None
-    if not np.array_equal(pos, run_end):
-        return None
-    if not found:
-        return []
-    which, steps, at, head = (np.concatenate(x) for x in zip(*found, strict=True))
-    order = np.lexsort((steps, which))
-    at, head = at[order], head[order]
-    suffix = at + 3
-    value = suffix + head[:, 1]
-    end = value + head[:, 2]
-    entries = []
-    append = entries.append
-    key = b""
-    for shared, a, b, c in zip(head[:, 0].tolist(), suffix.tolist(), value.tolist(), end.tolist(), strict=True):
-        if shared > len(key):
-            return None
-        key = key[:shared] + block[a:b]
-        append((key, block[b:c]))
-    return entries
 
 
 _key = operator.itemgetter(0)
@@ -371,14 +171,14 @@ class TableReader:
             raise DecodeError(f"bad magic number {magic:#018x} (not a checkpoint index)")
         _, _, pos = _read_handle(footer, 0)
         index_offset, index_size, _ = _read_handle(footer, pos)
-        index = _block_contents(data, index_offset, index_size, "index block")
+        index = block_contents(data, index_offset, index_size, "index block")
         self._separators: list[bytes] = []
         self._blocks: list[memoryview] = []
         self._offsets: list[int] = []
-        for separator, handle in _block_entries(index, "index block"):
+        for separator, handle in block_entries(index, "index block"):
             offset, size, _ = _read_handle(handle, 0)
             self._separators.append(separator)
-            self._blocks.append(_block_contents(data, offset, size, "data block"))
+            self._blocks.append(block_contents(data, offset, size, "data block"))
             self._offsets.append(offset)
         self._parsed: dict[int, list[tuple[bytes, bytes]]] = {}
 
@@ -389,7 +189,7 @@ class TableReader:
     def block(self, i: int) -> list[tuple[bytes, bytes]]:
         entries = self._parsed.get(i)
         if entries is None:
-            entries = _block_entries(self._blocks[i], f"data block at offset {self._offsets[i]}")
+            entries = block_entries(self._blocks[i], f"data block at offset {self._offsets[i]}")
             keys = [key for key, _ in entries]
             if (entries and i and keys[0] <= self._separators[i - 1]) or not all(
                 map(operator.lt, keys, keys[1:])

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from shardsave.format import crc, table
-from shardsave.format.bundle import FIELD_BLOCK_CRCS, FIELD_BLOCK_SIZE, BundleEntry, BundleHeader
+from shardsave.format import block, crc, table
 from shardsave.format.coding import decode_varint, encode_fixed32, encode_varint
+from shardsave.format.entry import FIELD_BLOCK_CRCS, FIELD_BLOCK_SIZE, BundleEntry
+from shardsave.format.index import BundleHeader
 from shardsave.format.ordered_code import (
     read_num_increasing,
     read_signed_num_increasing,
@@ -372,7 +373,7 @@ def _block_handles(data: bytes) -> list[tuple[int, int]]:
     index_off, index_size, _ = table._read_handle(footer, pos)
     handles = [(meta_off, meta_size)]
     contents = data[index_off : index_off + index_size]
-    for _, handle in table._block_entries(memoryview(contents), "index block"):
+    for _, handle in block.block_entries(memoryview(contents), "index block"):
         off, size, _ = table._read_handle(handle, 0)
         handles.append((off, size))
     return handles + [(index_off, index_size)]
@@ -386,7 +387,7 @@ def fix_table_checksums(data: bytearray) -> None:
         return
     for off, size in handles:
         end = off + size
-        if off >= 0 and end + table.TRAILER_SIZE <= len(data):
+        if off >= 0 and end + block.TRAILER_SIZE <= len(data):
             value = crc.mask(crc.crc32c(bytes(data[end : end + 1]), crc.crc32c(bytes(data[off:end]))))
             data[end + 1 : end + 5] = encode_fixed32(value)
 

@@ -19,8 +19,9 @@ import math
 import numpy as np
 
 from shardsave.format import crc, dtypes, table
-from shardsave.format.bundle import BundleEntry, BundleHeader
 from shardsave.format.coding import decode_varint
+from shardsave.format.entry import BundleEntry
+from shardsave.format.index import BundleHeader
 
 from .mutate import data_name, parse_slice_key, string_crc
 
