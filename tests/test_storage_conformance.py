@@ -576,7 +576,7 @@ class TestStorage:
         assert set(results) == set(want)
         for what, start in want.items():
             r = results[what]
-            assert r["cls"] == "PermissionDeniedError", (what, r)
+            assert r["cls"] == PermissionDeniedError.__name__ and r["is_os_permission"], (what, r)
             assert r["message"] == f"{start}: Permission denied (EACCES)", (what, r)
             assert (r["errno"], r["filename"]) == (errno.EACCES, start.split(" ")[-1]), (what, r)
 
@@ -615,6 +615,6 @@ for name, call in calls.items():
     except Exception as exc:
         out[name] = {"cls": type(exc).__name__, "message": str(exc), "errno": getattr(exc, "errno", None),
                      "filename": getattr(exc, "filename", None),
-                     }
+                     "is_os_permission": isinstance(exc, PermissionError)}
 print(json.dumps(out))
 """
