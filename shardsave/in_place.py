@@ -33,7 +33,8 @@ from functools import partial
 
 import numpy as np
 
-from . import io_threads, slabs, storage
+from . import slabs, storage
+from .storage import threads as io_threads
 from .errors import DataLossError
 from .format import crc
 from .format.bundle import Index

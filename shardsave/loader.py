@@ -20,7 +20,8 @@ from functools import partial
 
 import numpy as np
 
-from . import io_threads, slabs, storage
+from . import slabs, storage
+from .storage import threads as io_threads
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.bundle import BundleEntry, Index, PlainColumns

@@ -50,7 +50,7 @@ def test_storage_contract(base, monkeypatch):
     with pytest.raises(NotFoundError, match=re.escape(a.url)):
         storage.read_bytes(a)
 
-    monkeypatch.setattr(storage, "PART_BYTES", 5 << 20)  # S3's smallest part
+    monkeypatch.setattr(storage.s3, "PART_BYTES", 5 << 20)  # S3's smallest part
     data = np.random.default_rng(0).integers(0, 256, 12 << 20, dtype=np.uint8)
     w = storage.Writer(a, fsync=False)
     w.write(data[:100])
@@ -200,7 +200,7 @@ def test_reshard_by_columns_reads_slabs_of_rows(s3_server, s3_dir, monkeypatch):
 
 def test_large_variable_goes_up_in_parts_and_reads_only_ranges(s3_server, s3_dir, monkeypatch):
     opts = s3_server.options()
-    monkeypatch.setattr(storage, "PART_BYTES", 5 << 20)
+    monkeypatch.setattr(storage.s3, "PART_BYTES", 5 << 20)
     big = np.random.default_rng(1).standard_normal((1600, 2048)).astype(np.float32)  # 13 MB
     ss.Variable("big", big)
     ss.Saver(storage_options=opts).save(f"{s3_dir}/m")
