@@ -34,7 +34,6 @@ from functools import partial
 import numpy as np
 
 from . import slabs, storage
-from .storage import threads as io_threads
 from .errors import DataLossError
 from .format import crc
 from .format.bundle import Index
@@ -49,6 +48,7 @@ from .loader import (
     planned_reads,
     span_run_crcs,
 )
+from .storage import threads as io_threads
 from .writer import byte_view
 
 CHECK_CHUNK = 1 << 20

@@ -21,7 +21,6 @@ from functools import partial
 import numpy as np
 
 from . import slabs, storage
-from .storage import threads as io_threads
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.bundle import BundleEntry, Index, PlainColumns
@@ -29,6 +28,7 @@ from .format.coding import DecodeError
 from .format.names import data_file_name
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
+from .storage import threads as io_threads
 from .writer import byte_view
 
 DIRECT_MIN_BYTES = 1 << 20

@@ -19,9 +19,9 @@ import shardsave as ss
 import shardsave.saver as saver_module
 from shardsave import in_place as in_place_module
 from shardsave import slabs
-from shardsave.storage import threads as io_threads
 from shardsave.format import table
 from shardsave.format.bundle import BundleEntry
+from shardsave.storage import threads as io_threads
 from shardsave.writer import checksum_blocks
 
 DATA_FILE = ".data-00000-of-00001"

@@ -15,7 +15,7 @@ one entry in :data:`_BACKENDS` (which ``resolve()`` asks, in order).
 Freshness: fsspec caches directory listings per filesystem object and shares one object
 per set of options in a process, so a listing made once would hide the files other
 ranks or jobs wrote since. Every query of state that other processes change
-(``exists``, ``size``, ``info``, ``glob``, ``scan``) drops the cache of that path first.
+(``exists``, ``size``, ``info``, ``files_in``, ``scan``) drops the cache of that path first.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from fsspec.core import url_to_fs
 
 from ..errors import InvalidArgumentError
 from ..format import names
-from . import local, s3
 from . import fsspec as generic
+from . import local, s3
 from .base import Backend, Location, missing_bucket, translate_errors
 
 __all__ = [
     "Location", "Writer", "abort_upload", "close_local", "data_files", "exists", "files_in",
-    "fsync_dir", "glob", "info", "is_directly_in", "makedirs", "missing_bucket", "open_local",
+    "fsync_dir", "info", "is_directly_in", "makedirs", "missing_bucket", "open_local",
     "pending_uploads", "publish", "read_bytes", "read_ranges", "remove", "rename", "rename_all",
     "resolve", "same_path", "scan", "size",
 ]
@@ -256,16 +256,10 @@ def files_in(loc: Location) -> dict[str, dict]:
     return {d["name"]: d for d in _listing(loc)}
 
 
-def glob(loc: Location, pattern: str) -> list[Location]:
-    """Files in the directory ``loc`` whose names match ``pattern`` (fnmatch). The pattern
-    is a fixed one: a checkpoint's name is never part of it (see :func:`data_files`)."""
-    with translate_errors(loc, "listing"):
-        found = loc.backend.names(loc)
-    return [loc.child(n) for n in sorted(found) if fnmatch.fnmatchcase(n, pattern)]
-
-
 def scan(loc: Location, pattern: str = "*") -> list[tuple[Location, dict]]:
-    """Like :func:`glob`, with each file's ``{"size", "mtime"}``, from one listing."""
+    """The files in the directory ``loc`` whose names match ``pattern`` (fnmatch, a fixed
+    pattern: a checkpoint's name is never part of it, see :func:`data_files`), sorted,
+    each with its ``{"size", "mtime"}``, from one fresh listing."""
     return [
         (loc.child(d["name"]), {"size": d["size"], "mtime": d["mtime"]})
         for d in sorted(_listing(loc), key=lambda d: d["name"])

@@ -76,9 +76,6 @@ class Backend(Protocol):
         """Entries (``name size mtime etag version``) of the files directly in ``loc``; []
         if it does not exist."""
 
-    def names(self, loc: Location) -> list[str]:
-        """Names directly in ``loc`` (for glob); [] if it does not exist."""
-
     # changes
     def remove(self, locs: Sequence[Location]) -> None: ...
     def rename_all(self, pairs: Sequence[tuple[Location, Location]]) -> list[Location]: ...

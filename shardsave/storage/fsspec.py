@@ -133,9 +133,6 @@ class FsspecBackend:
             if d.get("type", "file") == "file"
         ]
 
-    def names(self, loc: Location) -> list[str]:
-        return [d["name"] for d in self.listing(loc)]
-
     # ------------------------------------------------------------------ changes
     def remove(self, locs: Sequence[Location]) -> None:
         for loc in locs:

@@ -113,12 +113,6 @@ class LocalBackend:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def names(self, loc: Location) -> list[str]:
-        try:
-            return os.listdir(loc.path)  # directories too, as glob always gave them
-        except FileNotFoundError:
-            return []
-
     # ------------------------------------------------------------------ changes
     def remove(self, locs: Sequence[Location]) -> None:
         for loc in locs:
