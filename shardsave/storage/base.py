@@ -95,7 +95,7 @@ class Location:
 
     fs: Any
     path: str
-    backend: Backend = field(repr=False)
+    backend: Backend = field(repr=False, compare=False)  # follows from fs
 
     @property
     def is_local(self) -> bool:

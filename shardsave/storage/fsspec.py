@@ -30,6 +30,9 @@ RENAME_CONCURRENCY = 16
 class FsspecBackend:
     kind = "fsspec"
 
+    def __reduce__(self) -> str:
+        return "BACKEND"  # one per module: a pickled Location comes back with the same one
+
     def handles(self, fs: Any) -> bool:
         return True  # the fallback: any filesystem fsspec gives
 

@@ -29,6 +29,9 @@ EARLY_WRITEBACK_BYTES = 16 << 20
 class LocalBackend:
     kind = "local"
 
+    def __reduce__(self) -> str:
+        return "BACKEND"  # one per module: a pickled Location comes back with the same one
+
     def handles(self, fs: Any) -> bool:
         return isinstance(fs, LocalFileSystem)
 
