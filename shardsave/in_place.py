@@ -33,7 +33,7 @@ from functools import partial
 
 import numpy as np
 
-from . import io_threads, slabs, storage
+from . import slabs, storage
 from .errors import DataLossError
 from .format import crc
 from .format.index import Index
@@ -48,6 +48,7 @@ from .loader import (
     planned_reads,
     span_run_crcs,
 )
+from .storage import threads as io_threads
 from .writer import byte_view
 
 CHECK_CHUNK = 1 << 20

@@ -20,7 +20,7 @@ from functools import partial
 
 import numpy as np
 
-from . import io_threads, slabs, storage
+from . import slabs, storage
 from .errors import DataLossError, NotFoundError
 from .format import crc, dtypes
 from .format.coding import DecodeError
@@ -30,6 +30,7 @@ from .format.index import Index
 from .format.names import data_file_name
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
+from .storage import threads as io_threads
 from .writer import byte_view
 
 DIRECT_MIN_BYTES = 1 << 20

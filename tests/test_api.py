@@ -908,7 +908,7 @@ def test_many_small_mixed_variables_round_trip_as_aligned_writable_arrays(tmp_pa
 
 
 def test_a_durable_save_starts_writing_back_early_and_stops_doing_so(tmp_path, monkeypatch):
-    """Past storage.EARLY_WRITEBACK_BYTES a thread fdatasyncs the data file while it is
+    """Past storage.local.EARLY_WRITEBACK_BYTES a thread fdatasyncs the data file while it is
     written; it is gone once the save returns."""
     from shardsave import storage
 
@@ -919,7 +919,7 @@ def test_a_durable_save_starts_writing_back_early_and_stops_doing_so(tmp_path, m
         calls.append(fd)
         real(fd)
 
-    monkeypatch.setattr(storage.os, "fdatasync", counting)
+    monkeypatch.setattr(storage.local.os, "fdatasync", counting)
     v = ss.Variable("v", np.arange(8 << 20, dtype=np.float32), register=False)  # 32 MiB
     ss.Saver([v]).save(str(tmp_path / "m"))
     assert calls
@@ -941,7 +941,7 @@ def test_a_writeback_error_met_early_fails_the_save_and_commits_nothing(tmp_path
     def failing(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(storage.os, "fdatasync", failing)
+    monkeypatch.setattr(storage.local.os, "fdatasync", failing)
     with pytest.raises(OSError, match=r"m-2\.data-00000-of-00001.*Input/output error"):
         saver.save(str(tmp_path / "m"), global_step=2)
     monkeypatch.undo()

@@ -291,7 +291,7 @@ def test_an_io_error_on_write_is_a_storage_error_and_on_reading_the_index_is_dat
     def eio(*args):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(storage.os, "fsync", eio)
+    monkeypatch.setattr(storage.local.os, "fsync", eio)
     with pytest.raises(ss.StorageError) as info:
         saver.save(str(tmp_path / "m"), global_step=2)
     assert type(info.value) is ss.StorageError and info.value.errno == errno.EIO
@@ -305,7 +305,7 @@ def test_an_io_error_on_write_is_a_storage_error_and_on_reading_the_index_is_dat
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(storage, "open", failing_open, raising=False)
+    monkeypatch.setattr(storage.local, "open", failing_open, raising=False)
     with pytest.raises(ss.DataLossError, match=rf"{first}\.index: reading failed: Input/output error"):
         ss.CheckpointReader(first)
 

@@ -20,6 +20,7 @@ import re
 
 import pytest
 from faults.common import HERE, assign, check_equal, make_vars, run_mpi
+from storage_helpers import glob
 
 import shardsave as ss
 from shardsave import cli, storage
@@ -55,7 +56,7 @@ def kept_files(fault: str, crashed: str) -> list[str]:
 
 
 def names(directory: str, options) -> list[str]:
-    return [f.name for f in storage.glob(storage.resolve(directory, options), "*")]
+    return [f.name for f in glob(storage.resolve(directory, options), "*")]
 
 
 @pytest.mark.parametrize("fault", ["writer", "index"])

@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 import shardsave as ss
 import shardsave.saver as saver_module
 from shardsave import in_place as in_place_module
-from shardsave import io_threads, slabs
+from shardsave import slabs
 from shardsave.format import table
 from shardsave.format.entry import BundleEntry
+from shardsave.storage import threads as io_threads
 from shardsave.writer import checksum_blocks
 
 DATA_FILE = ".data-00000-of-00001"

@@ -31,6 +31,7 @@ import time
 
 import pytest
 from faults.common import HERE, REPO, assign, check_equal, make_vars, run_mpi
+from storage_helpers import glob
 
 import shardsave as ss
 from shardsave import cli, storage
@@ -57,7 +58,7 @@ COMMITTED = [
 
 
 def names(directory: str, options) -> list[str]:
-    return sorted(f.name for f in storage.glob(storage.resolve(directory, options), "*"))
+    return sorted(f.name for f in glob(storage.resolve(directory, options), "*"))
 
 
 def copy_dir(src: str, dst: str, options) -> None:

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 from faults.common import REPO, run_mpi
+from storage_helpers import glob
 
 import shardsave as ss
 from shardsave import cli, storage
@@ -50,7 +51,7 @@ def test_storage_contract(base, monkeypatch):
     with pytest.raises(NotFoundError, match=re.escape(a.url)):
         storage.read_bytes(a)
 
-    monkeypatch.setattr(storage, "PART_BYTES", 5 << 20)  # S3's smallest part
+    monkeypatch.setattr(storage.s3, "PART_BYTES", 5 << 20)  # S3's smallest part
     data = np.random.default_rng(0).integers(0, 256, 12 << 20, dtype=np.uint8)
     w = storage.Writer(a, fsync=False)
     w.write(data[:100])
@@ -82,11 +83,11 @@ def test_storage_contract(base, monkeypatch):
     storage.publish(idx, b"three", fsync=False)
     assert storage.read_bytes(idx) == b"three"
 
-    assert [f.name for f in storage.glob(d, "*")] == ["a.bin", "m.index"]
+    assert [f.name for f in glob(d, "*")] == ["a.bin", "m.index"]
     assert [(f.name, i["size"]) for f, i in storage.scan(d, "*.index")] == [("m.index", 5)]
     storage.remove([a, d.child("never-existed")])
-    assert [f.name for f in storage.glob(d, "*")] == ["m.index"]
-    assert storage.glob(d.child("no-such-dir"), "*") == []
+    assert [f.name for f in glob(d, "*")] == ["m.index"]
+    assert glob(d.child("no-such-dir"), "*") == []
 
 
 # ------------------------------------------------------------------ single process
@@ -200,7 +201,7 @@ def test_reshard_by_columns_reads_slabs_of_rows(s3_server, s3_dir, monkeypatch):
 
 def test_large_variable_goes_up_in_parts_and_reads_only_ranges(s3_server, s3_dir, monkeypatch):
     opts = s3_server.options()
-    monkeypatch.setattr(storage, "PART_BYTES", 5 << 20)
+    monkeypatch.setattr(storage.s3, "PART_BYTES", 5 << 20)
     big = np.random.default_rng(1).standard_normal((1600, 2048)).astype(np.float32)  # 13 MB
     ss.Variable("big", big)
     ss.Saver(storage_options=opts).save(f"{s3_dir}/m")
@@ -268,7 +269,7 @@ def test_latest_checkpoint_sees_what_other_processes_wrote(s3_server, s3_dir):
     assert ss.latest_checkpoint(s3_dir, storage_options=opts) == f"{s3_dir}/m-2"
     assert storage.size(d.child("m-2.data-00000-of-00001")) is not None
     assert storage.size(d.child("m-1.data-00000-of-00001")) == 5
-    assert "m-2.index" in [f.name for f in storage.glob(d, "*.index")]
+    assert "m-2.index" in [f.name for f in glob(d, "*.index")]
 
 
 def test_missing_bucket_fails_fast_and_is_not_created(s3_server):
@@ -283,7 +284,7 @@ def test_missing_bucket_fails_fast_and_is_not_created(s3_server):
     with pytest.raises(NotFoundError, match=f"{url}/m"):
         ss.CheckpointReader(f"{url}/m", storage_options=opts)
     with pytest.raises(NotFoundError, match="does not exist"):
-        storage.glob(storage.resolve(url, opts), "*")
+        glob(storage.resolve(url, opts), "*")
     assert time.monotonic() - start < 10
     assert "no-such-bucket-shardsave" not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
     assert cli.main(["--storage-options", json.dumps(opts), "ls", url]) == 1

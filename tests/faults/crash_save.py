@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--part-bytes", type=int, default=None, help="S3 multipart part size")
     args = p.parse_args()
     if args.part_bytes:
-        storage.PART_BYTES = args.part_bytes
+        storage.s3.PART_BYTES = args.part_bytes
     comm = MPI.COMM_WORLD
     side = comm.Dup()
     options = json.loads(args.storage_options) if args.storage_options else None
