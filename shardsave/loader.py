@@ -28,7 +28,7 @@ from .format.coding import DecodeError
 from .format.names import data_file_name
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
-from .writer import byte_view
+from .save.writer import byte_view
 
 DIRECT_MIN_BYTES = 1 << 20
 

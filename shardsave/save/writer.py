@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import storage
-from .format import crc, dtypes
-from .format.bundle import encode_plain_columns, encode_plain_entry, split_values
-from .format.strings import encode_strings
+from .. import storage
+from ..format import crc, dtypes
+from ..format.bundle import encode_plain_columns, encode_plain_entry, split_values
+from ..format.strings import encode_strings
 
 CHECKSUM_BLOCK = 64 * 1024
 """Entries larger than this carry one CRC per block (bundle.py extension fields)."""
