@@ -8,7 +8,9 @@ bookkeeping and the coordinator's timestamp, so they agree without another messa
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import checkpoint_state, storage
@@ -49,6 +51,18 @@ def retain(
         else:
             doomed.append(path)
     return Retained(kept, doomed, next_time, preserved)
+
+
+def committed(paths: list[str], resolve: Callable[[str], storage.Location]) -> list[tuple[str, float]]:
+    """``(path, time)`` of those of ``paths`` that are committed checkpoints (have an
+    index), timed by the index's mtime (now where the storage has none): what a restarted
+    Saver adopts."""
+    now, kept = time.time(), []
+    for path in paths:
+        loc = resolve(names.index_name(path))
+        if storage.exists(loc):
+            kept.append((path, storage.info(loc)["mtime"] or now))
+    return kept
 
 
 def write_state(

@@ -20,7 +20,6 @@ import numpy as np
 from . import gcpause, retention, storage
 from ._comm import Comm
 from .errors import InvalidArgumentError
-from .format import names
 from .format.state import MAX_STATE_ENTRIES
 from .loader import LoadStats
 from .restore import protocol as restore_protocol
@@ -164,15 +163,7 @@ class Saver:
         """Adopt the committed ones of ``checkpoint_paths`` (e.g. after a restart)."""
         self.wait_until_finished()  # its steps run on the same communicator
         self._comm.begin("Saver.recover_last_checkpoints")
-
-        def committed() -> list[tuple[str, float]]:
-            now, kept = time.time(), []
-            for path in checkpoint_paths:
-                loc = self._resolve(names.index_name(path))
-                if storage.exists(loc):
-                    kept.append((path, storage.info(loc)["mtime"] or now))
-            return kept
-
+        committed = partial(retention.committed, checkpoint_paths, self._resolve)
         kept = self._comm.coordinator_only("recovering the list of checkpoints", committed)
         self._last_checkpoints = sorted(kept, key=lambda pt: pt[1])
 
@@ -216,20 +207,16 @@ class Saver:
     def _save(self, save_path, global_step, latest_filename, write_state, blocking) -> str | SaveHandle:
         self.wait_until_finished()
         self._comm.begin("Saver.save")
-        try:
-            prefix = self._prefix(save_path, global_step)
-            loc = self._resolve(prefix)
-            if loc.is_s3 and "/" not in loc.path.strip("/"):
-                raise InvalidArgumentError(f"cannot save to {prefix!r}: the prefix needs a name inside the bucket")
-        except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
-            self._comm.agree(exc, f"saving {os.fspath(save_path)}")
-            raise
-        key = self._save_key(prefix, loc, latest_filename, write_state, blocking)
-        arrays, metas = save_protocol.check_arrays(self._comm, self._layout, prefix, key)
+        prefix, loc = save_protocol.locate(self._comm, save_path, lambda: self._prefix(save_path, global_step),
+                                           self._resolve)
         job = save_protocol.SaveJob(
-            self._comm, self._layout, prefix, loc, latest_filename, write_state, self.fsync, self.check_replicas,
-            self.save_relative_paths, self.storage_options, self.fs, partial(self._retained, prefix),
+            comm=self._comm, layout=self._layout, prefix=prefix, loc=loc, latest_filename=latest_filename,
+            write_state=write_state, fsync=self.fsync, check_replicas=self.check_replicas,
+            save_relative_paths=self.save_relative_paths, max_to_keep=self.max_to_keep,
+            keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
+            storage_options=self.storage_options, fs=self.fs, retain=partial(self._retained, prefix),
         )
+        arrays, metas = save_protocol.check_arrays(self._comm, self._layout, prefix, job.key(blocking))
         if blocking:
             return self._plan_write_commit(job, arrays, metas)
         return save_protocol.start_in_background(job, arrays, metas, self._staging, self._plan_write_commit,
@@ -250,21 +237,7 @@ class Saver:
         """Wait for a pending non-blocking save; raise its error if nobody has seen it."""
         handle, self._pending = self._pending, None
         if handle is not None:
-            handle._join()
-            if handle._error is not None and not handle._error_seen:
-                handle._error_seen = True
-                raise handle._error
-
-    def _save_key(self, prefix: str, loc: storage.Location, latest_filename, write_state, blocking) -> dict:
-        """What every rank must pass alike to ``save``: the prefix (as given, and where it
-        leads: a relative one on ranks with different working directories) and every option
-        that changes what is written (compared in step 1, before anything is)."""
-        return {
-            "prefix": prefix, "location": loc.url, "latest_filename": latest_filename,
-            "write_state": bool(write_state), "blocking": bool(blocking), "fsync": self.fsync,
-            "max_to_keep": self.max_to_keep, "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
-            "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas,
-        }
+            handle._wait()
 
     def _retained(self, prefix: str, timestamp: float) -> retention.Retained:
         """TF's retention after saving ``prefix``, without changing the Saver."""

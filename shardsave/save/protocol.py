@@ -20,6 +20,7 @@ buffers in the caller's thread, and steps 2 to 5 in a background thread.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,8 @@ class SaveJob:
     fsync: bool
     check_replicas: bool
     save_relative_paths: bool
+    max_to_keep: int | None
+    keep_checkpoint_every_n_hours: float
     storage_options: dict | None
     fs: Any
     retain: Callable[[float], retention.Retained]
@@ -64,8 +67,39 @@ class SaveJob:
     def what(self) -> str:
         return f"saving {self.prefix}"
 
+    def key(self, blocking: bool) -> dict:
+        """What every rank must pass alike to ``save``: the prefix (as given, and where it
+        leads: a relative one on ranks with different working directories) and every option
+        that changes what is written (compared in step 1, before anything is)."""
+        return {
+            "prefix": self.prefix, "location": self.loc.url, "latest_filename": self.latest_filename,
+            "write_state": bool(self.write_state), "blocking": bool(blocking), "fsync": self.fsync,
+            "max_to_keep": self.max_to_keep, "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
+            "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas,
+        }
+
 
 # --------------------------------------------------------------------------- step 1
+def locate(
+    comm: Comm,
+    save_path: str | os.PathLike,
+    prefix_of: Callable[[], str],
+    resolve: Callable[[str], storage.Location],
+) -> tuple[str, storage.Location]:
+    """Before step 1, every rank: the prefix and where it leads. Explicit rather than
+    ``comm.every_rank``: only a rank that fails agrees here, with its error, in the round
+    the others reach in :func:`check_arrays`, rather than leave them waiting."""
+    try:
+        prefix = prefix_of()
+        loc = resolve(prefix)
+        if loc.is_s3 and "/" not in loc.path.strip("/"):
+            raise InvalidArgumentError(f"cannot save to {prefix!r}: the prefix needs a name inside the bucket")
+    except Exception as exc:
+        comm.agree(exc, f"saving {os.fspath(save_path)}")
+        raise
+    return prefix, loc
+
+
 def check_arrays(
     comm: Comm, layout: SaveLayout, prefix: str, key: dict | None = None
 ) -> tuple[list[np.ndarray], list[BlockMeta]]:
@@ -269,5 +303,4 @@ def start_in_background(
     thread = threading.Thread(target=handle._run, args=(run, job, copies, metas), name=f"shardsave-save-{job.prefix}")
     register(handle)
     thread.start()
-    handle._thread = thread
     return handle
