@@ -4,15 +4,20 @@ rank raise the same error and none waits longer than the Saver's ``timeout``:
 
 1. :func:`check_arrays`: every rank lists and checks its blocks; the ranks agree that all
    passed and that they all passed the same prefix and options (the key);
-2. :func:`plan`: every rank computes the same plan (plan.py) from everybody's block lists:
-   who writes which block, replicated blocks once;
+2. :func:`plan`: every rank computes the same plan (plan.py) from everybody's block lists
+   (an all-gather, or the last save's plan if one all-reduce finds no rank's blocks
+   changed): who writes which block, replicated blocks once, and the checks of shapes,
+   overlaps and gaps;
 3. :func:`prepare`: the coordinator creates the directory, finishes or undoes what an
    interrupted save of this prefix left and picks this save's id (commit.py);
-4. :func:`write`: every rank streams its blocks into its data file (writer.py), staged
-   under a name of this save's own while an older checkpoint stays at the prefix;
-5. :func:`commit`: the coordinator gathers the index entries and replica CRCs, checks
-   the replicas (replicas.py) and every data file, commits (commit.py), writes the state
-   file and deletes what retention lets go (retention.py).
+4. :func:`write`: every rank streams its blocks into its data file (writer.py),
+   ``P.data-<rank>-of-<size>`` staged under a name of this save's own while an older
+   checkpoint stays at ``P``;
+5. :func:`commit`: the coordinator gathers the index entries and the CRC32C of every
+   replicated block from each of its holders (which must agree, replicas.py), checks every
+   data file is the one its rank wrote, commits (commit.py: a journal, then renames; the
+   old checkpoint or the new one is restorable at every moment), writes the state file and
+   deletes what retention lets go (retention.py); every rank then remembers the same list.
 
 A non-blocking save (:func:`start_in_background`) runs step 1 and a copy into staging
 buffers in the caller's thread, and steps 2 to 5 in a background thread.
