@@ -209,13 +209,8 @@ class Saver:
         self._comm.begin("Saver.save")
         prefix, loc = save_protocol.locate(self._comm, save_path, lambda: self._prefix(save_path, global_step),
                                            self._resolve)
-        job = save_protocol.SaveJob(
-            comm=self._comm, layout=self._layout, prefix=prefix, loc=loc, latest_filename=latest_filename,
-            write_state=write_state, fsync=self.fsync, check_replicas=self.check_replicas,
-            save_relative_paths=self.save_relative_paths, max_to_keep=self.max_to_keep,
-            keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
-            storage_options=self.storage_options, fs=self.fs, retain=partial(self._retained, prefix),
-        )
+        job = save_protocol.SaveJob.of(self, self._layout, prefix, loc, latest_filename, write_state,
+                                       partial(self._retained, prefix))
         arrays, metas = save_protocol.check_arrays(self._comm, self._layout, prefix, job.key(blocking))
         if blocking:
             return self._plan_write_commit(job, arrays, metas)

@@ -68,6 +68,18 @@ class SaveJob:
     retain: Callable[[float], retention.Retained]
     """TF's retention after this save at a timestamp, on the Saver's bookkeeping."""
 
+    @classmethod
+    def of(cls, saver: Any, layout: SaveLayout, prefix: str, loc: storage.Location, latest_filename: str | None,
+           write_state: bool, retain: Callable[[float], retention.Retained]) -> SaveJob:
+        """The job of ``saver.save``, with the Saver's options as they are now."""
+        return cls(
+            comm=saver.comm, layout=layout, prefix=prefix, loc=loc, latest_filename=latest_filename,
+            write_state=write_state, fsync=saver.fsync, check_replicas=saver.check_replicas,
+            save_relative_paths=saver.save_relative_paths, max_to_keep=saver.max_to_keep,
+            keep_checkpoint_every_n_hours=saver.keep_checkpoint_every_n_hours,
+            storage_options=saver.storage_options, fs=saver.fs, retain=retain,
+        )
+
     @property
     def what(self) -> str:
         return f"saving {self.prefix}"
