@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,13 +21,15 @@ from . import gcpause, retention, storage
 from ._comm import Comm
 from .errors import InvalidArgumentError
 from .format.state import MAX_STATE_ENTRIES
-from .loader import LoadStats
 from .restore import protocol as restore_protocol
 from .save import protocol as save_protocol
 from .save.layout import SaveLayout
 from .save.pending import SaveHandle, register_exit_join
 from .save.staging import StagingBuffers
 from .variables import PartitionedVariable, Variable, global_variables
+
+if TYPE_CHECKING:
+    from .loader import LoadStats
 
 VarList = Mapping[str, Any] | Iterable[Any] | None
 
