@@ -21,6 +21,7 @@ from mpi4py import MPI
 
 import shardsave as ss
 from shardsave.plan import make_save_plan
+from shardsave.save import protocol as save_protocol
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -95,7 +96,7 @@ def bench_save_restore(args) -> dict:
     COMM.Barrier()
     saver = ss.Saver(variables, max_to_keep=1, comm=COMM, fsync=args.fsync)
     # what this rank writes and what it reads back, for raw
-    arrays, metas = saver._checked_arrays("bench")
+    arrays, metas = save_protocol.check_arrays(saver.comm, saver._layout, "bench")
     plan = make_save_plan(COMM.allgather(metas))
     mine = [arrays[a.index] for a in plan.writes[RANK]]
     needed = [np.empty_like(v.value) for v in variables]

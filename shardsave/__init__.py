@@ -40,8 +40,8 @@ from .partitioners import (
     min_max_variable_partitioner,
     variable_axis_size_partitioner,
 )
-from .pending import SaveHandle
 from .reader import CheckpointReader, list_variables, load_variable
+from .save.pending import SaveHandle
 from .saver import Saver
 from .variables import (
     Graph,

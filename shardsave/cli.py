@@ -26,11 +26,12 @@ import sys
 
 import numpy as np
 
-from . import commit, storage
+from . import storage
 from .checkpoint_state import get_checkpoint_state
 from .errors import InvalidArgumentError, NotFoundError, ShardsaveError
 from .format import dtypes, names
 from .reader import CheckpointReader
+from .save import commit
 
 _STEP = re.compile(r"-(\d+)$")
 

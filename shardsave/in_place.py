@@ -48,8 +48,8 @@ from .loader import (
     planned_reads,
     span_run_crcs,
 )
+from .save.writer import byte_view
 from .storage import threads as io_threads
-from .writer import byte_view
 
 CHECK_CHUNK = 1 << 20
 """Bytes read and checked at a time in the first pass: a scratch buffer that stays in cache.

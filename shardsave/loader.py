@@ -30,8 +30,8 @@ from .format.index import Index
 from .format.names import data_file_name
 from .format.strings import decode_strings
 from .plan import Block, Span, align_span, c_strides, coalesce, region_span
+from .save.writer import byte_view
 from .storage import threads as io_threads
-from .writer import byte_view
 
 DIRECT_MIN_BYTES = 1 << 20
 

@@ -14,7 +14,7 @@ from .errors import InvalidArgumentError, NotFoundError
 from .format import dtypes
 from .loader import DataFiles, Target, check_shape, checked_pieces, index_damage, load, stored_dtype
 from .plan import Block
-from .saver import read_index
+from .restore.index import read_index
 
 
 class CheckpointReader:
@@ -27,7 +27,7 @@ class CheckpointReader:
     def __init__(self, prefix: str | os.PathLike, *, storage_options: dict | None = None, fs: Any = None):
         self.prefix = resolve_checkpoint(prefix, storage_options=storage_options, fs=fs)
         self._loc = storage.resolve(self.prefix, storage_options, fs)
-        # recover: a save interrupted after its commit point is finished first (commit.py)
+        # recover: a save interrupted after its commit point is finished first (save/commit.py)
         self._index = read_index(self._loc, Comm(None), f"reading {self.prefix}", recover=True)
         self.bytes_read = 0
 

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardsave as ss
+import shardsave.save.protocol as save_protocol_module
 import shardsave.saver as saver_module
 from shardsave import errors
 
@@ -281,7 +282,9 @@ def test_keep_checkpoint_every_n_hours_follows_tensorflow(tmp_path, monkeypatch)
     """TF's rule, on a fake clock: a checkpoint leaving the max_to_keep window is kept when
     it is newer than the next preservation time, which then moves on by N hours."""
     clock = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(saver_module, "time", types.SimpleNamespace(time=lambda: clock.now))
+    fake_time = types.SimpleNamespace(time=lambda: clock.now)
+    monkeypatch.setattr(saver_module, "time", fake_time)  # the first preservation time
+    monkeypatch.setattr(save_protocol_module, "time", fake_time)  # each save's timestamp
     ss.Variable("v", np.ones(2))
     saver = ss.Saver(max_to_keep=2, keep_checkpoint_every_n_hours=1.0)  # next preservation: 3600 s
     for step in range(1, 11):

@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardsave as ss
-import shardsave.saver as saver_module
+import shardsave.restore.targets as targets_module
 from shardsave import in_place as in_place_module
 from shardsave import slabs
 from shardsave.format import table
 from shardsave.format.entry import BundleEntry
+from shardsave.save.writer import checksum_blocks
 from shardsave.storage import threads as io_threads
-from shardsave.writer import checksum_blocks
 
 DATA_FILE = ".data-00000-of-00001"
 MIB_OF_FLOATS = (1 << 20) // 4
@@ -172,7 +172,7 @@ def test_reshard_of_a_3d_tensor_across_its_inner_dimensions(tmp_path, monkeypatc
     targets = [ss.Variable("t", np.zeros(shape, np.float32), global_shape=full.shape, offset=offset, register=False)
                for offset, shape in cuts]
     owns = [t.value for t in targets]
-    monkeypatch.setattr(saver_module, "IN_PLACE_MIN_BYTES", 0)
+    monkeypatch.setattr(targets_module, "IN_PLACE_MIN_BYTES", 0)
     ss.Saver({"t": targets}).restore(prefix)
     for t, own in zip(targets, owns, strict=True):
         assert t.value is own
@@ -227,13 +227,13 @@ def test_the_second_pass_reads_the_files_the_first_one_checked(tmp_path, monkeyp
     prefix = str(tmp_path / "m")
     writer = ss.Saver([ss.Variable("a", a, register=False)])
     writer.save(prefix)
-    check = saver_module.InPlaceLoad.check
+    check = in_place_module.InPlaceLoad.check
 
     def check_then_overwrite(self, targets, stats):
         check(self, targets, stats)
         ss.Saver([ss.Variable("a", a * 0 + 5, register=False)]).save(prefix)
 
-    monkeypatch.setattr(saver_module.InPlaceLoad, "check", check_then_overwrite)
+    monkeypatch.setattr(in_place_module.InPlaceLoad, "check", check_then_overwrite)
     v = ss.Variable("a", np.zeros_like(a), register=False)
     ss.Saver([v]).restore(prefix)
     np.testing.assert_array_equal(v.value, a)
@@ -252,7 +252,7 @@ def test_any_layout_restored_in_place_is_exact_or_untouched(tmp_path, monkeypatc
     """Every block written in place (threshold lowered to 0): either the exact values, or,
     with one flipped data byte, a DataLossError and every array as it was. Regions that are
     not contiguous in the file go through slabs of one row (rows of 96 bytes), two, or all."""
-    monkeypatch.setattr(saver_module, "IN_PLACE_MIN_BYTES", 0)
+    monkeypatch.setattr(targets_module, "IN_PLACE_MIN_BYTES", 0)
     monkeypatch.setattr(slabs, "SLAB_BYTES", slab_bytes)
     full = np.random.default_rng(len(saved[0])).standard_normal((48, 24)).astype(np.float32)
 
@@ -349,7 +349,7 @@ def test_a_file_written_to_between_the_passes_is_reported(tmp_path, monkeypatch)
     a = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
     prefix = ss.Saver([ss.Variable("a", a, register=False)]).save(str(tmp_path / "m"))
     data_file = Path(prefix + DATA_FILE)
-    check = saver_module.InPlaceLoad.check
+    check = in_place_module.InPlaceLoad.check
 
     def check_then_write(self, targets, stats):
         check(self, targets, stats)
@@ -357,7 +357,7 @@ def test_a_file_written_to_between_the_passes_is_reported(tmp_path, monkeypatch)
             f.seek(100)
             f.write(b"\x00" * 16)
 
-    monkeypatch.setattr(saver_module.InPlaceLoad, "check", check_then_write)
+    monkeypatch.setattr(in_place_module.InPlaceLoad, "check", check_then_write)
     v = ss.Variable("a", np.zeros_like(a), register=False)
     with pytest.raises(ss.DataLossError, match=rf"{data_file} changed while it was being restored.*\('a'\) hold partial"):
         ss.Saver([v]).restore(prefix)

@@ -252,7 +252,7 @@ def test_the_plan_lists_every_replicated_block_and_who_writes_it():
 
 def test_the_coordinator_names_the_differing_block_and_ranks():
     from shardsave.plan import Block, SavePlan
-    from shardsave.saver import checked_replicas
+    from shardsave.save.replicas import checked_replicas
 
     plan = SavePlan([[], [], []], {}, [("t", Block((2, 0), (2, 2))), ("w", Block((0,), (4,)))])
     gathered = [(b"p0", 1, [(0, 5), (1, 9)]), (b"p1", 2, [(0, 6), (1, 9)]), (b"p2", 3, [(1, 9)])]

@@ -205,7 +205,7 @@ def test_two_jobs_saving_one_prefix_at_once(fresh, where, tmp_path, capsys):
 def staged_resave(directory: str, monkeypatch, stop_at: str) -> None:
     """Re-save ``directory/model.ckpt`` with the values of NEW and stop it (an exception,
     as a kill would) at ``stop_at``: "renames" after the first staged file is renamed."""
-    from shardsave import commit
+    from shardsave.save import commit
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt(stop_at)
@@ -256,7 +256,7 @@ def make_expected(step: int) -> bytes:
 def test_a_reader_that_may_not_list_restores_as_before(tmp_path, monkeypatch):
     """An S3 reader allowed GetObject but not ListBucket cannot look for an unfinished
     commit; its restore must still work as it did before there was anything to look for."""
-    from shardsave import commit
+    from shardsave.save import commit
 
     directory = str(tmp_path)
     save_fixed(directory, None, OLD)

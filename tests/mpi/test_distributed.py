@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 import shardsave as ss
 from shardsave import storage
-from shardsave.writer import CHECKSUM_BLOCK
+from shardsave.save.writer import CHECKSUM_BLOCK
 
 PART_SHAPE = (11, 4)
 STRINGS = np.array([b"alpha", b"", b"\x00\xff binary"], dtype=object)

@@ -18,7 +18,6 @@ class SaveHandle:
         self._result: str | None = None
         self._error: BaseException | None = None
         self._error_seen = False
-        self._thread: threading.Thread | None = None
 
     def _run(self, fn, *args) -> None:
         try:
@@ -30,6 +29,13 @@ class SaveHandle:
 
     def _join(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
+
+    def _wait(self) -> None:
+        """Wait for the save; raise its error if nobody has seen it yet."""
+        self._join()
+        if self._error is not None and not self._error_seen:
+            self._error_seen = True
+            raise self._error
 
     def done(self) -> bool:
         return self._done.is_set()

@@ -10,7 +10,7 @@ coordinator draws for each save):
                                      staged file is checked
     P.index, P.data-<r>-of-<N>       the checkpoint
 
-A save (``Saver._write_and_commit``):
+A save (save/protocol.py, steps 3 to 5):
 
 1. :func:`prepare`, on the coordinator: :func:`recover` ``P``, draw the id, and choose how
    the ranks write. *Staged* (the names above) locally, always: renames cost nothing
@@ -44,12 +44,12 @@ import posixpath
 import uuid
 from dataclasses import dataclass, field
 
-from . import storage
-from .errors import AbortedError, DataLossError, FailedPreconditionError
-from .format import names
-from .format.coding import DecodeError
-from .format.index import parse_index
-from .format.names import data_file_name
+from .. import storage
+from ..errors import AbortedError, DataLossError, FailedPreconditionError
+from ..format import names
+from ..format.coding import DecodeError
+from ..format.index import parse_index
+from ..format.names import data_file_name
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def commit(
         index_now = files.get(names.index_name(loc.name))
         if (None if index_now is None else index_now["version"]) != mode.index_version:
             raise _another_save(
-                loc, what, f"{loc.url}.index changed while this save was running; nothing was committed"
+                loc, what, f"{names.index_name(loc.url)} changed while this save was running; nothing was committed"
             )
         others = _Files.of(loc.name, files).others(mode.save_id)
         if others:
@@ -214,7 +214,7 @@ def _publish_index_create_only(loc: storage.Location, index: bytes, what: str, f
     try:
         storage.publish(loc.with_path(names.index_name(loc.path)), index, fsync=fsync, exclusive=True)
     except FailedPreconditionError as exc:
-        raise _another_save(loc, what, f"{loc.url}.index appeared while this save was running") from exc
+        raise _another_save(loc, what, f"{names.index_name(loc.url)} appeared while this save was running") from exc
 
 
 def _roll_forward(loc: storage.Location, save_id: str, staged: list[str], fsync: bool) -> list[str]:
@@ -292,7 +292,7 @@ def plan(loc: storage.Location, listing: dict[str, dict], roll_back: bool = True
 def _present_now(directory: storage.Location, final: str, save_id: str) -> bool:
     """Whether ``final`` is staged or in place now: a listing made while another process
     rolls the same journal forward may have seen a file under neither name."""
-    staged = f"{final}.{save_id}.staged"
+    staged = names.staged_name(final, save_id)
     return storage.exists(directory.child(staged)) or storage.exists(directory.child(final))
 
 

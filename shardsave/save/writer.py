@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import storage
-from .format import crc, dtypes
-from .format.columns import encode_plain_columns, split_values
-from .format.entry import encode_entry
-from .format.strings import encode_strings
+from .. import storage
+from ..format import crc, dtypes
+from ..format.columns import encode_plain_columns, split_values
+from ..format.entry import encode_entry
+from ..format.strings import encode_strings
 
 CHECKSUM_BLOCK = 64 * 1024
 """Entries larger than this carry one CRC per block (entry.py extension fields)."""

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .plan import BlockMeta
-    from .variables import Variable
+    from ..plan import BlockMeta
+    from ..variables import Variable
 
 
 class SaveLayout:

@@ -1,0 +1,82 @@
+"""A collective restore (``Saver.restore``), per rank:
+
+1. the coordinator finishes a save of the prefix interrupted after its commit point and
+   reads ``P.index`` once; every rank gets the bytes and parses them (restore/index.py);
+   every rank must have asked for the same prefix;
+2. every rank picks its targets (restore/targets.py), reads only the byte ranges its own
+   blocks need into fresh arrays, and checks every byte it would write into a
+   variable's own array (in_place.py, first pass); the ranks agree: nothing has changed yet;
+3. every rank writes the checked bytes into the variables' own arrays (second pass) and
+   the ranks agree again; then the variables adopt their fresh arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import DataLossError
+from ..in_place import InPlaceLoad
+from ..loader import LoadStats, load, load_small
+from .index import read_index
+from .targets import finish, targets
+
+if TYPE_CHECKING:
+    from .. import storage
+    from .._comm import Comm
+    from ..save.layout import SaveLayout
+
+
+def restore(
+    comm: Comm,
+    layout: SaveLayout,
+    prefix: str,
+    resolve: Callable[[str], storage.Location],
+    *,
+    in_place: bool,
+    reshape: bool,
+    fsync: bool,
+    on_read: Callable[[LoadStats], None],
+) -> None:
+    """Give ``layout``'s variables their values from the checkpoint at ``prefix``, or
+    raise the same error on every rank and change none. ``on_read`` gets this rank's
+    read statistics as soon as its own reads and checks succeeded."""
+    what = f"restoring {prefix}"
+    try:
+        loc = resolve(prefix)
+    except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
+        comm.agree(exc, what)
+        raise
+    index = read_index(loc, comm, what, key={"path": prefix, "location": loc.url}, recover=True, fsync=fsync)
+    stats = LoadStats()
+    with InPlaceLoad(loc, index) as live:
+
+        def read_and_check():
+            found = targets(layout, prefix, index, live=in_place and loc.is_local, reshape=reshape)
+            files = live.files  # each data file's size looked up once
+            load(loc, index, found.fresh, stats, files)
+            live.check(found.live, stats)
+            small_arrays = []
+            if found.small_names:  # these arrays already have their variables' shapes
+                small_arrays = load_small(loc, index, found.small_names, stats, files)
+            on_read(stats)
+            return found, [(var, finish(var, arr)) for var, arr in found.updates], small_arrays
+
+        # every byte is checked on every rank; nothing has changed yet
+        found, updates, small_arrays = comm.every_rank(what, read_and_check)
+
+        def fill() -> None:
+            try:
+                live.fill(stats)
+            except Exception as exc:  # noqa: BLE001
+                names = ", ".join(repr(t.name) for t in found.live)
+                raise DataLossError(
+                    f"{what}: reading the checked bytes again failed ({exc}); the variables "
+                    f"being written in place ({names}) hold partial values: restore them again"
+                ) from None
+
+        comm.every_rank(what, fill)  # collective even where there is nothing to fill
+    for var, arr in updates:
+        var._set(arr)
+    for var, arr in zip(found.small_vars, small_arrays, strict=True):
+        var._set(arr)

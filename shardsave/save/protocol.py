@@ -1,0 +1,324 @@
+"""The collective save, one function per step. Every step ends with the ranks agreeing
+(``Comm.agree``, or a gather the coordinator answers), so a failure anywhere makes every
+rank raise the same error and none waits longer than the Saver's ``timeout``:
+
+1. :func:`check_arrays`: every rank lists and checks its blocks; the ranks agree that all
+   passed and that they all passed the same prefix and options (the key);
+2. :func:`plan`: every rank computes the same plan (plan.py) from everybody's block lists
+   (an all-gather, or the last save's plan if one all-reduce finds no rank's blocks
+   changed): who writes which block, replicated blocks once, and the checks of shapes,
+   overlaps and gaps;
+3. :func:`prepare`: the coordinator creates the directory, finishes or undoes what an
+   interrupted save of this prefix left and picks this save's id (commit.py);
+4. :func:`write`: every rank streams its blocks into its data file (writer.py),
+   ``P.data-<rank>-of-<size>`` staged under a name of this save's own while an older
+   checkpoint stays at ``P``;
+5. :func:`commit`: the coordinator gathers the index entries and the CRC32C of every
+   replicated block from each of its holders (which must agree, replicas.py), checks every
+   data file is the one its rank wrote, commits (commit.py: a journal, then renames; the
+   old checkpoint or the new one is restorable at every moment), writes the state file and
+   deletes what retention lets go (retention.py); every rank then remembers the same list.
+
+A non-blocking save (:func:`start_in_background`) runs step 1 and a copy into staging
+buffers in the caller's thread, and steps 2 to 5 in a background thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import retention, storage
+from .._comm import Comm
+from ..errors import FailedPreconditionError, InvalidArgumentError
+from ..format import dtypes
+from ..format.index import entry_key
+from ..format.merge import encode_rank_part, merge_index
+from ..plan import Block, BlockMeta, SavePlan, make_save_plan
+from . import commit as commit_protocol
+from .layout import SaveLayout
+from .pending import SaveHandle
+from .replicas import ReplicaCrcs, checked_replicas
+from .staging import StagingBuffers
+from .writer import write_data_file
+
+
+@dataclass(frozen=True)
+class SaveJob:
+    """One save as every rank runs it: where it goes and the Saver's options for it."""
+
+    comm: Comm
+    layout: SaveLayout
+    prefix: str
+    loc: storage.Location
+    latest_filename: str | None
+    write_state: bool
+    fsync: bool
+    check_replicas: bool
+    save_relative_paths: bool
+    max_to_keep: int | None
+    keep_checkpoint_every_n_hours: float
+    storage_options: dict | None
+    fs: Any
+    retain: Callable[[float], retention.Retained]
+    """TF's retention after this save at a timestamp, on the Saver's bookkeeping."""
+
+    @classmethod
+    def of(cls, saver: Any, layout: SaveLayout, prefix: str, loc: storage.Location, latest_filename: str | None,
+           write_state: bool, retain: Callable[[float], retention.Retained]) -> SaveJob:
+        """The job of ``saver.save``, with the Saver's options as they are now."""
+        return cls(
+            comm=saver.comm, layout=layout, prefix=prefix, loc=loc, latest_filename=latest_filename,
+            write_state=write_state, fsync=saver.fsync, check_replicas=saver.check_replicas,
+            save_relative_paths=saver.save_relative_paths, max_to_keep=saver.max_to_keep,
+            keep_checkpoint_every_n_hours=saver.keep_checkpoint_every_n_hours,
+            storage_options=saver.storage_options, fs=saver.fs, retain=retain,
+        )
+
+    @property
+    def what(self) -> str:
+        return f"saving {self.prefix}"
+
+    def key(self, blocking: bool) -> dict:
+        """What every rank must pass alike to ``save``: the prefix (as given, and where it
+        leads: a relative one on ranks with different working directories) and every option
+        that changes what is written (compared in step 1, before anything is)."""
+        return {
+            "prefix": self.prefix, "location": self.loc.url, "latest_filename": self.latest_filename,
+            "write_state": bool(self.write_state), "blocking": bool(blocking), "fsync": self.fsync,
+            "max_to_keep": self.max_to_keep, "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
+            "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas,
+        }
+
+
+# --------------------------------------------------------------------------- step 1
+def locate(
+    comm: Comm,
+    save_path: str | os.PathLike,
+    prefix_of: Callable[[], str],
+    resolve: Callable[[str], storage.Location],
+) -> tuple[str, storage.Location]:
+    """Before step 1, every rank: the prefix and where it leads. Explicit rather than
+    ``comm.every_rank``: only a rank that fails agrees here, with its error, in the round
+    the others reach in :func:`check_arrays`, rather than leave them waiting."""
+    try:
+        prefix = prefix_of()
+        loc = resolve(prefix)
+        if loc.is_s3 and "/" not in loc.path.strip("/"):
+            raise InvalidArgumentError(f"cannot save to {prefix!r}: the prefix needs a name inside the bucket")
+    except Exception as exc:
+        comm.agree(exc, f"saving {os.fspath(save_path)}")
+        raise
+    return prefix, loc
+
+
+def check_arrays(
+    comm: Comm, layout: SaveLayout, prefix: str, key: dict | None = None
+) -> tuple[list[np.ndarray], list[BlockMeta]]:
+    """Step 1. Every rank: list and check its blocks. All: raise if any rank failed or the
+    ranks' ``key`` (prefix and options) differ; nothing is written before this."""
+    return comm.every_rank(f"saving {prefix}", lambda: local_arrays(layout, prefix), key=key)
+
+
+def local_arrays(layout: SaveLayout, prefix: str) -> tuple[list[np.ndarray], list[BlockMeta]]:
+    """This rank's arrays (in the order of ``layout``), checked, and what it tells the
+    other ranks about them."""
+    arrays = layout.arrays()
+    metas = layout.cached_metas(arrays)
+    if metas is not None:  # same shapes and dtypes as last time: already checked
+        return arrays, metas
+    metas = []
+    add_meta, to_tf = metas.append, dtypes.to_tf
+    strings = False
+    for name, var, arr in zip(layout.names, layout.variables, arrays, strict=True):
+        if arr is None:
+            raise FailedPreconditionError(
+                f"saving {prefix}: variable {name!r} is not initialized; "
+                "initialize, assign or restore it before saving"
+            )
+        try:
+            tf_type = to_tf(arr.dtype)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"saving {prefix}: variable {name!r}: {exc}") from None
+        if tf_type == dtypes.DT_STRING:
+            _check_strings(prefix, name, arr)
+            nbytes = _nbytes(arr)
+            strings = True
+        else:
+            nbytes = arr.nbytes
+        add_meta(BlockMeta(name, tf_type, var.global_shape, Block(var.offset, var.shape), nbytes))
+    if strings:  # their sizes and contents change without their shapes: check every time
+        layout.forget()
+    else:
+        layout.remember(arrays, metas)
+    return arrays, metas
+
+
+def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:
+    """Object arrays are string tensors: every element must be bytes or str."""
+    for i, item in enumerate(arr.reshape(-1)):
+        if not isinstance(item, bytes | str | np.bytes_):
+            raise InvalidArgumentError(
+                f"saving {prefix}: variable {name!r} has dtype object, which is stored as a string "
+                f"tensor, but element {i} is {type(item).__name__} {item!r}, not bytes or str"
+            )
+
+
+def _nbytes(arr: np.ndarray) -> int:
+    if arr.dtype.hasobject:
+        return sum(len(x) if isinstance(x, bytes | str) else 0 for x in arr.reshape(-1)) + arr.size
+    return arr.nbytes
+
+
+# --------------------------------------------------------------------------- step 2
+def plan(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]):
+    """Step 2. Every rank: the plan, and what this rank writes (index keys, arrays) and
+    the replicas whose CRCs it reports. The plan of the last save still holds if no rank's
+    blocks changed since: one small all-reduce instead of an all-gather of every rank's
+    block lists and planning again. Every rank plans alike, so a plan error is raised on
+    every rank without agreeing."""
+    comm, layout = job.comm, job.layout
+    cached = layout.plan if metas is layout.metas else None
+    if comm.all_true(cached is not None):
+        the_plan, keys, indices, empties = cached
+    else:
+        try:
+            the_plan = make_save_plan(comm.allgather(metas))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"saving {job.prefix}: {exc}") from None
+        writes = the_plan.writes[comm.rank]
+        keys = [entry_key(a.name, a.extents) for a in writes]
+        indices = [a.index for a in writes]
+        # a plain entry always has the global shape: a zero-size tensor split over
+        # ranks is stored whole, as one empty entry
+        variables = layout.variables
+        empties = [(pos, variables[a.index].global_shape) for pos, a in enumerate(writes)
+                   if a.extents is None and arrays[a.index].shape != variables[a.index].global_shape]
+        if metas is layout.metas:
+            layout.plan = (the_plan, keys, indices, empties)
+    todo = [arrays[i] for i in indices]
+    for pos, shape in empties:
+        todo[pos] = np.empty(shape, dtype=todo[pos].dtype)
+    replicas = (
+        [(n, arrays[i], pos) for n, i, pos in the_plan.replica_items[comm.rank]] if job.check_replicas else []
+    )
+    return the_plan, (keys, todo), replicas
+
+
+# --------------------------------------------------------------------------- step 3
+def prepare(job: SaveJob) -> commit_protocol.SaveMode:
+    """Step 3. The coordinator: the directory exists, an interrupted save of this prefix
+    is finished or undone, and this save's id and way of writing (staged or direct) are
+    chosen. Every rank gets that choice, or the coordinator's error."""
+    return job.comm.coordinator_only(job.what, lambda: commit_protocol.prepare(job.loc, fsync=job.fsync))
+
+
+# --------------------------------------------------------------------------- step 4
+def write(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, todo: tuple[list, list],
+          replicas: list) -> tuple:
+    """Step 4. Every rank: write its data file (and, in a second thread, the CRCs of the
+    replicas it holds but does not write). All agree; a rank whose file was written
+    deletes it if another rank failed. Returns what this rank reports to the coordinator:
+    its index part, bytes written, replica CRCs and (S3) the file's ETag."""
+    comm = job.comm
+    data_loc = job.loc.with_path(mode.data_path(job.loc.path, comm.rank, comm.size))
+    entries: tuple = ([], b"", ())
+    # Explicit rather than comm.every_rank: a failed write is aborted before the ranks
+    # agree, and a written file is removed when another rank failed.
+    err = None
+    out = None
+    masks: list[int] = []
+    copies = ReplicaCrcs(replicas)  # of the copies another rank writes, while this one writes
+    replica_crcs: list[tuple[int, int]] = []
+    try:
+        out = storage.Writer(data_loc, fsync=job.fsync)
+        entries = write_data_file(out, *todo, comm.rank, masks)
+        out.close()
+        replica_crcs = copies.result(masks)
+    except Exception as exc:  # noqa: BLE001
+        err = exc
+        if out is not None:
+            out.abort()
+    try:
+        comm.agree(err, job.what)
+    except Exception:
+        storage.remove([data_loc])
+        raise
+    return (encode_rank_part(*entries, the_plan.sliced), out.written if out else 0, replica_crcs,
+            out.etag if out else None)
+
+
+# --------------------------------------------------------------------------- step 5
+def commit(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, report: tuple) -> float:
+    """Step 5. Every rank: send its report to the coordinator. The coordinator: check that
+    the holders of every replica hold the same bytes, merge the index, commit (every data
+    file is the one its rank wrote; commit.py), then write the state file and delete the
+    checkpoints retention lets go. Every rank gets the coordinator's timestamp of this
+    save (from which it computes the same retention), or its error."""
+    comm = job.comm
+    gathered = comm.gather(report)
+
+    def on_coordinator() -> float:
+        timestamp = time.time()
+        checked = checked_replicas(job.prefix, the_plan, [g[:3] for g in gathered])
+        reports = [(part, written, g[3]) for (part, written), g in zip(checked, gathered, strict=True)]
+        index = merge_index(
+            len(reports), [part for part, _, _ in reports],
+            {name: (dt, shape) for name, (dt, shape, _) in the_plan.sliced.items()},
+        )
+        commit_protocol.commit(job.loc, mode, [(written, etag) for _, written, etag in reports], index, job.what,
+                               fsync=job.fsync)
+        kept, doomed, _, preserved = job.retain(timestamp)
+        if job.write_state:
+            retention.write_state(kept or [(job.prefix, timestamp)], job.latest_filename, preserved,
+                                  save_relative_paths=job.save_relative_paths,
+                                  storage_options=job.storage_options, fs=job.fs)
+        for path in doomed:
+            retention.delete_expired(job.loc, storage.resolve(path, job.storage_options, job.fs))
+        return timestamp
+
+    return comm.coordinator_only(job.what, on_coordinator)
+
+
+def plan_write_commit(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]) -> float:
+    """Steps 2 to 5, after :func:`check_arrays`; the coordinator's timestamp of the save."""
+    the_plan, todo, replicas = plan(job, arrays, metas)
+    mode = prepare(job)
+    report = write(job, mode, the_plan, todo, replicas)
+    return commit(job, mode, the_plan, report)
+
+
+# ---------------------------------------------------------------------- non-blocking
+def start_in_background(
+    job: SaveJob,
+    arrays: list[np.ndarray],
+    metas: list[BlockMeta],
+    staging: StagingBuffers,
+    run: Callable[[SaveJob, list[np.ndarray], list[BlockMeta]], str],
+    register: Callable[[SaveHandle], None],
+) -> SaveHandle:
+    """After step 1: copy this rank's arrays into ``staging`` (training may change them
+    right away) and start ``run`` (steps 2 to 5) on the copies in a thread of its own,
+    on the Saver's own communicator. ``register`` gets the handle before the thread starts."""
+    comm, layout = job.comm, job.layout
+    if comm.size > 1 and not comm.thread_multiple:
+        raise FailedPreconditionError(
+            "a non-blocking save needs MPI initialized with MPI_THREAD_MULTIPLE "
+            "(mpi4py's default); this MPI provides less"
+        )
+    token = metas if metas is layout.metas else None  # stands for these shapes and dtypes
+    copies = staging.restage(token, arrays)
+    if copies is None:
+        keys = [(name, var.offset) for name, var in zip(layout.names, layout.variables, strict=True)]
+        copies = staging.stage(keys, arrays, token)
+    handle = SaveHandle(job.prefix)
+    thread = threading.Thread(target=handle._run, args=(run, job, copies, metas), name=f"shardsave-save-{job.prefix}")
+    register(handle)
+    thread.start()
+    return handle
