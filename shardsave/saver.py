@@ -51,20 +51,14 @@ from .format import dtypes, names
 from .format.bundle import Index, encode_rank_part, entry_key, merge_index, parse_index
 from .format.coding import DecodeError
 from .format.state import MAX_STATE_ENTRIES
-from .in_place import InPlaceLoad
 from .layout import SaveLayout
-from .loader import (
-    LoadStats,
-    Target,
-    check_shape,
-    is_small_plain,
-    load,
-    load_small,
-    small_plain_rows,
-    stored_dtype,
-)
 from .pending import SaveHandle, register_exit_join
 from .plan import Block, BlockMeta, make_save_plan
+from .restore.checks import check_shape, stored_dtype
+from .restore.fresh import load
+from .restore.in_place import InPlaceLoad
+from .restore.reads import LoadStats, Target
+from .restore.small import is_small_plain, load_small, small_plain_rows
 from .staging import StagingBuffers
 from .variables import PartitionedVariable, Variable, global_variables
 from .writer import entry_crcs, write_data_file

@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 
 import shardsave as ss
 import shardsave.saver as saver_module
-from shardsave import in_place as in_place_module
-from shardsave import io_threads, slabs
+from shardsave import io_threads
 from shardsave.format import table
 from shardsave.format.bundle import BundleEntry
+from shardsave.restore import in_place as in_place_module
+from shardsave.restore import slabs
 from shardsave.writer import checksum_blocks
 
 DATA_FILE = ".data-00000-of-00001"
