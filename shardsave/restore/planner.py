@@ -8,12 +8,16 @@ land. It sees no array and reads no byte; the only outside fact it consults is t
 of each data file, through the ``DataFiles`` it is given (to check that every entry lies
 inside its file before anything is allocated).
 
-What one rank's plan reads: each read fetches its ``span``, so a byte is fetched twice
-only where two reads' spans share a checksum block (the regions of two targets meet in
-it), or where two targets need the same stored element. Beyond the region's own bytes a
-span holds at most one partial checksum block at either end; an entry without block
-checksums is read whole. A region is the smallest byte range of the piece holding it:
-for whole-row regions exactly the region's bytes, for a column region the rows between.
+What one rank's plan reads (tests/test_restore_planner.py checks it): no element twice,
+and each read's ``span`` is the whole entry if the entry has a single CRC, else the
+smallest byte range of the piece holding the region (exactly the region's bytes for
+whole rows; the rows between for columns) widened to whole checksum blocks. So spans of
+one entry overlap only in a checksum block two regions share, in an entry read whole, or
+where regions interleave in the file (column cuts). The loads fetch touching spans of
+buffered reads once (fresh.py), so for whole-row layouts a rank fetches at most the bytes
+it needs plus a partial checksum block at either end of each read (an entry with one CRC:
+all of it); a region fetched a slab of rows at a time also fetches its whole stored rows,
+and the checksum block at each slab boundary twice.
 """
 
 from __future__ import annotations
