@@ -12,9 +12,11 @@ from ._comm import Comm
 from .checkpoint_state import resolve_checkpoint
 from .errors import InvalidArgumentError, NotFoundError
 from .format import dtypes
-from .loader import DataFiles, Target, check_shape, checked_pieces, index_damage, load, stored_dtype
 from .plan import Block
+from .restore.checks import DataFiles, check_shape, checked_pieces, index_damage, stored_dtype
+from .restore.fresh import load
 from .restore.index import read_index
+from .restore.reads import Target
 
 
 class CheckpointReader:

@@ -29,7 +29,7 @@ from .save.staging import StagingBuffers
 from .variables import PartitionedVariable, Variable, global_variables
 
 if TYPE_CHECKING:
-    from .loader import LoadStats
+    from .restore.reads import LoadStats
 
 VarList = Mapping[str, Any] | Iterable[Any] | None
 

@@ -98,7 +98,7 @@ def test_a_piece_turned_string_is_never_an_object_array_over_file_bytes(crafted,
 
 def test_no_array_over_file_bytes_is_ever_of_dtype_object():
     """The last guard, whatever the plan says: strings come only from the string decoder."""
-    from shardsave import slabs
+    from shardsave.restore import slabs
 
     with pytest.raises(ss.DataLossError, match="object"):
         slabs.file_array(memoryview(bytearray(64)), (8,), np.dtype(object))
@@ -313,12 +313,13 @@ def test_every_rank_of_a_reshard_raises_and_no_variable_changes(crafted, tmp_pat
 
 
 def test_the_overlap_check_agrees_with_comparing_every_pair():
-    """loader._check_disjoint compares only pieces that overlap along one dimension."""
+    """checks._check_disjoint compares only pieces that overlap along one dimension."""
     import itertools
     import random
 
-    from shardsave import loader, storage
+    from shardsave import storage
     from shardsave.plan import Block
+    from shardsave.restore import checks
 
     rng = random.Random(11)
     loc = storage.resolve("/nonexistent/m")
@@ -332,7 +333,7 @@ def test_the_overlap_check_agrees_with_comparing_every_pair():
         ]
         overlapping = any(a.intersect(b) is not None for a, b in itertools.combinations(pieces, 2))
         try:
-            loader._check_disjoint(loc, "t", pieces)
+            checks._check_disjoint(loc, "t", pieces)
         except ss.DataLossError:
             assert overlapping, pieces
         else:

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 import shardsave as ss
 import shardsave.restore.targets as targets_module
-from shardsave import in_place as in_place_module
-from shardsave import slabs
 from shardsave.format import table
 from shardsave.format.entry import BundleEntry
+from shardsave.restore import in_place as in_place_module
+from shardsave.restore import slabs
 from shardsave.save.writer import checksum_blocks
 from shardsave.storage import threads as io_threads
 

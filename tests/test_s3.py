@@ -182,7 +182,7 @@ def test_reshard_on_restore(s3_server, s3_dir):
 def test_reshard_by_columns_reads_slabs_of_rows(s3_server, s3_dir, monkeypatch):
     """From an object store a column reshard gets new arrays, filled a slab of rows per
     ranged GET (each slab checked), not from one buffer as large as the stored tensor."""
-    from shardsave import slabs
+    from shardsave.restore import slabs
 
     opts = s3_server.options()
     monkeypatch.setattr(slabs, "SLAB_BYTES", 1 << 20)

@@ -16,9 +16,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import DataLossError
-from ..in_place import InPlaceLoad
-from ..loader import LoadStats, load, load_small
+from .fresh import load
+from .in_place import InPlaceLoad
 from .index import read_index
+from .reads import LoadStats
+from .small import load_small
 from .targets import finish, targets
 
 if TYPE_CHECKING:

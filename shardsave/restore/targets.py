@@ -14,9 +14,11 @@ import numpy as np
 from ..errors import InvalidArgumentError, NotFoundError
 from ..format import dtypes
 from ..format.index import Index
-from ..loader import Target, check_shape, is_small_plain, small_plain_rows, stored_dtype
 from ..plan import Block
 from ..variables import Variable
+from .checks import check_shape, stored_dtype
+from .reads import Target
+from .small import is_small_plain, small_plain_rows
 
 if TYPE_CHECKING:
     from ..save.layout import SaveLayout

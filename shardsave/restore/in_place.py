@@ -33,23 +33,17 @@ from functools import partial
 
 import numpy as np
 
-from . import slabs, storage
-from .errors import DataLossError
-from .format import crc
-from .format.index import Index
-from .loader import (
-    DataFiles,
-    LoadStats,
-    Read,
-    Target,
-    check_entry,
-    check_run,
-    crc_of_bytes,
-    planned_reads,
-    span_run_crcs,
-)
-from .save.writer import byte_view
-from .storage import threads as io_threads
+from .. import storage
+from ..errors import DataLossError
+from ..format import crc
+from ..format.index import Index
+from ..save.writer import byte_view
+from ..storage import threads as io_threads
+from . import slabs
+from .checks import DataFiles, shard_file
+from .planner import plan_reads
+from .reads import DirectRead, LoadStats, Read, RowsRead, Target, Wanted
+from .verify import check_entry, check_run, crc_of_bytes, span_run_crcs
 
 CHECK_CHUNK = 1 << 20
 """Bytes read and checked at a time in the first pass: a scratch buffer that stays in cache.
@@ -86,7 +80,11 @@ class InPlaceLoad:
         allocate what the second pass needs (so nothing after the check can fail but a read)."""
         jobs: list[Callable[[memoryview], None]] = []
         scratch_bytes = CHECK_CHUNK
-        for file_loc, reads in planned_reads(self.prefix, self.index, targets, stats, self.files):
+        plan = plan_reads(self.prefix, self.index, [Wanted.of(t) for t in targets], self.files)
+        stats.bytes_needed += plan.bytes_needed
+        located = [(shard_file(self.prefix, self.index, shard_id, reads[0].name), reads)
+                   for shard_id, reads in plan.shards]
+        for file_loc, reads in located:
             fd = storage.open_local(file_loc)
             f = _File(file_loc, fd, os.fstat(fd))
             self._files.append(f)
@@ -107,14 +105,14 @@ class InPlaceLoad:
             # array; any other (reshards by columns, or across several dimensions) through a
             # slab of whole stored rows at a time, never a buffer as large as the stored bytes
             for r in reads:
-                if r.direct:
-                    f.ranges.append((r.entry.offset, byte_view(r.target.out)))
-                elif r.body is not None:
-                    start, _, dest = r.body
-                    f.ranges.append((r.entry.offset + start, dest))
+                out = targets[r.target].out
+                if isinstance(r, DirectRead):
+                    f.ranges.append((r.entry.offset, byte_view(out)))
+                elif isinstance(r, RowsRead):
+                    f.ranges.append((r.entry.offset + r.start, byte_view(out)[r.dest : r.dest + r.stop - r.start]))
                 else:
-                    f.slabs += [(r, first, count) for first, count in slabs.row_slabs(r)]
-            for r, first, count in f.slabs:
+                    f.slabs += [(r, out, first, count) for first, count in slabs.row_slabs(r)]
+            for r, _, first, count in f.slabs:
                 start, stop = slabs.rows_span(r, first, count)
                 self._slab_bytes = max(self._slab_bytes, stop - start)
         if jobs:
@@ -130,7 +128,8 @@ class InPlaceLoad:
             stats.bytes_reread += sum(len(buf) for _, buf in f.ranges)
             storage.read_ranges(f.loc, f.ranges, fd=f.fd)
             if f.slabs:
-                stats.bytes_reread += sum(stop - start for start, stop in (slabs.rows_span(*job) for job in f.slabs))
+                stats.bytes_reread += sum(stop - start for start, stop in
+                                          (slabs.rows_span(r, first, count) for r, _, first, count in f.slabs))
                 io_threads.run_on_workers([partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch)
             now = os.fstat(f.fd)
             if _identity(now) != _identity(f.stat):
@@ -148,14 +147,15 @@ class _File:
     fd: int
     stat: os.stat_result
     ranges: list[tuple[int, memoryview]] = field(default_factory=list)  # straight into arrays
-    slabs: list[tuple[Read, int, int]] = field(default_factory=list)  # (read, first row, rows)
+    slabs: list[tuple[Read, np.ndarray, int, int]] = field(default_factory=list)
+    """(read, its target's array, first row, rows) of each slab read through a scratch buffer."""
 
 
-def _fill_slab(f: _File, r: Read, first: int, count: int, scratch: memoryview) -> None:
+def _fill_slab(f: _File, r: Read, out: np.ndarray, first: int, count: int, scratch: memoryview) -> None:
     start, stop = slabs.rows_span(r, first, count)
     rows = scratch[: stop - start]
     _read(f.loc, f.fd, r.entry.offset + start, rows, r)
-    slabs.scatter_rows(r, first, count, rows)
+    slabs.scatter_rows(r, out, first, count, rows)
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

@@ -12,16 +12,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import DataLossError
+from ..errors import DataLossError
 
 if TYPE_CHECKING:
-    from .loader import Read
+    from .reads import RegionRead, RowsRead, StringRead, WholeRead
+
+    Placed = RegionRead | RowsRead | StringRead | WholeRead
 
 SLAB_BYTES = 4 << 20
 """Stored rows read at a time (or one row, if a row is larger)."""
 
 
-def row_slabs(r: Read) -> list[tuple[int, int]]:
+def row_slabs(r: Placed) -> list[tuple[int, int]]:
     """``(first, count)`` for each slab of ``r``'s region: its rows ``[first, first + count)``
     (region-relative), as many whole stored rows as fit in SLAB_BYTES."""
     per = max(1, SLAB_BYTES // _row_bytes(r))
@@ -29,21 +31,21 @@ def row_slabs(r: Read) -> list[tuple[int, int]]:
     return [(first, min(per, rows - first)) for first in range(0, rows, per)]
 
 
-def rows_span(r: Read, first: int, count: int) -> tuple[int, int]:
+def rows_span(r: Placed, first: int, count: int) -> tuple[int, int]:
     """Entry-relative ``[start, stop)`` of the whole stored rows of a slab."""
     row = _row_bytes(r)
     start = (r.region.offset[0] + first) * row
     return start, start + count * row
 
 
-def scatter_rows(r: Read, first: int, count: int, rows: memoryview) -> None:
-    """Copy rows ``[first, first + count)`` of ``r``'s region into its target from ``rows``,
-    which holds those whole rows as stored."""
-    src = file_array(rows, (count, *r.piece.shape[1:]), r.target.out.dtype)
+def scatter_rows(r: Placed, out: np.ndarray, first: int, count: int, rows: memoryview) -> None:
+    """Copy rows ``[first, first + count)`` of ``r``'s region into ``out`` (its target's
+    array) from ``rows``, which holds those whole rows as stored."""
+    src = file_array(rows, (count, *r.piece.shape[1:]), out.dtype)
     inner = tuple(slice(o, o + n) for o, n in zip(r.region.offset[1:], r.region.shape[1:], strict=True))
     dest = region_destination(r)
     at = dest[0].start + first
-    r.target.out[(slice(at, at + count), *dest[1:])] = src[(slice(None), *inner)]
+    out[(slice(at, at + count), *dest[1:])] = src[(slice(None), *inner)]
 
 
 def file_array(buffer, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0,
@@ -55,18 +57,10 @@ def file_array(buffer, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0,
     return np.ndarray(shape, dtype, buffer, offset, strides)
 
 
-def _row_bytes(r: Read) -> int:
+def _row_bytes(r: Placed) -> int:
     return r.entry.size // r.piece.shape[0]
 
 
-def region_destination(r: Read) -> tuple[slice, ...]:
+def region_destination(r: Placed) -> tuple[slice, ...]:
     """Where ``r``'s region lands in its target."""
-    return tuple(
-        slice(o - b, o - b + n)
-        for o, b, n in zip(
-            (p + q for p, q in zip(r.piece.offset, r.region.offset, strict=True)),
-            r.target.block.offset,
-            r.region.shape,
-            strict=True,
-        )
-    )
+    return tuple(slice(a, a + n) for a, n in zip(r.at, r.region.shape, strict=True))

@@ -1,0 +1,223 @@
+"""Fills new arrays from a checkpoint, reading only the bytes they need.
+
+The planner (planner.py) says which bytes of which data file each target needs; here the
+reads are bound to buffers: reads whose spans touch share one buffer, a read that is the
+whole target goes straight into it (as do whole-row regions, with the partial checksum
+blocks around them in small buffers), and a large region that is not contiguous in the
+file goes a slab of rows at a time (slabs.py). The ranges are fetched in parallel, every
+block is verified against its stored CRC32C as soon as its range arrives, and the regions
+are copied into place.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from .. import storage
+from ..errors import DataLossError
+from ..format import crc
+from ..format.index import Index
+from ..plan import Span, align_span, c_strides, coalesce
+from ..save.writer import byte_view
+from ..storage import threads as io_threads
+from . import slabs
+from .checks import DataFiles, shard_file
+from .planner import plan_reads
+from .reads import DirectRead, LoadStats, Read, RegionRead, RowsRead, StringRead, Target, Wanted, WholeRead
+from .verify import check_entry, check_runs, checked_strings, crc_of_bytes
+
+
+@dataclass(slots=True)
+class Bound:
+    """A read bound to its target's array and to the buffer its bytes arrive in."""
+
+    read: Read
+    out: np.ndarray  # the target's array
+    buffer: np.ndarray | None = None  # uint8 holding at least the span (the target, if direct)
+    buffer_offset: int = 0  # where span.start sits in buffer
+    strings: np.ndarray | None = None  # decoded (and verified) DT_STRING piece
+    parts: list[tuple[int, memoryview]] | None = None
+    """A RowsRead's (entry offset, buffer) pieces: its rows in the target, and the partial
+    checksum blocks around them in small buffers."""
+    pending: int = 0  # parts not read yet
+
+
+def load(prefix: storage.Location, index: Index, targets: Sequence[Target],
+         stats: LoadStats | None = None, files: DataFiles | None = None) -> LoadStats:
+    """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
+    stats = stats if stats is not None else LoadStats()
+    files = files if files is not None else DataFiles(prefix, index)
+    plan = plan_reads(prefix, index, [Wanted.of(t) for t in targets], files)
+    stats.bytes_needed += plan.bytes_needed
+    located = [(shard_file(prefix, index, shard_id, reads[0].name), reads) for shard_id, reads in plan.shards]
+    for file_loc, shard_reads in located:
+        by_rows, buffered = [], []
+        for r in shard_reads:
+            (by_rows if _by_rows(r) else buffered).append(Bound(r, targets[r.target].out))
+        ranges, groups = assign_buffers(buffered)
+        stats.requests += len(ranges)
+        stats.bytes_read += sum(len(buf) for _, buf in ranges)
+        stats.files.add(file_loc.url)
+        try:
+            storage.read_ranges(file_loc, ranges, after=_after_range(file_loc, groups))
+            if by_rows:
+                _load_by_rows(file_loc, by_rows, stats)
+        except DataLossError as exc:
+            names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
+            raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
+    return stats
+
+
+def _by_rows(r: Read) -> bool:
+    """A large region that is not contiguous in the file, with block checksums: read a slab
+    of rows at a time (slabs.py), each slab checked on its own."""
+    e = r.entry
+    return (isinstance(r, RegionRead | WholeRead) and bool(e.block_size and e.block_crcs) and bool(r.piece.shape)
+            and r.span.stop - r.span.start > slabs.SLAB_BYTES)
+
+
+def _load_by_rows(file_loc: storage.Location, bounds: list[Bound], stats: LoadStats) -> None:
+    jobs, largest = [], 0
+    for b in bounds:
+        r = b.read
+        for first, count in slabs.row_slabs(r):
+            span = align_span(Span(*slabs.rows_span(r, first, count)), r.entry.block_size, r.entry.size)
+            largest = max(largest, span.stop - span.start)
+            stats.bytes_read += span.stop - span.start
+            jobs.append(partial(_load_rows, file_loc, b, first, count, span))
+    stats.requests += len(jobs)
+    io_threads.run_on_workers(jobs, largest)
+
+
+def _load_rows(file_loc: storage.Location, b: Bound, first: int, count: int, span: Span, scratch: memoryview) -> None:
+    """Read the checksum blocks holding a slab's rows, check them, and copy out the region."""
+    r = b.read
+    data = scratch[: span.stop - span.start]
+    storage.read_ranges(file_loc, [(r.entry.offset + span.start, data)])
+    check_runs(file_loc, r, span, crc_of_bytes(data, span.start))
+    start, stop = slabs.rows_span(r, first, count)
+    slabs.scatter_rows(r, b.out, first, count, data[start - span.start : stop - span.start])
+
+
+def assign_buffers(bounds: list[Bound]) -> tuple[list[tuple[int, memoryview]], list[list[Bound]]]:
+    """Give every read a buffer; reads whose spans touch share one buffer.
+
+    Returns the ranges to fetch and, for each range, the reads it serves.
+    """
+    ranges: list[tuple[int, memoryview]] = []
+    groups: list[list[Bound]] = []
+    shared = []
+    for b in bounds:
+        r = b.read
+        if isinstance(r, DirectRead):
+            b.buffer = b.out
+            ranges.append((r.entry.offset, byte_view(b.out)))
+            groups.append([b])
+        elif isinstance(r, RowsRead):
+            b.parts = [(r.start, byte_view(b.out)[r.dest : r.dest + r.stop - r.start])]
+            if r.span.start < r.start:
+                b.parts.insert(0, (r.span.start, memoryview(np.empty(r.start - r.span.start, np.uint8))))
+            if r.stop < r.span.stop:
+                b.parts.append((r.stop, memoryview(np.empty(r.span.stop - r.stop, np.uint8))))
+            b.pending = len(b.parts)
+            for offset, buf in b.parts:
+                ranges.append((r.entry.offset + offset, buf))
+                groups.append([b])
+        else:
+            shared.append(b)
+    spans = [(b.read.entry.offset + b.read.span.start, b.read.entry.offset + b.read.span.stop) for b in shared]
+    merged = coalesce(spans)
+    buffers = [(start, np.empty(stop - start, np.uint8)) for start, stop in merged]
+    starts = [start for start, _ in merged]
+    first_group = len(groups)
+    groups += [[] for _ in merged]
+    for b, (start, _) in zip(shared, spans, strict=True):
+        i = bisect.bisect_right(starts, start) - 1
+        b.buffer = buffers[i][1]
+        b.buffer_offset = start - buffers[i][0]
+        groups[first_group + i].append(b)
+    ranges += [(start, memoryview(buf)) for start, buf in buffers]
+    return ranges, groups
+
+
+def _span_bytes(b: Bound) -> memoryview:
+    if isinstance(b.read, DirectRead):
+        return byte_view(b.buffer)
+    span = b.read.span
+    return memoryview(b.buffer)[b.buffer_offset : b.buffer_offset + span.stop - span.start]
+
+
+def _verify(file_loc: storage.Location, bounds: list[Bound]) -> None:
+    for b in bounds:
+        r = b.read
+        data = _span_bytes(b)
+        e = r.entry
+        if isinstance(r, StringRead):
+            b.strings = checked_strings(file_loc, bytes(data), r)
+        elif e.block_size and e.block_crcs:
+            check_runs(file_loc, r, r.span, crc_of_bytes(data, r.span.start))
+        else:
+            check_entry(file_loc, r, crc.crc32c(data))
+
+
+def _after_range(file_loc: storage.Location, groups: list[list[Bound]]):
+    """What to do when range ``i`` has been read: verify and place its reads; a RowsRead
+    is verified once the last of its parts has arrived (they arrive in any order)."""
+    lock = threading.Lock()
+
+    def after(i: int) -> None:
+        group = groups[i]
+        if group[0].parts is None:
+            _verify_and_place(file_loc, group)
+            return
+        b = group[0]
+        with lock:
+            b.pending -= 1
+            done = not b.pending
+        if done:
+            check_runs(file_loc, b.read, b.read.span, partial(_parts_crc, b))
+
+    return after
+
+
+def _parts_crc(b: Bound, start: int, stop: int) -> int:
+    """The CRC32C of entry bytes ``[start, stop)`` of a RowsRead, from its parts."""
+    actual = 0
+    for offset, buf in b.parts:
+        lo, hi = max(offset, start), min(offset + len(buf), stop)
+        if lo < hi:
+            actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
+    return actual
+
+
+def _verify_and_place(file_loc: storage.Location, bounds: list[Bound]) -> None:
+    """Check the bytes of one fetched range, then copy them into their targets (the
+    targets are fresh arrays, so a later failure still leaves every variable as it was)."""
+    _verify(file_loc, bounds)
+    for b in bounds:
+        scatter(b)
+
+
+def scatter(b: Bound) -> None:
+    r = b.read
+    if isinstance(r, DirectRead):
+        return
+    if isinstance(r, WholeRead):
+        byte_view(b.out)[:] = _span_bytes(b)
+        return
+    dest = slabs.region_destination(r)
+    if isinstance(r, StringRead):  # decoded by the string decoder, which checked them
+        b.out[dest] = b.strings[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
+        return
+    data = _span_bytes(b)
+    dtype = b.out.dtype
+    itemsize = dtype.itemsize
+    strides = tuple(s * itemsize for s in c_strides(r.piece.shape))
+    first = sum(o * s for o, s in zip(r.region.offset, strides, strict=True))
+    b.out[dest] = slabs.file_array(data, r.region.shape, dtype, offset=first - r.span.start, strides=strides)
