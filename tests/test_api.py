@@ -778,7 +778,7 @@ def test_object_array_of_non_bytes_leaves_previous_checkpoint(tmp_path):
     prefix = save_simple(tmp_path / "m", ok=np.ones(2))
     ss.Variable("ok", np.ones(2))
     ss.Variable("objs", np.array([1, 2], dtype=object))
-    with pytest.raises(Exception):  # noqa: B017 - the class is the other test's business
+    with pytest.raises(ss.InvalidArgumentError, match="'objs'"):
         ss.Saver().save(prefix)
     np.testing.assert_array_equal(ss.load_variable(prefix, "ok"), np.ones(2))
 

@@ -259,7 +259,8 @@ def _expected(key: str, npz: dict) -> np.ndarray:
 def test_golden_tensor_bit_exact(key, expected_npz):
     directory, name = key.split("/", 1)
     prefix = ss.latest_checkpoint(str(DATA / directory))
-    assert prefix is not None and os.path.exists(prefix + ".index")
+    assert prefix == tf.train.latest_checkpoint(str(DATA / directory))
+    assert os.path.exists(prefix + ".index")
     want = _expected(key, expected_npz)
     meta = EXPECTED[key]
     assert list(want.shape) == meta["shape"]
