@@ -999,13 +999,13 @@ def test_keep_checkpoint_every_n_hours_keeps_only_strictly_newer(tmp_path, monke
     ss.Variable("v", np.ones(2))
     saver = ss.Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1.0)
     # step 1 at exactly 3600 (the next preservation time) is deleted when it leaves the
-    # window; step 2 (5000 > 3600) is kept and moves the time to 7200; step 3 at exactly
-    # 7200 is deleted again; step 4 is the window
-    for step, now in ((1, 3600.0), (2, 5000.0), (3, 7200.0), (4, 9000.0)):
+    # window; step 2 (5000 > 3600) is kept and moves the time on by exactly 3600 s, to
+    # 7200; step 3 at exactly 7200 is deleted again, step 4 (7200.5) is kept; 5 is the window
+    for step, now in ((1, 3600.0), (2, 5000.0), (3, 7200.0), (4, 7200.5), (5, 9000.0)):
         clock.now = now
         saver.save(str(tmp_path / "m"), global_step=step)
     monkeypatch.undo()
-    assert {n for n in files(tmp_path) if n.endswith(".index")} == {"m-2.index", "m-4.index"}
+    assert {n for n in files(tmp_path) if n.endswith(".index")} == {"m-2.index", "m-4.index", "m-5.index"}
     state = ss.get_checkpoint_state(str(tmp_path))
-    assert state.all_model_checkpoint_paths == [str(tmp_path / "m-4")]
-    assert state.last_preserved_timestamp == 5000.0
+    assert state.all_model_checkpoint_paths == [str(tmp_path / "m-5")]
+    assert state.last_preserved_timestamp == 7200.5
