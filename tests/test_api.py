@@ -1009,3 +1009,12 @@ def test_keep_checkpoint_every_n_hours_keeps_only_strictly_newer(tmp_path, monke
     state = ss.get_checkpoint_state(str(tmp_path))
     assert state.all_model_checkpoint_paths == [str(tmp_path / "m-5")]
     assert state.last_preserved_timestamp == 7200.5
+
+
+def test_state_file_paths_of_another_filesystem_are_kept_whole(tmp_path):
+    """A state file in a local directory naming a URL (or an absolute path) gives it back
+    as written, not joined to the directory."""
+    ss.update_checkpoint_state(str(tmp_path), "memory://elsewhere/m-2", ["/abs/m-1", "memory://elsewhere/m-2"])
+    state = ss.get_checkpoint_state(str(tmp_path))
+    assert state.model_checkpoint_path == "memory://elsewhere/m-2"
+    assert state.all_model_checkpoint_paths == ["/abs/m-1", "memory://elsewhere/m-2"]

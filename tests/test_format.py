@@ -64,6 +64,8 @@ MAGIC_BYTES = bytes.fromhex("57fb808b247547db")
         (300, "ac02"),
         (16383, "ff7f"),
         (16384, "808001"),
+        (0x1FFFFF, "ffff7f"),  # the last three-byte value, and the first four-byte one
+        (0x200000, "80808001"),
         ((1 << 32) - 1, "ffffffff0f"),
         (INT64_MAX, "ffffffffffffffff7f"),
         (UINT64_MAX, "ffffffffffffffffff01"),
