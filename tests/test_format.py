@@ -1072,3 +1072,20 @@ def test_golden_expected_json_dtypes_match_table():
             assert dtypes.tf_name(info["dtype_enum"]) == info["dtype"], key
         want = np.dtype(object) if info["dtype"] == "string" else np.dtype(getattr(ml_dtypes, info["dtype"], info["dtype"]))
         assert dtypes.to_numpy(info["dtype_enum"]) == want, key
+
+
+def test_state_limits_are_the_documented_ones():
+    """README: a state file over 4 MiB or listing more than 10,000 checkpoints is damaged
+    (literal numbers here: the constants themselves are what is checked)."""
+    line = b'all_model_checkpoint_paths: "m"\n'
+    assert len(decode_state(line * 10_000).all_model_checkpoint_paths) == 10_000
+    with pytest.raises(DecodeError, match="line 10001: more than 10000 checkpoints"):
+        decode_state(line * 10_001)
+    stamps = b"all_model_checkpoint_timestamps: 1.5\n"
+    with pytest.raises(DecodeError, match="line 10001: more than 10000 checkpoints"):
+        decode_state(stamps * 10_001)
+    padded = b'model_checkpoint_path: "m"\n#'
+    full = padded + b"x" * ((4 << 20) - len(padded))
+    assert decode_state(full).model_checkpoint_path == "m"
+    with pytest.raises(DecodeError, match="larger than 4194304 bytes"):
+        decode_state(full + b"x")
