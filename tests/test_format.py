@@ -101,17 +101,17 @@ def test_varint_round_trip_int64(value):
 def test_varint_truncated_raises(value):
     encoded = encode_varint(value)
     for cut in range(len(encoded)):
-        with pytest.raises(DecodeError):
+        with pytest.raises(DecodeError, match="^truncated varint$"):
             decode_varint(encoded[:cut], 0)
     # ``limit`` ends the buffer early in the same way
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="^truncated varint$"):
         decode_varint(encoded + b"\x00" * 4, 0, len(encoded) - 1)
 
 
 def test_varint_overlong_raises():
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="^varint longer than 10 bytes$"):
         decode_varint(b"\x80" * 10 + b"\x01", 0)
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="^varint longer than 10 bytes$"):
         decode_varint(b"\xff" * 64, 0)
 
 

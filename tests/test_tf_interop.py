@@ -487,3 +487,17 @@ def test_keep_checkpoint_every_n_hours_boundary_as_tensorflow(tmp_path, monkeypa
     monkeypatch.undo()
     assert got_tf == {"m-2", "m-4", "m-5"}
     assert got_ss == got_tf
+
+
+def test_update_checkpoint_state_writes_what_tensorflow_writes(tmp_path):
+    """By default (as TF's) absolute paths stay absolute, even those in the directory.
+    (A relative path differs on purpose: TF writes it as given, shardsave relative to the
+    directory, where readers look for it.)"""
+    for directory, fn in ((tmp_path / "tf", v1.train.update_checkpoint_state), (tmp_path / "ss", ss.update_checkpoint_state)):
+        directory.mkdir()
+        fn(str(directory), str(directory / "m-2"), [str(directory / "m-1"), "/elsewhere/m-0", str(directory / "m-2")])
+    text = {k: (tmp_path / k / "checkpoint").read_text().replace(str(tmp_path / k), "D") for k in ("tf", "ss")}
+    assert text["ss"] == text["tf"]
+    assert text["ss"].splitlines() == ['model_checkpoint_path: "D/m-2"', 'all_model_checkpoint_paths: "D/m-1"',
+                                       'all_model_checkpoint_paths: "/elsewhere/m-0"',
+                                       'all_model_checkpoint_paths: "D/m-2"']
