@@ -7,6 +7,7 @@ numpy index arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -659,3 +660,19 @@ def test_replicas_and_their_items_name_every_holder():
 def test_coalesce_merges_only_touching_ranges_by_default():
     assert coalesce([(3, 5), (0, 2), (5, 6)]) == [(0, 2), (3, 6)]
     assert coalesce([(3, 5), (0, 2), (5, 6)], 1) == [(0, 6)]
+
+
+def test_a_replica_goes_to_the_holder_with_less_to_write():
+    """Rank 0 writes its own large tensor, so the block both hold is rank 1's to write."""
+    rep = Block.whole((4,))
+    metas = [[_meta("big", Block.whole((1000,)), (1000,)), _meta("rep", rep, (4,))], [_meta("rep", rep, (4,))]]
+    plan = make_save_plan(metas)
+    assert [[a.name for a in ws] for ws in plan.writes] == [["big"], ["rep"]]
+    assert plan.bytes_per_rank() == [4000, 16]
+
+
+def test_spans_are_frozen_plain_data():
+    span = Span(0, 8)
+    assert {span: 1}[Span(0, 8)] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        span.start = 4
