@@ -19,6 +19,7 @@ import argparse
 import ast
 import copy
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -178,18 +179,21 @@ def main() -> int:
         took = time.time() - start
         assert baseline == "survived", f"the tests fail on the unmutated (unparsed) module: {baseline}"
         print(f"{args.module}: {len(todo)} mutants; baseline tests {took:.0f} s", flush=True)
-        survivors, counts = [], {"killed": 0, "survived": 0, "timeout": 0}
-        for node, line, what, how in todo:
-            path.write_text(mutant_source(tree, node, how))
-            verdict = run_tests(tests, max(60.0, 3 * took))
-            counts[verdict] += 1
-            if verdict == "survived":
-                survivors.append(f"{args.module}:{line}: {what}")
-                print(f"SURVIVED {args.module}:{line}: {what}", flush=True)
+        counts = {"killed": 0, "survived": 0, "timeout": 0}
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill PID: stop, restore, sum up
+        try:
+            for i, (node, line, what, how) in enumerate(todo, 1):
+                path.write_text(mutant_source(tree, node, how))
+                verdict = run_tests(tests, max(60.0, 3 * took))
+                counts[verdict] += 1
+                if verdict == "survived":
+                    print(f"SURVIVED [{i}/{len(todo)}] {args.module}:{line}: {what}", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
     finally:
         path.write_text(original)
-    print(f"{args.module}: {len(todo)} tried, {counts['killed']} killed, {counts['timeout']} timed out, "
-          f"{counts['survived']} survived ({time.time() - start:.0f} s)")
+    print(f"{args.module}: {sum(counts.values())} of {len(todo)} tried, {counts['killed']} killed, "
+          f"{counts['timeout']} timed out, {counts['survived']} survived ({time.time() - start:.0f} s)")
     return 0
 
 
