@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -780,7 +781,7 @@ def test_object_array_of_non_bytes_leaves_previous_checkpoint(tmp_path):
     prefix = save_simple(tmp_path / "m", ok=np.ones(2))
     ss.Variable("ok", np.ones(2))
     ss.Variable("objs", np.array([1, 2], dtype=object))
-    with pytest.raises(Exception):  # noqa: B017 - the class is the other test's business
+    with pytest.raises(ss.InvalidArgumentError, match="'objs'"):
         ss.Saver().save(prefix)
     np.testing.assert_array_equal(ss.load_variable(prefix, "ok"), np.ones(2))
 
@@ -952,3 +953,71 @@ def test_a_writeback_error_met_early_fails_the_save_and_commits_nothing(tmp_path
     assert ss.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-1")
     assert not [t for t in threading.enumerate() if t.name == "shardsave-writeback"]
     assert saver.save(str(tmp_path / "m"), global_step=3) == str(tmp_path / "m-3")
+
+
+# ------------------------------------------- bookkeeping rules a mutation once got past
+def test_latest_checkpoint_falls_back_to_the_newest_committed_one(tmp_path):
+    """The newest listed checkpoint lost its index: the one before it is the latest, not
+    the oldest on the list (the candidates are tried newest first)."""
+    ss.Variable("v", np.ones(2))
+    saver = ss.Saver(max_to_keep=5)
+    prefixes = [saver.save(str(tmp_path / "m"), global_step=i) for i in range(4)]
+    os.remove(prefixes[3] + ".index")
+    assert ss.latest_checkpoint(str(tmp_path)) == prefixes[2]
+    os.remove(prefixes[2] + ".index")
+    assert ss.latest_checkpoint(str(tmp_path)) == prefixes[1]
+    os.remove(prefixes[1] + ".index")
+    os.remove(prefixes[0] + ".index")
+    assert ss.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_recover_last_checkpoints_orders_them_by_mtime(tmp_path):
+    """Given out of order, the adopted checkpoints are ordered oldest first by the mtime
+    of their index, so retention deletes the oldest. (TensorFlow keeps the order given;
+    shardsave sorts, so a list from a directory listing cannot delete the newest.)"""
+    ss.Variable("v", np.ones(2))
+    first = ss.Saver(max_to_keep=None)
+    a, b, c = (first.save(str(tmp_path / "m"), global_step=i) for i in range(3))
+    for prefix, mtime in ((a, 1_000_000.0), (b, 2_000_000.0), (c, 3_000_000.0)):
+        os.utime(prefix + ".index", (mtime, mtime))
+    restarted = ss.Saver(max_to_keep=3)
+    restarted.recover_last_checkpoints([c, a, b])
+    assert restarted.last_checkpoints == [a, b, c]
+    new = restarted.save(str(tmp_path / "m"), global_step=3)
+    assert restarted.last_checkpoints == [b, c, new]
+    assert not os.path.exists(a + ".index")  # the oldest by mtime went, not the first given
+    assert os.path.exists(c + ".index") and os.path.exists(b + ".index")
+    state = ss.get_checkpoint_state(str(tmp_path))
+    assert state.all_model_checkpoint_paths == [b, c, new]
+    assert state.all_model_checkpoint_timestamps[:2] == [2_000_000.0, 3_000_000.0]
+
+
+def test_keep_checkpoint_every_n_hours_keeps_only_strictly_newer(tmp_path, monkeypatch):
+    """TF's rule at its boundary (N = 1 hour, Saver made at t=0, max_to_keep=1): a
+    checkpoint leaving the window is kept only when strictly newer than the next
+    preservation time. The fake clock is ``time.time`` itself, not a module's alias, so
+    the rule is tested wherever the Saver computes it."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(time, "time", lambda: clock.now)
+    ss.Variable("v", np.ones(2))
+    saver = ss.Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1.0)
+    # step 1 at exactly 3600 (the next preservation time) is deleted when it leaves the
+    # window; step 2 (5000 > 3600) is kept and moves the time on by exactly 3600 s, to
+    # 7200; step 3 at exactly 7200 is deleted again, step 4 (7200.5) is kept; 5 is the window
+    for step, now in ((1, 3600.0), (2, 5000.0), (3, 7200.0), (4, 7200.5), (5, 9000.0)):
+        clock.now = now
+        saver.save(str(tmp_path / "m"), global_step=step)
+    monkeypatch.undo()
+    assert {n for n in files(tmp_path) if n.endswith(".index")} == {"m-2.index", "m-4.index", "m-5.index"}
+    state = ss.get_checkpoint_state(str(tmp_path))
+    assert state.all_model_checkpoint_paths == [str(tmp_path / "m-5")]
+    assert state.last_preserved_timestamp == 7200.5
+
+
+def test_state_file_paths_of_another_filesystem_are_kept_whole(tmp_path):
+    """A state file in a local directory naming a URL (or an absolute path) gives it back
+    as written, not joined to the directory."""
+    ss.update_checkpoint_state(str(tmp_path), "memory://elsewhere/m-2", ["/abs/m-1", "memory://elsewhere/m-2"])
+    state = ss.get_checkpoint_state(str(tmp_path))
+    assert state.model_checkpoint_path == "memory://elsewhere/m-2"
+    assert state.all_model_checkpoint_paths == ["/abs/m-1", "memory://elsewhere/m-2"]

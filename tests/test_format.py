@@ -13,6 +13,7 @@ import re
 import struct
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -62,6 +63,8 @@ MAGIC_BYTES = bytes.fromhex("57fb808b247547db")
         (300, "ac02"),
         (16383, "ff7f"),
         (16384, "808001"),
+        (0x1FFFFF, "ffff7f"),  # the last three-byte value, and the first four-byte one
+        (0x200000, "80808001"),
         ((1 << 32) - 1, "ffffffff0f"),
         (INT64_MAX, "ffffffffffffffff7f"),
         (UINT64_MAX, "ffffffffffffffffff01"),
@@ -97,17 +100,17 @@ def test_varint_round_trip_int64(value):
 def test_varint_truncated_raises(value):
     encoded = encode_varint(value)
     for cut in range(len(encoded)):
-        with pytest.raises(DecodeError):
+        with pytest.raises(DecodeError, match="^truncated varint$"):
             decode_varint(encoded[:cut], 0)
     # ``limit`` ends the buffer early in the same way
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="^truncated varint$"):
         decode_varint(encoded + b"\x00" * 4, 0, len(encoded) - 1)
 
 
 def test_varint_overlong_raises():
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="^varint longer than 10 bytes$"):
         decode_varint(b"\x80" * 10 + b"\x01", 0)
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="^varint longer than 10 bytes$"):
         decode_varint(b"\xff" * 64, 0)
 
 
@@ -929,8 +932,8 @@ def test_state_round_trip(path, all_paths, stamps, preserved):
 def test_state_parse_golden_tf_files():
     for path in sorted(DATA.glob("*/checkpoint")):
         state = decode_state(path.read_bytes())
-        assert state.model_checkpoint_path
-        assert state.all_model_checkpoint_paths[-1] == state.model_checkpoint_path
+        name = "ckpt-1" if path.parent.name == "object" else "model.ckpt"  # as the files say, relative
+        assert state == CheckpointState(name, [name], [], 0.0), path
 
 
 @pytest.mark.parametrize(
@@ -1128,4 +1131,22 @@ def test_golden_expected_json_dtypes_match_table():
     for key, info in expected.items():
         if info["dtype"] != "string":
             assert dtypes.tf_name(info["dtype_enum"]) == info["dtype"], key
-        assert dtypes.to_numpy(info["dtype_enum"]) is not None
+        want = np.dtype(object) if info["dtype"] == "string" else np.dtype(getattr(ml_dtypes, info["dtype"], info["dtype"]))
+        assert dtypes.to_numpy(info["dtype_enum"]) == want, key
+
+
+def test_state_limits_are_the_documented_ones():
+    """README: a state file over 4 MiB or listing more than 10,000 checkpoints is damaged
+    (literal numbers here: the constants themselves are what is checked)."""
+    line = b'all_model_checkpoint_paths: "m"\n'
+    assert len(decode_state(line * 10_000).all_model_checkpoint_paths) == 10_000
+    with pytest.raises(DecodeError, match="line 10001: more than 10000 checkpoints"):
+        decode_state(line * 10_001)
+    stamps = b"all_model_checkpoint_timestamps: 1.5\n"
+    with pytest.raises(DecodeError, match="line 10001: more than 10000 checkpoints"):
+        decode_state(stamps * 10_001)
+    padded = b'model_checkpoint_path: "m"\n#'
+    full = padded + b"x" * ((4 << 20) - len(padded))
+    assert decode_state(full).model_checkpoint_path == "m"
+    with pytest.raises(DecodeError, match="larger than 4194304 bytes"):
+        decode_state(full + b"x")

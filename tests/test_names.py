@@ -309,3 +309,18 @@ def test_literal_prefixes_and_refused_prefix_on_three_ranks(tmp_path):
         assert ss.load_variable(f"{tmp_path}/{prefix}", "w").tolist() == [value] * 6, prefix
         data = sorted(names.data_files_of(os.listdir(tmp_path), prefix))
         assert data == [names.data_file_name(prefix, r, 3) for r in range(3)], prefix
+
+
+def test_staged_and_journal_names_parse_back():
+    """Each name a save writes parses back into its parts; near misses do not."""
+    save_id = "0123456789abcdef"
+    final = names.data_file_name("dir/m-3", 1, 2)
+    assert names.parse_staged_name(names.staged_name(final, save_id)) == (final, "dir/m-3", save_id)
+    assert names.parse_staged_name(f"{final}.{save_id[:-1]}.staged") is None  # a 15-digit id
+    assert names.parse_staged_name(f"dir/m-3.data-00002-of-00002.{save_id}.staged") is None  # shard >= count
+    journal = names.journal_name("dir/m-3", save_id)
+    assert journal == f"dir/m-3.index.{save_id}.pending"
+    assert names.parse_journal_name(journal) == ("dir/m-3", save_id)
+    assert names.parse_journal_name(journal + ".tmp1f") is None
+    assert names.prefix_of_index("dir/m-3.index") == "dir/m-3"
+    assert names.prefix_of_index("dir/m-3.indexx") is None

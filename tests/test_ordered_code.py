@@ -348,6 +348,9 @@ GOOD_KEY = encode_slice_key("emb", [(0, 4), (0, -1)])
         (b"\x00emb", "unterminated"),
         (b"\x00emb\x00\x02\x01\x02", "invalid escape"),
         (b"\x00emb\x00\x01\x00", "rank"),
+        # the largest rank, INT32_MAX - 1, passes the rank check (and lacks its extents)
+        (b"\x00emb\x00\x01" + write_num_increasing((1 << 31) - 2), "truncated"),
+        (b"\x00emb\x00\x01" + write_num_increasing((1 << 31) - 1), r"below 2\*\*31-1, got 2147483647"),
         (b"\x00emb\x00\x01", "truncated"),
         (GOOD_KEY[:-1], "truncated"),
         (GOOD_KEY + b"\x80", "trailing"),

@@ -7,6 +7,7 @@ numpy index arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -634,3 +635,44 @@ def test_partitioners_match_tf(tf, dtype):
             ours = min_max_variable_partitioner(max_parts, axis, min_slice)(shape, dtype=_np_dtype(dtype))
             theirs = _tf_call(tf, v1.min_max_variable_partitioner(max_parts, axis, min_slice), shape, dtype)
             assert ours == theirs, (shape, axis, max_parts, min_slice)
+
+
+def test_replicas_and_their_items_name_every_holder():
+    """A block held by two ranks is one replica; each holder's item says which of its
+    items it is and where it is written (by exactly one holder); a rank's own block and an
+    empty replicated tensor are no replicas."""
+    rep = Block.whole((5, 3))
+    metas = [
+        [_meta("own", Block.whole((2,)), (2,)), _meta("rep", rep, (5, 3), I64, 8)],
+        [_meta("rep", rep, (5, 3), I64, 8), _meta("e", Block.whole((0, 3)), (0, 3))],
+        [_meta("e", Block.whole((0, 3)), (0, 3))],
+    ]
+    plan = make_save_plan(metas)
+    assert plan.replicas == [("rep", rep)]
+    assert plan.replica_items[2] == []
+    (item0,), (item1,) = plan.replica_items[0], plan.replica_items[1]
+    assert (item0[:2], item1[:2]) == ((0, 1), (0, 0))  # replica 0, at local index 1 and 0
+    writer = 0 if item0[2] >= 0 else 1
+    assert [item0[2], item1[2]].count(-1) == 1  # the other holder does not write it
+    assert plan.writes[writer][(item0, item1)[writer][2]].name == "rep"
+
+
+def test_coalesce_merges_only_touching_ranges_by_default():
+    assert coalesce([(3, 5), (0, 2), (5, 6)]) == [(0, 2), (3, 6)]
+    assert coalesce([(3, 5), (0, 2), (5, 6)], 1) == [(0, 6)]
+
+
+def test_a_replica_goes_to_the_holder_with_less_to_write():
+    """Rank 0 writes its own large tensor, so the block both hold is rank 1's to write."""
+    rep = Block.whole((4,))
+    metas = [[_meta("big", Block.whole((1000,)), (1000,)), _meta("rep", rep, (4,))], [_meta("rep", rep, (4,))]]
+    plan = make_save_plan(metas)
+    assert [[a.name for a in ws] for ws in plan.writes] == [["big"], ["rep"]]
+    assert plan.bytes_per_rank() == [4000, 16]
+
+
+def test_spans_are_frozen_plain_data():
+    span = Span(0, 8)
+    assert {span: 1}[Span(0, 8)] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        span.start = 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -258,7 +259,8 @@ def _expected(key: str, npz: dict) -> np.ndarray:
 def test_golden_tensor_bit_exact(key, expected_npz):
     directory, name = key.split("/", 1)
     prefix = ss.latest_checkpoint(str(DATA / directory))
-    assert prefix is not None and os.path.exists(prefix + ".index")
+    assert prefix == tf.train.latest_checkpoint(str(DATA / directory))
+    assert os.path.exists(prefix + ".index")
     want = _expected(key, expected_npz)
     meta = EXPECTED[key]
     assert list(want.shape) == meta["shape"]
@@ -453,3 +455,49 @@ def test_tf_written_big_tensors_restore_in_place_or_not_at_all(tmp_path):
         with pytest.raises(ss.DataLossError, match=f"{entry.crc32c:#010x}"):
             saver.restore(prefix)
     assert all((v.value == -1).all() for v in (whole, *rows))
+
+
+def test_keep_checkpoint_every_n_hours_boundary_as_tensorflow(tmp_path, monkeypatch):
+    """TF's Saver and shardsave's, on one fake clock (Saver made at t=0, N = 1 hour,
+    max_to_keep=1), saving exactly at and after the preservation times: the same
+    checkpoints stay on disk (TF keeps one only when strictly newer than the time)."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
+    times = ((1, 3600.0), (2, 5000.0), (3, 7200.0), (4, 7200.5), (5, 9000.0))
+
+    def run(directory: Path, make, save) -> set[str]:
+        clock["now"] = 0.0
+        saver = make()
+        for step, now in times:
+            clock["now"] = now
+            save(saver, str(directory / "m"), step)
+        return {n.removesuffix(".index") for n in os.listdir(directory) if n.endswith(".index")}
+
+    variable = tf.Variable(np.arange(3.0))
+    got_tf = run(
+        tmp_path / "tf", lambda: v1.train.Saver(var_list=[variable], max_to_keep=1, keep_checkpoint_every_n_hours=1.0),
+        lambda s, path, step: s.save(None, path, global_step=step, write_meta_graph=False),
+    )
+    with ss.Graph().as_default():
+        ss.Variable("v", np.arange(3.0))
+        got_ss = run(
+            tmp_path / "ss", lambda: ss.Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1.0),
+            lambda s, path, step: s.save(path, global_step=step),
+        )
+    monkeypatch.undo()
+    assert got_tf == {"m-2", "m-4", "m-5"}
+    assert got_ss == got_tf
+
+
+def test_update_checkpoint_state_writes_what_tensorflow_writes(tmp_path):
+    """By default (as TF's) absolute paths stay absolute, even those in the directory.
+    (A relative path differs on purpose: TF writes it as given, shardsave relative to the
+    directory, where readers look for it.)"""
+    for directory, fn in ((tmp_path / "tf", v1.train.update_checkpoint_state), (tmp_path / "ss", ss.update_checkpoint_state)):
+        directory.mkdir()
+        fn(str(directory), str(directory / "m-2"), [str(directory / "m-1"), "/elsewhere/m-0", str(directory / "m-2")])
+    text = {k: (tmp_path / k / "checkpoint").read_text().replace(str(tmp_path / k), "D") for k in ("tf", "ss")}
+    assert text["ss"] == text["tf"]
+    assert text["ss"].splitlines() == ['model_checkpoint_path: "D/m-2"', 'all_model_checkpoint_paths: "D/m-1"',
+                                       'all_model_checkpoint_paths: "/elsewhere/m-0"',
+                                       'all_model_checkpoint_paths: "D/m-2"']
