@@ -8,7 +8,7 @@ not set its own count); the original is put back after each. A mutant the
 tests pass on survives and is listed.
 
     PYTHONPATH=$PWD .venv/bin/python tests/mutation/mutate.py shardsave/format/coding.py
-    PYTHONPATH=$PWD .venv/bin/python tests/mutation/mutate.py shardsave/saver.py --function _retention
+    PYTHONPATH=$PWD .venv/bin/python tests/mutation/mutate.py shardsave/retention.py --function retain
 
 Run it in a scratch worktree: it rewrites the module while it runs (Ctrl-C restores it).
 """
@@ -39,7 +39,7 @@ TESTS = {
     "shardsave/plan.py": ["tests/test_plan.py"],
     "shardsave/checkpoint_state.py": ["tests/test_api.py", "tests/test_names.py", "-k",
                                       "latest or state or recover or relative or checkpoint or resolve or file_hint"],
-    "shardsave/saver.py": ["tests/test_api.py", "-k", "keep or max_to_keep or recover or retention"],
+    "shardsave/retention.py": ["tests/test_api.py", "-k", "keep or max_to_keep or recover or retention"],
 }
 
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
