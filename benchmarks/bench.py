@@ -43,14 +43,22 @@ def transformer_like(gib: float, rank: int, size: int):
     for i in range(n_big):
         r0, nr = rows_of(side, rank, size)
         arr = np.random.default_rng(i).standard_normal((nr, side), dtype=np.float32)
-        out.append(ss.Variable(f"layer{i:02d}/kernel", arr, global_shape=(side, side), offset=(r0, 0), register=False))
+        out.append(
+            ss.Variable(
+                f"layer{i:02d}/kernel", arr, global_shape=(side, side), offset=(r0, 0), register=False
+            )
+        )
     for i in range(n_small):
-        out.append(ss.Variable(f"layer{i % 50:02d}/norm{i:04d}", np.full(small, i, np.float32), register=False))
+        out.append(
+            ss.Variable(f"layer{i % 50:02d}/norm{i:04d}", np.full(small, i, np.float32), register=False)
+        )
     return out
 
 
 def many_small(count: int = 20000, nbytes: int = 1024):
-    return [ss.Variable(f"var{i:05d}", np.full(nbytes // 4, i, np.float32), register=False) for i in range(count)]
+    return [
+        ss.Variable(f"var{i:05d}", np.full(nbytes // 4, i, np.float32), register=False) for i in range(count)
+    ]
 
 
 def timed(fn) -> float:
@@ -128,8 +136,19 @@ def bench_save_restore(args) -> dict:
     def raw_read_fresh():
         raw_read(raw_path, [np.empty_like(a) for a in needed])
 
-    runs = {k: [] for k in ("raw_write", "ss_save", "raw_read", "ss_restore", "copy", "nonblocking_call",
-                            "raw_read_fresh", "ss_restore_new")}
+    runs = {
+        k: []
+        for k in (
+            "raw_write",
+            "ss_save",
+            "raw_read",
+            "ss_restore",
+            "copy",
+            "nonblocking_call",
+            "raw_read_fresh",
+            "ss_restore_new",
+        )
+    }
     for i in range(args.repeat + 1):
         # each read follows its own write, so both read a file of the same age: a file
         # read right after it was written and fsynced reads slower here (page cache state)
@@ -148,10 +167,16 @@ def bench_save_restore(args) -> dict:
     written = COMM.allreduce(sum(a.nbytes for a in mine))
     read = COMM.allreduce(sum(a.nbytes for a in needed))
     out = {k: median(v) for k, v in runs.items()}
-    out.update(bytes_written=written, bytes_read=read, ranks=SIZE, fsync=args.fsync,
-               save_ratio=out["raw_write"] / out["ss_save"], restore_ratio=out["raw_read"] / out["ss_restore"],
-               restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"],
-               nonblocking_vs_copy=out["nonblocking_call"] / out["copy"])
+    out.update(
+        bytes_written=written,
+        bytes_read=read,
+        ranks=SIZE,
+        fsync=args.fsync,
+        save_ratio=out["raw_write"] / out["ss_save"],
+        restore_ratio=out["raw_read"] / out["ss_restore"],
+        restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"],
+        nonblocking_vs_copy=out["nonblocking_call"] / out["copy"],
+    )
     return out
 
 
@@ -184,8 +209,10 @@ def bench_restore_memory(args) -> dict:
     for name, shape in shapes:
         if columns and len(shape) == 2:
             half = shape[1] // 2
-            variables[name] = [part(name, (shape[0], n), global_shape=shape, offset=(0, c))
-                               for c, n in ((0, half), (half, shape[1] - half))]
+            variables[name] = [
+                part(name, (shape[0], n), global_shape=shape, offset=(0, c))
+                for c, n in ((0, half), (half, shape[1] - half))
+            ]
         else:
             variables[name] = part(name, shape)
     targets = sum(int(np.prod(s)) * 4 for _, s in shapes)
@@ -193,9 +220,12 @@ def bench_restore_memory(args) -> dict:
     ss.Saver(variables, comm=MPI.COMM_SELF).restore(prefix)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     extra = peak if in_place else peak - targets  # in place, the arrays were there before the restore began
-    key = {"restore-memory": "restore_extra_bytes", "restore-memory-in-place": "in_place_restore_extra_bytes",
-           "restore-memory-columns": "columns_in_place_extra_bytes",
-           "restore-memory-columns-new": "columns_new_arrays_extra_bytes"}[args.workload]
+    key = {
+        "restore-memory": "restore_extra_bytes",
+        "restore-memory-in-place": "in_place_restore_extra_bytes",
+        "restore-memory-columns": "columns_in_place_extra_bytes",
+        "restore-memory-columns-new": "columns_new_arrays_extra_bytes",
+    }[args.workload]
     out = {key: extra}
     if args.workload == "restore-memory":
         out.update(target_bytes=targets, restore_peak_bytes=peak)
@@ -223,9 +253,13 @@ def bench_restart(args) -> dict:
     saver = ss.Saver(variables, comm=MPI.COMM_SELF, restore_in_place=bool(args.in_place))
     restore = timed(lambda: saver.restore(os.path.join(args.dir, "ckpt")))
     raw = timed(lambda: raw_read(os.path.join(args.dir, "raw"), [v.value for v in variables]))
-    return {"ss_restore": restore, "raw_read": raw, "in_place": args.in_place,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "state_bytes": sum(v.value.nbytes for v in variables)}
+    return {
+        "ss_restore": restore,
+        "raw_read": raw,
+        "in_place": args.in_place,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "state_bytes": sum(v.value.nbytes for v in variables),
+    }
 
 
 def bench_reshard_save(args) -> dict:
@@ -251,8 +285,17 @@ def bench_reshard_restore(args) -> dict:
             r0, nr = rows_of(shape[0], RANK, SIZE) if len(shape) == 2 else (0, shape[0])
             mine = (nr, *shape[1:])
             value = np.ones(mine, np.float32) if holding else None
-            out.append(ss.Variable(name, value, dtype=np.float32, shape=mine, global_shape=shape,
-                                   offset=(r0, *[0] * (len(shape) - 1)), register=False))
+            out.append(
+                ss.Variable(
+                    name,
+                    value,
+                    dtype=np.float32,
+                    shape=mine,
+                    global_shape=shape,
+                    offset=(r0, *[0] * (len(shape) - 1)),
+                    register=False,
+                )
+            )
         return out
 
     saver = ss.Saver(my_variables(holding=True), comm=COMM)
@@ -275,31 +318,57 @@ def bench_reshard_restore(args) -> dict:
     total_new = COMM.allreduce(new_stats.bytes_read)
     total_needed = COMM.allreduce(sum(a.nbytes for a in needed))
     out = {k: median(v) for k, v in runs.items()}
-    out.update(ranks=SIZE, bytes_read=total_read, bytes_reread=total_reread, bytes_needed=total_needed,
-               read_amplification=total_read / total_needed, read_amplification_new=total_new / total_needed,
-               restore_ratio=out["raw_read"] / out["ss_restore"],
-               restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"])
+    out.update(
+        ranks=SIZE,
+        bytes_read=total_read,
+        bytes_reread=total_reread,
+        bytes_needed=total_needed,
+        read_amplification=total_read / total_needed,
+        read_amplification_new=total_new / total_needed,
+        restore_ratio=out["raw_read"] / out["ss_restore"],
+        restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"],
+    )
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--workload", required=True, choices=["a", "b", "memory", "restore-memory",
-                                                         "restore-memory-in-place", "restore-memory-columns",
-                                                         "restore-memory-columns-new", "restart-save", "restart",
-                                                         "reshard-save",
-                                                         "reshard-restore"])
+    p.add_argument(
+        "--workload",
+        required=True,
+        choices=[
+            "a",
+            "b",
+            "memory",
+            "restore-memory",
+            "restore-memory-in-place",
+            "restore-memory-columns",
+            "restore-memory-columns-new",
+            "restart-save",
+            "restart",
+            "reshard-save",
+            "reshard-restore",
+        ],
+    )
     p.add_argument("--dir", required=True)
     p.add_argument("--gib", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--fsync", type=int, default=1)
     p.add_argument("--in-place", type=int, default=1, help="restart: Saver(restore_in_place=...)")
     args = p.parse_args()
-    fn = {"a": bench_save_restore, "b": bench_save_restore, "memory": bench_memory,
-          "restore-memory": bench_restore_memory, "restore-memory-in-place": bench_restore_memory,
-          "restore-memory-columns": bench_restore_memory, "restore-memory-columns-new": bench_restore_memory,
-          "restart-save": bench_restart_save, "restart": bench_restart, "reshard-save": bench_reshard_save,
-          "reshard-restore": bench_reshard_restore}[args.workload]
+    fn = {
+        "a": bench_save_restore,
+        "b": bench_save_restore,
+        "memory": bench_memory,
+        "restore-memory": bench_restore_memory,
+        "restore-memory-in-place": bench_restore_memory,
+        "restore-memory-columns": bench_restore_memory,
+        "restore-memory-columns-new": bench_restore_memory,
+        "restart-save": bench_restart_save,
+        "restart": bench_restart,
+        "reshard-save": bench_reshard_save,
+        "reshard-restore": bench_reshard_restore,
+    }[args.workload]
     result = fn(args)
     if RANK == 0:
         print(json.dumps(result))

@@ -32,7 +32,9 @@ def synthetic_parts(ranks: int, variables: int, rows: int = 64, cols: int = 1024
             entries.append((key, encode_entry(1, (rows, cols), r, offset, size, rng.getrandbits(32))))
             offset += size
         values = [value for _, value in entries]
-        parts.append(encode_rank_part([key for key, _ in entries], b"".join(values), list(map(len, values)), sliced))
+        parts.append(
+            encode_rank_part([key for key, _ in entries], b"".join(values), list(map(len, values)), sliced)
+        )
     return parts, sliced
 
 
@@ -51,8 +53,15 @@ def run(ranks: int, variables: int, path: str) -> dict:
         index = parse_index(f.read())
     t3 = time.perf_counter()
     assert len(index.entries) == variables and sum(index.pieces._counts.values()) == n
-    return {"entries": n, "merge_s": t1 - t0, "write_s": t2 - t1, "read_s": t3 - t2,
-            "total_s": t3 - t0, "bytes": len(data), "bytes_per_entry": len(data) / n}
+    return {
+        "entries": n,
+        "merge_s": t1 - t0,
+        "write_s": t2 - t1,
+        "read_s": t3 - t2,
+        "total_s": t3 - t0,
+        "bytes": len(data),
+        "bytes_per_entry": len(data) / n,
+    }
 
 
 def main() -> None:

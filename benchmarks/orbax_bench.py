@@ -42,8 +42,12 @@ from peers import arguments, raw_read, timed_raw, workload_arrays  # noqa: E402
 
 def main() -> int:
     p = arguments()
-    p.add_argument("--arrays", choices=["numpy", "jax"], default="numpy",
-                   help="save numpy arrays and restore numpy arrays (default), or jax arrays on the CPU device")
+    p.add_argument(
+        "--arrays",
+        choices=["numpy", "jax"],
+        default="numpy",
+        help="save numpy arrays and restore numpy arrays (default), or jax arrays on the CPU device",
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -64,8 +68,14 @@ def main() -> int:
         state = {f"v{i}": a for i, a in enumerate(arrays)}
         target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in state.items()}
     outs = [np.empty_like(a) for a in arrays]
-    runs = {"raw_write": [], "orbax_save": [], "raw_read": [], "orbax_restore": [], "raw_read_fresh": [],
-            "orbax_save_call": []}
+    runs = {
+        "raw_write": [],
+        "orbax_save": [],
+        "raw_read": [],
+        "orbax_restore": [],
+        "raw_read_fresh": [],
+        "orbax_save_call": [],
+    }
     restored = None
     with ocp.StandardCheckpointer() as ckptr:
         for i in range(args.repeat + 1):
@@ -97,10 +107,19 @@ def main() -> int:
     out["save_ratio"] = out["raw_write"] / out["ss_save"]
     out["restore_ratio"] = out["raw_read"] / out["ss_restore"]
     out["restore_ratio_fresh"] = out["raw_read_fresh"] / out["ss_restore"]
-    out.update(repeat=args.repeat, fsync=True, arrays=args.arrays, bytes=sum(a.nbytes for a in arrays),
-               variables=len(arrays), orbax=importlib.metadata.version("orbax-checkpoint"), jax=jax.__version__)
-    out["note"] = (f"Orbax {out['orbax']} StandardCheckpointer (fsyncs; OCDBT, zstd), jax {jax.__version__} CPU, "
-                   f"1 process, restores new {args.arrays} arrays from an abstract tree")
+    out.update(
+        repeat=args.repeat,
+        fsync=True,
+        arrays=args.arrays,
+        bytes=sum(a.nbytes for a in arrays),
+        variables=len(arrays),
+        orbax=importlib.metadata.version("orbax-checkpoint"),
+        jax=jax.__version__,
+    )
+    out["note"] = (
+        f"Orbax {out['orbax']} StandardCheckpointer (fsyncs; OCDBT, zstd), jax {jax.__version__} CPU, "
+        f"1 process, restores new {args.arrays} arrays from an abstract tree"
+    )
     print(json.dumps(out))
     return 0
 

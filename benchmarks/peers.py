@@ -42,7 +42,9 @@ def workload_arrays(workload: str, gib: float) -> list[np.ndarray]:
     if workload == "a":
         side, n_small, small = 4096, 1000, 4096
         n_big = max(1, int((gib * 2**30 - n_small * small * 4) // (side * side * 4)))
-        arrays = [np.random.default_rng(i).standard_normal((side, side), dtype=np.float32) for i in range(n_big)]
+        arrays = [
+            np.random.default_rng(i).standard_normal((side, side), dtype=np.float32) for i in range(n_big)
+        ]
         return arrays + [np.full(small, i, np.float32) for i in range(n_small)]
     return [np.full(256, i, np.float32) for i in range(20000)]
 

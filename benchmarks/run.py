@@ -43,15 +43,24 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke run")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /tmp)")
-    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: a a2 restart b c e mem tf s3 dcp orbax")
+    p.add_argument(
+        "--skip", nargs="*", default=[], help="workloads to skip: a a2 restart b c e mem tf s3 dcp orbax"
+    )
     args = p.parse_args()
     if args.quick:
         args.gib, args.repeat = 0.125, 2
     scratch = args.dir or tempfile.mkdtemp(prefix="shardsave-bench-")
     common = ["--repeat", str(args.repeat), "--gib", str(args.gib)]
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "platform": platform.platform()},
-                     "when": time.strftime("%Y-%m-%d %H:%M:%S"), "gib": args.gib, "repeat": args.repeat}
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "gib": args.gib,
+        "repeat": args.repeat,
+    }
     rows = []
 
     def row(name, r, keys):
@@ -62,26 +71,45 @@ def main() -> int:
     for fsync in (1, 0):
         tag = "durable" if fsync else "no-fsync"
         if "a" not in args.skip:
-            row(f"a 1 rank {tag}", mpi(1, "--workload", "a", "--dir", f"{scratch}/a1", "--fsync", str(fsync), *common),
-                "save")
+            row(
+                f"a 1 rank {tag}",
+                mpi(1, "--workload", "a", "--dir", f"{scratch}/a1", "--fsync", str(fsync), *common),
+                "save",
+            )
         if "a2" not in args.skip:
-            row(f"a 2 ranks {tag}", mpi(2, "--workload", "a", "--dir", f"{scratch}/a2", "--fsync", str(fsync), *common),
-                "save")
+            row(
+                f"a 2 ranks {tag}",
+                mpi(2, "--workload", "a", "--dir", f"{scratch}/a2", "--fsync", str(fsync), *common),
+                "save",
+            )
     if "restart" not in args.skip:
         mpi(1, "--workload", "restart-save", "--dir", f"{scratch}/r", *common)
-        runs = [mpi(1, "--workload", "restart", "--dir", f"{scratch}/r", "--in-place", str(i), *common)
-                for _ in range(3) for i in (1, 0)]
+        runs = [
+            mpi(1, "--workload", "restart", "--dir", f"{scratch}/r", "--in-place", str(i), *common)
+            for _ in range(3)
+            for i in (1, 0)
+        ]
         restart = {}
         for key, i in (("in_place", 1), ("new_arrays", 0)):
             mine = [r for r in runs if r["in_place"] == i]
-            restart[key] = {k: statistics.median(r[k] for r in mine) for k in ("ss_restore", "raw_read", "peak_rss_bytes")}
+            restart[key] = {
+                k: statistics.median(r[k] for r in mine) for k in ("ss_restore", "raw_read", "peak_rss_bytes")
+            }
         restart["state_bytes"] = runs[0]["state_bytes"]
         row("a restart, 1 rank", restart, "restart")
     if "b" not in args.skip:
-        row("b 20k x 1 KiB", mpi(1, "--workload", "b", "--dir", f"{scratch}/b", "--repeat", str(args.repeat)), "small")
+        row(
+            "b 20k x 1 KiB",
+            mpi(1, "--workload", "b", "--dir", f"{scratch}/b", "--repeat", str(args.repeat)),
+            "small",
+        )
     if "c" not in args.skip:
         mpi(4, "--workload", "reshard-save", "--dir", f"{scratch}/c", *common)
-        row("c reshard 4->3", mpi(3, "--workload", "reshard-restore", "--dir", f"{scratch}/c", *common), "reshard")
+        row(
+            "c reshard 4->3",
+            mpi(3, "--workload", "reshard-restore", "--dir", f"{scratch}/c", *common),
+            "reshard",
+        )
     if "mem" not in args.skip:
         m = mpi(1, "--workload", "memory", "--dir", f"{scratch}/m", *common)
         m.update(mpi(1, "--workload", "restore-memory", "--dir", f"{scratch}/m", *common))
@@ -91,25 +119,47 @@ def main() -> int:
         row("memory", m, "memory")
     if "e" not in args.skip:
         ranks = 100 if args.quick else 1000
-        row("e index 1M entries" if not args.quick else "e index 100k entries",
-            py("index_bench.py", "--ranks", str(ranks), "--variables", "1000", "--path", f"{scratch}/e.index"),
-            "index")
+        row(
+            "e index 1M entries" if not args.quick else "e index 100k entries",
+            py(
+                "index_bench.py", "--ranks", str(ranks), "--variables", "1000", "--path", f"{scratch}/e.index"
+            ),
+            "index",
+        )
     if "s3" not in args.skip:
         for n in (1, 2):
             try:
-                row(f"d S3 (moto), {n} rank{'s' if n > 1 else ''}",
-                    mpi(n, "--gib", str(min(args.gib, 0.25)), script="s3_bench.py"), "s3")
+                row(
+                    f"d S3 (moto), {n} rank{'s' if n > 1 else ''}",
+                    mpi(n, "--gib", str(min(args.gib, 0.25)), script="s3_bench.py"),
+                    "s3",
+                )
             except subprocess.CalledProcessError as exc:
                 print(f"S3 benchmark on {n} rank(s) failed: {exc.stderr[-300:]}", file=sys.stderr)
     peers = os.path.join(os.path.dirname(HERE), ".venv-peers", "bin", "python")
-    for peer, label, module in (("dcp", "PyTorch DCP", "torch.distributed.checkpoint"),
-                                ("orbax", "Orbax", "orbax.checkpoint, jax")):
-        if peer in args.skip or not os.path.exists(peers) or subprocess.run(
-                [peers, "-c", f"import {module}"], capture_output=True).returncode != 0:
+    for peer, label, module in (
+        ("dcp", "PyTorch DCP", "torch.distributed.checkpoint"),
+        ("orbax", "Orbax", "orbax.checkpoint, jax"),
+    ):
+        if (
+            peer in args.skip
+            or not os.path.exists(peers)
+            or subprocess.run([peers, "-c", f"import {module}"], capture_output=True).returncode != 0
+        ):
             continue
         for wl, kind in (("a", "save"), ("b", "small")):
-            cmd = [peers, os.path.join(HERE, f"{peer}_bench.py"), "--dir", f"{scratch}/{peer}", "--workload", wl,
-                   "--gib", str(args.gib), "--repeat", str(min(args.repeat, 3))]
+            cmd = [
+                peers,
+                os.path.join(HERE, f"{peer}_bench.py"),
+                "--dir",
+                f"{scratch}/{peer}",
+                "--workload",
+                wl,
+                "--gib",
+                str(args.gib),
+                "--repeat",
+                str(min(args.repeat, 3)),
+            ]
             try:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
                 row(f"{label} ({wl}) 1 rank", json.loads(out.stdout.strip().splitlines()[-1]), kind)
@@ -122,49 +172,73 @@ def main() -> int:
             print(f"TensorFlow comparison skipped: {exc.stderr[-300:]}", file=sys.stderr)
 
     print()
-    print(f"{'workload':<26} {'raw':>9} {'shardsave':>10} {'ratio':>7}   {'raw':>9} {'shardsave':>10} {'ratio':>7}")
+    print(
+        f"{'workload':<26} {'raw':>9} {'shardsave':>10} {'ratio':>7}   {'raw':>9} {'shardsave':>10} {'ratio':>7}"
+    )
     print(f"{'':<26} {'save s':>9} {'save s':>10} {'':>7}   {'restore s':>9} {'restore s':>10}")
     for name, r, kind in rows:
         if kind in ("save", "small"):
-            print(f"{name:<26} {r['raw_write']:9.3f} {r['ss_save']:10.3f} {r['save_ratio']:7.2f}   "
-                  f"{r['raw_read']:9.3f} {r['ss_restore']:10.3f} {r['restore_ratio']:7.2f}"
-                  + (f"   new arrays (restore_in_place=False): {r['ss_restore_new']:.3f} s = "
-                     f"{r['restore_new_ratio_fresh']:.2f} x raw into fresh buffers ({r['raw_read_fresh']:.3f} s)"
-                     if "ss_restore_new" in r else "")
-                  + (f"   non-blocking call {r['nonblocking_call']:.3f}s = {r['nonblocking_vs_copy']:.2f} x copy"
-                     if "nonblocking_call" in r else ""))
+            print(
+                f"{name:<26} {r['raw_write']:9.3f} {r['ss_save']:10.3f} {r['save_ratio']:7.2f}   "
+                f"{r['raw_read']:9.3f} {r['ss_restore']:10.3f} {r['restore_ratio']:7.2f}"
+                + (
+                    f"   new arrays (restore_in_place=False): {r['ss_restore_new']:.3f} s = "
+                    f"{r['restore_new_ratio_fresh']:.2f} x raw into fresh buffers ({r['raw_read_fresh']:.3f} s)"
+                    if "ss_restore_new" in r
+                    else ""
+                )
+                + (
+                    f"   non-blocking call {r['nonblocking_call']:.3f}s = {r['nonblocking_vs_copy']:.2f} x copy"
+                    if "nonblocking_call" in r
+                    else ""
+                )
+            )
             if kind == "small":
                 print(f"{'':<26} save + restore: {r['ss_save'] + r['ss_restore']:.3f} s")
             if "note" in r:
                 print(f"{'':<26} ({r['note']})")
         elif kind == "reshard":
-            print(f"{name:<26} {'':>9} {'':>10} {'':>7}   {r['raw_read']:9.3f} {r['ss_restore']:10.3f} "
-                  f"{r['restore_ratio']:7.2f}   new arrays: {r['ss_restore_new']:.3f} s = "
-                  f"{r['restore_new_ratio_fresh']:.2f} x raw into fresh buffers ({r['raw_read_fresh']:.3f} s)")
-            print(f"{'':<26} read {r['read_amplification']:.4f} x the bytes needed (then "
-                  f"{r['bytes_reread'] / r['bytes_needed']:.2f} x again into the variables' arrays, once checked)")
+            print(
+                f"{name:<26} {'':>9} {'':>10} {'':>7}   {r['raw_read']:9.3f} {r['ss_restore']:10.3f} "
+                f"{r['restore_ratio']:7.2f}   new arrays: {r['ss_restore_new']:.3f} s = "
+                f"{r['restore_new_ratio_fresh']:.2f} x raw into fresh buffers ({r['raw_read_fresh']:.3f} s)"
+            )
+            print(
+                f"{'':<26} read {r['read_amplification']:.4f} x the bytes needed (then "
+                f"{r['bytes_reread'] / r['bytes_needed']:.2f} x again into the variables' arrays, once checked)"
+            )
         elif kind == "restart":
             for key, what in (("in_place", "in place"), ("new_arrays", "new arrays")):
                 m = r[key]
-                print(f"{name + ', ' + what:<26} {'':>9} {'':>10} {'':>7}   {m['raw_read']:9.3f} "
-                      f"{m['ss_restore']:10.3f} {m['raw_read'] / m['ss_restore']:7.2f}   peak RSS "
-                      f"{m['peak_rss_bytes'] / r['state_bytes']:.2f} x the variables")
+                print(
+                    f"{name + ', ' + what:<26} {'':>9} {'':>10} {'':>7}   {m['raw_read']:9.3f} "
+                    f"{m['ss_restore']:10.3f} {m['raw_read'] / m['ss_restore']:7.2f}   peak RSS "
+                    f"{m['peak_rss_bytes'] / r['state_bytes']:.2f} x the variables"
+                )
         elif kind == "memory":
-            print(f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
-                  f"restore peak above the new arrays: {r['restore_extra_bytes'] / 2**20:.1f} MiB; "
-                  f"in place, above the variables: {r['in_place_restore_extra_bytes'] / 2**20:.1f} MiB")
-            print(f"{'':<26} reshard by columns (matrices saved whole, restored as column halves): in place "
-                  f"{r['columns_in_place_extra_bytes'] / 2**20:.1f} MiB above the variables; into new arrays "
-                  f"{r['columns_new_arrays_extra_bytes'] / 2**20:.1f} MiB above them")
+            print(
+                f"{name:<26} save peak above the variables: {r['save_extra_bytes'] / 2**20:.1f} MiB; "
+                f"restore peak above the new arrays: {r['restore_extra_bytes'] / 2**20:.1f} MiB; "
+                f"in place, above the variables: {r['in_place_restore_extra_bytes'] / 2**20:.1f} MiB"
+            )
+            print(
+                f"{'':<26} reshard by columns (matrices saved whole, restored as column halves): in place "
+                f"{r['columns_in_place_extra_bytes'] / 2**20:.1f} MiB above the variables; into new arrays "
+                f"{r['columns_new_arrays_extra_bytes'] / 2**20:.1f} MiB above them"
+            )
         elif kind == "s3":
-            print(f"{name:<26} {r['bytes'] / 2**20:.0f} MiB held by the ranks, {r['variables']} variables per rank: "
-                  f"save {r['save_s']:.2f} s in {r['save_requests']} requests, "
-                  f"{r['save_bytes_sent'] / 2**20:.0f} MiB sent; restore {r['restore_s']:.2f} s in "
-                  f"{r['restore_requests']} requests ({r['restore_ranged_gets']} coalesced ranges), "
-                  f"{r['restore_bytes_received'] / 2**20:.0f} MiB received")
+            print(
+                f"{name:<26} {r['bytes'] / 2**20:.0f} MiB held by the ranks, {r['variables']} variables per rank: "
+                f"save {r['save_s']:.2f} s in {r['save_requests']} requests, "
+                f"{r['save_bytes_sent'] / 2**20:.0f} MiB sent; restore {r['restore_s']:.2f} s in "
+                f"{r['restore_requests']} requests ({r['restore_ranged_gets']} coalesced ranges), "
+                f"{r['restore_bytes_received'] / 2**20:.0f} MiB received"
+            )
         elif kind == "index":
-            print(f"{name:<26} merge {r['merge_s']:.2f} s, write {r['write_s']:.2f} s, read {r['read_s']:.2f} s "
-                  f"= {r['total_s']:.2f} s; {r['bytes_per_entry']:.1f} bytes/entry")
+            print(
+                f"{name:<26} merge {r['merge_s']:.2f} s, write {r['write_s']:.2f} s, read {r['read_s']:.2f} s "
+                f"= {r['total_s']:.2f} s; {r['bytes_per_entry']:.1f} bytes/entry"
+            )
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     out = os.path.join(HERE, "results", "latest.json")
     with open(out, "w") as f:

@@ -63,12 +63,21 @@ def main() -> int:
         read = comm.allreduce(stats.bytes_read)
         gets = comm.allreduce(stats.requests)
         if comm.rank == 0:
-            out = {"ranks": comm.size, "variables": len(variables), "bytes": nbytes,
-                   "save_s": save_s, "save_requests": save_counts[0], "save_bytes_sent": save_counts[1],
-                   "restore_s": restore_s, "restore_requests": restore_counts[0],
-                   "restore_bytes_received": restore_counts[2],
-                   "restore_bytes_read": read, "restore_ranged_gets": gets,
-                   "save_MBps": nbytes / save_s / 1e6, "restore_MBps": nbytes / restore_s / 1e6}
+            out = {
+                "ranks": comm.size,
+                "variables": len(variables),
+                "bytes": nbytes,
+                "save_s": save_s,
+                "save_requests": save_counts[0],
+                "save_bytes_sent": save_counts[1],
+                "restore_s": restore_s,
+                "restore_requests": restore_counts[0],
+                "restore_bytes_received": restore_counts[2],
+                "restore_bytes_read": read,
+                "restore_ranged_gets": gets,
+                "save_MBps": nbytes / save_s / 1e6,
+                "restore_MBps": nbytes / restore_s / 1e6,
+            }
     finally:
         comm.Barrier()
         if proxy is not None:

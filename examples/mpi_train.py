@@ -33,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", required=True, help="directory or URL (s3://bucket/run) for checkpoints")
     p.add_argument("--steps", type=int, default=200, help="train until this global step")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every this many steps")
-    p.add_argument("--resume", action="store_true", help="restore the latest checkpoint in --ckpt-dir, if any")
+    p.add_argument(
+        "--resume", action="store_true", help="restore the latest checkpoint in --ckpt-dir, if any"
+    )
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--classes", type=int, default=8)
@@ -43,8 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-to-keep", type=int, default=3)
-    p.add_argument("--storage-options", default=os.environ.get("SHARDSAVE_STORAGE_OPTIONS"),
-                   help="fsspec storage options as JSON (default: $SHARDSAVE_STORAGE_OPTIONS)")
+    p.add_argument(
+        "--storage-options",
+        default=os.environ.get("SHARDSAVE_STORAGE_OPTIONS"),
+        help="fsspec storage options as JSON (default: $SHARDSAVE_STORAGE_OPTIONS)",
+    )
     p.add_argument("--dump", default=None, help="write the final parameters to this .npz (rank 0)")
     return p.parse_args(argv)
 
@@ -93,7 +98,9 @@ def main(argv=None) -> int:
     init = np.random.default_rng(args.seed + 1)
     full_emb = (init.standard_normal((args.vocab, args.dim)) * 0.1).astype(np.float32)
     emb = ss.Variable("embedding", full_emb[lo:hi], global_shape=full_emb.shape, offset=(lo, 0))
-    kernel = ss.Variable("dense/kernel", (init.standard_normal((args.dim, args.classes)) * 0.1).astype(np.float32))
+    kernel = ss.Variable(
+        "dense/kernel", (init.standard_normal((args.dim, args.classes)) * 0.1).astype(np.float32)
+    )
     bias = ss.Variable("dense/bias", np.zeros(args.classes, np.float32))
     global_step = ss.Variable("global_step", np.int64(0))
     saver = ss.Saver(max_to_keep=args.max_to_keep, comm=comm, storage_options=options)

@@ -87,7 +87,9 @@ class Comm:
         self._sends: list[Any] = []  # verdict/report sends not yet known complete
         self._closed = False
         # a communicator this Comm duplicated is freed when it is closed or collected
-        self._free = weakref.finalize(self, _free, mpi_comm) if owned and mpi_comm is not None else lambda: None
+        self._free = (
+            weakref.finalize(self, _free, mpi_comm) if owned and mpi_comm is not None else lambda: None
+        )
 
     @classmethod
     def create(cls, comm: Any = None, timeout: float | None = None) -> Comm:

@@ -1,7 +1,7 @@
 """Print the tensors of a checkpoint, as TF's ``inspect_checkpoint`` does (see inspect_checkpoint.py).
 
-    python -m shardsave.inspect_checkpoint --file_name P [--tensor_name N] [--all_tensors]
-        [--all_tensor_names] [--printoptions k=v ...]
+python -m shardsave.inspect_checkpoint --file_name P [--tensor_name N] [--all_tensors]
+    [--all_tensor_names] [--printoptions k=v ...]
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def parse_numpy_printoption(kv_str: str) -> None:
     if kind is bool:
         parsed: Any = value.lower() in ("1", "true", "yes")
     elif current[key] is None or kind in (int, float):
-        parsed = int(value) if value.isdigit() else (float(value) if value.replace(".", "", 1).isdigit() else value)
+        parsed = (
+            int(value)
+            if value.isdigit()
+            else (float(value) if value.replace(".", "", 1).isdigit() else value)
+        )
         if key == "threshold" and value in ("inf", "sys.maxsize"):
             parsed = sys.maxsize
     else:
@@ -71,16 +75,25 @@ def parse_numpy_printoption(kv_str: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shardsave.inspect_checkpoint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m shardsave.inspect_checkpoint", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--file_name", required=True, help="checkpoint prefix or directory")
     parser.add_argument("--tensor_name", default="", help="the tensor to print")
     parser.add_argument("--all_tensors", action="store_true", help="print every tensor's values")
     parser.add_argument("--all_tensor_names", action="store_true", help="print every tensor's name")
-    parser.add_argument("--printoptions", nargs="*", type=parse_numpy_printoption, default=[],
-                        help="numpy print options as key=value, e.g. threshold=100000")
+    parser.add_argument(
+        "--printoptions",
+        nargs="*",
+        type=parse_numpy_printoption,
+        default=[],
+        help="numpy print options as key=value, e.g. threshold=100000",
+    )
     args = parser.parse_args(argv)
     try:
-        print_tensors_in_checkpoint_file(args.file_name, args.tensor_name, args.all_tensors, args.all_tensor_names)
+        print_tensors_in_checkpoint_file(
+            args.file_name, args.tensor_name, args.all_tensors, args.all_tensor_names
+        )
     except ShardsaveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

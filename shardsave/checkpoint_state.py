@@ -112,7 +112,9 @@ def latest_checkpoint(
     return None
 
 
-def resolve_checkpoint(ckpt: str | os.PathLike, *, storage_options: dict | None = None, fs: Any = None) -> str:
+def resolve_checkpoint(
+    ckpt: str | os.PathLike, *, storage_options: dict | None = None, fs: Any = None
+) -> str:
     """A checkpoint prefix from a prefix or a directory (through its state file)."""
     ckpt = os.fspath(ckpt)
     if checkpoint_exists(ckpt, storage_options=storage_options, fs=fs):
@@ -120,10 +122,13 @@ def resolve_checkpoint(ckpt: str | os.PathLike, *, storage_options: dict | None 
     latest = latest_checkpoint(ckpt, storage_options=storage_options, fs=fs)
     if latest is not None:
         return latest
-    raise NotFoundError(f"no checkpoint found at {ckpt!r}: " + (
-        _file_hint(ckpt, storage_options, fs)
-        or f"neither {ckpt}.index nor a directory with a 'checkpoint' state file naming a committed checkpoint"
-    ))
+    raise NotFoundError(
+        f"no checkpoint found at {ckpt!r}: "
+        + (
+            _file_hint(ckpt, storage_options, fs)
+            or f"neither {ckpt}.index nor a directory with a 'checkpoint' state file naming a committed checkpoint"
+        )
+    )
 
 
 _CHECKPOINT_FILE = re.compile(r"(.+)(\.index|\.data-\d+-of-\d+)")
@@ -171,7 +176,10 @@ def update_checkpoint_state(
     )
     loc = storage.resolve(save_dir, storage_options, fs).child(latest_filename or "checkpoint")
     data = encode_state(state)
-    if max(len(paths), len(state.all_model_checkpoint_timestamps)) > MAX_STATE_ENTRIES or len(data) > MAX_STATE_BYTES:
+    if (
+        max(len(paths), len(state.all_model_checkpoint_timestamps)) > MAX_STATE_ENTRIES
+        or len(data) > MAX_STATE_BYTES
+    ):
         raise InvalidArgumentError(
             f"writing {loc.url}: {len(paths)} checkpoints in {len(data)} bytes; a state file holds at "
             f"most {MAX_STATE_ENTRIES} in {MAX_STATE_BYTES} bytes (readers refuse larger ones)"

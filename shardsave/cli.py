@@ -36,7 +36,7 @@ from .save import commit
 _STEP = re.compile(r"-(\d+)$")
 
 
-_OPTIONS_HELP = "fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://minio:9000\"}' (default: $SHARDSAVE_STORAGE_OPTIONS)"
+_OPTIONS_HELP = 'fsspec storage options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\' (default: $SHARDSAVE_STORAGE_OPTIONS)'
 _EPILOG = """Storage: PATH and DIR may be local paths or fsspec URLs (s3://bucket/run).
 fsspec options come from --storage-options JSON or else $SHARDSAVE_STORAGE_OPTIONS;
 S3 endpoint and credentials also from the AWS chain ($AWS_ENDPOINT_URL,
@@ -44,21 +44,31 @@ $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY, $AWS_PROFILE, ~/.aws, instance roles)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardsave", description="Inspect and manage shardsave/TensorFlow checkpoints.",
-                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="shardsave",
+        description="Inspect and manage shardsave/TensorFlow checkpoints.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--storage-options", default=None, metavar="JSON", help=_OPTIONS_HELP)
     # also accepted after the subcommand (shardsave ls DIR --storage-options ...)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--storage-options", default=argparse.SUPPRESS, metavar="JSON", help=_OPTIONS_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", parents=[common], help="list the tensors of a checkpoint (prefix or directory)")
+    p = sub.add_parser(
+        "inspect", parents=[common], help="list the tensors of a checkpoint (prefix or directory)"
+    )
     p.add_argument("path", help="checkpoint prefix, or a directory with a 'checkpoint' state file")
     p.add_argument("--tensor", default=None, help="show only this tensor")
     p.add_argument("--values", action="store_true", help="print tensor values too")
     p = sub.add_parser("ls", parents=[common], help="list the checkpoints of a directory, newest last")
     p.add_argument("directory")
-    p = sub.add_parser("gc", parents=[common], help="delete leftovers of failed saves: data files with no index, "
-                       "temp files, unfinished S3 uploads (run when no job is saving there)")
+    p = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="delete leftovers of failed saves: data files with no index, "
+        "temp files, unfinished S3 uploads (run when no job is saving there)",
+    )
     p.add_argument("directory")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     return parser
@@ -122,12 +132,14 @@ def _checkpoints(directory: str, options) -> list[dict]:
         if name is None:
             continue
         step = _STEP.search(name)
-        out.append({
-            "prefix": name,
-            "step": int(step.group(1)) if step else None,
-            "bytes": index_info["size"] + data_bytes.get(name, 0),
-            "mtime": index_info["mtime"] or 0.0,
-        })
+        out.append(
+            {
+                "prefix": name,
+                "step": int(step.group(1)) if step else None,
+                "bytes": index_info["size"] + data_bytes.get(name, 0),
+                "mtime": index_info["mtime"] or 0.0,
+            }
+        )
     out.sort(key=lambda c: (c["mtime"], c["step"] or 0))
     return out
 
@@ -170,7 +182,9 @@ def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tup
         return parsed is not None and parsed[0] not in committed
 
     doomed = [f for f in files if orphan(f.name) or names.is_publish_temp(f.name)]
-    uploads = [u for u in storage.pending_uploads(loc) if orphan(u[0].name) or commit.is_staged_name(u[0].name)]
+    uploads = [
+        u for u in storage.pending_uploads(loc) if orphan(u[0].name) or commit.is_staged_name(u[0].name)
+    ]
     return doomed, uploads, recoveries
 
 
@@ -179,7 +193,11 @@ def cmd_gc(args, options) -> None:
     verb = "would delete " if args.dry_run else "deleting "
     for r in recoveries:
         if r.journal is not None:
-            print(("would finish " if args.dry_run else "finishing ") + "the interrupted save of " + r.prefix.url)
+            print(
+                ("would finish " if args.dry_run else "finishing ")
+                + "the interrupted save of "
+                + r.prefix.url
+            )
     doomed = [f for r in recoveries for f in r.doomed] + doomed
     for f in doomed:
         print(verb + f.url)
@@ -192,7 +210,10 @@ def cmd_gc(args, options) -> None:
         for f, upload_id, _ in uploads:
             storage.abort_upload(f, upload_id)
     done = "found" if args.dry_run else "deleted"
-    print(f"{len(doomed)} leftover file(s) {done}" + (f", {len(uploads)} unfinished upload(s)" if uploads else ""))
+    print(
+        f"{len(doomed)} leftover file(s) {done}"
+        + (f", {len(uploads)} unfinished upload(s)" if uploads else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,9 @@ class StorageError(ShardsaveError, OSError):
     none. A restore that cannot read stored bytes raises :class:`DataLossError` instead.
     """
 
-    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
-                 filename: str | None = None):
+    def __init__(
+        self, message: str, errno: int | None = None, strerror: str | None = None, filename: str | None = None
+    ):
         super().__init__(message)
         self.errno, self.strerror, self.filename = errno, strerror, filename
 

@@ -56,7 +56,9 @@ def random_normal_initializer(mean: float = 0.0, stddev: float = 1.0, seed: int 
     return init
 
 
-def random_uniform_initializer(minval: float = -0.05, maxval: float = 0.05, seed: int | None = None) -> Initializer:
+def random_uniform_initializer(
+    minval: float = -0.05, maxval: float = 0.05, seed: int | None = None
+) -> Initializer:
     def init(shape=None, dtype=np.float32, **_) -> np.ndarray:
         rng = np.random.default_rng(seed)
         return rng.uniform(minval, maxval, size=_shape(shape)).astype(dtype)

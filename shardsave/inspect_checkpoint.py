@@ -1,7 +1,7 @@
 """``python -m shardsave.inspect_checkpoint``: TF's inspect_checkpoint tool, in shardsave.
 
-    python -m shardsave.inspect_checkpoint --file_name P [--tensor_name N] [--all_tensors]
-        [--all_tensor_names] [--printoptions k=v ...]
+python -m shardsave.inspect_checkpoint --file_name P [--tensor_name N] [--all_tensors]
+    [--all_tensor_names] [--printoptions k=v ...]
 """
 
 import sys

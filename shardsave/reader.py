@@ -107,7 +107,9 @@ def _block_of(shape: tuple[int, ...], index: Any, name: str) -> tuple[Block, lis
         if isinstance(i, int | np.integer):
             j = int(i) + n if i < 0 else int(i)
             if not 0 <= j < n:
-                raise InvalidArgumentError(f"tensor {name!r}: index {i} out of range for dimension {dim} of size {n}")
+                raise InvalidArgumentError(
+                    f"tensor {name!r}: index {i} out of range for dimension {dim} of size {n}"
+                )
             offset.append(j)
             size.append(1)
             squeeze.append(True)
@@ -123,13 +125,17 @@ def _block_of(shape: tuple[int, ...], index: Any, name: str) -> tuple[Block, lis
     return Block(tuple(offset), tuple(size)), squeeze
 
 
-def list_variables(ckpt: str | os.PathLike, *, storage_options: dict | None = None, fs: Any = None) -> list[tuple[str, list[int]]]:
+def list_variables(
+    ckpt: str | os.PathLike, *, storage_options: dict | None = None, fs: Any = None
+) -> list[tuple[str, list[int]]]:
     """Sorted ``(name, shape)`` of every tensor in a checkpoint (prefix or directory)."""
     reader = CheckpointReader(ckpt, storage_options=storage_options, fs=fs)
     return sorted(reader.get_variable_to_shape_map().items())
 
 
-def load_variable(ckpt: str | os.PathLike, name: str, *, storage_options: dict | None = None, fs: Any = None) -> np.ndarray:
+def load_variable(
+    ckpt: str | os.PathLike, name: str, *, storage_options: dict | None = None, fs: Any = None
+) -> np.ndarray:
     """One tensor of a checkpoint (prefix or directory), reassembled whole."""
     if name.endswith(":0"):
         name = name[:-2]

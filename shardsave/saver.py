@@ -41,7 +41,9 @@ def _blocks_of(var: Any) -> list[Variable]:
         return list(var.parts)
     if isinstance(var, list | tuple) and all(isinstance(v, Variable) for v in var):
         return list(var)
-    raise InvalidArgumentError(f"cannot save {var!r}: expected a Variable, a PartitionedVariable or a list of parts")
+    raise InvalidArgumentError(
+        f"cannot save {var!r}: expected a Variable, a PartitionedVariable or a list of parts"
+    )
 
 
 def _saveables(var_list: VarList) -> dict[str, list[Variable]]:
@@ -50,7 +52,9 @@ def _saveables(var_list: VarList) -> dict[str, list[Variable]]:
         var_list = global_variables()
     if isinstance(var_list, Mapping):
         if "" in var_list:  # the empty key is the index's header entry
-            raise InvalidArgumentError("var_list has a variable under the name '': a variable name must not be empty")
+            raise InvalidArgumentError(
+                "var_list has a variable under the name '': a variable name must not be empty"
+            )
         return {str(name): _blocks_of(v) for name, v in var_list.items()}
     out: dict[str, list[Variable]] = {}
     for var in var_list:
@@ -122,8 +126,12 @@ class Saver:
         self.filename = filename
         self.restore_in_place = restore_in_place
         self.check_replicas = check_replicas
-        if timeout is not None and (isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)):
-            raise InvalidArgumentError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)
+        ):
+            raise InvalidArgumentError(
+                f"timeout must be a positive number of seconds or None, not {timeout!r}"
+            )
         self._comm = Comm.create(comm, timeout=timeout)
         self._last_checkpoints: list[tuple[str, float]] = []
         self._next_checkpoint_time = time.time() + keep_checkpoint_every_n_hours * 3600
@@ -209,21 +217,25 @@ class Saver:
     def _save(self, save_path, global_step, latest_filename, write_state, blocking) -> str | SaveHandle:
         self.wait_until_finished()
         self._comm.begin("Saver.save")
-        prefix, loc = save_protocol.locate(self._comm, save_path, lambda: self._prefix(save_path, global_step),
-                                           self._resolve)
-        job = save_protocol.SaveJob.of(self, self._layout, prefix, loc, latest_filename, write_state,
-                                       partial(self._retained, prefix))
+        prefix, loc = save_protocol.locate(
+            self._comm, save_path, lambda: self._prefix(save_path, global_step), self._resolve
+        )
+        job = save_protocol.SaveJob.of(
+            self, self._layout, prefix, loc, latest_filename, write_state, partial(self._retained, prefix)
+        )
         arrays, metas = save_protocol.check_arrays(self._comm, self._layout, prefix, job.key(blocking))
         if blocking:
             return self._plan_write_commit(job, arrays, metas)
-        return save_protocol.start_in_background(job, arrays, metas, self._staging, self._plan_write_commit,
-                                                 self._adopt_pending)
+        return save_protocol.start_in_background(
+            job, arrays, metas, self._staging, self._plan_write_commit, self._adopt_pending
+        )
 
     def _plan_write_commit(self, job: save_protocol.SaveJob, arrays, metas) -> str:
         """Steps 2 to 5; then every rank remembers what retention kept."""
         timestamp = save_protocol.plan_write_commit(job, arrays, metas)
-        self._last_checkpoints, _, self._next_checkpoint_time, self._last_preserved_timestamp = self._retained(
-            job.prefix, timestamp)
+        self._last_checkpoints, _, self._next_checkpoint_time, self._last_preserved_timestamp = (
+            self._retained(job.prefix, timestamp)
+        )
         return job.prefix
 
     def _adopt_pending(self, handle: SaveHandle) -> None:
@@ -239,8 +251,12 @@ class Saver:
     def _retained(self, prefix: str, timestamp: float) -> retention.Retained:
         """TF's retention after saving ``prefix``, without changing the Saver."""
         return retention.retain(
-            self._last_checkpoints, prefix, timestamp, max_to_keep=self.max_to_keep,
-            every_n_hours=self.keep_checkpoint_every_n_hours, next_time=self._next_checkpoint_time,
+            self._last_checkpoints,
+            prefix,
+            timestamp,
+            max_to_keep=self.max_to_keep,
+            every_n_hours=self.keep_checkpoint_every_n_hours,
+            next_time=self._next_checkpoint_time,
             preserved=self._last_preserved_timestamp,
         )
 
@@ -262,8 +278,14 @@ class Saver:
             self.wait_until_finished()
             self._comm.begin("Saver.restore")
             restore_protocol.restore(
-                self._comm, self._layout, os.fspath(save_path), self._resolve, in_place=self.restore_in_place,
-                reshape=self.reshape, fsync=self.fsync, on_read=partial(setattr, self, "last_restore_stats"),
+                self._comm,
+                self._layout,
+                os.fspath(save_path),
+                self._resolve,
+                in_place=self.restore_in_place,
+                reshape=self.reshape,
+                fsync=self.fsync,
+                on_read=partial(setattr, self, "last_restore_stats"),
             )
 
 

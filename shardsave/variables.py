@@ -74,8 +74,10 @@ class Variable:
 
     def _check_block(self) -> None:
         g, o, s = self.global_shape, self.offset, self.shape
-        if len(g) != len(s) or len(o) != len(s) or any(
-            oi < 0 or oi + si > gi for oi, si, gi in zip(o, s, g, strict=True)
+        if (
+            len(g) != len(s)
+            or len(o) != len(s)
+            or any(oi < 0 or oi + si > gi for oi, si, gi in zip(o, s, g, strict=True))
         ):
             raise InvalidArgumentError(
                 f"variable {self.name!r}: block of shape {list(s)} at offset {list(o)} does not "
@@ -135,15 +137,25 @@ class Variable:
         return arr.astype(dtype) if dtype is not None else arr
 
     def __repr__(self) -> str:
-        where = "" if not self.is_sliced else f" offset={list(self.offset)} global_shape={list(self.global_shape)}"
+        where = (
+            ""
+            if not self.is_sliced
+            else f" offset={list(self.offset)} global_shape={list(self.global_shape)}"
+        )
         return f"<shardsave.Variable {self.name!r} shape={list(self.shape)} dtype={self.dtype}{where}>"
 
 
 class PartitionedVariable:
     """The parts of one variable split by a partitioner; this rank holds ``parts``."""
 
-    def __init__(self, name: str, global_shape: tuple[int, ...], dtype: np.dtype, parts: list[Variable],
-                 partitions: list[int]):
+    def __init__(
+        self,
+        name: str,
+        global_shape: tuple[int, ...],
+        dtype: np.dtype,
+        parts: list[Variable],
+        partitions: list[int],
+    ):
         self.name = name
         self.global_shape = global_shape
         self.shape = global_shape
@@ -178,8 +190,10 @@ class PartitionedVariable:
         return arr.astype(dtype) if dtype is not None else arr
 
     def __repr__(self) -> str:
-        return (f"<shardsave.PartitionedVariable {self.name!r} shape={list(self.global_shape)} "
-                f"partitions={self.partitions} local_parts={len(self.parts)}>")
+        return (
+            f"<shardsave.PartitionedVariable {self.name!r} shape={list(self.global_shape)} "
+            f"partitions={self.partitions} local_parts={len(self.parts)}>"
+        )
 
 
 class Graph:
@@ -273,9 +287,23 @@ def get_variable(
     for i, block in enumerate(blocks):
         if i % size != rank:
             continue
-        value = None if whole is None else whole[tuple(slice(o, o + s) for o, s in zip(block.offset, block.shape, strict=True))]
-        parts.append(Variable(name, value=value, dtype=dtype, shape=block.shape, global_shape=shape,
-                              offset=block.offset, trainable=trainable, register=False))
+        value = (
+            None
+            if whole is None
+            else whole[tuple(slice(o, o + s) for o, s in zip(block.offset, block.shape, strict=True))]
+        )
+        parts.append(
+            Variable(
+                name,
+                value=value,
+                dtype=dtype,
+                shape=block.shape,
+                global_shape=shape,
+                offset=block.offset,
+                trainable=trainable,
+                register=False,
+            )
+        )
     pv = PartitionedVariable(name, shape, dtype, parts, partitions)
     get_default_graph().add(pv)
     return pv

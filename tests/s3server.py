@@ -43,7 +43,8 @@ class S3Server:
             self.log = tempfile.TemporaryFile()  # noqa: SIM115 - not a pipe: moto logs every request
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=self.log, stderr=subprocess.STDOUT,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
             )
             if self._wait_ready(30):
                 break
@@ -58,7 +59,10 @@ class S3Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1):
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1),
+            ):
                 return True
             time.sleep(0.1)
         return False
@@ -76,8 +80,13 @@ class S3Server:
     def client(self, service: str = "s3", key: str = KEY, secret: str = SECRET):
         import boto3
 
-        return boto3.client(service, endpoint_url=self.endpoint, aws_access_key_id=key,
-                            aws_secret_access_key=secret, region_name=REGION)
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            region_name=REGION,
+        )
 
     def options(self, endpoint: str | None = None) -> dict:
         """``storage_options`` for shardsave / fsspec."""
@@ -86,9 +95,14 @@ class S3Server:
     def env(self, base: dict | None = None) -> dict:
         """An environment whose AWS chain reaches this server (and nothing else)."""
         env = dict(os.environ if base is None else base)
-        env.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION=REGION,
-                   AWS_ENDPOINT_URL=self.endpoint, AWS_CONFIG_FILE=os.devnull,
-                   AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+        env.update(
+            AWS_ACCESS_KEY_ID=KEY,
+            AWS_SECRET_ACCESS_KEY=SECRET,
+            AWS_DEFAULT_REGION=REGION,
+            AWS_ENDPOINT_URL=self.endpoint,
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        )
         env.pop("AWS_PROFILE", None)
         env.pop("AWS_SESSION_TOKEN", None)
         return env
@@ -105,14 +119,20 @@ class S3Server:
 
     def set_auth(self, enabled: bool) -> None:
         """Make the server check credentials and IAM policies (moto's reset-auth)."""
-        req = urllib.request.Request(self.endpoint + "/moto-api/reset-auth", data=b"0" if enabled else b"inf",
-                                     headers={"Content-Type": "application/octet-stream"}, method="POST")
+        req = urllib.request.Request(
+            self.endpoint + "/moto-api/reset-auth",
+            data=b"0" if enabled else b"inf",
+            headers={"Content-Type": "application/octet-stream"},
+            method="POST",
+        )
         with urllib.request.urlopen(req, timeout=10):
             pass
 
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 
 
 class FaultProxy:

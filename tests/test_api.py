@@ -55,7 +55,9 @@ def no_hang():
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -155,7 +157,9 @@ def test_initializers():
 def test_default_graph_duplicates_and_reset():
     a = ss.get_variable("a", [1], initializer=ss.zeros_initializer)
     b = ss.Variable("b", np.ones(2))
-    p = ss.get_variable("p", [6, 2], initializer=ss.ones_initializer, partitioner=ss.fixed_size_partitioner(2))
+    p = ss.get_variable(
+        "p", [6, 2], initializer=ss.ones_initializer, partitioner=ss.fixed_size_partitioner(2)
+    )
     assert ss.global_variables() == [a, b, p]
     with pytest.raises(ss.InvalidArgumentError, match="'a'"):
         ss.get_variable("a", [1], initializer=ss.zeros_initializer)
@@ -203,8 +207,22 @@ def test_all_dtypes_round_trip(tmp_path):
 
     values = {
         f"dt_{np.dtype(dt).name}": (np.arange(12).reshape(3, 4) - 5).astype(dt)
-        for dt in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16, np.int8, np.int16, np.int32,
-                   np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.complex64, np.complex128)
+        for dt in (
+            np.float16,
+            np.float32,
+            np.float64,
+            ml_dtypes.bfloat16,
+            np.int8,
+            np.int16,
+            np.int32,
+            np.int64,
+            np.uint8,
+            np.uint16,
+            np.uint32,
+            np.uint64,
+            np.complex64,
+            np.complex128,
+        )
     }
     values["dt_float64"].flat[:3] = [np.nan, -0.0, np.inf]
     values["dt_bool"] = np.arange(6).reshape(2, 3) % 2 == 0
@@ -248,7 +266,9 @@ def test_max_to_keep_deletes_old_files_and_state_lists_kept(tmp_path):
     base = str(tmp_path / "m")
     prefixes = [saver.save(base, global_step=i) for i in range(6)]
     assert saver.last_checkpoints == prefixes[3:]
-    assert files(tmp_path) == {"checkpoint"} | {f"m-{i}{ext}" for i in (3, 4, 5) for ext in (".index", DATA_FILE)}
+    assert files(tmp_path) == {"checkpoint"} | {
+        f"m-{i}{ext}" for i in (3, 4, 5) for ext in (".index", DATA_FILE)
+    }
     state = ss.get_checkpoint_state(str(tmp_path))
     assert state.model_checkpoint_path == prefixes[5]
     assert state.all_model_checkpoint_paths == prefixes[3:]
@@ -293,8 +313,12 @@ def test_keep_checkpoint_every_n_hours_follows_tensorflow(tmp_path, monkeypatch)
         saver.save(str(tmp_path / "m"), global_step=step)
     # leaving the window: 1000, 2000, 3000 deleted; 4000 kept (> 3600, next 7200);
     # 5000, 6000, 7000 deleted; 8000 kept (> 7200); 9000 and 10000 are the window
-    assert {n for n in files(tmp_path) if n.endswith(".index")} == {"m-4.index", "m-8.index", "m-9.index",
-                                                                    "m-10.index"}
+    assert {n for n in files(tmp_path) if n.endswith(".index")} == {
+        "m-4.index",
+        "m-8.index",
+        "m-9.index",
+        "m-10.index",
+    }
     assert not os.path.exists(tmp_path / ("m-5" + DATA_FILE))
     state = ss.get_checkpoint_state(str(tmp_path))
     assert state.all_model_checkpoint_paths == [str(tmp_path / "m-9"), str(tmp_path / "m-10")]
@@ -332,7 +356,9 @@ def test_save_relative_paths(tmp_path):
     np.testing.assert_array_equal(ss.load_variable(str(tmp_path / "moved"), "v"), np.arange(3.0))
 
     ss.Saver().save(str(tmp_path / "abs" / "m"))
-    assert f'model_checkpoint_path: "{tmp_path / "abs" / "m"}"' in (tmp_path / "abs" / "checkpoint").read_text()
+    assert (
+        f'model_checkpoint_path: "{tmp_path / "abs" / "m"}"' in (tmp_path / "abs" / "checkpoint").read_text()
+    )
 
 
 def test_write_state_and_latest_filename(tmp_path):
@@ -410,8 +436,12 @@ def test_cli_inspect(ckpt_dir):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert prefixes[0] in lines[0]
-    assert lines[1:] == ["bias  float32  [2]", "big  int64  [20]", "weight  float32  [2, 3]",
-                         "# Total number of params: 28"]
+    assert lines[1:] == [
+        "bias  float32  [2]",
+        "big  int64  [20]",
+        "weight  float32  [2, 3]",
+        "# Total number of params: 28",
+    ]
     out = cli("inspect", str(directory), "--tensor", "weight", "--values")  # a directory: the latest
     assert out.returncode == 0, out.stderr
     assert prefixes[2] in out.stdout
@@ -519,8 +549,13 @@ def test_console_script_installed(ckpt_dir):
 
 # ---------------------------------------------------------------------------- errors
 def test_error_hierarchy():
-    pairs = [(ss.NotFoundError, KeyError), (ss.InvalidArgumentError, ValueError), (ss.DataLossError, OSError),
-             (ss.FailedPreconditionError, RuntimeError), (ss.AbortedError, RuntimeError)]
+    pairs = [
+        (ss.NotFoundError, KeyError),
+        (ss.InvalidArgumentError, ValueError),
+        (ss.DataLossError, OSError),
+        (ss.FailedPreconditionError, RuntimeError),
+        (ss.AbortedError, RuntimeError),
+    ]
     for cls, builtin in pairs:
         assert issubclass(cls, ss.ShardsaveError) and issubclass(cls, builtin), cls
         assert getattr(errors, cls.__name__) is cls
@@ -531,8 +566,11 @@ def test_error_hierarchy():
 def two_vars(tmp_path):
     """A checkpoint of a (float32 [3]) and b (int32 [2, 2]), and both variables with
     other values, so a restore that changes anything is visible."""
-    prefix = save_simple(tmp_path / "ckpt" / "model", a=np.array([1, 2, 3], np.float32),
-                         b=np.arange(4, dtype=np.int32).reshape(2, 2))
+    prefix = save_simple(
+        tmp_path / "ckpt" / "model",
+        a=np.array([1, 2, 3], np.float32),
+        b=np.arange(4, dtype=np.int32).reshape(2, 2),
+    )
     a = ss.Variable("a", np.array([-1, -1, -1], np.float32))
     b = ss.Variable("b", np.full((2, 2), -1, np.int32))
     return prefix, a, b
@@ -621,7 +659,12 @@ def test_garbage_index(two_vars, size, no_hang):
     prefix, a, b = two_vars
     garbage = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     magic = bytes.fromhex("57fb808b247547db")
-    for content in (garbage, garbage[:-8] + magic, b"\x00" * (size - 8) + magic, b"\xff" * (size - 8) + magic):
+    for content in (
+        garbage,
+        garbage[:-8] + magic,
+        b"\x00" * (size - 8) + magic,
+        b"\xff" * (size - 8) + magic,
+    ):
         Path(prefix + ".index").write_bytes(content)
         with pytest.raises(ss.DataLossError, match="index"):
             ss.Saver([a, b]).restore(prefix)
@@ -634,7 +677,9 @@ def test_index_with_any_flipped_byte_is_caught(tmp_path, no_hang):
     with ss.Graph().as_default():
         ss.Variable("a", np.arange(5, dtype=np.float32))
         ss.Variable("s", np.array([b"x", b"yz"], dtype=object))
-        ss.get_variable("emb", [10, 4], initializer=ss.ones_initializer, partitioner=ss.fixed_size_partitioner(3))
+        ss.get_variable(
+            "emb", [10, 4], initializer=ss.ones_initializer, partitioner=ss.fixed_size_partitioner(3)
+        )
         prefix = ss.Saver().save(str(tmp_path / "m"))
     index = Path(prefix + ".index")
     original = index.read_bytes()
@@ -701,7 +746,9 @@ def test_flipped_string_byte_names_file_tensor_and_checksums(tmp_path):
 
 @pytest.mark.parametrize("keep", [0, 10, 30_000])
 def test_truncated_data_file(tmp_path, keep):
-    prefix = save_simple(tmp_path / "m", a=np.arange(5, dtype=np.float32), big=np.arange(100_000, dtype=np.float32))
+    prefix = save_simple(
+        tmp_path / "m", a=np.arange(5, dtype=np.float32), big=np.arange(100_000, dtype=np.float32)
+    )
     data_file = Path(prefix + DATA_FILE)
     data_file.write_bytes(data_file.read_bytes()[:keep])
     big = ss.Variable("big", np.zeros(100_000, np.float32))
@@ -754,8 +801,15 @@ def test_save_uninitialized_variable_writes_nothing(tmp_path):
     np.testing.assert_array_equal(ready.value, [5, 5])
 
 
-@pytest.mark.parametrize("dtype", [np.dtype("datetime64[s]"), np.dtype("timedelta64[ms]"),
-                                   np.dtype([("x", "<f4"), ("y", "<i4")]), np.dtype("V4")])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        np.dtype("datetime64[s]"),
+        np.dtype("timedelta64[ms]"),
+        np.dtype([("x", "<f4"), ("y", "<i4")]),
+        np.dtype("V4"),
+    ],
+)
 def test_unsupported_dtype_rejected_before_writing(tmp_path, dtype):
     prefix = save_simple(tmp_path / "m", ok=np.ones(2))
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
@@ -855,12 +909,18 @@ def test_reshard_by_rows_reads_in_place_and_checks_the_blocks_around_each_region
 
     def blocks(n):
         rows = np.linspace(0, 3000, n + 1).astype(int)
-        return [ss.Variable("w", full[a:b].copy(), global_shape=full.shape, offset=(a, 0), register=False)
-                for a, b in zip(rows[:-1], rows[1:], strict=True)]
+        return [
+            ss.Variable("w", full[a:b].copy(), global_shape=full.shape, offset=(a, 0), register=False)
+            for a, b in zip(rows[:-1], rows[1:], strict=True)
+        ]
 
     prefix = ss.Saver({"w": blocks(2)}).save(str(tmp_path / "m"))
-    targets = [ss.Variable("w", np.zeros((b - a, 1024), np.float32), global_shape=full.shape, offset=(a, 0),
-                           register=False) for a, b in ((0, 1000), (1000, 2000), (2000, 3000))]
+    targets = [
+        ss.Variable(
+            "w", np.zeros((b - a, 1024), np.float32), global_shape=full.shape, offset=(a, 0), register=False
+        )
+        for a, b in ((0, 1000), (1000, 2000), (2000, 3000))
+    ]
     saver = ss.Saver({"w": targets}, restore_in_place=in_place)
     saver.restore(prefix)
     for t in targets:
@@ -880,25 +940,54 @@ def test_reshard_by_rows_reads_in_place_and_checks_the_blocks_around_each_region
         damaged = bytearray(original)
         damaged[first.offset + where] ^= 0x01
         data_file.write_bytes(bytes(damaged))
-        fresh = [ss.Variable("w", np.zeros((1000, 1024), np.float32), global_shape=full.shape, offset=(a, 0),
-                             register=False) for a in (0, 1000, 2000)]
+        fresh = [
+            ss.Variable(
+                "w",
+                np.zeros((1000, 1024), np.float32),
+                global_shape=full.shape,
+                offset=(a, 0),
+                register=False,
+            )
+            for a in (0, 1000, 2000)
+        ]
         block = first.offset + where // 65536 * 65536
-        with pytest.raises(ss.DataLossError, match=rf"checksum does not match for tensor 'w' \(bytes {block}\.\.\)"):
+        with pytest.raises(
+            ss.DataLossError, match=rf"checksum does not match for tensor 'w' \(bytes {block}\.\.\)"
+        ):
             ss.Saver({"w": fresh}, restore_in_place=in_place).restore(prefix)
         assert all((v.value == 0).all() for v in fresh)  # untouched
     data_file.write_bytes(original)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from([np.bool_, np.int8, np.uint16, np.float16, np.float32, np.float64,
-                                           np.complex128, ml_dtypes.bfloat16]),
-                          st.sampled_from([(), (0,), (1,), (3,), (2, 5), (7, 1, 3), (300,)])),
-                min_size=1, max_size=30))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    np.bool_,
+                    np.int8,
+                    np.uint16,
+                    np.float16,
+                    np.float32,
+                    np.float64,
+                    np.complex128,
+                    ml_dtypes.bfloat16,
+                ]
+            ),
+            st.sampled_from([(), (0,), (1,), (3,), (2, 5), (7, 1, 3), (300,)]),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
 def test_many_small_mixed_variables_round_trip_as_aligned_writable_arrays(tmp_path, specs):
     """Small tensors of every width packed back to back (odd offsets included) come back
     bit-exact, with their dtype and shape, aligned and writable, as views or as copies."""
     rng = np.random.default_rng(len(specs))
-    values = {f"v{i:02d}": (rng.standard_normal(shape) * 100).astype(dt) for i, (dt, shape) in enumerate(specs)}
+    values = {
+        f"v{i:02d}": (rng.standard_normal(shape) * 100).astype(dt) for i, (dt, shape) in enumerate(specs)
+    }
     prefix = tmp_path / f"m{rng.integers(1 << 40)}"
     save_simple(prefix, **values)
     with ss.Graph().as_default():
@@ -1017,7 +1106,9 @@ def test_keep_checkpoint_every_n_hours_keeps_only_strictly_newer(tmp_path, monke
 def test_state_file_paths_of_another_filesystem_are_kept_whole(tmp_path):
     """A state file in a local directory naming a URL (or an absolute path) gives it back
     as written, not joined to the directory."""
-    ss.update_checkpoint_state(str(tmp_path), "memory://elsewhere/m-2", ["/abs/m-1", "memory://elsewhere/m-2"])
+    ss.update_checkpoint_state(
+        str(tmp_path), "memory://elsewhere/m-2", ["/abs/m-1", "memory://elsewhere/m-2"]
+    )
     state = ss.get_checkpoint_state(str(tmp_path))
     assert state.model_checkpoint_path == "memory://elsewhere/m-2"
     assert state.all_model_checkpoint_paths == ["/abs/m-1", "memory://elsewhere/m-2"]

@@ -98,7 +98,7 @@ def test_no_import_cycles_inside_the_package():
 
     def walk(m: str) -> None:
         if m in stack:
-            cycle = stack[stack.index(m):] + [m]
+            cycle = stack[stack.index(m) :] + [m]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         if m in done:
             return

@@ -81,7 +81,9 @@ def test_error_is_raised_by_result_and_nothing_is_committed(tmp_path, monkeypatc
 def test_unseen_error_is_raised_by_the_next_save(tmp_path, monkeypatch):
     ss.Variable("v", np.arange(10.0))
     saver = ss.Saver()
-    monkeypatch.setattr(storage.Writer, "write", lambda self, b: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(
+        storage.Writer, "write", lambda self, b: (_ for _ in ()).throw(OSError(5, "I/O error"))
+    )
     saver.save(str(tmp_path / "m"), global_step=1, blocking=False)
     with pytest.raises(OSError, match="I/O error"):
         saver.save(str(tmp_path / "m"), global_step=2)

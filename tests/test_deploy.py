@@ -119,9 +119,7 @@ def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 
 
 def _readme_commands() -> list[str]:
-    blocks = re.findall(
-        r"```(?:bash|sh|shell|console)\n(.*?)```", README.read_text(), re.DOTALL
-    )
+    blocks = re.findall(r"```(?:bash|sh|shell|console)\n(.*?)```", README.read_text(), re.DOTALL)
     return [line for block in blocks for line in _shell_lines(block)]
 
 
@@ -129,9 +127,7 @@ def _commands_by_source() -> dict[str, list[str]]:
     """Every command line in deploy/, keyed by the file it comes from."""
     commands: dict[str, list[str]] = {}
     for path in _yaml_files():
-        commands[_rel(path)] = [
-            c for doc in _load_yaml(path) for c in _yaml_commands(doc)
-        ]
+        commands[_rel(path)] = [c for doc in _load_yaml(path) for c in _yaml_commands(doc)]
     for path in _shell_files():
         commands[_rel(path)] = _shell_lines(path.read_text())
     for path in _dockerfiles():
@@ -286,9 +282,7 @@ def test_mpijob_launcher_runs_training_with_resume_on_s3() -> None:
     assert "--resume" in run.flags
     # mpirun -n must fit into the slots the workers provide.
     spec = job["spec"]
-    slots = spec["mpiReplicaSpecs"]["Worker"]["replicas"] * spec.get(
-        "slotsPerWorker", 1
-    )
+    slots = spec["mpiReplicaSpecs"]["Worker"]["replicas"] * spec.get("slotsPerWorker", 1)
     assert run.nranks is not None, "mpirun needs an explicit -n"
     assert run.nranks <= slots, f"mpirun -n {run.nranks} > {slots} worker slots"
 
@@ -337,9 +331,7 @@ def test_mpijob_every_container_gets_s3_credentials() -> None:
     for role, replica in _mpijob()["spec"]["mpiReplicaSpecs"].items():
         for container in _containers(replica):
             env_refs = {
-                e["name"]
-                for e in container.get("env", [])
-                if "secretKeyRef" in e.get("valueFrom", {})
+                e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
             }
             for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 assert var in env_refs, f"{role} does not get {var} from a Secret"
@@ -369,10 +361,7 @@ def _depends_on(service: dict[str, Any]) -> dict[str, str]:
     deps = service.get("depends_on", {})
     if isinstance(deps, list):
         return dict.fromkeys(deps, "service_started")
-    return {
-        name: (cfg or {}).get("condition", "service_started")
-        for name, cfg in deps.items()
-    }
+    return {name: (cfg or {}).get("condition", "service_started") for name, cfg in deps.items()}
 
 
 def _environment(service: dict[str, Any]) -> dict[str, str]:
@@ -383,9 +372,7 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _bucket_job(services: dict[str, dict[str, Any]]) -> str:
-    jobs = [
-        n for n, s in services.items() if str(s.get("image", "")).startswith("minio/mc")
-    ]
+    jobs = [n for n, s in services.items() if str(s.get("image", "")).startswith("minio/mc")]
     assert len(jobs) == 1, "expected one minio/mc service that creates the bucket"
     return jobs[0]
 
@@ -405,9 +392,7 @@ def test_compose_minio_and_bucket_job() -> None:
     assert minio["healthcheck"]["test"], "minio needs a healthcheck"
     job = services[_bucket_job(services)]
     assert _depends_on(job).get("minio") == "service_healthy"
-    assert re.search(r"\bmc mb\b", " ".join(_yaml_commands(job))), (
-        "bucket job runs no `mc mb`"
-    )
+    assert re.search(r"\bmc mb\b", " ".join(_yaml_commands(job))), "bucket job runs no `mc mb`"
 
 
 def test_compose_train_service() -> None:
@@ -419,9 +404,7 @@ def test_compose_train_service() -> None:
 
     build = train["build"]
     context = COMPOSE.parent / build["context"]
-    assert (
-        context / build.get("dockerfile", "Dockerfile")
-    ).resolve() == DOCKERFILE.resolve()
+    assert (context / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE.resolve()
 
     env = _environment(train)
     assert env.get("AWS_ENDPOINT_URL") == "http://minio:9000"
@@ -478,9 +461,7 @@ def test_sbatch_bash_syntax() -> None:
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash not available")
-    result = subprocess.run(
-        [bash, "-n", str(SBATCH)], check=False, capture_output=True, text=True
-    )
+    result = subprocess.run([bash, "-n", str(SBATCH)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
@@ -494,11 +475,7 @@ def test_sbatch_directives() -> None:
             key, _, value = opt.lstrip("-").partition("=")
             directives[key] = value
             # sbatch stops reading #SBATCH lines at the first command.
-            code_before = [
-                ln
-                for ln in lines[1 : number - 1]
-                if ln.strip() and not ln.startswith("#")
-            ]
+            code_before = [ln for ln in lines[1 : number - 1] if ln.strip() and not ln.startswith("#")]
             assert not code_before, f"#SBATCH on line {number} comes after a command"
     for key in ("nodes", "time", "output", "requeue"):
         assert key in directives, f"missing #SBATCH --{key}"
@@ -531,13 +508,7 @@ def test_every_deploy_file_runs_the_training_example() -> None:
 def test_example_scripts_exist() -> None:
     runs = _example_runs()
     assert runs
-    missing = sorted(
-        {
-            f"{r.script} (from {r.source})"
-            for r in runs
-            if not (REPO_ROOT / r.script).is_file()
-        }
-    )
+    missing = sorted({f"{r.script} (from {r.source})" for r in runs if not (REPO_ROOT / r.script).is_file()})
     assert not missing, f"scripts run by deploy/ but missing from the repo: {missing}"
 
 
@@ -551,9 +522,7 @@ def test_example_flags_are_accepted() -> None:
         if not path.is_file():
             pytest.skip(f"{script} does not exist yet")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         result = subprocess.run(
             [sys.executable, script, "--help"],
             check=False,
@@ -565,9 +534,7 @@ def test_example_flags_are_accepted() -> None:
         )
         assert result.returncode == 0, f"{script} --help failed:\n{result.stderr}"
         unknown = sorted(
-            f
-            for f in flags
-            if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", result.stdout)
+            f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", result.stdout)
         )
         assert not unknown, f"{script} --help does not list {unknown}"
 

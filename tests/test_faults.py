@@ -38,7 +38,7 @@ def gc(directory: str, options, capsys, dry_run: bool) -> tuple[list[str], str]:
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     verb = "would delete " if dry_run else "deleting "
-    return sorted(line[len(verb):] for line in out.splitlines() if line.startswith(verb)), out
+    return sorted(line[len(verb) :] for line in out.splitlines() if line.startswith(verb)), out
 
 
 def unstaged(name: str) -> str:
@@ -67,8 +67,22 @@ def test_killed_save_keeps_previous_checkpoint(fault, where, capsys):
     # "index" re-saves ckpt-2 and dies before its commit point: the old ckpt-2 stays (before
     # commit.py the old index was deleted first, and ckpt-1 was the newest left)
     crash_step, previous = (3, 2) if fault == "writer" else (2, 2)
-    args = [SCRIPT, "--dir", directory, "--rows", str(rows), "--steps", "1", "2",
-            "--crash-step", str(crash_step), "--fault", fault, "--part-bytes", str(PART)]
+    args = [
+        SCRIPT,
+        "--dir",
+        directory,
+        "--rows",
+        str(rows),
+        "--steps",
+        "1",
+        "2",
+        "--crash-step",
+        str(crash_step),
+        "--fault",
+        fault,
+        "--part-bytes",
+        str(PART),
+    ]
     if s3:
         args += ["--storage-options", json.dumps(options)]
     proc = run_mpi(RANKS, args, env=env, timeout=120)
@@ -126,7 +140,9 @@ def test_killed_save_keeps_previous_checkpoint(fault, where, capsys):
     prefix = ss.Saver(storage_options=options).save(f"{directory}/model.ckpt", global_step=crash_step)
     assert prefix == f"{directory}/{crashed}"
     assert sorted(n for n in names(directory, options) if n.startswith(crashed + ".")) == [
-        f"{crashed}.data-00000-of-00001", f"{crashed}.index"]
+        f"{crashed}.data-00000-of-00001",
+        f"{crashed}.index",
+    ]
     assert gc(directory, options, capsys, dry_run=True)[0] == []
     assert ss.latest_checkpoint(directory, storage_options=options) == prefix
     variables = make_vars(rows)

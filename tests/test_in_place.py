@@ -42,8 +42,9 @@ def blocks(name: str, full: np.ndarray, rows: list[int], cols: list[int], fill: 
 def test_restore_writes_into_the_arrays_the_variables_hold(tmp_path):
     big = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
     small = np.arange(10, dtype=np.float32)
-    prefix = ss.Saver({"big": ss.Variable("big", big, register=False),
-                       "small": ss.Variable("small", small, register=False)}).save(str(tmp_path / "m"))
+    prefix = ss.Saver(
+        {"big": ss.Variable("big", big, register=False), "small": ss.Variable("small", small, register=False)}
+    ).save(str(tmp_path / "m"))
     v_big = ss.Variable("big", np.zeros_like(big), register=False)
     v_small = ss.Variable("small", np.zeros_like(small), register=False)
     own_big, own_small = v_big.value, v_small.value
@@ -98,8 +99,11 @@ def test_resharded_restore_in_place(tmp_path, cut):
     copies (every block here is over 1 MiB)."""
     full = np.arange(1536 * 1024, dtype=np.float32).reshape(1536, 1024)
     prefix = ss.Saver({"w": blocks("w", full, [0, 700, 1536], [0, 1024])}).save(str(tmp_path / "m"))
-    rows, cols = {"rows": ([0, 500, 1536], [0, 1024]), "cols": ([0, 1536], [0, 256, 1024]),
-                  "grid": ([0, 768, 1536], [0, 384, 1024])}[cut]
+    rows, cols = {
+        "rows": ([0, 500, 1536], [0, 1024]),
+        "cols": ([0, 1536], [0, 256, 1024]),
+        "grid": ([0, 768, 1536], [0, 384, 1024]),
+    }[cut]
     targets = blocks("w", full, rows, cols, fill=-1.0)
     owns = [t.value for t in targets]
     ss.Saver({"w": targets}).restore(prefix)
@@ -165,12 +169,16 @@ def test_reshard_of_a_3d_tensor_across_its_inner_dimensions(tmp_path, monkeypatc
     """Slabs of several rows, each cut on the two inner dimensions."""
     monkeypatch.setattr(slabs, "SLAB_BYTES", 3 * 64 * 96 * 4)
     full = np.arange(40 * 64 * 96, dtype=np.float32).reshape(40, 64, 96)
-    pieces = [ss.Variable("t", full[a:b], global_shape=full.shape, offset=(a, 0, 0), register=False)
-              for a, b in ((0, 17), (17, 40))]
+    pieces = [
+        ss.Variable("t", full[a:b], global_shape=full.shape, offset=(a, 0, 0), register=False)
+        for a, b in ((0, 17), (17, 40))
+    ]
     prefix = ss.Saver({"t": pieces}).save(str(tmp_path / "m"))
     cuts = [((0, 0, 0), (40, 30, 50)), ((0, 0, 50), (40, 30, 46)), ((0, 30, 0), (40, 34, 96))]
-    targets = [ss.Variable("t", np.zeros(shape, np.float32), global_shape=full.shape, offset=offset, register=False)
-               for offset, shape in cuts]
+    targets = [
+        ss.Variable("t", np.zeros(shape, np.float32), global_shape=full.shape, offset=offset, register=False)
+        for offset, shape in cuts
+    ]
     owns = [t.value for t in targets]
     monkeypatch.setattr(targets_module, "IN_PLACE_MIN_BYTES", 0)
     ss.Saver({"t": targets}).restore(prefix)
@@ -194,7 +202,8 @@ def test_damage_anywhere_leaves_every_own_array_untouched(tmp_path, which):
     a = np.arange(3 * MIB_OF_FLOATS, dtype=np.float32)
     b = -np.arange(3 * MIB_OF_FLOATS, dtype=np.float32)
     prefix = ss.Saver([ss.Variable("a", a, register=False), ss.Variable("b", b, register=False)]).save(
-        str(tmp_path / "m"))
+        str(tmp_path / "m")
+    )
     entry = ss.CheckpointReader(prefix).get_entries().entries["a" if which == "first" else "b"]
     data_file = Path(prefix + DATA_FILE)
     damage(data_file, entry.offset + (10 if which == "first" else entry.size - 1))
@@ -204,7 +213,11 @@ def test_damage_anywhere_leaves_every_own_array_untouched(tmp_path, which):
     with pytest.raises(ss.DataLossError) as info:
         ss.Saver([va, vb]).restore(prefix)
     msg = str(info.value)
-    assert str(data_file) in msg and "checksum does not match" in msg and f"'{'a' if which == 'first' else 'b'}'" in msg
+    assert (
+        str(data_file) in msg
+        and "checksum does not match" in msg
+        and f"'{'a' if which == 'first' else 'b'}'" in msg
+    )
     assert va.value is owns[0] and vb.value is owns[1]
     assert (owns[0] == 7).all() and (owns[1] == 7).all()
 
@@ -247,8 +260,9 @@ def test_the_second_pass_reads_the_files_the_first_one_checked(tmp_path, monkeyp
     slab_bytes=st.sampled_from([1, 200, 4 << 20]),
     data=st.data(),
 )
-def test_any_layout_restored_in_place_is_exact_or_untouched(tmp_path, monkeypatch, saved, restored, damaged_at,
-                                                             slab_bytes, data):
+def test_any_layout_restored_in_place_is_exact_or_untouched(
+    tmp_path, monkeypatch, saved, restored, damaged_at, slab_bytes, data
+):
     """Every block written in place (threshold lowered to 0): either the exact values, or,
     with one flipped data byte, a DataLossError and every array as it was. Regions that are
     not contiguous in the file go through slabs of one row (rows of 96 bytes), two, or all."""
@@ -280,8 +294,9 @@ def test_any_layout_restored_in_place_is_exact_or_untouched(tmp_path, monkeypatc
 
 def test_one_variable_restored_under_two_names_is_not_written_twice_at_once(tmp_path):
     a = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
-    prefix = ss.Saver({"x": ss.Variable("x", a, register=False),
-                       "y": ss.Variable("y", -a, register=False)}).save(str(tmp_path / "m"))
+    prefix = ss.Saver(
+        {"x": ss.Variable("x", a, register=False), "y": ss.Variable("y", -a, register=False)}
+    ).save(str(tmp_path / "m"))
     v = ss.Variable("v", np.zeros_like(a), register=False)
     own = v.value
     ss.Saver({"x": v, "y": v}).restore(prefix)
@@ -322,7 +337,9 @@ def test_too_few_block_checksums_name_the_index_and_tensor(tmp_path, in_place):
     entry = ss.CheckpointReader(prefix).get_entries().entries["a"]
     rewrite_entry(prefix, "a", block_crcs=entry.block_crcs[: 4 * 20])
     v = ss.Variable("a", np.full_like(a, 7), register=False)
-    with pytest.raises(ss.DataLossError, match=r"m\.index: tensor 'a' has 80 bytes of block checksums, 128 expected"):
+    with pytest.raises(
+        ss.DataLossError, match=r"m\.index: tensor 'a' has 80 bytes of block checksums, 128 expected"
+    ):
         ss.Saver([v], restore_in_place=in_place).restore(prefix)
     assert (v.value == 7).all()
 
@@ -359,7 +376,9 @@ def test_a_file_written_to_between_the_passes_is_reported(tmp_path, monkeypatch)
 
     monkeypatch.setattr(in_place_module.InPlaceLoad, "check", check_then_write)
     v = ss.Variable("a", np.zeros_like(a), register=False)
-    with pytest.raises(ss.DataLossError, match=rf"{data_file} changed while it was being restored.*\('a'\) hold partial"):
+    with pytest.raises(
+        ss.DataLossError, match=rf"{data_file} changed while it was being restored.*\('a'\) hold partial"
+    ):
         ss.Saver([v]).restore(prefix)
 
 
@@ -372,7 +391,8 @@ def test_a_read_error_waits_for_the_other_reads_and_names_the_file(tmp_path, mon
     a = np.full(2 * MIB_OF_FLOATS, 1, np.float32)
     b = np.full(2 * MIB_OF_FLOATS, 2, np.float32)
     prefix = ss.Saver([ss.Variable("a", a, register=False), ss.Variable("b", b, register=False)]).save(
-        str(tmp_path / "m"))
+        str(tmp_path / "m")
+    )
     real = os.preadv
     state = {"reads": 0, "running": 0, "failed": False}
     lock = threading.Lock()
@@ -411,9 +431,13 @@ def test_a_read_error_waits_for_the_other_reads_and_names_the_file(tmp_path, mon
 def test_an_entry_in_a_shard_the_checkpoint_lacks_is_data_loss(tmp_path, name):
     """Small tensors (read in bulk) and large ones (checked, then read in place) alike."""
     values = {"small": np.arange(10, dtype=np.float32), "big": np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)}
-    prefix = ss.Saver({n: ss.Variable(n, v, register=False) for n, v in values.items()}).save(str(tmp_path / "m"))
+    prefix = ss.Saver({n: ss.Variable(n, v, register=False) for n, v in values.items()}).save(
+        str(tmp_path / "m")
+    )
     rewrite_entry(prefix, name, shard_id=3)
     targets = {n: ss.Variable(n, np.full_like(v, 7), register=False) for n, v in values.items()}
-    with pytest.raises(ss.DataLossError, match=rf"m\.index: tensor '{name}' is in shard 3, but the checkpoint has 1"):
+    with pytest.raises(
+        ss.DataLossError, match=rf"m\.index: tensor '{name}' is in shard 3, but the checkpoint has 1"
+    ):
         ss.Saver(targets).restore(prefix)
     assert all((v.value == 7).all() for v in targets.values())

@@ -31,13 +31,28 @@ def run_ranks(n: int, phase: str, root: str) -> None:
     if MPIEXEC is None:
         pytest.fail("mpiexec not found: install the 'mpi' extra (the mpich wheel)")
     env = dict(os.environ, SHARDSAVE_MPI_TESTS="1", SHARDSAVE_MPI_ROOT=root, SHARDSAVE_MPI_PHASE=phase)
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest", "-q", "-x",
-           "-p", "no:cacheprovider", os.path.join(HERE, "mpi")]
+    cmd = [
+        MPIEXEC,
+        "-n",
+        str(n),
+        sys.executable,
+        "-m",
+        "mpi4py",
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        os.path.join(HERE, "mpi"),
+    ]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{n} ranks, phase {phase}: hung for {TIMEOUT}s\n{exc.stdout}\n{exc.stderr}")
-    assert proc.returncode == 0, f"{n} ranks, phase {phase} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{n} ranks, phase {phase} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    )
     assert " passed" in proc.stdout
 
 
@@ -74,8 +89,9 @@ def test_tensorflow_restores_sharded_checkpoint_into_partitioned_variable(root):
 
     shape, dtype, _ = SAVED["rows"]
     with tf.Graph().as_default():
-        var = tf.compat.v1.get_variable("rows", shape=shape, dtype=tf.float32,
-                                        partitioner=tf.compat.v1.fixed_size_partitioner(3))
+        var = tf.compat.v1.get_variable(
+            "rows", shape=shape, dtype=tf.float32, partitioner=tf.compat.v1.fixed_size_partitioner(3)
+        )
         saver = tf.compat.v1.train.Saver({"rows": var})
         with tf.compat.v1.Session() as sess:
             saver.restore(sess, os.path.join(root, "n4", "model-1"))

@@ -38,9 +38,7 @@ BOUNDARIES = sorted(
     | {INT64_MIN, INT64_MAX}
 )
 int64s_with_edges = st.one_of(int64s, st.sampled_from(BOUNDARIES))
-uint64s_with_edges = st.one_of(
-    uint64s, st.sampled_from([v for v in BOUNDARIES if v >= 0] + [UINT64_MAX])
-)
+uint64s_with_edges = st.one_of(uint64s, st.sampled_from([v for v in BOUNDARIES if v >= 0] + [UINT64_MAX]))
 
 
 # --------------------------------------------------------------------------------------
@@ -451,8 +449,7 @@ def _full_entry_extents(value: bytes) -> list[list[tuple[int, int]]]:
 
     entry = tensor_bundle_pb2.BundleEntryProto.FromString(value)
     return [
-        [(e.start, e.length) if e.HasField("length") else (0, -1) for e in s.extent]
-        for s in entry.slices
+        [(e.start, e.length) if e.HasField("length") else (0, -1) for e in s.extent] for s in entry.slices
     ]
 
 
@@ -489,14 +486,10 @@ def test_tf_partitioned_variables(tmp_path: Path) -> None:
             ("scope/v", [5], v1.fixed_size_partitioner(2)),
         ]
         for name, shape, partitioner in specs:
-            var = v1.get_variable(
-                name, shape, tf.int8, v1.zeros_initializer(), partitioner=partitioner
-            )
+            var = v1.get_variable(name, shape, tf.int8, v1.zeros_initializer(), partitioner=partitioner)
             for part in var:
                 info = part._save_slice_info
-                expected.setdefault(name, set()).add(
-                    tuple(zip(info.var_offset, info.var_shape, strict=True))
-                )
+                expected.setdefault(name, set()).add(tuple(zip(info.var_offset, info.var_shape, strict=True)))
         saver = v1.train.Saver()
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())

@@ -98,8 +98,10 @@ def test_extents_round_trip(case):
     shape, (block,) = case
     assert block.extents() == tuple(zip(block.offset, block.shape, strict=True))
     assert Block.from_extents(block.extents(), shape) == block
-    whole_dims = [(0, -1) if o == 0 and n == g else (o, n)
-                  for o, n, g in zip(block.offset, block.shape, shape, strict=True)]
+    whole_dims = [
+        (0, -1) if o == 0 and n == g else (o, n)
+        for o, n, g in zip(block.offset, block.shape, shape, strict=True)
+    ]
     assert Block.from_extents(whole_dims, shape) == block
     assert block.end == tuple(o + n for o, n in zip(block.offset, block.shape, strict=True))
     assert block.size == int(_mask(shape, block).sum())
@@ -397,7 +399,9 @@ def test_empty_tensor_split_over_ranks_is_written_with_its_global_shape(tmp_path
 
     import shardsave as ss
 
-    parts = [ss.Variable("e", np.zeros((0, 4)), global_shape=(0, 8), offset=(0, c), register=False) for c in (0, 4)]
+    parts = [
+        ss.Variable("e", np.zeros((0, 4)), global_shape=(0, 8), offset=(0, c), register=False) for c in (0, 4)
+    ]
     ss.Saver({"e": parts}).save(str(tmp_path / "m"))
     assert ss.list_variables(str(tmp_path / "m")) == [("e", [0, 8])]
     assert ss.load_variable(str(tmp_path / "m"), "e").shape == (0, 8)
@@ -425,20 +429,29 @@ def _raises(metas, *fragments):
 
 
 def test_ranks_disagree_on_global_shape():
-    metas = [[_meta("w", Block((0, 0), (7, 7)))], [_meta("w", Block((7, 0), (6, 8)), (13, 8))],
-             [_meta("w", Block((0, 0), (7, 7)))]]
+    metas = [
+        [_meta("w", Block((0, 0), (7, 7)))],
+        [_meta("w", Block((7, 0), (6, 8)), (13, 8))],
+        [_meta("w", Block((0, 0), (7, 7)))],
+    ]
     msg = _raises(metas, "'w'", "[13, 7]", "[13, 8]")
     assert "ranks 0, 2" in msg and "ranks 1" in msg
 
 
 def test_ranks_disagree_on_dtype():
-    metas = [[_meta("w", Block.whole((3,)), (3,))], [_meta("w", Block.whole((3,)), (3,), dtype=I64, itemsize=8)]]
+    metas = [
+        [_meta("w", Block.whole((3,)), (3,))],
+        [_meta("w", Block.whole((3,)), (3,), dtype=I64, itemsize=8)],
+    ]
     _raises(metas, "'w'", "float32", "int64", "ranks 0", "ranks 1")
 
 
 def test_overlapping_blocks():
-    metas = [[_meta("other", Block.whole((2,)), (2,))], [_meta("w", Block((0, 0), (8, 7)))],
-             [_meta("w", Block((6, 0), (7, 7)))]]
+    metas = [
+        [_meta("other", Block.whole((2,)), (2,))],
+        [_meta("w", Block((0, 0), (8, 7)))],
+        [_meta("w", Block((6, 0), (7, 7)))],
+    ]
     msg = _raises(metas, "'w'", "overlap", "rank(s) 1", "rank(s) 2")
     assert "other" not in msg
 
@@ -525,11 +538,11 @@ def test_reshard_intersections_tile_every_target(save_kind, restore_kind):
             assert (count == 1).all(), (n, save_kind, m, restore_kind, target)
 
 
+@pytest.mark.parametrize(("n", "m"), [(8, 4), (4, 8), (4, 3), (3, 4), (1, 8), (8, 1), (5, 7), (6, 6)])
 @pytest.mark.parametrize(
-    ("n", "m"), [(8, 4), (4, 8), (4, 3), (3, 4), (1, 8), (8, 1), (5, 7), (6, 6)]
+    ("save_kind", "restore_kind"),
+    [("rows", "cols"), ("grid", "rows_skewed"), ("cols", "grid_skewed"), ("grid_skewed", "grid")],
 )
-@pytest.mark.parametrize(("save_kind", "restore_kind"), [("rows", "cols"), ("grid", "rows_skewed"),
-                                                         ("cols", "grid_skewed"), ("grid_skewed", "grid")])
 def test_reshard_reads_right_bytes(n, m, save_kind, restore_kind):
     """Fill every target block from the saved pieces' bytes via region_span."""
     full = np.arange(math.prod(SHAPE), dtype=np.int32).reshape(SHAPE) * 3 - 50
@@ -546,8 +559,10 @@ def test_reshard_reads_right_bytes(n, m, save_kind, restore_kind):
             region = Block(tuple(a - b for a, b in zip(inter.offset, piece.offset, strict=True)), inter.shape)
             span = region_span(piece.shape, region, itemsize)
             window = np.frombuffer(data[span.start : span.stop], np.int32)
-            flat = np.ravel_multi_index(np.ix_(*(range(o, o + s) for o, s in zip(
-                region.offset, region.shape, strict=True))), piece.shape)
+            flat = np.ravel_multi_index(
+                np.ix_(*(range(o, o + s) for o, s in zip(region.offset, region.shape, strict=True))),
+                piece.shape,
+            )
             out[_slices(inter, target.offset)] = window[flat - span.start // itemsize]
         np.testing.assert_array_equal(out, full[_slices(target)])
 
@@ -558,8 +573,16 @@ def test_reshard_reads_right_bytes(n, m, save_kind, restore_kind):
 
 @pytest.mark.parametrize(
     ("shape", "partitions"),
-    [((10, 4), [3, 1]), ((13, 7), [8, 1]), ((13, 7), [1, 7]), ((7,), [7]), ((5, 3, 2), [2, 3, 1]),
-     ((13, 7), [3, 2]), ((4,), [1]), ((), [])],
+    [
+        ((10, 4), [3, 1]),
+        ((13, 7), [8, 1]),
+        ((13, 7), [1, 7]),
+        ((7,), [7]),
+        ((5, 3, 2), [2, 3, 1]),
+        ((13, 7), [3, 2]),
+        ((4,), [1]),
+        ((), []),
+    ],
 )
 def test_partition_blocks_tile_and_layout(shape, partitions):
     blocks = partition_blocks(shape, partitions)
@@ -579,7 +602,10 @@ def test_partition_blocks_tile_and_layout(shape, partitions):
 
 def test_partition_blocks_examples():
     assert partition_blocks((10, 4), [3, 1]) == [
-        Block((0, 0), (4, 4)), Block((4, 0), (3, 4)), Block((7, 0), (3, 4))]
+        Block((0, 0), (4, 4)),
+        Block((4, 0), (3, 4)),
+        Block((7, 0), (3, 4)),
+    ]
     assert partition_blocks((4, 9), [1, 2]) == [Block((0, 0), (4, 5)), Block((0, 5), (4, 4))]
     with pytest.raises(ValueError):
         partition_blocks((10, 4), [3])
@@ -597,10 +623,16 @@ def test_partition_blocks_match_tf(tf):
     graph = tf.Graph()
     with graph.as_default():
         for i, (shape, axis, k) in enumerate(cases):
-            pv = tf.compat.v1.get_variable(f"v{i}", shape=shape, initializer=tf.compat.v1.zeros_initializer(),
-                                           partitioner=tf.compat.v1.fixed_size_partitioner(k, axis))
-            theirs = [Block(tuple(v._get_save_slice_info().var_offset), tuple(v._get_save_slice_info().var_shape))
-                      for v in pv]
+            pv = tf.compat.v1.get_variable(
+                f"v{i}",
+                shape=shape,
+                initializer=tf.compat.v1.zeros_initializer(),
+                partitioner=tf.compat.v1.fixed_size_partitioner(k, axis),
+            )
+            theirs = [
+                Block(tuple(v._get_save_slice_info().var_offset), tuple(v._get_save_slice_info().var_shape))
+                for v in pv
+            ]
             partitions = fixed_size_partitioner(k, axis)(shape)
             assert partition_blocks(shape, partitions) == theirs, (shape, axis, k)
 
@@ -625,11 +657,15 @@ def test_partitioners_match_tf(tf, dtype):
         for axis, k in itertools.product(axes, (1, 2, 3, 8)):
             if k <= shape[axis]:
                 assert fixed_size_partitioner(k, axis)(shape, dtype=_np_dtype(dtype)) == _tf_call(
-                    tf, v1.fixed_size_partitioner(k, axis), shape, dtype), (shape, axis, k)
+                    tf, v1.fixed_size_partitioner(k, axis), shape, dtype
+                ), (shape, axis, k)
         for axis, max_bytes, max_shards in itertools.product(axes, (1, 100, 4096, 1 << 20), (None, 3)):
-            ours = variable_axis_size_partitioner(max_bytes, axis, max_shards=max_shards)(shape, dtype=_np_dtype(dtype))
-            theirs = _tf_call(tf, v1.variable_axis_size_partitioner(max_bytes, axis, max_shards=max_shards),
-                              shape, dtype)
+            ours = variable_axis_size_partitioner(max_bytes, axis, max_shards=max_shards)(
+                shape, dtype=_np_dtype(dtype)
+            )
+            theirs = _tf_call(
+                tf, v1.variable_axis_size_partitioner(max_bytes, axis, max_shards=max_shards), shape, dtype
+            )
             assert ours == theirs, (shape, axis, max_bytes, max_shards)
         for axis, max_parts, min_slice in itertools.product(axes, (1, 4, 100), (64, 4096, 256 << 10)):
             ours = min_max_variable_partitioner(max_parts, axis, min_slice)(shape, dtype=_np_dtype(dtype))
@@ -665,7 +701,10 @@ def test_coalesce_merges_only_touching_ranges_by_default():
 def test_a_replica_goes_to_the_holder_with_less_to_write():
     """Rank 0 writes its own large tensor, so the block both hold is rank 1's to write."""
     rep = Block.whole((4,))
-    metas = [[_meta("big", Block.whole((1000,)), (1000,)), _meta("rep", rep, (4,))], [_meta("rep", rep, (4,))]]
+    metas = [
+        [_meta("big", Block.whole((1000,)), (1000,)), _meta("rep", rep, (4,))],
+        [_meta("rep", rep, (4,))],
+    ]
     plan = make_save_plan(metas)
     assert [[a.name for a in ws] for ws in plan.writes] == [["big"], ["rep"]]
     assert plan.bytes_per_rank() == [4000, 16]

@@ -51,7 +51,10 @@ DTYPES = [np.float32, np.int64, np.uint8, np.float64]
 def _slices(block: Block, origin=None) -> tuple:
     """Numpy's index of ``block`` (an array even for a scalar, thanks to the Ellipsis)."""
     origin = origin or (0,) * len(block.offset)
-    return (..., *(slice(o - z, o - z + n) for o, n, z in zip(block.offset, block.shape, origin, strict=True)))
+    return (
+        ...,
+        *(slice(o - z, o - z + n) for o, n, z in zip(block.offset, block.shape, origin, strict=True)),
+    )
 
 
 def _grid(shape, cuts) -> list[Block]:
@@ -59,7 +62,11 @@ def _grid(shape, cuts) -> list[Block]:
     bounds = [[0, *c, d] for c, d in zip(cuts, shape, strict=True)]
     blocks = [Block((), ())]
     for b in bounds:
-        blocks = [Block((*blk.offset, lo), (*blk.shape, hi - lo)) for blk in blocks for lo, hi in zip(b, b[1:], strict=False)]
+        blocks = [
+            Block((*blk.offset, lo), (*blk.shape, hi - lo))
+            for blk in blocks
+            for lo, hi in zip(b, b[1:], strict=False)
+        ]
     return blocks
 
 
@@ -83,19 +90,31 @@ def tensor(draw, name):
     if size == "string":
         shape = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=2)))
         rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-        values = np.array([bytes(rng.integers(0, 256, rng.integers(0, 6), np.uint8)) for _ in range(math.prod(shape))]
-                          + [b""], dtype=object)[:-1].reshape(shape)
+        values = np.array(
+            [bytes(rng.integers(0, 256, rng.integers(0, 6), np.uint8)) for _ in range(math.prod(shape))]
+            + [b""],
+            dtype=object,
+        )[:-1].reshape(shape)
         return name, values
     dtype = np.dtype(draw(st.sampled_from(DTYPES)))
     if size == "small":
-        shape = tuple(draw(st.lists(st.integers(1, 7), min_size=draw(st.sampled_from([1, 1, 0])), max_size=3)))
+        shape = tuple(
+            draw(st.lists(st.integers(1, 7), min_size=draw(st.sampled_from([1, 1, 0])), max_size=3))
+        )
     elif size == "blocks":  # 64 KiB .. 1 MiB: per-block checksums, read through buffers
         row = draw(st.sampled_from([64, 96, 1000]))
-        shape = (draw(st.integers(CHECKSUM_BLOCK // (row * dtype.itemsize) + 1, (1 << 20) // (row * dtype.itemsize))),
-                 row)
+        shape = (
+            draw(
+                st.integers(CHECKSUM_BLOCK // (row * dtype.itemsize) + 1, (1 << 20) // (row * dtype.itemsize))
+            ),
+            row,
+        )
     else:  # above DIRECT_MIN_BYTES: read straight into the targets, or by whole rows
         row = draw(st.sampled_from([256, 1024]))
-        shape = (draw(st.integers((2 << 20) // (row * dtype.itemsize), (5 << 20) // (row * dtype.itemsize))), row)
+        shape = (
+            draw(st.integers((2 << 20) // (row * dtype.itemsize), (5 << 20) // (row * dtype.itemsize))),
+            row,
+        )
     # non-zero values, distinct unless bytes: a byte the plan forgets to read shows as a zero
     count = math.prod(shape)
     numbers = np.arange(count) % 255 + 1 if dtype.itemsize == 1 else np.arange(1, count + 1)
@@ -125,8 +144,16 @@ def save(directory: str, tensors, saved) -> tuple[storage.Location, object]:
     merged index. Returns the prefix and the parsed index."""
     values = dict(tensors)
     metas = [
-        [BlockMeta(name, dtypes.to_tf(values[name].dtype), values[name].shape, block,
-                   values[name][_slices(block)].nbytes) for name, block in blocks]
+        [
+            BlockMeta(
+                name,
+                dtypes.to_tf(values[name].dtype),
+                values[name].shape,
+                block,
+                values[name][_slices(block)].nbytes,
+            )
+            for name, block in blocks
+        ]
         for blocks in saved
     ]
     plan = make_save_plan(metas)
@@ -150,7 +177,10 @@ def save(directory: str, tensors, saved) -> tuple[storage.Location, object]:
 def apply(reads, wanted: list[Wanted], files: dict[int, np.ndarray]) -> tuple[list, list[np.ndarray]]:
     """Carry out a plan with numpy alone: each read takes only its span's bytes of the
     stored file. Returns the filled targets and how often each element was written."""
-    outs = [np.zeros(w.block.shape, w.dtype) if w.dtype != object else np.full(w.block.shape, None) for w in wanted]
+    outs = [
+        np.zeros(w.block.shape, w.dtype) if w.dtype != object else np.full(w.block.shape, None)
+        for w in wanted
+    ]
     counts = [np.zeros(w.block.shape, np.int64) for w in wanted]
     for r in reads:
         e, span, w = r.entry, r.span, wanted[r.target]
@@ -189,7 +219,10 @@ def check_spans(reads, wanted: list[Wanted], sizes: dict[int, int]) -> None:
         if isinstance(r, DirectRead | WholeRead | StringRead) or not e.block_size:
             assert span == Span(0, e.size)
             if isinstance(r, DirectRead):
-                assert e.size >= DIRECT_MIN_BYTES and wanted[r.target].block.size * wanted[r.target].dtype.itemsize == e.size
+                assert (
+                    e.size >= DIRECT_MIN_BYTES
+                    and wanted[r.target].block.size * wanted[r.target].dtype.itemsize == e.size
+                )
             if isinstance(r, WholeRead):
                 assert e.size < DIRECT_MIN_BYTES and r.block == wanted[r.target].block
             continue
@@ -197,7 +230,11 @@ def check_spans(reads, wanted: list[Wanted], sizes: dict[int, int]) -> None:
         exact = region_span(r.piece.shape, r.region, itemsize)
         assert span == align_span(exact, e.block_size, e.size)
         if isinstance(r, RowsRead):
-            assert (r.start, r.stop) == (exact.start, exact.stop) == (exact.start, exact.start + r.region.size * itemsize)
+            assert (
+                (r.start, r.stop)
+                == (exact.start, exact.stop)
+                == (exact.start, exact.start + r.region.size * itemsize)
+            )
             assert r.stop - r.start >= DIRECT_MIN_BYTES
 
 
@@ -216,8 +253,15 @@ def fetch_bound(r, itemsize: int) -> int:
     return r.region.shape[0] * row + 2 * e.block_size * max(1, len(slabs.row_slabs(r)))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[
-    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 @given(case())
 def test_planned_reads_restore_any_layout_onto_any_other(monkeypatch, c):
     monkeypatch.setattr(slabs, "SLAB_BYTES", 256 << 10)  # large regions by slabs of rows, also below 4 MiB
@@ -237,7 +281,11 @@ def test_planned_reads_restore_any_layout_onto_any_other(monkeypatch, c):
             check_spans(reads, wanted, sizes)
             for r in reads:
                 event(type(r).__name__)
-                if r.entry.block_size and r.span.stop - r.span.start > slabs.SLAB_BYTES and not isinstance(r, RowsRead):
+                if (
+                    r.entry.block_size
+                    and r.span.stop - r.span.start > slabs.SLAB_BYTES
+                    and not isinstance(r, RowsRead)
+                ):
                     event("large region: by slabs of rows")
 
             outs, counts = apply(reads, wanted, files)
@@ -272,11 +320,16 @@ def test_planned_reads_restore_any_layout_onto_any_other(monkeypatch, c):
             if _rows_layout(saved) and _rows_layout(restored):
                 # whole rows: nothing beyond the region's bytes but block alignment
                 assert union <= needed + sum(
-                    2 * r.entry.block_size if r.entry.block_size and not isinstance(r, StringRead)
-                    else r.entry.size for r in reads)
+                    2 * r.entry.block_size
+                    if r.entry.block_size and not isinstance(r, StringRead)
+                    else r.entry.size
+                    for r in reads
+                )
                 assert stats.bytes_read <= needed + sum(_row_overhead(r) for r in reads)
-            one_piece = all(r.span.stop - r.span.start <= slabs.SLAB_BYTES or isinstance(r, DirectRead | RowsRead)
-                            for r in reads)
+            one_piece = all(
+                r.span.stop - r.span.start <= slabs.SLAB_BYTES or isinstance(r, DirectRead | RowsRead)
+                for r in reads
+            )
             if sorted(saved_blocks(saved)) == sorted(saved_blocks(restored)) and one_piece:
                 # each target a stored piece, each read in one piece: exactly the bytes needed
                 event("restored as saved")
@@ -291,8 +344,11 @@ def test_planned_reads_restore_any_layout_onto_any_other(monkeypatch, c):
                 in_place.fill(in_place_stats)
             for t in live:
                 np.testing.assert_array_equal(t.out, values[t.name][_slices(t.block)])
-            assert in_place_stats.bytes_read == sum(r.span.stop - r.span.start for r in reads
-                                                    if wanted[r.target].dtype != object and wanted[r.target].block.shape)
+            assert in_place_stats.bytes_read == sum(
+                r.span.stop - r.span.start
+                for r in reads
+                if wanted[r.target].dtype != object and wanted[r.target].block.shape
+            )
 
 
 def saved_blocks(blocks_by_rank):
@@ -308,7 +364,9 @@ def _union_bytes(reads) -> int:
     total = 0
     by_file: dict[int, list[tuple[int, int]]] = {}
     for r in reads:
-        by_file.setdefault(r.entry.shard_id, []).append((r.entry.offset + r.span.start, r.entry.offset + r.span.stop))
+        by_file.setdefault(r.entry.shard_id, []).append(
+            (r.entry.offset + r.span.start, r.entry.offset + r.span.stop)
+        )
     for spans in by_file.values():
         end = -1
         for start, stop in sorted(spans):
@@ -326,8 +384,10 @@ def test_the_read_kinds_of_common_layouts(tmp_path):
     small = np.arange(12, dtype=np.int64).reshape(3, 4)
     text = np.array([b"a", b"bc"], dtype=object)
     tensors = [("big", big), ("small", small), ("text", text)]
-    saved = [[("big", Block((0, 0), (512, 1024))), ("small", Block.whole((3, 4))), ("text", Block.whole((2,)))],
-             [("big", Block((512, 0), (512, 1024)))]]
+    saved = [
+        [("big", Block((0, 0), (512, 1024))), ("small", Block.whole((3, 4))), ("text", Block.whole((2,)))],
+        [("big", Block((512, 0), (512, 1024)))],
+    ]
     prefix, index = save(str(tmp_path), tensors, saved)
     files = DataFiles(prefix, index)
 
@@ -354,11 +414,15 @@ def test_the_read_kinds_of_common_layouts(tmp_path):
 def test_plan_errors_are_the_loads_errors(tmp_path):
     """Planning raises what a restore raises: a missing tensor, a region outside the pieces."""
     values = np.arange(20, dtype=np.float32).reshape(4, 5)
-    prefix, index = save(str(tmp_path), [("w", values)], [[("w", Block((0, 0), (2, 5)))], [("w", Block((2, 0), (2, 5)))]])
+    prefix, index = save(
+        str(tmp_path), [("w", values)], [[("w", Block((0, 0), (2, 5)))], [("w", Block((2, 0), (2, 5)))]]
+    )
     files = DataFiles(prefix, index)
     with pytest.raises(NotFoundError, match="tensor 'nope' not found in checkpoint"):
         plan_reads(prefix, index, [Wanted("nope", Block.whole((1,)), values.dtype)], files)
-    with pytest.raises(DataLossError, match=r"cover 10 of the 15 elements of the requested region at offset \[2, 0\]"):
+    with pytest.raises(
+        DataLossError, match=r"cover 10 of the 15 elements of the requested region at offset \[2, 0\]"
+    ):
         plan_reads(prefix, index, [Wanted("w", Block((2, 0), (3, 5)), values.dtype)], files)
 
 

@@ -98,8 +98,13 @@ def model(step: int):
         "w": ss.Variable("w", rng.standard_normal((20, 30)).astype(np.float32)),
         "b": ss.Variable("b", np.arange(5, dtype=np.int64) * step),
         "s": ss.Variable("s", np.array([b"x", b"", b"step %d" % step], dtype=object)),
-        "t": ss.get_variable("t", [10, 4], np.float64, partitioner=ss.fixed_size_partitioner(4),
-                             initializer=rng.standard_normal((10, 4))),
+        "t": ss.get_variable(
+            "t",
+            [10, 4],
+            np.float64,
+            partitioner=ss.fixed_size_partitioner(4),
+            initializer=rng.standard_normal((10, 4)),
+        ),
     }
 
 
@@ -146,8 +151,12 @@ def test_save_restore_retention_and_state(s3_server, s3_dir):
     key = s3_dir.split("/", 3)[3]
     # retention deleted step 1's objects on the server
     assert [k.split("/")[-1] for k in s3_server.keys(key + "/")] == [
-        "checkpoint", "model.ckpt-2.data-00000-of-00001", "model.ckpt-2.index",
-        "model.ckpt-3.data-00000-of-00001", "model.ckpt-3.index"]
+        "checkpoint",
+        "model.ckpt-2.data-00000-of-00001",
+        "model.ckpt-2.index",
+        "model.ckpt-3.data-00000-of-00001",
+        "model.ckpt-3.index",
+    ]
     state = ss.get_checkpoint_state(s3_dir, storage_options=opts)
     assert state.model_checkpoint_path == f"{s3_dir}/model.ckpt-3"
     assert state.all_model_checkpoint_paths == [f"{s3_dir}/model.ckpt-2", f"{s3_dir}/model.ckpt-3"]
@@ -187,8 +196,12 @@ def test_reshard_by_columns_reads_slabs_of_rows(s3_server, s3_dir, monkeypatch):
     monkeypatch.setattr(slabs, "SLAB_BYTES", 1 << 20)
     full = np.random.default_rng(2).standard_normal((512, 2048)).astype(np.float32)  # 4 MiB
     ss.Saver([ss.Variable("w", full, register=False)], storage_options=opts).save(f"{s3_dir}/m")
-    halves = [ss.Variable("w", np.zeros((512, 1024), np.float32), global_shape=full.shape, offset=(0, c),
-                          register=False) for c in (0, 1024)]
+    halves = [
+        ss.Variable(
+            "w", np.zeros((512, 1024), np.float32), global_shape=full.shape, offset=(0, c), register=False
+        )
+        for c in (0, 1024)
+    ]
     saver = ss.Saver({"w": halves}, storage_options=opts)
     saver.restore(f"{s3_dir}/m")
     for v, c in zip(halves, (0, 1024), strict=True):
@@ -261,8 +274,12 @@ def test_latest_checkpoint_sees_what_other_processes_wrote(s3_server, s3_dir):
 
     import s3fs
 
-    other = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": s3_server.endpoint},
-                              key=opts["key"], secret=opts["secret"])
+    other = s3fs.S3FileSystem(
+        skip_instance_cache=True,
+        client_kwargs={"endpoint_url": s3_server.endpoint},
+        key=opts["key"],
+        secret=opts["secret"],
+    )
     model(2)
     ss.Saver(fs=other).save(f"{s3_dir}/m", global_step=2)
     other.pipe_file(d.child("m-1.data-00000-of-00001").path, b"12345")
@@ -278,7 +295,10 @@ def test_missing_bucket_fails_fast_and_is_not_created(s3_server):
     url = "s3://no-such-bucket-shardsave/run"
     model(1)
     start = time.monotonic()
-    with pytest.raises(NotFoundError, match=r"s3://no-such-bucket-shardsave/run.*bucket 'no-such-bucket-shardsave' does not exist"):
+    with pytest.raises(
+        NotFoundError,
+        match=r"s3://no-such-bucket-shardsave/run.*bucket 'no-such-bucket-shardsave' does not exist",
+    ):
         ss.Saver(storage_options=opts).save(f"{url}/m")
     with pytest.raises(NotFoundError, match="no-such-bucket-shardsave.*does not exist"):
         ss.latest_checkpoint(url, storage_options=opts)
@@ -342,16 +362,27 @@ def test_standard_aws_environment_alone(s3_server, s3_dir, monkeypatch, capsys):
     model(4)
     ss.Saver(storage_options=s3_server.options()).save(f"{s3_dir}/model.ckpt", global_step=4)
     env = s3_server.env()
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-              "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    for k in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ):
         monkeypatch.setenv(k, env[k])
     import s3fs
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_cache", {})  # a new instance reads the environment
     assert ss.latest_checkpoint(s3_dir) == f"{s3_dir}/model.ckpt-4"
     env.pop("SHARDSAVE_STORAGE_OPTIONS", None)
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "shardsave"), "ls", s3_dir],
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "shardsave"), "ls", s3_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"model\.ckpt-4 +4 +\d+ .*\(latest\)", proc.stdout), proc.stdout
 
@@ -374,14 +405,18 @@ def test_cli_with_flag_and_environment(s3_server, s3_dir, monkeypatch, capsys):
     assert "model.ckpt-3" not in out
     assert cli.main(["inspect", s3_dir, "--tensor", "b", "--values"] + flag) == 0  # flag after the command
     out = capsys.readouterr().out
-    assert "checkpoint: " + f"{s3_dir}/model.ckpt-2" in out and "b  int64  [5]" in out and "[0 2 4 6 8]" in out
+    assert (
+        "checkpoint: " + f"{s3_dir}/model.ckpt-2" in out and "b  int64  [5]" in out and "[0 2 4 6 8]" in out
+    )
 
     monkeypatch.setenv("SHARDSAVE_STORAGE_OPTIONS", json.dumps(opts))
     assert cli.main(["gc", s3_dir, "--dry-run"]) == 0
     assert f"would delete {s3_dir}/model.ckpt-3.data-00000-of-00002" in capsys.readouterr().out
     assert cli.main(["gc", s3_dir]) == 0
     out = capsys.readouterr().out
-    assert f"deleting {s3_dir}/model.ckpt-3.data-00000-of-00002" in out and "1 leftover file(s) deleted" in out
+    assert (
+        f"deleting {s3_dir}/model.ckpt-3.data-00000-of-00002" in out and "1 leftover file(s) deleted" in out
+    )
     assert not storage.exists(d.child("model.ckpt-3.data-00000-of-00002"))
     assert cli.main(["inspect", f"{s3_dir}/model.ckpt-1"]) == 0
     assert "# Total number of params: 648" in capsys.readouterr().out
@@ -397,8 +432,22 @@ SHA = re.compile(r"final step (\d+) parameters sha256 ([0-9a-f]{64})")
 
 
 def train(n: int, ckpt_dir: str, steps: int, *extra: str, env=None) -> str:
-    proc = run_mpi(n, [TRAIN, "--ckpt-dir", ckpt_dir, "--steps", str(steps), "--save-every", "20",
-                       "--max-to-keep", "2", *extra], env=env)
+    proc = run_mpi(
+        n,
+        [
+            TRAIN,
+            "--ckpt-dir",
+            ckpt_dir,
+            "--steps",
+            str(steps),
+            "--save-every",
+            "20",
+            "--max-to-keep",
+            "2",
+            *extra,
+        ],
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = SHA.search(proc.stdout)
     assert m and int(m.group(1)) == steps, proc.stdout
@@ -412,7 +461,8 @@ def test_mpi_training_checkpoints_to_s3_and_resumes_on_fewer_ranks(s3_server, s3
     assert f"saved {s3_dir}/model.ckpt-40" in out4
     key = s3_dir.split("/", 3)[3]
     assert [k.split("/")[-1] for k in s3_server.keys(key + "/") if ".data-" in k] == [
-        f"model.ckpt-{s}.data-{r:05d}-of-00004" for s in (20, 40) for r in range(4)]
+        f"model.ckpt-{s}.data-{r:05d}-of-00004" for s in (20, 40) for r in range(4)
+    ]
     # resume on 3 ranks from the environment alone (AWS_ENDPOINT_URL), as deploy/ does
     out3 = train(3, s3_dir, 60, "--resume", env=env)
     assert f"resumed from {s3_dir}/model.ckpt-40 at step 40 on 3 ranks" in out3
@@ -423,18 +473,23 @@ def test_mpi_training_checkpoints_to_s3_and_resumes_on_fewer_ranks(s3_server, s3
     assert [n for n in names if n.endswith(".index")] == ["model.ckpt-40.index", "model.ckpt-60.index"]
     assert not [n for n in names if n.startswith("model.ckpt-20.")]
     assert sorted(n for n in names if n.startswith("model.ckpt-60.data")) == [
-        f"model.ckpt-60.data-{r:05d}-of-00003" for r in range(3)]
+        f"model.ckpt-60.data-{r:05d}-of-00003" for r in range(3)
+    ]
     # and this process reads what 3 ranks wrote
     reader = ss.CheckpointReader(s3_dir, storage_options=json.loads(opts))
     assert reader.prefix == f"{s3_dir}/model.ckpt-60" and reader.num_shards == 3
     emb = reader.get_tensor("embedding")
     assert emb.shape == (1000, 32)
     # the one-rank run that went straight to step 60 ends with the same bits
-    np.testing.assert_array_equal(emb.view(np.uint32), np.load(tmp_path / "straight.npz")["embedding"].view(np.uint32))
+    np.testing.assert_array_equal(
+        emb.view(np.uint32), np.load(tmp_path / "straight.npz")["embedding"].view(np.uint32)
+    )
 
 
 def test_memory_filesystem_from_several_processes_fails_at_commit():
-    proc = run_mpi(2, [TRAIN, "--ckpt-dir", "memory://shardsave-unshared", "--steps", "1", "--save-every", "1"])
+    proc = run_mpi(
+        2, [TRAIN, "--ckpt-dir", "memory://shardsave-unshared", "--steps", "1", "--save-every", "1"]
+    )
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert re.search("memory:///?shardsave-unshared/model.ckpt-1.data-00001-of-00002", err), err[-3000:]
@@ -447,8 +502,12 @@ def test_unreachable_endpoint_is_unavailable_error_naming_the_url():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
-               "config_kwargs": {"retries": {"max_attempts": 2}}}
+    options = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "k",
+        "secret": "s",
+        "config_kwargs": {"retries": {"max_attempts": 2}},
+    }
     with pytest.raises(ss.UnavailableError, match=r"s3://nowhere/run/checkpoint: storage unreachable"):
         ss.latest_checkpoint("s3://nowhere/run", storage_options=options)
     v = ss.Variable("x", np.zeros(3), register=False)

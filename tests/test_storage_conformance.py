@@ -151,8 +151,13 @@ class TestStorage:
     def test_writer_streams_chunks_and_close_makes_the_exact_file(self, store):
         data = random_bytes(12 * MiB + 3)
         as_floats = np.frombuffer(data[100 : 100 + 4 * 1000], np.float32)
-        chunks = [data[:100], as_floats, memoryview(data)[4100 : 4101], bytearray(data[4101 : 9 * MiB]),
-                  memoryview(data)[9 * MiB :]]  # bytes, a float array, one byte, large buffers
+        chunks = [
+            data[:100],
+            as_floats,
+            memoryview(data)[4100:4101],
+            bytearray(data[4101 : 9 * MiB]),
+            memoryview(data)[9 * MiB :],
+        ]  # bytes, a float array, one byte, large buffers
         w = write(store.dir.child("a.bin"), *chunks, fsync=store.kind == "local")
         assert w.written == len(data)
         assert store.get("a.bin") == data
@@ -174,7 +179,9 @@ class TestStorage:
             assert w.etag == hashlib.md5(b"abcde").hexdigest()
         e = write(store.dir.child("empty.bin"))
         assert e.written == 0 and store.get("empty.bin") == b""
-        assert storage.size(store.dir.child("empty.bin")) == 0 and storage.exists(store.dir.child("empty.bin"))
+        assert storage.size(store.dir.child("empty.bin")) == 0 and storage.exists(
+            store.dir.child("empty.bin")
+        )
 
     def test_writer_replaces_an_existing_file(self, store):
         store.put("a.bin", b"old contents, longer than the new")
@@ -223,8 +230,10 @@ class TestStorage:
             storage.publish(idx, b"second", fsync=False, exclusive=True)
             assert store.get("m.index") == b"second"
             return
-        message = (f"publishing {idx.url}: it appeared while this save was running; "
-                   "is another job saving to the same prefix?")
+        message = (
+            f"publishing {idx.url}: it appeared while this save was running; "
+            "is another job saving to the same prefix?"
+        )
         with pytest.raises(FailedPreconditionError, match=f"^{re.escape(message)}$"):
             storage.publish(idx, b"second", fsync=False, exclusive=True)
         assert store.get("m.index") == b"first" and storage.read_bytes(idx) == b"first"
@@ -259,8 +268,9 @@ class TestStorage:
         ranges = [(2 * MiB, 1000), (0, 10), (5, 20), (len(data) - 7, 7), (MiB, MiB)]  # unordered, overlapping
         arrays = [np.full(n, 0xAA, np.uint8) for _, n in ranges]
         done = []
-        storage.read_ranges(x, [(o, memoryview(a)) for (o, _), a in zip(ranges, arrays, strict=True)],
-                            after=done.append)
+        storage.read_ranges(
+            x, [(o, memoryview(a)) for (o, _), a in zip(ranges, arrays, strict=True)], after=done.append
+        )
         for (o, n), a in zip(ranges, arrays, strict=True):
             assert a.tobytes() == data[o : o + n]
         assert sorted(done) == list(range(len(ranges)))
@@ -290,8 +300,9 @@ class TestStorage:
     def test_read_ranges_of_a_short_file_is_data_loss(self, store):
         store.put("x.bin", b"0123456789")
         x = store.dir.child("x.bin")
-        with pytest.raises(DataLossError, match=f"^{re.escape(x.url)}: file too short: wanted 10 bytes at "
-                           "offset 5, got 5$"):
+        with pytest.raises(
+            DataLossError, match=f"^{re.escape(x.url)}: file too short: wanted 10 bytes at offset 5, got 5$"
+        ):
             storage.read_ranges(x, [(0, memoryview(bytearray(2))), (5, memoryview(bytearray(10)))])
         past = [(20, memoryview(bytearray(3)))]
         if store.kind == "s3":
@@ -302,7 +313,9 @@ class TestStorage:
         else:
             with pytest.raises(DataLossError, match="wanted 3 bytes at offset 20, got 0$"):
                 storage.read_ranges(x, past)
-        with pytest.raises(NotFoundError, match=f"^reading {re.escape(store.dir.child('nope').url)}: not found"):
+        with pytest.raises(
+            NotFoundError, match=f"^reading {re.escape(store.dir.child('nope').url)}: not found"
+        ):
             storage.read_ranges(store.dir.child("nope"), [(0, memoryview(bytearray(1)))])
 
     # ------------------------------------------------------------ listings
@@ -321,12 +334,16 @@ class TestStorage:
             assert entry["etag"] is None
         assert [f.path for f, _ in storage.scan(store.dir, "*.index")] == [store.dir.child("b.index").path]
         assert [(f.name, i["size"]) for f, i in storage.scan(store.dir)] == [("a.bin", 1), ("b.index", 5)]
-        assert [(f.name, sorted(i)) for f, i in storage.scan(store.dir, "a*")] == [("a.bin", ["mtime", "size"])]
+        assert [(f.name, sorted(i)) for f, i in storage.scan(store.dir, "a*")] == [
+            ("a.bin", ["mtime", "size"])
+        ]
         missing = store.dir.child("no-such-dir")
         assert storage.files_in(missing) == {} and storage.scan(missing) == []
         # a file listed as a directory: locally nothing (ENOTDIR); fsspec's ls of a file
         # answers the file itself
-        assert sorted(storage.files_in(store.dir.child("a.bin"))) == ([] if store.kind == "local" else ["a.bin"])
+        assert sorted(storage.files_in(store.dir.child("a.bin"))) == (
+            [] if store.kind == "local" else ["a.bin"]
+        )
 
     def test_version_changes_when_a_file_is_replaced(self, store):
         store.put("f", b"one")
@@ -352,7 +369,9 @@ class TestStorage:
         assert [f.name for f, _ in storage.scan(store.dir)] == ["new", "old"]
         assert [f.name for f, _ in storage.scan(store.dir, "n*")] == ["new"]
         store.put("m.data-00000-of-00001", b"4444")
-        assert [(f.name, i["size"]) for f, i in storage.data_files(store.dir, "m")] == [("m.data-00000-of-00001", 4)]
+        assert [(f.name, i["size"]) for f, i in storage.data_files(store.dir, "m")] == [
+            ("m.data-00000-of-00001", 4)
+        ]
         store.delete("new")
         assert not storage.exists(new) and storage.size(new) is None
         assert "new" not in storage.files_in(store.dir)
@@ -370,12 +389,23 @@ class TestStorage:
 
     def test_data_files_match_names_exactly(self, store):
         odd = "ck[1]*?"  # glob characters, taken literally
-        for name in ("m.data-00000-of-00002", "m.data-00001-of-00002", "m.index", "mm.data-00000-of-00001",
-                     "m-1.data-00000-of-00001", "m.data-00000-of-00002.tmp", f"{odd}.data-00000-of-00001",
-                     "ck1x.data-00000-of-00001", "ck1.data-00000-of-00001"):
+        for name in (
+            "m.data-00000-of-00002",
+            "m.data-00001-of-00002",
+            "m.index",
+            "mm.data-00000-of-00001",
+            "m-1.data-00000-of-00001",
+            "m.data-00000-of-00002.tmp",
+            f"{odd}.data-00000-of-00001",
+            "ck1x.data-00000-of-00001",
+            "ck1.data-00000-of-00001",
+        ):
             store.put(name, name.encode())
         found = storage.data_files(store.dir, "m")
-        assert [(f.name, i["size"]) for f, i in found] == [("m.data-00000-of-00002", 21), ("m.data-00001-of-00002", 21)]
+        assert [(f.name, i["size"]) for f, i in found] == [
+            ("m.data-00000-of-00002", 21),
+            ("m.data-00001-of-00002", 21),
+        ]
         assert all(f.path == store.dir.child(f.name).path for f, _ in found)
         assert [f.name for f, _ in storage.data_files(store.dir, odd)] == [f"{odd}.data-00000-of-00001"]
         assert storage.data_files(store.dir, "ck") == []
@@ -400,11 +430,13 @@ class TestStorage:
         assert store.get("target") == b"A" and store.get("a") is None
         assert storage.rename(store.dir.child("a"), store.dir.child("target")) is False  # moved already
         assert store.get("target") == b"A"
-        missing = storage.rename_all([
-            (store.dir.child("b"), store.dir.child("b2")),
-            (store.dir.child("gone"), store.dir.child("gone2")),
-            (store.dir.child("x[1]"), store.dir.child("y")),
-        ])
+        missing = storage.rename_all(
+            [
+                (store.dir.child("b"), store.dir.child("b2")),
+                (store.dir.child("gone"), store.dir.child("gone2")),
+                (store.dir.child("x[1]"), store.dir.child("y")),
+            ]
+        )
         assert [m.path for m in missing] == [store.dir.child("gone").path]
         assert store.names() == ["b2", "target", "y"]
         assert (store.get("b2"), store.get("y")) == (b"B", b"X")
@@ -431,8 +463,11 @@ class TestStorage:
         if store.kind == "local":
             assert os.path.isdir(sub.path)
             store.put("file", b"1")
-            with pytest.raises(InvalidArgumentError, match=f"^cannot create directory {re.escape(store.dir.path)}/file/x: "
-                               f"{re.escape(store.dir.path)}/file is a file, not a directory$"):
+            with pytest.raises(
+                InvalidArgumentError,
+                match=f"^cannot create directory {re.escape(store.dir.path)}/file/x: "
+                f"{re.escape(store.dir.path)}/file is a file, not a directory$",
+            ):
                 storage.makedirs(store.dir.child("file/x"))
 
     def test_fsync_dir(self, store):
@@ -495,9 +530,11 @@ class TestStorage:
     # ------------------------------------------------------------ errors
     def test_missing_file_is_not_found_naming_it(self, store):
         missing = store.dir.child("missing.bin")
-        for action, call in (("reading", lambda: storage.read_bytes(missing)),
-                             ("checking", lambda: storage.info(missing)),
-                             ("reading", lambda: storage.read_ranges(missing, [(0, memoryview(bytearray(1)))]))):
+        for action, call in (
+            ("reading", lambda: storage.read_bytes(missing)),
+            ("checking", lambda: storage.info(missing)),
+            ("reading", lambda: storage.read_ranges(missing, [(0, memoryview(bytearray(1)))])),
+        ):
             with pytest.raises(NotFoundError, match=f"^{action} {re.escape(missing.url)}: not found") as info:
                 call()
             assert not storage.missing_bucket(info.value)
@@ -509,13 +546,22 @@ class TestStorage:
         d = storage.resolve(f"s3://{bucket}/run", store.options)
         f = d.child("f")
         calls = {
-            "reading": [lambda: storage.read_bytes(f), lambda: storage.read_bytes(f, missing_ok=True),
-                        lambda: storage.read_bytes(f, limit=4),
-                        lambda: storage.read_ranges(f, [(0, memoryview(bytearray(1)))])],
+            "reading": [
+                lambda: storage.read_bytes(f),
+                lambda: storage.read_bytes(f, missing_ok=True),
+                lambda: storage.read_bytes(f, limit=4),
+                lambda: storage.read_ranges(f, [(0, memoryview(bytearray(1)))]),
+            ],
             "checking": [lambda: storage.size(f), lambda: storage.info(f)],
-            "listing": [lambda: storage.files_in(d), lambda: storage.scan(d),
-                        lambda: storage.data_files(d, "m")],
-            "publishing": [lambda: storage.publish(f, b"x"), lambda: storage.publish(f, b"x", exclusive=True)],
+            "listing": [
+                lambda: storage.files_in(d),
+                lambda: storage.scan(d),
+                lambda: storage.data_files(d, "m"),
+            ],
+            "publishing": [
+                lambda: storage.publish(f, b"x"),
+                lambda: storage.publish(f, b"x", exclusive=True),
+            ],
             "closing": [lambda: write(f, b"x")],
             "deleting": [lambda: storage.remove([f])],
             "renaming": [lambda: storage.rename(f, d.child("g"))],
@@ -525,11 +571,14 @@ class TestStorage:
             for fn in fns:
                 with pytest.raises(NotFoundError) as info:
                     fn()
-                assert re.match(f"^{action} s3://{bucket}/run(/f)?: bucket '{bucket}' does not exist$",
-                                str(info.value)), str(info.value)
+                assert re.match(
+                    f"^{action} s3://{bucket}/run(/f)?: bucket '{bucket}' does not exist$", str(info.value)
+                ), str(info.value)
                 assert storage.missing_bucket(info.value)
         assert storage.exists(f) is False  # exists answers, it does not raise
-        with pytest.raises(NotFoundError, match=f"^writing to s3://{bucket}/run: bucket '{bucket}' does not exist$"):
+        with pytest.raises(
+            NotFoundError, match=f"^writing to s3://{bucket}/run: bucket '{bucket}' does not exist$"
+        ):
             storage.makedirs(d)  # (raised from None: missing_bucket() cannot tell, as today)
         assert bucket not in [b["Name"] for b in store.server.client().list_buckets()["Buckets"]]
 
@@ -549,8 +598,13 @@ class TestStorage:
             os.chmod(os.path.join(ro, "secret"), 0)
             os.chmod(os.path.join(ro, "closed"), 0)
             os.chmod(ro, 0o555)
-            out = subprocess.run([sys.executable, "-c", _DENIED_SCRIPT, ro], capture_output=True, text=True,
-                                 timeout=120, env=dict(os.environ, PYTHONPATH=_pythonpath()))
+            out = subprocess.run(
+                [sys.executable, "-c", _DENIED_SCRIPT, ro],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=dict(os.environ, PYTHONPATH=_pythonpath()),
+            )
             assert out.returncode == 0, out.stderr
             results = json.loads(out.stdout)
         finally:
@@ -580,8 +634,9 @@ class TestStorage:
 def _pythonpath() -> str:
     import shardsave
 
-    return os.pathsep.join([os.path.dirname(os.path.dirname(shardsave.__file__)),
-                            os.environ.get("PYTHONPATH", "")])
+    return os.pathsep.join(
+        [os.path.dirname(os.path.dirname(shardsave.__file__)), os.environ.get("PYTHONPATH", "")]
+    )
 
 
 _DENIED_SCRIPT = r"""

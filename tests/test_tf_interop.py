@@ -60,8 +60,14 @@ def _int_value(dtype, shape=(3, 4)) -> np.ndarray:
 def make_values() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
     values: dict[str, np.ndarray] = {}
-    for dt in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16,
-               ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fn):
+    for dt in (
+        np.float16,
+        np.float32,
+        np.float64,
+        ml_dtypes.bfloat16,
+        ml_dtypes.float8_e5m2,
+        ml_dtypes.float8_e4m3fn,
+    ):
         values[f"dt_{np.dtype(dt).name}"] = _float_value(rng, dt)
     for dt in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64):
         values[f"dt_{np.dtype(dt).name}"] = _int_value(dt)
@@ -168,8 +174,11 @@ def test_tf_saver_restores_into_graph_variables(ss_ckpt):
     graph = tf.Graph()
     with graph.as_default():
         variables = {
-            name: v1.Variable(np.zeros_like(value) if value.dtype != object else np.full(value.shape, b"?", object),
-                              dtype=_tf_dtype(value), name="restored_" + name.replace("/", "_"))
+            name: v1.Variable(
+                np.zeros_like(value) if value.dtype != object else np.full(value.shape, b"?", object),
+                dtype=_tf_dtype(value),
+                name="restored_" + name.replace("/", "_"),
+            )
             for name, value in VALUES.items()
         }
         saver = v1.train.Saver(var_list=variables)
@@ -186,8 +195,13 @@ def test_tf_saver_restores_shardsave_partitioned_variable(ss_ckpt, num_parts):
     """3 parts as saved, and 2 / 1: TF re-slices the shardsave pieces itself."""
     graph = tf.Graph()
     with graph.as_default():
-        pv = v1.get_variable(PART, shape=[10, 4], dtype=tf.float32, initializer=v1.zeros_initializer(),
-                             partitioner=v1.fixed_size_partitioner(num_parts))
+        pv = v1.get_variable(
+            PART,
+            shape=[10, 4],
+            dtype=tf.float32,
+            initializer=v1.zeros_initializer(),
+            partitioner=v1.fixed_size_partitioner(num_parts),
+        )
         saver = v1.train.Saver()
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
@@ -215,8 +229,9 @@ def test_tf_inspect_checkpoint_prints_everything(ss_ckpt, capsys):
     total = sum(v.size for v in VALUES.values()) + EMB.size
     assert f"# Total number of params: {total}" in out
 
-    inspect_checkpoint.print_tensors_in_checkpoint_file(ss_ckpt["prefix"], tensor_name="dt_int8",
-                                                        all_tensors=False)
+    inspect_checkpoint.print_tensors_in_checkpoint_file(
+        ss_ckpt["prefix"], tensor_name="dt_int8", all_tensors=False
+    )
     out = capsys.readouterr().out
     assert "tensor: dt_int8 (int8) [3, 4]" in out, out
     assert str(VALUES["dt_int8"]) in out
@@ -273,7 +288,9 @@ def test_golden_tensor_bit_exact(key, expected_npz):
 
 @pytest.mark.parametrize("directory", ["v1_saver", "partitioned", "sharded", "object", "float8"])
 def test_golden_list_variables(directory):
-    want = sorted((k.split("/", 1)[1], v["shape"]) for k, v in EXPECTED.items() if k.startswith(directory + "/"))
+    want = sorted(
+        (k.split("/", 1)[1], v["shape"]) for k, v in EXPECTED.items() if k.startswith(directory + "/")
+    )
     assert ss.list_variables(str(DATA / directory)) == want
 
 
@@ -337,12 +354,24 @@ def tf_ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tf_written")
     graph = tf.Graph()
     with graph.as_default():
-        variables = {n: v1.get_variable(n, initializer=tf.constant(v, dtype=_tf_dtype(v)))
-                     for n, v in TF_VALUES.items()}
-        v1.get_variable("emb", shape=[10, 4], dtype=tf.float32, initializer=_part_init(EMB),
-                        partitioner=v1.fixed_size_partitioner(3))
-        v1.get_variable("wide", shape=[4, 9], dtype=tf.int64, initializer=_part_init(WIDE),
-                        partitioner=lambda shape, dtype: [1, 2])
+        variables = {
+            n: v1.get_variable(n, initializer=tf.constant(v, dtype=_tf_dtype(v)))
+            for n, v in TF_VALUES.items()
+        }
+        v1.get_variable(
+            "emb",
+            shape=[10, 4],
+            dtype=tf.float32,
+            initializer=_part_init(EMB),
+            partitioner=v1.fixed_size_partitioner(3),
+        )
+        v1.get_variable(
+            "wide",
+            shape=[4, 9],
+            dtype=tf.int64,
+            initializer=_part_init(WIDE),
+            partitioner=lambda shape, dtype: [1, 2],
+        )
         bump = variables["u64"].assign_add(tf.ones([3, 4], dtype=tf.uint64))
         saver = v1.train.Saver(max_to_keep=2)
         prefixes = []
@@ -351,8 +380,9 @@ def tf_ckpt(tmp_path_factory):
             for step in (1, 2, 3):
                 if step > 1:
                     sess.run(bump)
-                prefixes.append(saver.save(sess, str(directory / "model.ckpt"), global_step=step,
-                                           write_meta_graph=False))
+                prefixes.append(
+                    saver.save(sess, str(directory / "model.ckpt"), global_step=step, write_meta_graph=False)
+                )
     values = dict(TF_VALUES, emb=EMB, wide=WIDE)
     values["u64"] = (TF_VALUES["u64"] + np.uint64(2)).astype(np.uint64)  # wraps like TF
     return {"dir": str(directory), "prefixes": prefixes, "prefix": prefixes[-1], "values": values}
@@ -386,7 +416,9 @@ def test_tf_written_restore_into_shardsave_variables(tf_ckpt):
     with ss.Graph().as_default():
         plain = {n: ss.get_variable(n, shape=v.shape, dtype=v.dtype) for n, v in TF_VALUES.items()}
         emb = ss.get_variable("emb", shape=[10, 4])
-        wide = ss.get_variable("wide", shape=[4, 9], dtype=np.int64, partitioner=ss.fixed_size_partitioner(3, axis=1))
+        wide = ss.get_variable(
+            "wide", shape=[4, 9], dtype=np.int64, partitioner=ss.fixed_size_partitioner(3, axis=1)
+        )
         assert not emb.initialized and not wide.initialized
         ss.Saver().restore(tf_ckpt["prefix"])
     for name, var in plain.items():
@@ -417,8 +449,9 @@ def test_tf_object_checkpoint_fresh(tmp_path):
     path = ckpt.save(str(tmp_path / "ckpt"))
     assert ss.latest_checkpoint(str(tmp_path)) == path
     assert_bits_equal(ss.load_variable(path, "w/.ATTRIBUTES/VARIABLE_VALUE"), w)
-    assert_bits_equal(ss.load_variable(path, "inner/s/.ATTRIBUTES/VARIABLE_VALUE"),
-                      np.array([b"a", b"bc"], dtype=object))
+    assert_bits_equal(
+        ss.load_variable(path, "inner/s/.ATTRIBUTES/VARIABLE_VALUE"), np.array([b"a", b"bc"], dtype=object)
+    )
     assert ss.load_variable(path, "save_counter/.ATTRIBUTES/VARIABLE_VALUE") == 1
 
 
@@ -436,8 +469,12 @@ def test_tf_written_big_tensors_restore_in_place_or_not_at_all(tmp_path):
     entry = ss.CheckpointReader(prefix).get_entries().entries["big"]
     assert not entry.block_size
     whole = ss.Variable("big", np.zeros_like(big), register=False)
-    rows = [ss.Variable("big", np.zeros((512, 640), np.float32), global_shape=big.shape, offset=(r, 0),
-                        register=False) for r in (0, 512)]
+    rows = [
+        ss.Variable(
+            "big", np.zeros((512, 640), np.float32), global_shape=big.shape, offset=(r, 0), register=False
+        )
+        for r in (0, 512)
+    ]
     owns = [v.value for v in (whole, *rows)]
     ss.Saver([whole]).restore(prefix)
     ss.Saver({"big": rows}).restore(prefix)
@@ -475,13 +512,15 @@ def test_keep_checkpoint_every_n_hours_boundary_as_tensorflow(tmp_path, monkeypa
 
     variable = tf.Variable(np.arange(3.0))
     got_tf = run(
-        tmp_path / "tf", lambda: v1.train.Saver(var_list=[variable], max_to_keep=1, keep_checkpoint_every_n_hours=1.0),
+        tmp_path / "tf",
+        lambda: v1.train.Saver(var_list=[variable], max_to_keep=1, keep_checkpoint_every_n_hours=1.0),
         lambda s, path, step: s.save(None, path, global_step=step, write_meta_graph=False),
     )
     with ss.Graph().as_default():
         ss.Variable("v", np.arange(3.0))
         got_ss = run(
-            tmp_path / "ss", lambda: ss.Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1.0),
+            tmp_path / "ss",
+            lambda: ss.Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1.0),
             lambda s, path, step: s.save(path, global_step=step),
         )
     monkeypatch.undo()
@@ -493,11 +532,23 @@ def test_update_checkpoint_state_writes_what_tensorflow_writes(tmp_path):
     """By default (as TF's) absolute paths stay absolute, even those in the directory.
     (A relative path differs on purpose: TF writes it as given, shardsave relative to the
     directory, where readers look for it.)"""
-    for directory, fn in ((tmp_path / "tf", v1.train.update_checkpoint_state), (tmp_path / "ss", ss.update_checkpoint_state)):
+    for directory, fn in (
+        (tmp_path / "tf", v1.train.update_checkpoint_state),
+        (tmp_path / "ss", ss.update_checkpoint_state),
+    ):
         directory.mkdir()
-        fn(str(directory), str(directory / "m-2"), [str(directory / "m-1"), "/elsewhere/m-0", str(directory / "m-2")])
-    text = {k: (tmp_path / k / "checkpoint").read_text().replace(str(tmp_path / k), "D") for k in ("tf", "ss")}
+        fn(
+            str(directory),
+            str(directory / "m-2"),
+            [str(directory / "m-1"), "/elsewhere/m-0", str(directory / "m-2")],
+        )
+    text = {
+        k: (tmp_path / k / "checkpoint").read_text().replace(str(tmp_path / k), "D") for k in ("tf", "ss")
+    }
     assert text["ss"] == text["tf"]
-    assert text["ss"].splitlines() == ['model_checkpoint_path: "D/m-2"', 'all_model_checkpoint_paths: "D/m-1"',
-                                       'all_model_checkpoint_paths: "/elsewhere/m-0"',
-                                       'all_model_checkpoint_paths: "D/m-2"']
+    assert text["ss"].splitlines() == [
+        'model_checkpoint_path: "D/m-2"',
+        'all_model_checkpoint_paths: "D/m-1"',
+        'all_model_checkpoint_paths: "/elsewhere/m-0"',
+        'all_model_checkpoint_paths: "D/m-2"',
+    ]

@@ -105,8 +105,11 @@ def gather_entries(shared, unshared, vlen, key_bytes, key_from, value_bytes, val
     src = np.concatenate([*header_src, key_bytes, value_bytes])
     base = np.cumsum([0, *(len(x) for x in header_src), len(key_bytes)])
     rows = np.arange(n)
-    starts = np.stack([base[i] + rows * (len(header_src[i]) // max(n, 1)) for i in range(3)]
-                      + [base[3] + key_from, base[4] + value_from], axis=1).ravel()
+    starts = np.stack(
+        [base[i] + rows * (len(header_src[i]) // max(n, 1)) for i in range(3)]
+        + [base[3] + key_from, base[4] + value_from],
+        axis=1,
+    ).ravel()
     lengths = np.stack([*header_len, unshared, vlen], axis=1).ravel()
     return ragged_gather(src, starts, lengths)
 
@@ -181,7 +184,12 @@ def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes,
     only the keys are assembled one by one. None when the block does not fit that shape
     (long keys or values, damage): the sequential parser then decodes or rejects it."""
     limit = len(block)
-    if not len(restarts) or restarts[0] != 0 or np.any(np.diff(restarts) <= 0) or restarts[-1] >= max(limit, 1):
+    if (
+        not len(restarts)
+        or restarts[0] != 0
+        or np.any(np.diff(restarts) <= 0)
+        or restarts[-1] >= max(limit, 1)
+    ):
         return None
     data = np.frombuffer(block + bytes(3), np.uint8)
     run_end = np.append(restarts[1:], limit)
@@ -214,7 +222,9 @@ def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes,
     entries = []
     append = entries.append
     key = b""
-    for shared, a, b, c in zip(head[:, 0].tolist(), suffix.tolist(), value.tolist(), end.tolist(), strict=True):
+    for shared, a, b, c in zip(
+        head[:, 0].tolist(), suffix.tolist(), value.tolist(), end.tolist(), strict=True
+    ):
         if shared > len(key):
             return None
         key = key[:shared] + block[a:b]

@@ -21,8 +21,12 @@ _ENCODE_CHUNK = 1 << 16
 
 
 def encode_plain_columns(
-    dtypes: Sequence[int], shapes: Sequence[tuple[int, ...]], shard_id: int,
-    offsets: Sequence[int], sizes: Sequence[int], crcs: Sequence[int],
+    dtypes: Sequence[int],
+    shapes: Sequence[tuple[int, ...]],
+    shard_id: int,
+    offsets: Sequence[int],
+    sizes: Sequence[int],
+    crcs: Sequence[int],
 ) -> tuple[bytes, np.ndarray]:
     """``encode_entry`` of many plain entries (no slices, no checksum blocks) at once: the
     entries back to back in one buffer, and their lengths.
@@ -35,9 +39,17 @@ def encode_plain_columns(
     if not n:
         return b"", np.zeros(0, np.int64)
     if n > _ENCODE_CHUNK:  # bounded temporaries (the gather's index is 8 bytes per byte)
-        done = [encode_plain_columns(dtypes[i : i + _ENCODE_CHUNK], shapes[i : i + _ENCODE_CHUNK], shard_id,
-                                     offsets[i : i + _ENCODE_CHUNK], sizes[i : i + _ENCODE_CHUNK],
-                                     crcs[i : i + _ENCODE_CHUNK]) for i in range(0, n, _ENCODE_CHUNK)]
+        done = [
+            encode_plain_columns(
+                dtypes[i : i + _ENCODE_CHUNK],
+                shapes[i : i + _ENCODE_CHUNK],
+                shard_id,
+                offsets[i : i + _ENCODE_CHUNK],
+                sizes[i : i + _ENCODE_CHUNK],
+                crcs[i : i + _ENCODE_CHUNK],
+            )
+            for i in range(0, n, _ENCODE_CHUNK)
+        ]
         return b"".join(flat for flat, _ in done), np.concatenate([lengths for _, lengths in done])
     kinds = list(zip(dtypes, shapes, strict=True))
     distinct = {kind: i for i, kind in enumerate(dict.fromkeys(kinds))}
@@ -68,8 +80,14 @@ def split_values(flat: bytes, lengths) -> list[bytes]:
     return [flat[a:b] for a, b in zip([0, *ends][:-1], ends, strict=True)]
 
 
-def _put_field(out: np.ndarray, cursor: np.ndarray, present: np.ndarray, tag: int,
-               values: np.ndarray, lengths: np.ndarray) -> None:
+def _put_field(
+    out: np.ndarray,
+    cursor: np.ndarray,
+    present: np.ndarray,
+    tag: int,
+    values: np.ndarray,
+    lengths: np.ndarray,
+) -> None:
     """Append ``tag`` and the first ``lengths[i]`` bytes of ``values[i]`` to the rows
     of ``out`` where ``present``, at each row's ``cursor``, and advance the cursors."""
     rows = np.flatnonzero(present)
@@ -95,8 +113,14 @@ class PlainColumns(NamedTuple):
 
     def as_lists(self) -> list[list]:
         """The columns after ``plain`` as Python lists: dtype, shape, shard, offset, size, crc."""
-        return [self.dtype.tolist(), self.shape, self.shard_id.tolist(), self.offset.tolist(),
-                self.size.tolist(), self.crc32c.tolist()]
+        return [
+            self.dtype.tolist(),
+            self.shape,
+            self.shard_id.tolist(),
+            self.offset.tolist(),
+            self.size.tolist(),
+            self.crc32c.tolist(),
+        ]
 
 
 def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
@@ -115,7 +139,13 @@ def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
     flat = np.frombuffer(b"".join(values) + bytes(16), np.uint8)  # padding: no bound checks
     first = np.minimum(starts, len(flat) - 16)
     dtype, shape_len = flat[first + 1].astype(np.int64), flat[first + 3].astype(np.int64)
-    ok = (lengths >= 4) & (flat[first] == 0x08) & (dtype < 0x80) & (flat[first + 2] == 0x12) & (shape_len < 0x80)
+    ok = (
+        (lengths >= 4)
+        & (flat[first] == 0x08)
+        & (dtype < 0x80)
+        & (flat[first + 2] == 0x12)
+        & (shape_len < 0x80)
+    )
     ok &= 4 + shape_len <= lengths  # the shape lies inside the entry
     pos = np.minimum(starts + 4 + shape_len, ends)
     fields = []
@@ -125,15 +155,18 @@ def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
         ok &= good
     has_crc = (pos + 5 <= ends) & (flat[pos] == 0x35)
     crc_bytes = flat[(pos + 1)[:, None] + np.arange(4)].astype(np.uint32)
-    crcs = np.where(has_crc, crc_bytes[:, 0] | crc_bytes[:, 1] << 8 | crc_bytes[:, 2] << 16 | crc_bytes[:, 3] << 24, 0)
+    crcs = np.where(
+        has_crc, crc_bytes[:, 0] | crc_bytes[:, 1] << 8 | crc_bytes[:, 2] << 16 | crc_bytes[:, 3] << 24, 0
+    )
     ok &= pos + 5 * has_crc == ends
     rows = np.flatnonzero(ok)
     shapes: list = [None] * n
     if len(rows) == n:
         shapes = _shapes_of(values, flat, starts + 4, shape_len, rows)
     elif len(rows):
-        for i, shape in zip(rows.tolist(), _shapes_of(values, flat, starts[rows] + 4, shape_len[rows], rows),
-                            strict=True):
+        for i, shape in zip(
+            rows.tolist(), _shapes_of(values, flat, starts[rows] + 4, shape_len[rows], rows), strict=True
+        ):
             shapes[i] = shape
     return PlainColumns(ok, dtype, shapes, *fields, crcs.astype(np.uint64))
 

@@ -42,9 +42,7 @@ def _tables_for(length: int) -> tuple[list[int], ...]:
     if tables is None:
         base = _crc_of_zeros(length, 0)
         cols = [_crc_of_zeros(length, 1 << bit) ^ base for bit in range(32)]
-        tables = tuple(
-            [_fold(cols[8 * k : 8 * k + 8], b) for b in range(256)] for k in range(4)
-        )
+        tables = tuple([_fold(cols[8 * k : 8 * k + 8], b) for b in range(256)] for k in range(4))
         if len(_shift_tables) > 64:
             _shift_tables.clear()
         _shift_tables[length] = tables

@@ -29,9 +29,17 @@ _SHAPE_WIRE = {2: proto.LENGTH_DELIMITED, 3: proto.VARINT}
 _DIM_WIRE = {1: proto.VARINT, 2: proto.LENGTH_DELIMITED}
 _SLICE_WIRE = {1: proto.LENGTH_DELIMITED}
 _EXTENT_WIRE = {1: proto.VARINT, 2: proto.VARINT}
-_ENTRY_WIRE = {1: proto.VARINT, 2: proto.LENGTH_DELIMITED, 3: proto.VARINT, 4: proto.VARINT,
-               5: proto.VARINT, 6: proto.FIXED32, 7: proto.LENGTH_DELIMITED,
-               FIELD_BLOCK_SIZE: proto.VARINT, FIELD_BLOCK_CRCS: proto.LENGTH_DELIMITED}
+_ENTRY_WIRE = {
+    1: proto.VARINT,
+    2: proto.LENGTH_DELIMITED,
+    3: proto.VARINT,
+    4: proto.VARINT,
+    5: proto.VARINT,
+    6: proto.FIXED32,
+    7: proto.LENGTH_DELIMITED,
+    FIELD_BLOCK_SIZE: proto.VARINT,
+    FIELD_BLOCK_CRCS: proto.LENGTH_DELIMITED,
+}
 _TAG_DTYPE, _TAG_SHARD = b"\x08", b"\x18"
 _TAG_BLOCK_SIZE = proto.tag(FIELD_BLOCK_SIZE, proto.VARINT)
 _TAG_BLOCK_CRCS = proto.tag(FIELD_BLOCK_CRCS, proto.LENGTH_DELIMITED)
@@ -170,13 +178,30 @@ def _decode_fields(data: bytes) -> BundleEntry:
             block_size = value
         elif field_number == FIELD_BLOCK_CRCS:
             block_crcs = bytes(value)
-    return BundleEntry(dtype, shape, shard_id, offset, size, crc, LazySlices(slices) if slices else (),
-                       block_size, block_crcs)
+    return BundleEntry(
+        dtype,
+        shape,
+        shard_id,
+        offset,
+        size,
+        crc,
+        LazySlices(slices) if slices else (),
+        block_size,
+        block_crcs,
+    )
 
 
-def encode_entry(dtype: int, shape: tuple[int, ...], shard_id: int = 0, offset: int = 0, size: int = 0,
-                 crc32c: int = 0, slices: Sequence[Sequence[Extent]] = (), block_size: int = 0,
-                 block_crcs: bytes = b"") -> bytes:
+def encode_entry(
+    dtype: int,
+    shape: tuple[int, ...],
+    shard_id: int = 0,
+    offset: int = 0,
+    size: int = 0,
+    crc32c: int = 0,
+    slices: Sequence[Sequence[Extent]] = (),
+    block_size: int = 0,
+    block_crcs: bytes = b"",
+) -> bytes:
     """An entry's BundleEntryProto: fields in number order, zeros omitted as proto3 does.
 
     On the hot path of every save (an index may hold a million entries): dtype, shape and
@@ -193,8 +218,13 @@ def encode_entry(dtype: int, shape: tuple[int, ...], shard_id: int = 0, offset: 
     if slices:
         out += b"".join([slice_field(sl) for sl in slices])
     if block_size:
-        out += (_TAG_BLOCK_SIZE + encode_varint(block_size) + _TAG_BLOCK_CRCS
-                + encode_varint(len(block_crcs)) + block_crcs)
+        out += (
+            _TAG_BLOCK_SIZE
+            + encode_varint(block_size)
+            + _TAG_BLOCK_CRCS
+            + encode_varint(len(block_crcs))
+            + block_crcs
+        )
     return out
 
 

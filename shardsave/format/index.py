@@ -215,11 +215,17 @@ FIELD_LIMIT = 1 << 62
 
 def entry_problem(entry: BundleEntry) -> str | None:
     """What makes an entry's integer fields unusable, whatever its tensor (None: nothing)."""
-    if entry.shard_id < FIELD_LIMIT and entry.offset < FIELD_LIMIT and entry.size < FIELD_LIMIT \
-            and entry.block_size < FIELD_LIMIT:
+    if (
+        entry.shard_id < FIELD_LIMIT
+        and entry.offset < FIELD_LIMIT
+        and entry.size < FIELD_LIMIT
+        and entry.block_size < FIELD_LIMIT
+    ):
         return None
-    return (f"shard_id {entry.shard_id}, offset {entry.offset}, size {entry.size} or crc32c_block_size "
-            f"{entry.block_size} is out of range (2**62 or more)")
+    return (
+        f"shard_id {entry.shard_id}, offset {entry.offset}, size {entry.size} or crc32c_block_size "
+        f"{entry.block_size} is out of range (2**62 or more)"
+    )
 
 
 def _check_ranges(names: list[str], columns: PlainColumns, others: dict[str, BundleEntry]) -> None:
@@ -228,8 +234,10 @@ def _check_ranges(names: list[str], columns: PlainColumns, others: dict[str, Bun
     bad = columns.plain & ((columns.shard_id >= limit) | (columns.offset >= limit) | (columns.size >= limit))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DecodeError(f"tensor {names[i]!r}: shard_id {int(columns.shard_id[i])}, offset "
-                          f"{int(columns.offset[i])} or size {int(columns.size[i])} is out of range (2**62 or more)")
+        raise DecodeError(
+            f"tensor {names[i]!r}: shard_id {int(columns.shard_id[i])}, offset "
+            f"{int(columns.offset[i])} or size {int(columns.size[i])} is out of range (2**62 or more)"
+        )
     for name, entry in others.items():
         problem = entry_problem(entry)
         if problem:
@@ -271,7 +279,9 @@ def _explain_slice_mismatch(slice_keys: list[bytes], counts: dict[str, int]) -> 
         found[name] = found.get(name, 0) + 1
     for name, count in counts.items():
         if found.get(name, 0) != count:
-            raise DecodeError(f"tensor {name!r}: its entry lists {count} slices, the index holds {found.get(name, 0)}")
+            raise DecodeError(
+                f"tensor {name!r}: its entry lists {count} slices, the index holds {found.get(name, 0)}"
+            )
 
 
 __all__ = [

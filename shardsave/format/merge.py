@@ -49,7 +49,9 @@ def encode_rank_part(keys: list[bytes], values: bytes, lengths, sliced_names) ->
     return RankIndexPart(list(keys), values, np.asarray(lengths, np.int64), slices)
 
 
-def merge_index(num_shards: int, parts: Sequence[RankIndexPart], sliced: Mapping[str, tuple[int, tuple[int, ...]]]) -> bytes:
+def merge_index(
+    num_shards: int, parts: Sequence[RankIndexPart], sliced: Mapping[str, tuple[int, tuple[int, ...]]]
+) -> bytes:
     """The coordinator's merge: every rank's entries plus one full entry per sliced
     tensor (``sliced``: name -> (dtype, global shape)), listing its slices in order."""
     header = BundleHeader(num_shards=num_shards).encode()

@@ -71,9 +71,7 @@ def read_num_increasing(buf: bytes, pos: int) -> tuple[int, int]:
         raise ValueError(f"truncated unsigned number at offset {pos}")
     length = buf[pos]
     if length > 8:
-        raise ValueError(
-            f"unsigned number at offset {pos} claims {length} bytes (max 8)"
-        )
+        raise ValueError(f"unsigned number at offset {pos} claims {length} bytes (max 8)")
     end = pos + 1 + length
     if end > len(buf):
         raise ValueError(f"truncated unsigned number at offset {pos}")
@@ -98,9 +96,7 @@ def read_signed_num_increasing(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a signed number at ``buf[pos:]``; return (value, new position)."""
     if pos >= len(buf):
         raise ValueError(f"truncated signed number at offset {pos}")
-    flip = (
-        0x00 if buf[pos] & 0x80 else 0xFF
-    )  # negative numbers have inverted header bits
+    flip = 0x00 if buf[pos] & 0x80 else 0xFF  # negative numbers have inverted header bits
     # The header is a run of bits equal to the sign bit (the sign bit plus one per
     # extra byte) closed by a delimiter bit; it may spill into the second byte.
     head = (buf[pos] ^ flip) << 8

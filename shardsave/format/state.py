@@ -1,10 +1,10 @@
 """The ``checkpoint`` state file: a CheckpointState message in protobuf text format.
 
-    model_checkpoint_path: "model.ckpt-3"
-    all_model_checkpoint_paths: "model.ckpt-2"
-    all_model_checkpoint_paths: "model.ckpt-3"
-    all_model_checkpoint_timestamps: 1732540000.5
-    last_preserved_timestamp: 1732539000.25
+model_checkpoint_path: "model.ckpt-3"
+all_model_checkpoint_paths: "model.ckpt-2"
+all_model_checkpoint_paths: "model.ckpt-3"
+all_model_checkpoint_timestamps: 1732540000.5
+last_preserved_timestamp: 1732539000.25
 """
 
 from __future__ import annotations
@@ -47,8 +47,19 @@ def _quote(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", '"': b'"', "'": b"'", "\\": b"\\", "a": b"\a",
-            "b": b"\b", "f": b"\f", "v": b"\v", "?": b"?"}
+_ESCAPES = {
+    "n": b"\n",
+    "r": b"\r",
+    "t": b"\t",
+    '"': b'"',
+    "'": b"'",
+    "\\": b"\\",
+    "a": b"\a",
+    "b": b"\b",
+    "f": b"\f",
+    "v": b"\v",
+    "?": b"?",
+}
 
 
 def _unquote(body: str) -> str:

@@ -63,9 +63,7 @@ def decode_strings(data: bytes, shape: tuple[int, ...]) -> tuple[np.ndarray, int
     value = crc.crc32c(data[pos : pos + 4], value)
     pos += 4
     if pos + sum(lengths) != len(data):
-        raise DecodeError(
-            f"string tensor holds {len(data) - pos} bytes of text, lengths say {sum(lengths)}"
-        )
+        raise DecodeError(f"string tensor holds {len(data) - pos} bytes of text, lengths say {sum(lengths)}")
     value = crc.crc32c(data[pos:], value)
     out = np.empty(count, dtype=STRING_DTYPE)
     for i, n in enumerate(lengths):

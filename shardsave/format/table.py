@@ -71,11 +71,17 @@ def build_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SI
     """
     pairs = items if isinstance(items, list) else list(items)
     values = [v for _, v in pairs]
-    return build_table_columns([k for k, _ in pairs], b"".join(values),
-                               np.fromiter(map(len, values), np.int64, len(values)), block_size)
+    return build_table_columns(
+        [k for k, _ in pairs],
+        b"".join(values),
+        np.fromiter(map(len, values), np.int64, len(values)),
+        block_size,
+    )
 
 
-def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray, block_size: int = BLOCK_SIZE) -> bytes:
+def build_table_columns(
+    keys: list[bytes], values: bytes, value_len: np.ndarray, block_size: int = BLOCK_SIZE
+) -> bytes:
     """``build_table`` with the values given back to back in one buffer, with their lengths."""
     n = len(keys)
     if n > 1 and not all(map(operator.lt, keys, keys[1:])):
@@ -83,8 +89,10 @@ def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray,
         raise ValueError(f"table keys out of order: {keys[i - 1]!r} then {keys[i]!r}")
     value_len = np.asarray(value_len, np.int64)
     if len(value_len) != n or int(value_len.sum()) != len(values):
-        raise ValueError(f"{n} keys, {len(value_len)} value lengths summing to {int(value_len.sum())}, "
-                         f"{len(values)} value bytes")
+        raise ValueError(
+            f"{n} keys, {len(value_len)} value lengths summing to {int(value_len.sum())}, "
+            f"{len(values)} value bytes"
+        )
     key_len = np.fromiter(map(len, keys), np.int64, n)
     key_bytes = np.frombuffer(b"".join(keys), np.uint8)
     value_bytes = np.frombuffer(values, np.uint8)
@@ -126,14 +134,20 @@ def build_table_columns(keys: list[bytes], values: bytes, value_len: np.ndarray,
         k1 = key_start[first + count - 1] + key_len[first + count - 1]
         v1 = value_start[first + count - 1] + value_len[first + count - 1]
         block = gather_entries(
-            shared, unshared, vlen,
-            key_bytes[k0:k1], key_start[first : first + count] + shared - k0,
-            value_bytes[v0:v1], value_start[first : first + count] - v0,
+            shared,
+            unshared,
+            vlen,
+            key_bytes[k0:k1],
+            key_start[first : first + count] + shared - k0,
+            value_bytes[v0:v1],
+            value_start[first : first + count] - v0,
         )
         restarts = (np.cumsum(size) - size)[::RESTART_INTERVAL]
         handle = write_block(finish_block(block, restarts.tolist()))
         last = first + count - 1
-        separator = _shortest_separator(keys[last], keys[last + 1]) if last + 1 < n else _short_successor(keys[last])
+        separator = (
+            _shortest_separator(keys[last], keys[last + 1]) if last + 1 < n else _short_successor(keys[last])
+        )
         index_block.add(separator, handle)
         first += count
 

@@ -68,20 +68,28 @@ def stored_dtype(prefix: storage.Location | str, name: str, tf_type: int) -> np.
     try:
         return dtypes.to_numpy(tf_type)
     except ValueError:
-        raise DataLossError(f"{_url(prefix)}.index: tensor {name!r} has dtype {tf_type}, "
-                            "which is no DataType shardsave can read") from None
+        raise DataLossError(
+            f"{_url(prefix)}.index: tensor {name!r} has dtype {tf_type}, "
+            "which is no DataType shardsave can read"
+        ) from None
 
 
 def shape_ok(shape: tuple[int, ...]) -> bool:
     """Whether numpy can make an array of this shape (the index may say anything)."""
-    return len(shape) <= MAX_RANK and all(d >= 0 for d in shape) and math.prod(d for d in shape if d) <= MAX_ELEMENTS
+    return (
+        len(shape) <= MAX_RANK
+        and all(d >= 0 for d in shape)
+        and math.prod(d for d in shape if d) <= MAX_ELEMENTS
+    )
 
 
 def check_shape(prefix: storage.Location | str, name: str, shape: tuple[int, ...]) -> None:
     """DataLossError unless ``shape_ok``."""
     if not shape_ok(shape):
-        raise DataLossError(f"{_url(prefix)}.index: tensor {name!r} has shape {list(shape)}, which no array "
-                            f"can have (at most {MAX_RANK} dimensions, none negative, {MAX_ELEMENTS} elements)")
+        raise DataLossError(
+            f"{_url(prefix)}.index: tensor {name!r} has shape {list(shape)}, which no array "
+            f"can have (at most {MAX_RANK} dimensions, none negative, {MAX_ELEMENTS} elements)"
+        )
 
 
 def _url(prefix: storage.Location | str) -> str:
@@ -95,8 +103,9 @@ MAX_ELEMENTS = 1 << 59
 needs ``elements x itemsize`` (up to 16 bytes) to fit in 63 bits."""
 
 
-def checked_pieces(prefix: storage.Location, index: Index, name: str,
-                   files: DataFiles) -> tuple[BundleEntry, list[tuple[Block, BundleEntry]]]:
+def checked_pieces(
+    prefix: storage.Location, index: Index, name: str, files: DataFiles
+) -> tuple[BundleEntry, list[tuple[Block, BundleEntry]]]:
     """The full entry of ``name`` and its pieces (one whole piece for a plain tensor), as
     ``(piece, entry)``, every piece checked against its tensor before a byte is read:
     a known dtype, the tensor's dtype and rank, an extent inside its shape, as many bytes
@@ -113,12 +122,19 @@ def checked_pieces(prefix: storage.Location, index: Index, name: str,
     pieces = []
     shape, rank, itemsize = full.shape, len(full.shape), dtype.itemsize
     plain = full.dtype != dtypes.DT_STRING
-    for extents, entry in index.pieces[name].items():  # a million pieces may be checked: the common case inline
+    for extents, entry in index.pieces[
+        name
+    ].items():  # a million pieces may be checked: the common case inline
         piece = Block(tuple([start for start, _ in extents]), entry.shape)
         if not (entry.dtype == full.dtype and len(extents) == rank and _fits(extents, entry.shape, shape)):
             _explain_piece(prefix, name, full, extents, entry)
-        if not (plain and entry.size == math.prod(entry.shape) * itemsize and not entry.block_size
-                and not entry.block_crcs and files.holds(entry)):
+        if not (
+            plain
+            and entry.size == math.prod(entry.shape) * itemsize
+            and not entry.block_size
+            and not entry.block_crcs
+            and files.holds(entry)
+        ):
             check_stored_entry(prefix, name, entry, piece, dtype, files)
         pieces.append((piece, entry))
     _check_disjoint(prefix, name, [piece for piece, _ in pieces])
@@ -126,8 +142,9 @@ def checked_pieces(prefix: storage.Location, index: Index, name: str,
     return full, pieces
 
 
-def _check_covered(prefix: storage.Location, name: str, full: BundleEntry,
-                   pieces: list[tuple[Block, BundleEntry]], keys) -> None:
+def _check_covered(
+    prefix: storage.Location, name: str, full: BundleEntry, pieces: list[tuple[Block, BundleEntry]], keys
+) -> None:
     """The (disjoint) pieces tile the whole tensor, and their keys are exactly the slices
     its full entry lists (TensorFlow finds a tensor's pieces through that list): as every
     writer stores them. Else a read would return elements no piece holds."""
@@ -140,7 +157,9 @@ def _check_covered(prefix: storage.Location, name: str, full: BundleEntry,
     except (DecodeError, ValueError, IndexError, OverflowError) as exc:
         raise DataLossError(f"{where}: field slices do not decode: {exc}") from None
     if listed != {tuple(map(tuple, extents)) for extents in keys}:
-        raise DataLossError(f"{where}: field slices: the slices its entry lists are not the pieces the index holds")
+        raise DataLossError(
+            f"{where}: field slices: the slices its entry lists are not the pieces the index holds"
+        )
 
 
 def _fits(extents, piece_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
@@ -148,8 +167,10 @@ def _fits(extents, piece_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool
     ``piece_shape`` is their lengths."""
     if not len(extents) == len(piece_shape) == len(shape):
         return False
-    return all(n >= 0 and start >= 0 and start + n <= d and (length == n or (length == -1 and start == 0 and n == d))
-               for (start, length), n, d in zip(extents, piece_shape, shape, strict=True))
+    return all(
+        n >= 0 and start >= 0 and start + n <= d and (length == n or (length == -1 and start == 0 and n == d))
+        for (start, length), n, d in zip(extents, piece_shape, shape, strict=True)
+    )
 
 
 def _check_disjoint(prefix: storage.Location, name: str, pieces: list[Block]) -> None:
@@ -177,15 +198,21 @@ def _check_disjoint(prefix: storage.Location, name: str, pieces: list[Block]) ->
     if overlap.any():
         k = int(np.flatnonzero(overlap)[0])
         a, b = (pieces[int(order[i])] for i in (first[k], second[k]))
-        raise DataLossError(f"{prefix.url}.index: pieces {list(a.extents())} and {list(b.extents())} "
-                            f"of tensor {name!r} overlap")
+        raise DataLossError(
+            f"{prefix.url}.index: pieces {list(a.extents())} and {list(b.extents())} "
+            f"of tensor {name!r} overlap"
+        )
 
 
-def _explain_piece(prefix: storage.Location, name: str, full: BundleEntry, extents, entry: BundleEntry) -> None:
+def _explain_piece(
+    prefix: storage.Location, name: str, full: BundleEntry, extents, entry: BundleEntry
+) -> None:
     """Raise the DataLossError that says why a piece does not fit its tensor."""
     where = f"{prefix.url}.index: piece {list(extents)} of tensor {name!r}"
     if entry.dtype != full.dtype:
-        raise DataLossError(f"{where} has dtype {dtypes.tf_name(entry.dtype)}, its tensor {dtypes.tf_name(full.dtype)}")
+        raise DataLossError(
+            f"{where} has dtype {dtypes.tf_name(entry.dtype)}, its tensor {dtypes.tf_name(full.dtype)}"
+        )
     if len(extents) != len(full.shape):
         raise DataLossError(f"{where} has rank {len(extents)}, its tensor's shape is {list(full.shape)}")
     for (start, length), dim in zip(extents, full.shape, strict=True):
@@ -195,8 +222,9 @@ def _explain_piece(prefix: storage.Location, name: str, full: BundleEntry, exten
     raise DataLossError(f"{where} has shape {list(entry.shape)}, its extents say {list(piece.shape)}")
 
 
-def check_stored_entry(prefix: storage.Location, name: str, entry: BundleEntry, piece: Block, dtype: np.dtype,
-                files: DataFiles) -> None:
+def check_stored_entry(
+    prefix: storage.Location, name: str, entry: BundleEntry, piece: Block, dtype: np.dtype, files: DataFiles
+) -> None:
     """The entry holding ``piece`` of tensor ``name`` has the bytes its elements need,
     checksum blocks that fit them, and lies inside its data file."""
     check_entry_size(prefix, name, entry, piece, dtype)
@@ -254,5 +282,3 @@ def check_block_crcs(prefix, name: str, entry: BundleEntry) -> None:
             f"{prefix.url}.index: tensor {name!r} has {len(entry.block_crcs)} bytes of block checksums, "
             f"{want} expected for {entry.size} bytes in blocks of {entry.block_size}"
         )
-
-

@@ -48,8 +48,13 @@ class Bound:
     pending: int = 0  # parts not read yet
 
 
-def load(prefix: storage.Location, index: Index, targets: Sequence[Target],
-         stats: LoadStats | None = None, files: DataFiles | None = None) -> LoadStats:
+def load(
+    prefix: storage.Location,
+    index: Index,
+    targets: Sequence[Target],
+    stats: LoadStats | None = None,
+    files: DataFiles | None = None,
+) -> LoadStats:
     """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
     stats = stats if stats is not None else LoadStats()
     files = files if files is not None else DataFiles(prefix, index)
@@ -78,8 +83,12 @@ def _by_rows(r: Read) -> bool:
     """A large region that is not contiguous in the file, with block checksums: read a slab
     of rows at a time (slabs.py), each slab checked on its own."""
     e = r.entry
-    return (isinstance(r, RegionRead | WholeRead) and bool(e.block_size and e.block_crcs) and bool(r.piece.shape)
-            and r.span.stop - r.span.start > slabs.SLAB_BYTES)
+    return (
+        isinstance(r, RegionRead | WholeRead)
+        and bool(e.block_size and e.block_crcs)
+        and bool(r.piece.shape)
+        and r.span.stop - r.span.start > slabs.SLAB_BYTES
+    )
 
 
 def _load_by_rows(file_loc: storage.Location, bounds: list[Bound], stats: LoadStats) -> None:
@@ -95,7 +104,9 @@ def _load_by_rows(file_loc: storage.Location, bounds: list[Bound], stats: LoadSt
     io_threads.run_on_workers(jobs, largest)
 
 
-def _load_rows(file_loc: storage.Location, b: Bound, first: int, count: int, span: Span, scratch: memoryview) -> None:
+def _load_rows(
+    file_loc: storage.Location, b: Bound, first: int, count: int, span: Span, scratch: memoryview
+) -> None:
     """Read the checksum blocks holding a slab's rows, check them, and copy out the region."""
     r = b.read
     data = scratch[: span.stop - span.start]
@@ -131,7 +142,9 @@ def assign_buffers(bounds: list[Bound]) -> tuple[list[tuple[int, memoryview]], l
                 groups.append([b])
         else:
             shared.append(b)
-    spans = [(b.read.entry.offset + b.read.span.start, b.read.entry.offset + b.read.span.stop) for b in shared]
+    spans = [
+        (b.read.entry.offset + b.read.span.start, b.read.entry.offset + b.read.span.stop) for b in shared
+    ]
     merged = coalesce(spans)
     buffers = [(start, np.empty(stop - start, np.uint8)) for start, stop in merged]
     starts = [start for start, _ in merged]
@@ -213,7 +226,9 @@ def scatter(b: Bound) -> None:
         return
     dest = slabs.region_destination(r)
     if isinstance(r, StringRead):  # decoded by the string decoder, which checked them
-        b.out[dest] = b.strings[tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))]
+        b.out[dest] = b.strings[
+            tuple(slice(o, o + n) for o, n in zip(r.region.offset, r.region.shape, strict=True))
+        ]
         return
     data = _span_bytes(b)
     dtype = b.out.dtype

@@ -82,8 +82,10 @@ class InPlaceLoad:
         scratch_bytes = CHECK_CHUNK
         plan = plan_reads(self.prefix, self.index, [Wanted.of(t) for t in targets], self.files)
         stats.bytes_needed += plan.bytes_needed
-        located = [(shard_file(self.prefix, self.index, shard_id, reads[0].name), reads)
-                   for shard_id, reads in plan.shards]
+        located = [
+            (shard_file(self.prefix, self.index, shard_id, reads[0].name), reads)
+            for shard_id, reads in plan.shards
+        ]
         for file_loc, reads in located:
             fd = storage.open_local(file_loc)
             f = _File(file_loc, fd, os.fstat(fd))
@@ -97,8 +99,10 @@ class InPlaceLoad:
                     step = per_chunk * e.block_size
                     scratch_bytes = max(scratch_bytes, step)
                     expected = span_run_crcs(e, span, per_chunk)
-                    jobs += [partial(_check_blocks, file_loc, fd, r, start, min(start + step, span.stop), want)
-                             for start, want in zip(range(span.start, span.stop, step), expected, strict=True)]
+                    jobs += [
+                        partial(_check_blocks, file_loc, fd, r, start, min(start + step, span.stop), want)
+                        for start, want in zip(range(span.start, span.stop, step), expected, strict=True)
+                    ]
                 else:  # one CRC over the whole entry (as TF writes them), computed in order
                     jobs.append(partial(_check_entry, file_loc, fd, r))
             # the second pass reads a region that is contiguous in the file straight into its
@@ -109,7 +113,9 @@ class InPlaceLoad:
                 if isinstance(r, DirectRead):
                     f.ranges.append((r.entry.offset, byte_view(out)))
                 elif isinstance(r, RowsRead):
-                    f.ranges.append((r.entry.offset + r.start, byte_view(out)[r.dest : r.dest + r.stop - r.start]))
+                    f.ranges.append(
+                        (r.entry.offset + r.start, byte_view(out)[r.dest : r.dest + r.stop - r.start])
+                    )
                 else:
                     f.slabs += [(r, out, first, count) for first, count in slabs.row_slabs(r)]
             for r, _, first, count in f.slabs:
@@ -119,7 +125,9 @@ class InPlaceLoad:
             stats.requests += len(jobs)
             io_threads.run_on_workers(jobs, scratch_bytes)
         if any(f.slabs for f in self._files):  # allocated now: after the check only reads can fail
-            self._slab_scratch = [memoryview(np.empty(self._slab_bytes, np.uint8)) for _ in range(io_threads.workers())]
+            self._slab_scratch = [
+                memoryview(np.empty(self._slab_bytes, np.uint8)) for _ in range(io_threads.workers())
+            ]
 
     def fill(self, stats: LoadStats) -> None:
         """Pass 2: read the checked bytes into the targets, from the files opened by ``check``,
@@ -128,9 +136,13 @@ class InPlaceLoad:
             stats.bytes_reread += sum(len(buf) for _, buf in f.ranges)
             storage.read_ranges(f.loc, f.ranges, fd=f.fd)
             if f.slabs:
-                stats.bytes_reread += sum(stop - start for start, stop in
-                                          (slabs.rows_span(r, first, count) for r, _, first, count in f.slabs))
-                io_threads.run_on_workers([partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch)
+                stats.bytes_reread += sum(
+                    stop - start
+                    for start, stop in (slabs.rows_span(r, first, count) for r, _, first, count in f.slabs)
+                )
+                io_threads.run_on_workers(
+                    [partial(_fill_slab, f, *job) for job in f.slabs], scratch=self._slab_scratch
+                )
             now = os.fstat(f.fd)
             if _identity(now) != _identity(f.stat):
                 raise DataLossError(
@@ -164,8 +176,9 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _check_blocks(file_loc: storage.Location, fd: int, r: Read, start: int, stop: int, expected: int,
-                  scratch: memoryview) -> None:
+def _check_blocks(
+    file_loc: storage.Location, fd: int, r: Read, start: int, stop: int, expected: int, scratch: memoryview
+) -> None:
     """Check entry bytes ``[start, stop)`` (whole checksum blocks, ``expected`` their CRC)."""
     data = scratch[: stop - start]
     _read(file_loc, fd, r.entry.offset + start, data, r)

@@ -14,8 +14,15 @@ from ..format.index import Index, parse_index
 from ..save import commit
 
 
-def read_index(loc: storage.Location, comm: Comm, what: str, key: dict | None = None, *, recover: bool = False,
-               fsync: bool = True) -> Index:
+def read_index(
+    loc: storage.Location,
+    comm: Comm,
+    what: str,
+    key: dict | None = None,
+    *,
+    recover: bool = False,
+    fsync: bool = True,
+) -> Index:
     """The coordinator reads ``P.index`` once; every rank gets its parsed form. ``key``:
     what the ranks must agree on (see ``Comm.agree``).
 
@@ -40,9 +47,7 @@ def read_index_bytes(loc: storage.Location) -> bytes:
     except NotFoundError as exc:
         if storage.missing_bucket(exc):  # the bucket's name is wrong, not the checkpoint's
             raise
-        raise NotFoundError(
-            f"no checkpoint at {loc.url}: {index_loc.url} does not exist"
-        ) from None
+        raise NotFoundError(f"no checkpoint at {loc.url}: {index_loc.url} does not exist") from None
 
 
 def parse_index_or_raise(loc: storage.Location, data: bytes) -> Index:

@@ -62,8 +62,9 @@ def plan_reads(prefix: storage.Location, index: Index, wanted: Sequence[Wanted],
     return Plan(sorted(by_shard.items()), needed)
 
 
-def _plan(prefix: storage.Location, index: Index, wanted: Sequence[Wanted],
-          files: DataFiles) -> tuple[list[Read], int]:
+def _plan(
+    prefix: storage.Location, index: Index, wanted: Sequence[Wanted], files: DataFiles
+) -> tuple[list[Read], int]:
     reads: list[Read] = []
     needed = 0
     checked: dict[str, tuple[BundleEntry, list[tuple[Block, BundleEntry]]]] = {}
@@ -101,7 +102,12 @@ def _plan(prefix: storage.Location, index: Index, wanted: Sequence[Wanted],
             if string:
                 reads.append(StringRead(i, t.name, entry, Span(0, entry.size), piece, region, at))
                 continue
-            if entry.size >= DIRECT_MIN_BYTES and inter == t.block and region.shape == piece.shape and t.contiguous:
+            if (
+                entry.size >= DIRECT_MIN_BYTES
+                and inter == t.block
+                and region.shape == piece.shape
+                and t.contiguous
+            ):
                 reads.append(DirectRead(i, t.name, entry, Span(0, entry.size)))
                 continue
             rows = _rows(t, piece, region, inter, entry, itemsize)
@@ -110,7 +116,9 @@ def _plan(prefix: storage.Location, index: Index, wanted: Sequence[Wanted],
                 span = align_span(Span(start, stop), entry.block_size, entry.size)
                 reads.append(RowsRead(i, t.name, entry, span, piece, region, at, start, stop, dest))
                 continue
-            reads.append(RegionRead(i, t.name, entry, _span(piece, region, entry, itemsize), piece, region, at))
+            reads.append(
+                RegionRead(i, t.name, entry, _span(piece, region, entry, itemsize), piece, region, at)
+            )
         if covered != t.block.size:
             raise DataLossError(
                 f"{prefix.url}: the stored pieces of {t.name!r} cover {covered} of the "
@@ -128,8 +136,9 @@ def _span(piece: Block, region: Block, entry: BundleEntry, itemsize: int) -> Spa
     return align_span(region_span(piece.shape, region, itemsize), entry.block_size, entry.size)
 
 
-def _rows(t: Wanted, piece: Block, region: Block, inter: Block, entry: BundleEntry,
-          itemsize: int) -> tuple[int, int, int] | None:
+def _rows(
+    t: Wanted, piece: Block, region: Block, inter: Block, entry: BundleEntry, itemsize: int
+) -> tuple[int, int, int] | None:
     """Where a large region can be read straight into the target (resharding by rows):
     it must be contiguous in the stored piece (whole trailing dimensions) and in the
     target, and the entry must have per-block checksums so that the bytes around it can

@@ -48,8 +48,9 @@ def scatter_rows(r: Placed, out: np.ndarray, first: int, count: int, rows: memor
     out[(slice(at, at + count), *dest[1:])] = src[(slice(None), *inner)]
 
 
-def file_array(buffer, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0,
-               strides: tuple[int, ...] | None = None) -> np.ndarray:
+def file_array(
+    buffer, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0, strides: tuple[int, ...] | None = None
+) -> np.ndarray:
     """An array over bytes read from a data file. Never of dtype object: its elements would
     be whatever pointers the file's bytes spell (strings go through format/strings.py)."""
     if dtype.hasobject:

@@ -31,18 +31,31 @@ SMALL_RANGE_BYTES = 8 << 20
 def is_small_plain(entry: BundleEntry) -> bool:
     """Whether ``load_small`` reads this entry: a whole, small, non-string tensor (larger
     ones are read straight into their own arrays)."""
-    return (entry.size < DIRECT_MIN_BYTES and entry.dtype != dtypes.DT_STRING and not entry.slices
-            and not entry.block_size)
+    return (
+        entry.size < DIRECT_MIN_BYTES
+        and entry.dtype != dtypes.DT_STRING
+        and not entry.slices
+        and not entry.block_size
+    )
 
 
 def small_plain_rows(columns: PlainColumns, rows: np.ndarray) -> np.ndarray:
     """``is_small_plain`` of the entries at ``rows`` of an index's columns, at once (a plain
     entry has no slices and no checksum blocks)."""
-    return columns.plain[rows] & (columns.size[rows] < DIRECT_MIN_BYTES) & (columns.dtype[rows] != dtypes.DT_STRING)
+    return (
+        columns.plain[rows]
+        & (columns.size[rows] < DIRECT_MIN_BYTES)
+        & (columns.dtype[rows] != dtypes.DT_STRING)
+    )
 
 
-def load_small(prefix: storage.Location, index: Index, names: Sequence[str], stats: LoadStats,
-               files: DataFiles | None = None) -> list[np.ndarray]:
+def load_small(
+    prefix: storage.Location,
+    index: Index,
+    names: Sequence[str],
+    stats: LoadStats,
+    files: DataFiles | None = None,
+) -> list[np.ndarray]:
     """New arrays holding the stored tensors ``names`` (each ``is_small_plain``).
 
     Column-wise, for checkpoints of many small tensors: the entries' fields come from the
@@ -55,9 +68,15 @@ def load_small(prefix: storage.Location, index: Index, names: Sequence[str], sta
     n = len(names)
     rows = np.fromiter(map(entries.row.__getitem__, names), np.int64, n)
     c = entries.columns
-    fields = PlainColumns(np.ones(n, bool), c.dtype[rows], [c.shape[r] for r in rows.tolist()],
-                          c.shard_id[rows].astype(np.int64), c.offset[rows].astype(np.int64),
-                          c.size[rows].astype(np.int64), c.crc32c[rows])
+    fields = PlainColumns(
+        np.ones(n, bool),
+        c.dtype[rows],
+        [c.shape[r] for r in rows.tolist()],
+        c.shard_id[rows].astype(np.int64),
+        c.offset[rows].astype(np.int64),
+        c.size[rows].astype(np.int64),
+        c.crc32c[rows],
+    )
     for k in np.flatnonzero(~c.plain[rows]).tolist():  # decoded by the general decoder
         e = entries[names[k]]
         fields.dtype[k], fields.shape[k], fields.shard_id[k] = e.dtype, e.shape, e.shard_id
@@ -67,12 +86,15 @@ def load_small(prefix: storage.Location, index: Index, names: Sequence[str], sta
     for shard_id in np.unique(fields.shard_id).tolist():
         which = np.flatnonzero(fields.shard_id == shard_id)
         file_loc = shard_file(prefix, index, shard_id, names[which[0]])
-        _load_small_shard(prefix, file_loc, files.size(shard_id, names[which[0]]), fields, which, names, out, stats)
+        _load_small_shard(
+            prefix, file_loc, files.size(shard_id, names[which[0]]), fields, which, names, out, stats
+        )
     return out
 
 
-def _load_small_shard(prefix, file_loc, file_size: int, fields: PlainColumns, which: np.ndarray, names, out,
-                      stats) -> None:
+def _load_small_shard(
+    prefix, file_loc, file_size: int, fields: PlainColumns, which: np.ndarray, names, out, stats
+) -> None:
     n = len(which)
     which_list = which.tolist()
     tf_types = fields.dtype[which]
@@ -132,13 +154,20 @@ def _load_small_shard(prefix, file_loc, file_size: int, fields: PlainColumns, wh
         buf, view = buffers[k], memoryview(buffers[k])
         picked = order[a:b]
         rel, ends = s[a:b] - s[a], e[a:b] - s[a]
-        actual = np.array(crc.masked_crc32cs([view[x:y] for x, y in zip(rel.tolist(), ends.tolist(), strict=True)]),
-                          np.uint64)
+        actual = np.array(
+            crc.masked_crc32cs([view[x:y] for x, y in zip(rel.tolist(), ends.tolist(), strict=True)]),
+            np.uint64,
+        )
         wrong = np.flatnonzero(actual != stored[picked])
         if len(wrong):
             j = int(picked[wrong[0]])
-            raise checksum_error(file_loc, names[which_list[j]], f"offset {starts[j]}, {sizes[j]} bytes",
-                                  int(stored[j]), int(actual[wrong[0]]))
+            raise checksum_error(
+                file_loc,
+                names[which_list[j]],
+                f"offset {starts[j]}, {sizes[j]} bytes",
+                int(stored[j]),
+                int(actual[wrong[0]]),
+            )
         odd = (rel % itemsizes[picked] != 0) | (rel == ends)
         for j, x in zip(picked[~odd].tolist(), rel[~odd].tolist(), strict=True):
             out[which_list[j]] = np.ndarray(shapes[j], dts[j], buf, x)  # dts checked: none is object
@@ -146,5 +175,8 @@ def _load_small_shard(prefix, file_loc, file_size: int, fields: PlainColumns, wh
             # empty, or a view would be misaligned: an array of its own
             out[which_list[j]] = file_array(view[x:y], shapes[j], dts[j]).copy()
 
-    storage.read_ranges(file_loc, [(int(s[a]), memoryview(buf)) for (a, _), buf in zip(bounds, buffers, strict=True)],
-                        after=place)
+    storage.read_ranges(
+        file_loc,
+        [(int(s[a]), memoryview(buf)) for (a, _), buf in zip(bounds, buffers, strict=True)],
+        after=place,
+    )

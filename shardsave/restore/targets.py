@@ -73,8 +73,9 @@ def targets(layout: SaveLayout, prefix: str, index: Index, live: bool, reshape: 
     return found
 
 
-def general_targets(prefix: str, index: Index, pairs: Iterable[tuple[str, Variable]], live: bool,
-                    reshape: bool) -> Found:
+def general_targets(
+    prefix: str, index: Index, pairs: Iterable[tuple[str, Variable]], live: bool, reshape: bool
+) -> Found:
     """:func:`targets` one variable at a time, with every check and its error."""
     found = Found([], [], [], [], [])
     written: set[int] = set()  # ids of the arrays written in place

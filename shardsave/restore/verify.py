@@ -45,8 +45,14 @@ def span_run_crcs(e: BundleEntry, span: Span, run_blocks: int) -> list[int]:
     return crc.run_crcs(e.block_crcs[4 * first : 4 * (first + count)], bs, span.stop - span.start, run_blocks)
 
 
-def check_run(file_loc: storage.Location, r: Read, start: int, stop: int, expected: int,
-              crc_of: Callable[[int, int], int]) -> None:
+def check_run(
+    file_loc: storage.Location,
+    r: Read,
+    start: int,
+    stop: int,
+    expected: int,
+    crc_of: Callable[[int, int], int],
+) -> None:
     """Check entry bytes ``[start, stop)`` (whole checksum blocks) against ``expected``, the
     CRC their blocks' stored CRCs combine to; ``crc_of(lo, hi)`` is the CRC32C of entry
     bytes ``[lo, hi)`` as read. On a mismatch, name the block that differs."""
@@ -57,14 +63,18 @@ def check_run(file_loc: storage.Location, r: Read, start: int, stop: int, expect
     for block in range(start, stop, e.block_size):
         check_block(file_loc, r.name, e, block, crc.mask(crc_of(block, min(block + e.block_size, stop))))
     at = e.offset + start  # no block differs alone: the stored CRCs are inconsistent
-    raise checksum_error(file_loc, r.name, f"bytes {at}..{e.offset + stop}", crc.mask(expected), crc.mask(actual))
+    raise checksum_error(
+        file_loc, r.name, f"bytes {at}..{e.offset + stop}", crc.mask(expected), crc.mask(actual)
+    )
 
 
 def check_entry(file_loc: storage.Location, r: Read, actual: int) -> None:
     """Compare ``actual``, the (unmasked) CRC32C of all of ``r``'s entry, with its stored CRC."""
     e = r.entry
     if crc.mask(actual) != e.crc32c:
-        raise checksum_error(file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, crc.mask(actual))
+        raise checksum_error(
+            file_loc, r.name, f"offset {e.offset}, {e.size} bytes", e.crc32c, crc.mask(actual)
+        )
 
 
 def check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start: int, actual: int) -> None:
@@ -75,7 +85,9 @@ def check_block(file_loc: storage.Location, name: str, entry: BundleEntry, start
         raise checksum_error(file_loc, name, f"bytes {entry.offset + start}..", stored, actual)
 
 
-def checksum_error(file_loc: storage.Location, name: str, where: str, stored: int, actual: int) -> DataLossError:
+def checksum_error(
+    file_loc: storage.Location, name: str, where: str, stored: int, actual: int
+) -> DataLossError:
     return DataLossError(
         f"{file_loc.url}: checksum does not match for tensor {name!r} ({where}): "
         f"stored {stored:#010x} vs. calculated {actual:#010x}"

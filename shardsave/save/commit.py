@@ -155,7 +155,9 @@ def commit(
         index_now = files.get(names.index_name(loc.name))
         if (None if index_now is None else index_now["version"]) != mode.index_version:
             raise _another_save(
-                loc, what, f"{names.index_name(loc.url)} changed while this save was running; nothing was committed"
+                loc,
+                what,
+                f"{names.index_name(loc.url)} changed while this save was running; nothing was committed",
             )
         others = _Files.of(loc.name, files).others(mode.save_id)
         if others:
@@ -214,7 +216,9 @@ def _publish_index_create_only(loc: storage.Location, index: bytes, what: str, f
     try:
         storage.publish(loc.with_path(names.index_name(loc.path)), index, fsync=fsync, exclusive=True)
     except FailedPreconditionError as exc:
-        raise _another_save(loc, what, f"{names.index_name(loc.url)} appeared while this save was running") from exc
+        raise _another_save(
+            loc, what, f"{names.index_name(loc.url)} appeared while this save was running"
+        ) from exc
 
 
 def _roll_forward(loc: storage.Location, save_id: str, staged: list[str], fsync: bool) -> list[str]:
@@ -223,7 +227,9 @@ def _roll_forward(loc: storage.Location, save_id: str, staged: list[str], fsync:
     finishing the same journal) is skipped. Returns the staged files it did not find."""
     directory = loc.parent
     skipped = storage.rename_all([(directory.child(n), directory.child(_final_of(n))) for n in staged])
-    storage.rename(directory.child(names.journal_name(loc.name, save_id)), loc.with_path(names.index_name(loc.path)))
+    storage.rename(
+        directory.child(names.journal_name(loc.name, save_id)), loc.with_path(names.index_name(loc.path))
+    )
     if fsync:
         storage.fsync_dir(directory)
     return [posixpath.basename(src.path) for src in skipped]

@@ -70,15 +70,32 @@ class SaveJob:
     """TF's retention after this save at a timestamp, on the Saver's bookkeeping."""
 
     @classmethod
-    def of(cls, saver: Any, layout: SaveLayout, prefix: str, loc: storage.Location, latest_filename: str | None,
-           write_state: bool, retain: Callable[[float], retention.Retained]) -> SaveJob:
+    def of(
+        cls,
+        saver: Any,
+        layout: SaveLayout,
+        prefix: str,
+        loc: storage.Location,
+        latest_filename: str | None,
+        write_state: bool,
+        retain: Callable[[float], retention.Retained],
+    ) -> SaveJob:
         """The job of ``saver.save``, with the Saver's options as they are now."""
         return cls(
-            comm=saver.comm, layout=layout, prefix=prefix, loc=loc, latest_filename=latest_filename,
-            write_state=write_state, fsync=saver.fsync, check_replicas=saver.check_replicas,
-            save_relative_paths=saver.save_relative_paths, max_to_keep=saver.max_to_keep,
+            comm=saver.comm,
+            layout=layout,
+            prefix=prefix,
+            loc=loc,
+            latest_filename=latest_filename,
+            write_state=write_state,
+            fsync=saver.fsync,
+            check_replicas=saver.check_replicas,
+            save_relative_paths=saver.save_relative_paths,
+            max_to_keep=saver.max_to_keep,
             keep_checkpoint_every_n_hours=saver.keep_checkpoint_every_n_hours,
-            storage_options=saver.storage_options, fs=saver.fs, retain=retain,
+            storage_options=saver.storage_options,
+            fs=saver.fs,
+            retain=retain,
         )
 
     @property
@@ -90,10 +107,16 @@ class SaveJob:
         leads: a relative one on ranks with different working directories) and every option
         that changes what is written (compared in step 1, before anything is)."""
         return {
-            "prefix": self.prefix, "location": self.loc.url, "latest_filename": self.latest_filename,
-            "write_state": bool(self.write_state), "blocking": bool(blocking), "fsync": self.fsync,
-            "max_to_keep": self.max_to_keep, "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
-            "save_relative_paths": self.save_relative_paths, "check_replicas": self.check_replicas,
+            "prefix": self.prefix,
+            "location": self.loc.url,
+            "latest_filename": self.latest_filename,
+            "write_state": bool(self.write_state),
+            "blocking": bool(blocking),
+            "fsync": self.fsync,
+            "max_to_keep": self.max_to_keep,
+            "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
+            "save_relative_paths": self.save_relative_paths,
+            "check_replicas": self.check_replicas,
         }
 
 
@@ -111,7 +134,9 @@ def locate(
         prefix = prefix_of()
         loc = resolve(prefix)
         if loc.is_s3 and "/" not in loc.path.strip("/"):
-            raise InvalidArgumentError(f"cannot save to {prefix!r}: the prefix needs a name inside the bucket")
+            raise InvalidArgumentError(
+                f"cannot save to {prefix!r}: the prefix needs a name inside the bucket"
+            )
     except Exception as exc:
         comm.agree(exc, f"saving {os.fspath(save_path)}")
         raise
@@ -198,8 +223,11 @@ def plan(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]):
         # a plain entry always has the global shape: a zero-size tensor split over
         # ranks is stored whole, as one empty entry
         variables = layout.variables
-        empties = [(pos, variables[a.index].global_shape) for pos, a in enumerate(writes)
-                   if a.extents is None and arrays[a.index].shape != variables[a.index].global_shape]
+        empties = [
+            (pos, variables[a.index].global_shape)
+            for pos, a in enumerate(writes)
+            if a.extents is None and arrays[a.index].shape != variables[a.index].global_shape
+        ]
         if metas is layout.metas:
             layout.plan = (the_plan, keys, indices, empties)
     todo = [arrays[i] for i in indices]
@@ -220,8 +248,9 @@ def prepare(job: SaveJob) -> commit_protocol.SaveMode:
 
 
 # --------------------------------------------------------------------------- step 4
-def write(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, todo: tuple[list, list],
-          replicas: list) -> tuple:
+def write(
+    job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, todo: tuple[list, list], replicas: list
+) -> tuple:
     """Step 4. Every rank: write its data file (and, in a second thread, the CRCs of the
     replicas it holds but does not write). All agree; a rank whose file was written
     deletes it if another rank failed. Returns what this rank reports to the coordinator:
@@ -250,8 +279,12 @@ def write(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, todo
     except Exception:
         storage.remove([data_loc])
         raise
-    return (encode_rank_part(*entries, the_plan.sliced), out.written if out else 0, replica_crcs,
-            out.etag if out else None)
+    return (
+        encode_rank_part(*entries, the_plan.sliced),
+        out.written if out else 0,
+        replica_crcs,
+        out.etag if out else None,
+    )
 
 
 # --------------------------------------------------------------------------- step 5
@@ -269,16 +302,23 @@ def commit(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, rep
         checked = checked_replicas(job.prefix, the_plan, [g[:3] for g in gathered])
         reports = [(part, written, g[3]) for (part, written), g in zip(checked, gathered, strict=True)]
         index = merge_index(
-            len(reports), [part for part, _, _ in reports],
+            len(reports),
+            [part for part, _, _ in reports],
             {name: (dt, shape) for name, (dt, shape, _) in the_plan.sliced.items()},
         )
-        commit_protocol.commit(job.loc, mode, [(written, etag) for _, written, etag in reports], index, job.what,
-                               fsync=job.fsync)
+        commit_protocol.commit(
+            job.loc, mode, [(written, etag) for _, written, etag in reports], index, job.what, fsync=job.fsync
+        )
         kept, doomed, _, preserved = job.retain(timestamp)
         if job.write_state:
-            retention.write_state(kept or [(job.prefix, timestamp)], job.latest_filename, preserved,
-                                  save_relative_paths=job.save_relative_paths,
-                                  storage_options=job.storage_options, fs=job.fs)
+            retention.write_state(
+                kept or [(job.prefix, timestamp)],
+                job.latest_filename,
+                preserved,
+                save_relative_paths=job.save_relative_paths,
+                storage_options=job.storage_options,
+                fs=job.fs,
+            )
         for path in doomed:
             retention.delete_expired(job.loc, storage.resolve(path, job.storage_options, job.fs))
         return timestamp
@@ -318,7 +358,9 @@ def start_in_background(
         keys = [(name, var.offset) for name, var in zip(layout.names, layout.variables, strict=True)]
         copies = staging.stage(keys, arrays, token)
     handle = SaveHandle(job.prefix)
-    thread = threading.Thread(target=handle._run, args=(run, job, copies, metas), name=f"shardsave-save-{job.prefix}")
+    thread = threading.Thread(
+        target=handle._run, args=(run, job, copies, metas), name=f"shardsave-save-{job.prefix}"
+    )
     register(handle)
     thread.start()
     return handle

@@ -39,7 +39,9 @@ class ReplicaCrcs:
             self._thread.join()
         if self._error is not None:
             raise self._error
-        return [(number, self._copies[number] if pos < 0 else masks[pos]) for number, _, pos in self._replicas]
+        return [
+            (number, self._copies[number] if pos < 0 else masks[pos]) for number, _, pos in self._replicas
+        ]
 
 
 def checked_replicas(prefix: str, plan, gathered: list[tuple]) -> list[tuple]:
@@ -66,7 +68,9 @@ def _replica_difference(replica: tuple[str, Block], by_crc: dict[int, list[int]]
     name, block = replica
     where = "" if not any(block.offset) else f" (block at offset {list(block.offset)})"
     groups = sorted(by_crc.values(), key=min)
-    values = ", ".join(f"rank(s) {', '.join(map(str, ranks))} value {_letter(i)}" for i, ranks in enumerate(groups))
+    values = ", ".join(
+        f"rank(s) {', '.join(map(str, ranks))} value {_letter(i)}" for i, ranks in enumerate(groups)
+    )
     return f"variable {name!r}{where} differs between the ranks that hold it: {values}"
 
 

@@ -30,7 +30,9 @@ class StagingBuffers:
             pass
         return list(self._aligned)
 
-    def stage(self, keys: Sequence[Hashable], arrays: Sequence[np.ndarray], token: object = None) -> list[np.ndarray]:
+    def stage(
+        self, keys: Sequence[Hashable], arrays: Sequence[np.ndarray], token: object = None
+    ) -> list[np.ndarray]:
         """Copies of ``arrays`` (one per key), in the same order; buffers of keys whose
         shape and dtype are unchanged are reused."""
         staged = []

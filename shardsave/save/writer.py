@@ -129,8 +129,16 @@ def write_data_file(
         entries = split_values(values, lengths)
         for j, packed in blocks.items():
             if packed:
-                entries[j] = encode_entry(types[j], shapes[j], shard_id, offsets[j], sizes[j], masks[j],
-                                          block_size=CHECKSUM_BLOCK, block_crcs=packed)
+                entries[j] = encode_entry(
+                    types[j],
+                    shapes[j],
+                    shard_id,
+                    offsets[j],
+                    sizes[j],
+                    masks[j],
+                    block_size=CHECKSUM_BLOCK,
+                    block_crcs=packed,
+                )
         values, lengths = b"".join(entries), np.fromiter(map(len, entries), np.int64, len(entries))
     return list(keys), values, lengths
 

@@ -36,10 +36,30 @@ from . import local, s3
 from .base import Backend, Location, missing_bucket, translate_errors
 
 __all__ = [
-    "Location", "Writer", "abort_upload", "close_local", "data_files", "exists", "files_in",
-    "fsync_dir", "info", "is_directly_in", "makedirs", "missing_bucket", "open_local",
-    "pending_uploads", "publish", "read_bytes", "read_ranges", "remove", "rename", "rename_all",
-    "resolve", "same_path", "scan", "size",
+    "Location",
+    "Writer",
+    "abort_upload",
+    "close_local",
+    "data_files",
+    "exists",
+    "files_in",
+    "fsync_dir",
+    "info",
+    "is_directly_in",
+    "makedirs",
+    "missing_bucket",
+    "open_local",
+    "pending_uploads",
+    "publish",
+    "read_bytes",
+    "read_ranges",
+    "remove",
+    "rename",
+    "rename_all",
+    "resolve",
+    "same_path",
+    "scan",
+    "size",
 ]
 
 _BACKENDS: tuple[Backend, ...] = (local.BACKEND, s3.BACKEND, generic.BACKEND)

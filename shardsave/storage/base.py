@@ -65,8 +65,13 @@ class Backend(Protocol):
     def open_writer(self, loc: Location, fsync: bool) -> FileWriter: ...
     def publish(self, loc: Location, data: bytes, fsync: bool, exclusive: bool) -> None: ...
     def read(self, loc: Location, limit: int | None) -> bytes: ...
-    def read_ranges(self, loc: Location, ranges: Sequence[tuple[int, memoryview]],
-                    after: Callable[[int], None] | None, fd: int | None) -> None: ...
+    def read_ranges(
+        self,
+        loc: Location,
+        ranges: Sequence[tuple[int, memoryview]],
+        after: Callable[[int], None] | None,
+        fd: int | None,
+    ) -> None: ...
 
     # metadata, fresh: other processes change it
     def exists(self, loc: Location) -> bool: ...
@@ -160,8 +165,13 @@ the credentials themselves are wrong (:class:`UnauthenticatedError`)."""
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError"}
 _DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}  # as TensorFlow's errno mapping
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
-                "ClientConnectorError", "ServerDisconnectedError"}
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+}
 
 
 def _why_forbidden(location: Location | str, exc: BaseException) -> str | None:
@@ -223,7 +233,9 @@ def translate_errors(location: Location | str, action: str) -> Iterator[None]:
             raise UnauthenticatedError(
                 f"{action} {url}: no S3 credentials found ({exc}): set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or pass storage_options key and secret",
-                errno.EACCES, "Permission denied", url,
+                errno.EACCES,
+                "Permission denied",
+                url,
             ) from exc
         if isinstance(exc, OSError):  # ENOSPC, EROFS, EIO, EISDIR...: name the file, keep errno
             raise _storage_error(url, action, exc) from exc
@@ -231,6 +243,4 @@ def translate_errors(location: Location | str, action: str) -> Iterator[None]:
 
 
 def short_read(loc: Location, offset: int, want: int, got: int) -> ShardsaveError:
-    return DataLossError(
-        f"{loc.url}: file too short: wanted {want} bytes at offset {offset}, got {got}"
-    )
+    return DataLossError(f"{loc.url}: file too short: wanted {want} bytes at offset {offset}, got {got}")

@@ -92,8 +92,13 @@ class FsspecBackend:
         with loc.fs.open(loc.path, "rb") as f:
             return f.read(limit)
 
-    def read_ranges(self, loc: Location, ranges: Sequence[tuple[int, memoryview]],
-                    after: Callable[[int], None] | None, fd: int | None) -> None:
+    def read_ranges(
+        self,
+        loc: Location,
+        ranges: Sequence[tuple[int, memoryview]],
+        after: Callable[[int], None] | None,
+        fd: int | None,
+    ) -> None:
         if fd is not None:
             raise InvalidArgumentError(f"{loc.url}: an open file descriptor is for local files only")
         offsets = [off for off, _ in ranges]
@@ -144,6 +149,7 @@ class FsspecBackend:
 
     def rename_all(self, pairs: Sequence[tuple[Location, Location]]) -> list[Location]:
         """A server-side copy per file, in parallel, then one delete of the sources."""
+
         def copy(pair: tuple[Location, Location]) -> bool:
             src, dst = pair
             self.fresh(src)

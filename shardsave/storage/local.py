@@ -80,8 +80,13 @@ class LocalBackend:
                 raise DataLossError(f"{loc.url}: reading failed: {os_reason(exc)}") from exc
             raise
 
-    def read_ranges(self, loc: Location, ranges: Sequence[tuple[int, memoryview]],
-                    after: Callable[[int], None] | None, fd: int | None) -> None:
+    def read_ranges(
+        self,
+        loc: Location,
+        ranges: Sequence[tuple[int, memoryview]],
+        after: Callable[[int], None] | None,
+        fd: int | None,
+    ) -> None:
         if fd is not None:
             pread_all(fd, ranges, loc, after)
             return
@@ -110,8 +115,15 @@ class LocalBackend:
                     with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
                         if entry.is_file():
                             st = entry.stat()
-                            out.append({"name": entry.name, "size": st.st_size, "mtime": st.st_mtime, "etag": None,
-                                        "version": (st.st_ino, st.st_mtime_ns, st.st_size)})
+                            out.append(
+                                {
+                                    "name": entry.name,
+                                    "size": st.st_size,
+                                    "mtime": st.st_mtime,
+                                    "etag": None,
+                                    "version": (st.st_ino, st.st_mtime_ns, st.st_size),
+                                }
+                            )
                 return out
         except (FileNotFoundError, NotADirectoryError):
             return []
@@ -137,8 +149,7 @@ class LocalBackend:
             os.makedirs(loc.path, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise InvalidArgumentError(
-                f"cannot create directory {loc.path}: {_file_in_the_way(loc.path)} is a "
-                "file, not a directory"
+                f"cannot create directory {loc.path}: {_file_in_the_way(loc.path)} is a file, not a directory"
             ) from None
 
     def fsync_dir(self, loc: Location) -> None:
@@ -182,6 +193,7 @@ def close_fd(fd: int) -> None:
 
 def pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location, after) -> None:
     """Fill the ranges from ``fd`` on the I/O threads (one range: in this thread)."""
+
     def one(i: int) -> None:
         offset, buf = ranges[i]
         view = memoryview(buf).cast("B")

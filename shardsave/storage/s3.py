@@ -78,7 +78,7 @@ class S3Backend(FsspecBackend):
         while True:
             page = loc.fs.call_s3("list_multipart_uploads", **kwargs)
             for u in page.get("Uploads", []):
-                name = u["Key"][len(prefix):]
+                name = u["Key"][len(prefix) :]
                 if name and "/" not in name:
                     started = u.get("Initiated")
                     out.append((loc.child(name), u["UploadId"], started.timestamp() if started else None))
@@ -124,11 +124,19 @@ def _delete_objects(locs: list[Location]) -> None:
             for err in out.get("Errors", []):
                 url = f"s3://{bucket}/{err.get('Key')}"
                 if err.get("Code") == "AccessDenied":
-                    raise PermissionDeniedError(f"deleting {url}: permission denied ({err.get('Message')})",
-                                                errno.EACCES, "Permission denied", url)
+                    raise PermissionDeniedError(
+                        f"deleting {url}: permission denied ({err.get('Message')})",
+                        errno.EACCES,
+                        "Permission denied",
+                        url,
+                    )
                 if err.get("Code") != "NoSuchKey":
-                    raise StorageError(f"deleting {url}: {err.get('Code')}: {err.get('Message')}",
-                                       errno.EIO, err.get("Message"), url)
+                    raise StorageError(
+                        f"deleting {url}: {err.get('Code')}: {err.get('Message')}",
+                        errno.EIO,
+                        err.get("Message"),
+                        url,
+                    )
 
 
 class _MultipartUpload:
@@ -173,8 +181,12 @@ class _MultipartUpload:
             raise InvalidArgumentError(f"s3://{self.path}: more than {_MAX_PARTS} parts")
         body, self.buffer = self.buffer, bytearray()
         coro = self.fs._call_s3(
-            "upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-            PartNumber=number, Body=body,
+            "upload_part",
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            Body=body,
         )
         self.inflight.append((number, asyncio.run_coroutine_threadsafe(coro, self.fs.loop)))
         while len(self.inflight) >= max(1, UPLOAD_CONCURRENCY):
@@ -194,8 +206,11 @@ class _MultipartUpload:
             while self.inflight:
                 self._finish_one()
             out = self.fs.call_s3(
-                "complete_multipart_upload", Bucket=self.bucket, Key=self.key,
-                UploadId=self.upload_id, MultipartUpload={"Parts": self.parts},
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
             )
         self.buffer = bytearray()
         self.fs.invalidate_cache(self.path)

@@ -37,8 +37,9 @@ def workers() -> int:
     return min(cpus, MAX_WORKERS)
 
 
-def run_on_workers(jobs: Sequence[Callable[[memoryview], None]], scratch_bytes: int = 0,
-                   scratch: Sequence[memoryview] = ()) -> None:
+def run_on_workers(
+    jobs: Sequence[Callable[[memoryview], None]], scratch_bytes: int = 0, scratch: Sequence[memoryview] = ()
+) -> None:
     """Run ``jobs`` on ``workers()`` I/O threads, each passing its own scratch buffer to its
     jobs (``scratch[i]``, or a new one of ``scratch_bytes``); after an error, the other
     threads start no new job, and the first error is raised once all have stopped.

@@ -92,18 +92,13 @@ def _init_from(full: np.ndarray):
     def init(shape, dtype=None, partition_info=None):
         if partition_info is None:
             return tf.constant(full)
-        index = tuple(
-            slice(o, o + n)
-            for o, n in zip(partition_info.var_offset, shape, strict=True)
-        )
+        index = tuple(slice(o, o + n) for o, n in zip(partition_info.var_offset, shape, strict=True))
         return tf.constant(full[index])
 
     return init
 
 
-def save_graph_vars(
-    prefix: Path, make_vars, *, sharded: bool = False, devices: int = 1
-) -> None:
+def save_graph_vars(prefix: Path, make_vars, *, sharded: bool = False, devices: int = 1) -> None:
     """Build variables with ``make_vars()`` in a fresh graph; save them with Saver."""
     prefix.parent.mkdir(parents=True, exist_ok=True)  # sharded saves need it
     graph = tf.Graph()
@@ -208,9 +203,7 @@ def make_object() -> dict[str, np.ndarray]:
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     if a.dtype == object or b.dtype == object:
-        return a.shape == b.shape and all(
-            x == y for x, y in zip(a.flat, b.flat, strict=True)
-        )
+        return a.shape == b.shape and all(x == y for x, y in zip(a.flat, b.flat, strict=True))
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return a.tobytes() == b.tobytes()  # bit-exact (NaN, -0.0)
@@ -276,9 +269,7 @@ def main() -> int:
         m, a = verify_and_collect(OUT / key_dir / name, fed, key_dir)
         meta["tensors"].update(m)
         arrays.update(a)
-    (OUT / "expected.json").write_text(
-        json.dumps(meta, indent=1, sort_keys=True) + "\n"
-    )
+    (OUT / "expected.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     np.savez_compressed(OUT / "expected.npz", **arrays)
 
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

@@ -46,8 +46,9 @@ def make_vars(rows: int, rank: int = 0, size: int = 1) -> dict:
     ss.reset_default_graph()
     lo, hi = row_range(rows, rank, size)
     return {
-        "embedding": ss.Variable("embedding", dtype=np.float32, shape=(hi - lo, COLS),
-                                 global_shape=(rows, COLS), offset=(lo, 0)),
+        "embedding": ss.Variable(
+            "embedding", dtype=np.float32, shape=(hi - lo, COLS), global_shape=(rows, COLS), offset=(lo, 0)
+        ),
         "dense/kernel": ss.Variable("dense/kernel", dtype=np.float64, shape=(COLS, 8)),
         "global_step": ss.Variable("global_step", dtype=np.int64, shape=()),
         "names": ss.Variable("names", dtype=object, shape=(len(STRINGS) + 1,)),
@@ -71,15 +72,24 @@ def check_equal(variables: dict, step: int, rows: int) -> None:
             assert got.tobytes() == want.tobytes(), f"{name} differs from step {step}"
 
 
-def run_mpi(n: int, args: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_mpi(
+    n: int, args: list[str], env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """``mpiexec -n N python -m mpi4py ARGS``; the whole process group dies on timeout."""
     import pytest
 
     if MPIEXEC is None:
         pytest.fail("mpiexec not found: install the 'mpi' extra (the mpich wheel)")
     cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

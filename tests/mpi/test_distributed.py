@@ -44,8 +44,13 @@ def make_vars(layout_of, comm, register=False):
 def save_all(comm, path, step=1):
     ss.reset_default_graph()
     make_vars(lambda name, saved: saved, comm, register=True)
-    ss.get_variable("part", PART_SHAPE, initializer=ss.constant_initializer(global_value("part", PART_SHAPE, np.float32)),
-                    partitioner=ss.fixed_size_partitioner(5), comm=comm)
+    ss.get_variable(
+        "part",
+        PART_SHAPE,
+        initializer=ss.constant_initializer(global_value("part", PART_SHAPE, np.float32)),
+        partitioner=ss.fixed_size_partitioner(5),
+        comm=comm,
+    )
     ss.Variable("scalar", np.float64(3.5))
     ss.Variable("strings", STRINGS)
     saver = ss.Saver(comm=comm)
@@ -60,7 +65,9 @@ def test_save_every_layout(comm, root, phase):
     assert comm.allgather(prefix) == [prefix] * comm.size
     comm.Barrier()
     files = sorted(glob.glob(prefix + ".data-*"))
-    assert [os.path.basename(f) for f in files] == [f"model-1.data-{r:05d}-of-{comm.size:05d}" for r in range(comm.size)]
+    assert [os.path.basename(f) for f in files] == [
+        f"model-1.data-{r:05d}-of-{comm.size:05d}" for r in range(comm.size)
+    ]
     assert os.path.exists(prefix + ".index")
     assert ss.latest_checkpoint(d) == prefix
 
@@ -106,8 +113,10 @@ def test_rank_failure_mid_save_keeps_previous_checkpoint(comm, root, phase, monk
     v.assign(v.value * 0 - 1)
     bad_rank = comm.size - 1
     if comm.rank == bad_rank:
+
         def full_disk(self, buffer):
             raise OSError(28, "No space left on device")
+
         monkeypatch.setattr(storage.Writer, "write", full_disk)
     # one rank: its own error; several: every rank raises AbortedError
     expected = ss.AbortedError if comm.size > 1 else OSError  # the patched write's own
@@ -130,8 +139,13 @@ def test_rank_failure_mid_save_keeps_previous_checkpoint(comm, root, phase, monk
 def disagreeing_variable(comm):
     """Rank 0 says "w" is [size, 4]; every other rank says [size, 5]."""
     cols = 4 if comm.rank == 0 else 5
-    return ss.Variable("w", np.ones((1, cols), np.float32), global_shape=(comm.size, cols),
-                       offset=(comm.rank, 0), register=False)
+    return ss.Variable(
+        "w",
+        np.ones((1, cols), np.float32),
+        global_shape=(comm.size, cols),
+        offset=(comm.rank, 0),
+        register=False,
+    )
 
 
 def test_ranks_disagreeing_on_shape_commit_nothing(comm, root, phase):
@@ -159,7 +173,9 @@ def test_overlapping_or_missing_blocks_are_caught(comm, root, phase, problem):
     d = os.path.join(root, f"{problem}{comm.size}")
     start = comm.rank * 2 - (1 if problem == "overlap" and comm.rank == 1 else 0)
     rows = 2 if not (problem == "gap" and comm.rank == 1) else 1
-    v = ss.Variable("t", np.zeros((rows, 3)), global_shape=(2 * comm.size, 3), offset=(start, 0), register=False)
+    v = ss.Variable(
+        "t", np.zeros((rows, 3)), global_shape=(2 * comm.size, 3), offset=(start, 0), register=False
+    )
     with pytest.raises(ss.InvalidArgumentError) as info:
         ss.Saver([v], comm=comm).save(os.path.join(d, "model"))
     message = str(info.value)
@@ -177,7 +193,9 @@ def test_overlapping_or_missing_blocks_are_caught(comm, root, phase, problem):
 
 
 def saved_dirs(root):
-    return sorted(d for d in glob.glob(os.path.join(root, "n*")) if os.path.exists(os.path.join(d, "model-1.index")))
+    return sorted(
+        d for d in glob.glob(os.path.join(root, "n*")) if os.path.exists(os.path.join(d, "model-1.index"))
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -219,15 +237,15 @@ def test_restore_reads_only_the_bytes_it_needs(comm, root, phase):
     for d in saved_dirs(root):
         n_saved = int(os.path.basename(d)[1:])
         (r0, _), (nr, nc) = block("rows", shape, comm.rank, comm.size)
-        var = ss.Variable("big", np.zeros((nr, nc), dtype), global_shape=shape, offset=(r0, 0), register=False)
+        var = ss.Variable(
+            "big", np.zeros((nr, nc), dtype), global_shape=shape, offset=(r0, 0), register=False
+        )
         saver = ss.Saver([var], comm=comm)
         saver.restore(os.path.join(d, "model-1"))
         stats = saver.last_restore_stats
         needed = var.value.nbytes
         saved_pieces = [block("rows", shape, r, n_saved) for r in range(n_saved)]
-        overlapping = sum(
-            1 for (s0, _), (sn, _) in saved_pieces if s0 < r0 + nr and r0 < s0 + sn
-        )
+        overlapping = sum(1 for (s0, _), (sn, _) in saved_pieces if s0 < r0 + nr and r0 < s0 + sn)
         # every stored piece read is widened by at most one checksum block at each end
         assert needed <= stats.bytes_read <= needed + 2 * CHECKSUM_BLOCK * overlapping, (d, stats)
         assert len(stats.files) == overlapping
@@ -246,12 +264,24 @@ def test_restore_tf_partitioned_variable(comm, phase):
     targets = {}
     if emb_b:
         (r0, c0), bs = emb_b
-        targets["emb"] = ss.Variable("emb", dtype=emb_want.dtype, shape=bs, global_shape=emb_want.shape,
-                                     offset=(r0, c0), register=False)
+        targets["emb"] = ss.Variable(
+            "emb",
+            dtype=emb_want.dtype,
+            shape=bs,
+            global_shape=emb_want.shape,
+            offset=(r0, c0),
+            register=False,
+        )
     if wide_b:
         (r0, c0), bs = wide_b
-        targets["wide"] = ss.Variable("wide", dtype=wide_want.dtype, shape=bs, global_shape=wide_want.shape,
-                                      offset=(r0, c0), register=False)
+        targets["wide"] = ss.Variable(
+            "wide",
+            dtype=wide_want.dtype,
+            shape=bs,
+            global_shape=wide_want.shape,
+            offset=(r0, c0),
+            register=False,
+        )
     ss.Saver(targets, comm=comm, allow_empty=True).restore(prefix)
     for name, want in (("emb", emb_want), ("wide", wide_want)):
         if name in targets:

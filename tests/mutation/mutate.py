@@ -37,16 +37,41 @@ TESTS = {
     "shardsave/format/state.py": ["tests/test_format.py", "-k", "state"],
     "shardsave/format/names.py": ["tests/test_names.py", "tests/test_format.py", "-k", "not s3"],
     "shardsave/plan.py": ["tests/test_plan.py"],
-    "shardsave/checkpoint_state.py": ["tests/test_api.py", "tests/test_names.py", "-k",
-                                      "latest or state or recover or relative or checkpoint or resolve or file_hint"],
+    "shardsave/checkpoint_state.py": [
+        "tests/test_api.py",
+        "tests/test_names.py",
+        "-k",
+        "latest or state or recover or relative or checkpoint or resolve or file_hint",
+    ],
     "shardsave/retention.py": ["tests/test_api.py", "-k", "keep or max_to_keep or recover or retention"],
 }
 
-COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
-           ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
-BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Add, ast.FloorDiv: ast.Mult, ast.Div: ast.Mult,
-         ast.Mod: ast.FloorDiv, ast.LShift: ast.RShift, ast.RShift: ast.LShift, ast.BitAnd: ast.BitOr,
-         ast.BitOr: ast.BitAnd, ast.BitXor: ast.BitOr, ast.Pow: ast.Mult}
+COMPARE = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+}
+BINOP = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Add,
+    ast.FloorDiv: ast.Mult,
+    ast.Div: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+    ast.BitAnd: ast.BitOr,
+    ast.BitOr: ast.BitAnd,
+    ast.BitXor: ast.BitOr,
+    ast.Pow: ast.Mult,
+}
 
 
 def skipped(tree: ast.AST) -> set[int]:
@@ -90,24 +115,54 @@ def sites(tree: ast.AST, function: str | None):
             if isinstance(node, ast.Compare):
                 for i, op in enumerate(node.ops):
                     if type(op) in COMPARE:
-                        out.append((node, line, f"{type(op).__name__} -> {COMPARE[type(op)].__name__}",
-                                    lambda n, i=i: n.ops.__setitem__(i, COMPARE[type(n.ops[i])]())))
+                        out.append(
+                            (
+                                node,
+                                line,
+                                f"{type(op).__name__} -> {COMPARE[type(op)].__name__}",
+                                lambda n, i=i: n.ops.__setitem__(i, COMPARE[type(n.ops[i])]()),
+                            )
+                        )
             elif isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in BINOP:
                 new = BINOP[type(node.op)]
-                out.append((node, line, f"{type(node.op).__name__} -> {new.__name__}",
-                            lambda n, new=new: setattr(n, "op", new())))
+                out.append(
+                    (
+                        node,
+                        line,
+                        f"{type(node.op).__name__} -> {new.__name__}",
+                        lambda n, new=new: setattr(n, "op", new()),
+                    )
+                )
             elif isinstance(node, ast.BoolOp):
                 new = ast.Or if isinstance(node.op, ast.And) else ast.And
-                out.append((node, line, f"{type(node.op).__name__} -> {new.__name__}",
-                            lambda n, new=new: setattr(n, "op", new())))
+                out.append(
+                    (
+                        node,
+                        line,
+                        f"{type(node.op).__name__} -> {new.__name__}",
+                        lambda n, new=new: setattr(n, "op", new()),
+                    )
+                )
             elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub, ast.Invert)):
                 out.append((node, line, f"drop {type(node.op).__name__}", "unwrap"))
             elif isinstance(node, ast.Constant) and type(node.value) is bool:
-                out.append((node, line, f"{node.value} -> {not node.value}",
-                            lambda n: setattr(n, "value", not n.value)))
+                out.append(
+                    (
+                        node,
+                        line,
+                        f"{node.value} -> {not node.value}",
+                        lambda n: setattr(n, "value", not n.value),
+                    )
+                )
             elif isinstance(node, ast.Constant) and type(node.value) is int:
-                out.append((node, line, f"{node.value} -> {node.value + 1}",
-                            lambda n: setattr(n, "value", n.value + 1)))
+                out.append(
+                    (
+                        node,
+                        line,
+                        f"{node.value} -> {node.value + 1}",
+                        lambda n: setattr(n, "value", n.value + 1),
+                    )
+                )
     return out
 
 
@@ -158,7 +213,9 @@ def run_tests(args: list[str], timeout: float) -> str:
 def main() -> int:
     sys.dont_write_bytecode = True  # a mutant of the same size and second must not reuse a .pyc
     # fewer examples (tests that set max_examples keep theirs), same ones every run
-    hypothesis.settings.register_profile("mutation", max_examples=25, derandomize=True, database=None, deadline=None)
+    hypothesis.settings.register_profile(
+        "mutation", max_examples=25, derandomize=True, database=None, deadline=None
+    )
     p = argparse.ArgumentParser()
     p.add_argument("module")
     p.add_argument("--function", help="mutate only this function of the module")
@@ -192,8 +249,10 @@ def main() -> int:
             print("interrupted", flush=True)
     finally:
         path.write_text(original)
-    print(f"{args.module}: {sum(counts.values())} of {len(todo)} tried, {counts['killed']} killed, "
-          f"{counts['timeout']} timed out, {counts['survived']} survived ({time.time() - start:.0f} s)")
+    print(
+        f"{args.module}: {sum(counts.values())} of {len(todo)} tried, {counts['killed']} killed, "
+        f"{counts['timeout']} timed out, {counts['survived']} survived ({time.time() - start:.0f} s)"
+    )
     return 0
 
 
