@@ -14,8 +14,6 @@ from collections.abc import Iterable
 
 INDEX_SUFFIX = ".index"
 META_SUFFIX = ".meta"
-STATE_FILE = "checkpoint"
-"""The default name of the state file (TensorFlow's ``latest_filename``)."""
 
 _DATA_FILE = re.compile(r"(.*)\.data-([0-9]{5,})-of-([0-9]{5,})", re.DOTALL)
 _TEMP_SUFFIX = r"\.tmp[0-9a-f]+"  # storage.publish's temp files: <name>.tmp<uuid4 hex>
