@@ -196,7 +196,7 @@ def apply(reads, wanted: list[Wanted], files: dict[int, np.ndarray]) -> tuple[li
         if isinstance(r, StringRead):
             assert span == Span(0, e.size)
             stored, _ = decode_strings(bytes(raw), r.piece.shape)
-            outs[r.target][dest] = stored[_slices(r.region)]
+            outs[r.target][dest + (...,)] = stored[_slices(r.region)]  # a 0-d view, even for a scalar
             continue
         entry_bytes = np.zeros(e.size, np.uint8)  # only the span is known
         entry_bytes[span.start : span.stop] = raw
