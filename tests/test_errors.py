@@ -26,13 +26,13 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
 import pytest
+from faults.common import run_group
 
 import shardsave as ss
 from shardsave import cli, errors, storage
@@ -52,30 +52,12 @@ def fresh_graph():
 
 
 # ------------------------------------------------------------------ running things
-def run(cmd: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; the whole group dies if it hangs."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout}s\n{out[-4000:]}\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def shardsave_cmd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The installed ``shardsave`` console script, as a user runs it."""
     assert SHARDSAVE is not None, "the shardsave console script is not installed (pip install -e .)"
-    return run([SHARDSAVE, *args], env=env, timeout=60)
+    return run_group([SHARDSAVE, *args], env=env, timeout=60)
 
 
 def shardsave_main(*args: str) -> tuple[int, str, str]:
@@ -211,7 +193,7 @@ def test_errors_of_several_ranks_combine_into_one_class_with_their_errno():
 # ------------------------------------------------------------------ real storage failures
 def test_a_full_disk_is_resource_exhausted_with_its_errno_and_keeps_the_old_checkpoint(tmp_path, reports):
     (out,) = results(
-        run(on_tmpfs(str(tmp_path), "256k", scenario("enospc", str(tmp_path), reports))), reports
+        run_group(on_tmpfs(str(tmp_path), "256k", scenario("enospc", str(tmp_path), reports))), reports
     )
     err = out["error"]
     assert err["cls"] == "ResourceExhaustedError" and err["errno"] == errno.ENOSPC and err["oserror"]
@@ -234,7 +216,7 @@ def test_a_full_disk_on_one_of_two_ranks_is_the_same_class_and_errno_on_both(tmp
         "mpi4py",
         *scenario("enospc_ranks", str(tmp_path), reports)[1:],
     ]
-    outs = results(run(on_tmpfs(str(tmp_path), "256k", cmd)), reports)
+    outs = results(run_group(on_tmpfs(str(tmp_path), "256k", cmd)), reports)
     assert sorted(o["rank"] for o in outs) == [0, 1]
     for out in outs:
         err = out["error"]
@@ -248,7 +230,9 @@ def test_a_full_disk_on_one_of_two_ranks_is_the_same_class_and_errno_on_both(tmp
 
 
 def test_a_read_only_filesystem_denies_saving_and_gc_but_restores_and_lists(tmp_path, reports):
-    (out,) = results(run(on_tmpfs(str(tmp_path), "1m", scenario("erofs", str(tmp_path), reports))), reports)
+    (out,) = results(
+        run_group(on_tmpfs(str(tmp_path), "1m", scenario("erofs", str(tmp_path), reports))), reports
+    )
     err = out["error"]
     assert err["cls"] == "PermissionDeniedError" and err["errno"] == errno.EROFS and err["permission"]
     assert "m-2" in err["message"] and "Read-only file system" in err["message"]
@@ -271,7 +255,7 @@ def test_no_permission_is_permission_denied_with_eacces():
         os.mkdir(reports)
         os.chmod(reports, 0o777)
         os.chmod(base, 0o755)
-        (out,) = results(run(scenario("eacces", base, reports)), reports)
+        (out,) = results(run_group(scenario("eacces", base, reports)), reports)
     finally:
         with contextlib.suppress(OSError):
             os.chmod(os.path.join(base, "ckpt"), 0o755)
@@ -453,7 +437,7 @@ def test_wrong_secret_unknown_key_and_missing_permission_are_told_apart(s3_serve
 # ------------------------------------------------------------------ without MPI
 def test_without_an_mpi_library_one_process_saves_restores_and_runs_the_cli(tmp_path, reports):
     env = dict(os.environ, **NO_MPI)
-    (out,) = results(run(scenario("no_mpi", str(tmp_path), reports), env=env), reports)
+    (out,) = results(run_group(scenario("no_mpi", str(tmp_path), reports), env=env), reports)
     assert out["mpi4py"].startswith("cannot load MPI library")  # the situation is real
     assert out["size"] == 1 and out["restored"] and out["batch_script"] == 1
     for name in ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "MV2_COMM_WORLD_SIZE"):
@@ -470,7 +454,7 @@ def test_a_multi_rank_launch_without_an_mpi_library_is_a_clear_error(tmp_path, r
         pytest.fail("mpiexec not found: install the 'mpi' extra (the mpich wheel)")
     env = dict(os.environ, **NO_MPI)
     outs = results(
-        run([MPIEXEC, "-n", "2", *scenario("no_mpi_ranks", str(tmp_path), reports)], env=env), reports
+        run_group([MPIEXEC, "-n", "2", *scenario("no_mpi_ranks", str(tmp_path), reports)], env=env), reports
     )
     assert len(outs) == 2
     for out in outs:

@@ -80,7 +80,14 @@ def run_mpi(
 
     if MPIEXEC is None:
         pytest.fail("mpiexec not found: install the 'mpi' extra (the mpich wheel)")
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *args]
+    return run_group([MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *args], env, timeout)
+
+
+def run_group(cmd: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group from the repository; the whole group dies,
+    and the test fails, if it hangs."""
+    import pytest
+
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
