@@ -5,28 +5,39 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
+# PyTorch's CPU build for the framework tests: this workplace keeps the 2.13.0 CPU wheel on
+# disk; elsewhere plain PyPI's torch is a CUDA build of several GB, so point TORCH_SPEC at
+# a CPU build (e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu").
+TORCH_SPEC ?= torch==2.13.0
 DEMO   ?= /tmp/shardsave-demo
 
 .PHONY: all env demo seeds test lint fuzz bench bench-peers clean
 
 all: test
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# the demo needs only the package and MPICH; the tests need the rest too
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,s3,mpi]'
+	$(BIN)/python -m pip install --quiet -e '.[mpi]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[test,s3,mpi,frameworks]'
 	touch $(STAMP)
 
 env: $(STAMP)
 
-seeds: $(STAMP)
+seeds: $(DEMO_STAMP)
 	rm -rf $(DEMO)/seed && mkdir -p $(DEMO)/seed
 	$(BIN)/python examples/save_model.py $(DEMO)/seed/model.ckpt
 	$(BIN)/python examples/restore_model.py $(DEMO)/seed/model.ckpt
 	$(BIN)/python examples/restore_subset.py $(DEMO)/seed/model.ckpt
 	$(BIN)/python examples/inspect_model.py $(DEMO)/seed/model.ckpt
 
-demo: $(STAMP) seeds
+demo: $(DEMO_STAMP) seeds
 	rm -rf $(DEMO)/run $(DEMO)/straight
 	@echo "== 4 ranks train 100 steps, checkpointing every 20"
 	$(BIN)/mpiexec -n 4 $(BIN)/python -m mpi4py examples/mpi_train.py --ckpt-dir $(DEMO)/run --steps 100 --save-every 20

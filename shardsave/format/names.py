@@ -13,6 +13,10 @@ import re
 from collections.abc import Iterable
 
 INDEX_SUFFIX = ".index"
+
+METADATA_NAME = "_SHARDSAVE_METADATA"
+"""The reserved tensor holding a checkpoint's metadata: a DT_STRING scalar of JSON text,
+written by ``Saver.save(metadata=...)`` and committed with the checkpoint."""
 META_SUFFIX = ".meta"
 
 _DATA_FILE = re.compile(r"(.*)\.data-([0-9]{5,})-of-([0-9]{5,})", re.DOTALL)

@@ -1,0 +1,2 @@
+"""The training-loop surface: :class:`CheckpointManager` (TF2's and Orbax's manager over
+a Saver) and the preemption notices it agrees on across ranks."""
