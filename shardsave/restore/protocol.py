@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from .. import storage
     from .._comm import Comm
     from ..save.layout import SaveLayout
+
+log = logging.getLogger("shardsave")
 
 
 def restore(
@@ -44,6 +48,7 @@ def restore(
     raise the same error on every rank and change none. ``on_read`` gets this rank's
     read statistics as soon as its own reads and checks succeeded."""
     what = f"restoring {prefix}"
+    started = time.monotonic()
     try:
         loc = resolve(prefix)
     except Exception as exc:  # tell the other ranks in their step 1 rather than leave them waiting
@@ -66,6 +71,7 @@ def restore(
 
         # every byte is checked on every rank; nothing has changed yet
         found, updates, small_arrays = comm.every_rank(what, read_and_check)
+        log.debug("%s: every rank read and checked its bytes", prefix)
 
         def fill() -> None:
             try:
@@ -82,3 +88,12 @@ def restore(
         var._set(arr)
     for var, arr in zip(found.small_vars, small_arrays, strict=True):
         var._set(arr)
+    if comm.is_coordinator:
+        log.info(
+            "restored %s: %d variables, this rank read %d bytes, in %.2f s on %d ranks",
+            prefix,
+            len(layout.names),
+            stats.bytes_read,
+            time.monotonic() - started,
+            comm.size,
+        )

@@ -25,11 +25,13 @@ buffers in the caller's thread, and steps 2 to 5 in a background thread.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,8 @@ from .pending import SaveHandle
 from .replicas import ReplicaCrcs, checked_replicas
 from .staging import StagingBuffers
 from .writer import write_data_file
+
+log = logging.getLogger("shardsave")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class SaveJob:
     fs: Any
     retain: Callable[[float], retention.Retained]
     """TF's retention after this save at a timestamp, on the Saver's bookkeeping."""
+    started: float = field(default_factory=monotonic)
+    """When ``save`` was called, for the log line of its commit."""
 
     @classmethod
     def of(
@@ -230,6 +236,7 @@ def plan(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]):
         ]
         if metas is layout.metas:
             layout.plan = (the_plan, keys, indices, empties)
+    log.debug("%s: step 2, plan %s", job.prefix, "reused" if cached is not None else "made")
     todo = [arrays[i] for i in indices]
     for pos, shape in empties:
         todo[pos] = np.empty(shape, dtype=todo[pos].dtype)
@@ -244,7 +251,9 @@ def prepare(job: SaveJob) -> commit_protocol.SaveMode:
     """Step 3. The coordinator: the directory exists, an interrupted save of this prefix
     is finished or undone, and this save's id and way of writing (staged or direct) are
     chosen. Every rank gets that choice, or the coordinator's error."""
-    return job.comm.coordinator_only(job.what, lambda: commit_protocol.prepare(job.loc, fsync=job.fsync))
+    mode = job.comm.coordinator_only(job.what, lambda: commit_protocol.prepare(job.loc, fsync=job.fsync))
+    log.debug("%s: step 3, directory prepared", job.prefix)
+    return mode
 
 
 # --------------------------------------------------------------------------- step 4
@@ -279,6 +288,7 @@ def write(
     except Exception:
         storage.remove([data_loc])
         raise
+    log.debug("%s: step 4, rank %d wrote %d bytes", job.prefix, comm.rank, out.written if out else 0)
     return (
         encode_rank_part(*entries, the_plan.sliced),
         out.written if out else 0,
@@ -319,8 +329,16 @@ def commit(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, rep
                 storage_options=job.storage_options,
                 fs=job.fs,
             )
+        log.info(
+            "saved %s: %d bytes in %.2f s on %d ranks",
+            job.prefix,
+            sum(written for _, written, _ in reports),
+            monotonic() - job.started,
+            comm.size,
+        )
         for path in doomed:
             retention.delete_expired(job.loc, storage.resolve(path, job.storage_options, job.fs))
+            log.info("retention deleted %s", path)
         return timestamp
 
     return comm.coordinator_only(job.what, on_coordinator)
