@@ -50,8 +50,8 @@ def torch_view(tensor: Any, what: str) -> np.ndarray:
         )
     if str(t.layout) != "torch.strided" or t.is_quantized:
         raise InvalidArgumentError(f"{what}: a {t.layout} torch tensor has no numpy view; convert it first")
-    if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()  # a lazy view: the data are not there yet (a copy)
+    if t.is_conj() or t.is_neg():  # a lazy view: its values are not in its memory
+        raise InvalidArgumentError(f"{what}: a lazily conjugated or negated torch tensor: resolve_conj() it")
     via = _TORCH_VIA_INT.get(str(t.dtype))
     try:
         if via is not None:

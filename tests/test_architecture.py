@@ -19,8 +19,8 @@ MAX_MODULE_LINES = 450
 PUBLIC = [
     "AbortedError", "CheckpointReader", "CheckpointState", "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "Graph", "InvalidArgumentError", "NewCheckpointReader", "NotFoundError",
-    "PartitionedVariable", "PermissionDeniedError", "ResourceExhaustedError", "SaveHandle", "Saver",
-    "ShardsaveError", "StorageError", "UnauthenticatedError", "UnavailableError", "Variable",
+    "PartitionedVariable", "PerRank", "PermissionDeniedError", "ResourceExhaustedError", "SaveHandle", "Saver",
+    "ShardsaveError", "StorageError", "TreeState", "UnauthenticatedError", "UnavailableError", "Variable",
     "checkpoint_exists", "constant_initializer", "errors", "fixed_size_partitioner", "get_checkpoint_state",
     "get_default_graph", "get_variable", "global_variables", "latest_checkpoint", "list_variables",
     "load_variable", "min_max_variable_partitioner", "ones_initializer", "print_tensors_in_checkpoint_file",
