@@ -38,7 +38,8 @@ def is_tree(var_list: Any) -> bool:
         return not all(_tf_value(v) for v in var_list.values())
     if isinstance(var_list, list | tuple):
         return not all(isinstance(v, Variable | PartitionedVariable) for v in var_list)
-    return False
+    # a lone array: TreeState explains that a tree is a container
+    return isinstance(var_list, np.ndarray | PerRank) or leaves.is_torch(var_list) or leaves.is_jax(var_list)
 
 
 def _tf_value(v: Any) -> bool:
