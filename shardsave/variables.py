@@ -159,6 +159,10 @@ class Variable:
                 raise InvalidArgumentError(
                     f"variable {self.name!r}: cannot assign shape {list(src.shape)} to shape {list(self.shape)}"
                 )
+            if not self._value.flags.writeable:
+                raise FailedPreconditionError(
+                    f"variable {self.name!r} shares an array that is no longer writable; cannot assign"
+                )
             np.copyto(self._value, src, casting="unsafe")
             return self
         arr = np.array(value, dtype=self.dtype)
