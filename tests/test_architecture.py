@@ -148,3 +148,11 @@ def test_plan_is_pure():
 def test_one_room_imports_each_library(library, home):
     users = sorted(m for m in MODULES if any(i.split(".")[0] == library for i in _imports(m)))
     assert all(m == home or m.startswith(home + ".") for m in users), f"{library} imported by {users}"
+
+
+@pytest.mark.parametrize("library", ["torch", "jax", "jaxlib", "tensorflow"])
+def test_no_framework_is_imported(library):
+    """leaves.py recognizes torch and JAX arrays by the module of their type: shardsave
+    works without them and never pays for importing them."""
+    users = sorted(m for m in MODULES if any(i.split(".")[0] == library for i in _imports(m)))
+    assert users == [], f"{library} imported by {users}"
