@@ -78,16 +78,19 @@ def walk(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield from walk(value, f"{path}/{key}" if path else key)
 
 
-def rebuild(tree: Any, leaf_of: Callable[[Any], Any]) -> Any:
-    """``tree`` with each leaf replaced by ``leaf_of(leaf)``, in containers of the same types."""
+def rebuild(tree: Any, leaf_of: Callable[[Any], Any], leaf_ids: frozenset[int] = frozenset()) -> Any:
+    """``tree`` with each leaf replaced by ``leaf_of(leaf)``, in containers of the same types
+    (``leaf_ids``: the ids of objects known to be leaves, spared the container checks)."""
+    if id(tree) in leaf_ids:
+        return leaf_of(tree)
     if isinstance(tree, Mapping):
-        items = [(k, rebuild(v, leaf_of)) for k, v in tree.items()]
+        items = [(k, rebuild(v, leaf_of, leaf_ids)) for k, v in tree.items()]
         try:
             return type(tree)(items)
         except TypeError:  # a mapping type without dict's constructor
             return dict(items)
     if isinstance(tree, list | tuple):
-        items = [rebuild(v, leaf_of) for v in tree]
+        items = [rebuild(v, leaf_of, leaf_ids) for v in tree]
         if isinstance(tree, list):
             return items if type(tree) is list else type(tree)(items)
         if hasattr(tree, "_fields"):  # a namedtuple
@@ -252,8 +255,8 @@ class TreeState:
                     f"two leaves of the tree are named {name!r} (a key with '/' in it collides "
                     "with a nested path): rename one"
                 )
-            leaf = Leaf(name, value)
-            self._leaves[name] = leaf
+            self._leaves[name] = Leaf(name, value)
+        self._leaf_ids = frozenset(id(leaf.original) for leaf in self._leaves.values())
 
     @property
     def names(self) -> list[str]:
@@ -289,7 +292,7 @@ class TreeState:
 
     def restored(self) -> Any:
         leaves_in_order = iter(self._leaves.values())
-        return rebuild(self._tree, lambda _: next(leaves_in_order).restored())
+        return rebuild(self._tree, lambda _: next(leaves_in_order).restored(), self._leaf_ids)
 
 
 def _check_assignable(leaf: Leaf, value: Any) -> None:
