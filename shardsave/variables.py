@@ -152,7 +152,7 @@ class Variable:
     def assign(self, value: Any) -> Variable:
         """Give the variable ``value`` (same shape; cast to the dtype): written into the
         caller's array when the variable shares one (``np.copyto``), else a new copy."""
-        if self._shared:
+        if self._shared and self._value is not None:
             src = leaves.numpy_view(value, f"variable {self.name!r}")
             src = np.asarray(value) if src is None else src
             if src.shape != self.shape:
@@ -176,18 +176,19 @@ class Variable:
     def _check_set(self, arr: np.ndarray) -> None:
         """Raise unless :meth:`_set` can take ``arr``: a restore calls it for every variable
         before it writes into any, so that it stays all or nothing."""
-        if self._shared and (
-            arr.shape != self.shape or self._value.shape != self.shape or not self._value.flags.writeable
+        own = self._value if self._shared else None
+        if own is not None and (
+            arr.shape != self.shape or own.shape != self.shape or not own.flags.writeable
         ):
             raise FailedPreconditionError(
                 f"variable {self.name!r} shares an array that is no longer writable or of shape "
-                f"{list(self.shape)} (it is {list(self._value.shape)}); cannot restore into it"
+                f"{list(self.shape)} (it is {list(own.shape)}); cannot restore into it"
             )
 
     def _set(self, arr: np.ndarray) -> None:
         """Take a restored array: copied into the caller's array when the variable shares
         one, else adopted without copying (restore hands over fresh arrays)."""
-        if not self._shared:
+        if not self._shared or self._value is None:
             self._value = arr
         elif arr is not self._value:
             np.copyto(self._value, arr)
