@@ -64,46 +64,70 @@ def _key_name(key: Any, path: str) -> str:
     )
 
 
-def walk(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+def walk(tree: Any) -> Iterator[tuple[str, Any]]:
     """``(name, leaf)`` of every leaf, depth first; InvalidArgumentError for keys that
     cannot name a leaf."""
+    for name, value, _ in _walk(tree, "", ()):
+        yield name, value
+
+
+def _walk(tree: Any, path: str, keys: tuple) -> Iterator[tuple[str, Any, tuple]]:
+    """:func:`walk`, with the keys that lead from the root to each leaf."""
     if isinstance(tree, Mapping):
-        items = ((_key_name(k, path), v) for k, v in tree.items())
+        items = ((_key_name(k, path), v, k) for k, v in tree.items())
     elif isinstance(tree, list | tuple):
-        items = ((str(i), v) for i, v in enumerate(tree))
+        items = ((str(i), v, i) for i, v in enumerate(tree))
     else:
-        yield path, tree
+        yield path, tree, keys
         return
-    for key, value in items:
-        yield from walk(value, f"{path}/{key}" if path else key)
+    for key, value, raw in items:
+        yield from _walk(value, f"{path}/{key}" if path else key, (*keys, raw))
 
 
-def rebuild(tree: Any, leaf_of: Callable[[Any], Any], leaf_ids: frozenset[int] = frozenset()) -> Any:
-    """``tree`` with each leaf replaced by ``leaf_of(leaf)``, in containers of the same types
-    (``leaf_ids``: the ids of objects known to be leaves, spared the container checks)."""
-    if id(tree) in leaf_ids:
-        return leaf_of(tree)
+_NOT_A_LEAF = object()
+
+
+def refill(tree: Any, leaf_at: Callable[[str], Any], path: str = "") -> Any:
+    """``tree`` with each leaf replaced by ``leaf_at(its name)`` (or kept where that gives
+    ``_NOT_A_LEAF``): dicts and lists are updated in place, so the caller's containers hold
+    the new values; tuples and other mappings are rebuilt, as the same types, where an
+    item changed."""
+    if path:
+        value = leaf_at(path)
+        if value is not _NOT_A_LEAF:
+            return value
     if isinstance(tree, Mapping):
-        items = [(k, rebuild(v, leaf_of, leaf_ids)) for k, v in tree.items()]
+        new = {k: refill(v, leaf_at, f"{path}/{_key_name(k, path)}" if path else _key_name(k, path))
+               for k, v in tree.items()}  # fmt: skip
+        changed = {k: v for k, v in new.items() if v is not tree[k]}
+        if not changed:
+            return tree
+        if isinstance(tree, dict):
+            tree.update(changed)
+            return tree
         try:
-            return type(tree)(items)
+            return type(tree)(new)
         except TypeError:  # a mapping type without dict's constructor
-            return dict(items)
+            return new
     if isinstance(tree, list | tuple):
-        items = [rebuild(v, leaf_of, leaf_ids) for v in tree]
+        items = [refill(v, leaf_at, f"{path}/{i}" if path else str(i)) for i, v in enumerate(tree)]
+        if all(a is b for a, b in zip(items, tree, strict=True)):
+            return tree
         if isinstance(tree, list):
-            return items if type(tree) is list else type(tree)(items)
+            tree[:] = items
+            return tree
         if hasattr(tree, "_fields"):  # a namedtuple
             return type(tree)(*items)
         return tuple(items) if type(tree) is tuple else type(tree)(items)
-    return leaf_of(tree)
+    return tree
 
 
 class Leaf:
     """One leaf: the variable(s) that save it and how its restored value is given back."""
 
-    def __init__(self, name: str, value: Any):
+    def __init__(self, name: str, value: Any, root: Any = None, keys: tuple = ()):
         self.name, self.original = name, value
+        self.root, self.keys, self.seen = root, keys, value  # where the caller keeps it, what was there
         self.kind, self.blocks = "", []
         self.per_rank: PerRank | None = None
         self.inner_kind = ""  # of a PerRank's value
@@ -121,7 +145,62 @@ class Leaf:
             self.blocks = [RankRow(var, value)]
         elif var is not None:
             self.blocks = list(value.parts) if isinstance(value, PartitionedVariable) else [var]
+        if isinstance(var, _Live) and (self.inner_kind if self.kind == "per_rank" else self.kind) in _LIVE:
+            var._leaf = self
+            self.seen = inner
         self.var = var
+
+    def follow(self) -> None:
+        """If the caller put another object in the leaf's place (``state["epoch"] = 4``, a
+        new array), save and restore that one: it must have the dtype and shape of the
+        first (a Python number is cast to it)."""
+        if self.root is None:
+            return
+        current = self.root
+        try:
+            for key in self.keys:
+                current = current[key]
+        except Exception:  # noqa: BLE001 (a KeyError, an IndexError, a leaf where a container was)
+            raise InvalidArgumentError(f"tree leaf {self.name!r} is no longer in the Saver's tree") from None
+        kind = self.kind
+        if kind == "per_rank":  # the caller may put another PerRank there (an iterator's new position)
+            if not isinstance(current, PerRank):
+                raise InvalidArgumentError(
+                    f"tree leaf {self.name!r} was a PerRank: put a PerRank in its place, not a "
+                    f"{type(current).__name__}"
+                )
+            if current is not self.per_rank:
+                self.per_rank = self.blocks[0].wrapper = current
+            current, kind = current.value, self.inner_kind
+        if current is self.seen:
+            return
+        var = self.var
+        if kind == "scalar" and isinstance(current, _SCALARS):
+            arr = _scalar_array(current, f"tree leaf {self.name!r}")
+            if arr.dtype != var.dtype and np.can_cast(arr.dtype, var.dtype, "same_kind"):
+                arr = arr.astype(var.dtype)
+            new, new_kind = _holding(self.name, arr), kind
+        else:
+            saved_kind = self.kind
+            try:
+                new = self._variable(current)
+                new_kind = self.kind
+            finally:
+                self.kind = saved_kind
+        if new_kind not in _LIVE or new is None or new.dtype != var.dtype or new.shape != var.shape:
+            got = f"{new.dtype}{list(new.shape)}" if new is not None else type(current).__name__
+            raise InvalidArgumentError(
+                f"tree leaf {self.name!r} was replaced by a {got}; the Saver was made with a "
+                f"{var.dtype}{list(var.shape)}: give a value of that dtype and shape, or make a new Saver"
+            )
+        var._arr, var._shared = new._arr, new._shared
+        self.seen, self._jax = current, None
+        if self.kind == "per_rank":
+            self.inner_kind = new_kind
+        else:
+            self.kind = new_kind
+            if new_kind != "scalar":  # a scalar comes back as the type the Saver was made with
+                self.original = current
 
     def _variable(self, value: Any) -> Variable | None:
         what = f"tree leaf {self.name!r}"
@@ -138,17 +217,17 @@ class Leaf:
             view = leaves.numpy_view(value, what)
             if leaves.shareable(view, strided=True):
                 self.kind = "shared"
-                return Variable._sharing(self.name, view)
+                return _Live._sharing(self.name, view)
             self.kind = "array"  # read-only: held as it is; object arrays (strings) are copied
             if view.dtype.hasobject:
-                return Variable(self.name, view, register=False, copy=True)
+                return _Live(self.name, view, register=False, copy=True)
             return _holding(self.name, view)
         if leaves.is_jax(value):
             self.kind = "jax"
             return _holding(self.name, leaves.jax_view(value, what))
         if isinstance(value, _SCALARS):
             self.kind = "scalar"
-            return Variable(self.name, _scalar_array(value, what), register=False)
+            return _holding(self.name, _scalar_array(value, what))
         raise InvalidArgumentError(
             f"{what} is a {type(value).__module__}.{type(value).__qualname__}: a tree's leaves are numpy "
             "arrays, torch CPU tensors, JAX arrays, Python or numpy scalars, None, Variables or PerRank"
@@ -178,10 +257,13 @@ class Leaf:
         self.var.assign(value)
 
     def restored(self) -> Any:
+        """The leaf's value now; a PerRank comes back as itself, its ``value`` restored."""
+        if isinstance(self.var, _Live) and self.var._leaf is self:
+            self.follow()
         if self.kind == "per_rank":
-            if self.per_rank.rows is not None:
-                return self.per_rank.rows
-            return self._restored(self.inner_kind, self.per_rank.value)
+            wrapper = self.per_rank
+            wrapper.value = self.seen = self._restored(self.inner_kind, wrapper.value)
+            return wrapper
         return self._restored(self.kind, self.original)
 
     def _restored(self, kind: str, original: Any) -> Any:
@@ -197,9 +279,41 @@ class Leaf:
         return _python_value(original, value)
 
 
+class _Live(Variable):
+    """A tree leaf's variable: before a save or a restore uses its array, it looks whether
+    the caller put another object in the leaf's place (:meth:`Leaf.follow`)."""
+
+    _leaf: Leaf | None = None
+    _arr: np.ndarray | None = None
+
+    @property
+    def _value(self) -> np.ndarray | None:
+        if self._leaf is not None:
+            self._leaf.follow()
+        return self._arr
+
+    @_value.setter
+    def _value(self, arr: np.ndarray | None) -> None:
+        self._arr = arr
+
+    def _check_set(self, arr: np.ndarray) -> None:  # a restore: first the object the tree holds now
+        if self._leaf is not None:
+            self._leaf.follow()
+        super()._check_set(arr)
+
+    def _set(self, arr: np.ndarray) -> None:
+        if self._leaf is not None:
+            self._leaf.follow()
+        super()._set(arr)
+
+
+_LIVE = ("shared", "array", "jax", "scalar")
+"""The kinds of leaves followed in their slots (a Variable or a PerRank is the caller's own)."""
+
+
 def _holding(name: str, arr: np.ndarray) -> Variable:
     """A variable holding ``arr`` itself, not shared (a restore gives it a new array)."""
-    var = Variable(name, dtype=arr.dtype, shape=arr.shape, register=False)
+    var = _Live(name, dtype=arr.dtype, shape=arr.shape, register=False)
     var._value = arr
     return var
 
@@ -245,7 +359,7 @@ class TreeState:
             )
         self._tree = tree
         self._leaves: dict[str, Leaf] = {}
-        for name, value in walk(tree):
+        for name, value, keys in _walk(tree, "", ()):
             if not name:
                 raise InvalidArgumentError("a tree leaf has an empty name")
             if name == METADATA_NAME:
@@ -255,8 +369,7 @@ class TreeState:
                     f"two leaves of the tree are named {name!r} (a key with '/' in it collides "
                     "with a nested path): rename one"
                 )
-            self._leaves[name] = Leaf(name, value)
-        self._leaf_ids = frozenset(id(leaf.original) for leaf in self._leaves.values())
+            self._leaves[name] = Leaf(name, value, tree, keys)
 
     @property
     def names(self) -> list[str]:
@@ -291,8 +404,18 @@ class TreeState:
             leaf.assign(given[name])
 
     def restored(self) -> Any:
-        leaves_in_order = iter(self._leaves.values())
-        return rebuild(self._tree, lambda _: next(leaves_in_order).restored(), self._leaf_ids)
+        return refill(self._tree, self._restored_leaf)
+
+    def _restored_leaf(self, name: str) -> Any:
+        leaf = self._leaves.get(name)
+        if leaf is None:
+            return _NOT_A_LEAF
+        value = leaf.restored()
+        if leaf.kind in _LIVE:  # what the caller's tree holds now
+            leaf.seen = value
+            if leaf.kind != "scalar":
+                leaf.original = value
+        return value
 
 
 def _check_assignable(leaf: Leaf, value: Any) -> None:

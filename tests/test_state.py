@@ -197,7 +197,7 @@ def test_scalars_and_none(tmp_path):
     assert got == {**tree, "f32": np.float32(1.25)}
     for key in tree:
         assert type(got[key]) is type(tree[key]), key
-    assert fresh["step"] == 0  # Python values are immutable: the tree returned holds the new ones
+    assert got is fresh and fresh["step"] == 7  # new Python values, put into the caller's dict
 
 
 def test_assign_gives_a_tree_saver_new_values_all_or_nothing(tmp_path):
@@ -243,6 +243,39 @@ def test_trees_that_cannot_be_named_are_rejected(tree, message):
         ss.Saver(tree)
 
 
+def test_the_saver_follows_objects_the_caller_puts_in_the_tree(tmp_path):
+    """A training loop replaces leaves (``state["step"] = step``, a new params dict): a save
+    stores what the tree holds then, a restore puts the values back into the tree."""
+    state = {"step": 0, "lr": 0.5, "params": {"w": np.zeros(3, np.float32)}, "pair": (np.zeros(2), 1)}
+    saver = ss.Saver(state)
+    state["step"] = 12
+    state["lr"] = 1  # an int where a float was: cast
+    state["params"] = {"w": np.full(3, 2, np.float32)}  # a new dict and array
+    state["pair"] = (np.ones(2), 5)  # a new tuple
+    prefix = saver.save(str(tmp_path / "m"))
+    assert ss.load_variable(prefix, "step") == 12 and ss.load_variable(prefix, "lr") == 1.0
+    assert ss.load_variable(prefix, "params/w").tolist() == [2, 2, 2]
+    assert ss.load_variable(prefix, "pair/1") == 5 and ss.load_variable(prefix, "pair/0").tolist() == [1, 1]
+    mine = state["params"]["w"]
+    state["step"], state["lr"] = 0, 0.0
+    mine[:] = 0
+    got = saver.restore(prefix)
+    assert got is state and state["step"] == 12 and type(state["lr"]) is float and state["lr"] == 1.0
+    assert state["params"]["w"] is mine and mine.tolist() == [2, 2, 2]  # in place, in the new array
+    state["params"]["w"] = np.zeros(3, np.float64)
+    with pytest.raises(
+        ss.InvalidArgumentError,
+        match=r"'params/w' was replaced by a float64\[3\]; the Saver was made with a float32\[3\]",
+    ):
+        saver.save(str(tmp_path / "m2"))
+    state["params"] = {}
+    with pytest.raises(
+        ss.InvalidArgumentError, match="tree leaf 'params/w' is no longer in the Saver's tree"
+    ):
+        saver.restore(prefix)
+    assert not (tmp_path / "m2.index").exists()
+
+
 def test_a_mapping_of_variables_is_still_tf_s_form():
     saver = ss.Saver({"x/y": ss.Variable("v", np.zeros(2), register=False)})
     assert saver.state is None
@@ -274,7 +307,7 @@ def test_torch_model_and_adam_restored_in_place_bit_exact(tmp_path):
     step(model, opt, 3)  # move on, then go back
     ptrs = {name: t.data_ptr() for name, t in state["model"].items()}
     got = saver.restore(prefix)
-    assert got["model"] is not state["model"] and got["epoch"] == 3
+    assert got is state and got["model"] is state["model"] and got["epoch"] == 3
     for name, tensor in got["model"].items():
         assert tensor is state["model"][name] and tensor.data_ptr() == ptrs[name]  # in place
     assert (
@@ -299,10 +332,13 @@ def test_jax_tree_restores_as_new_jax_arrays_bit_exact(tmp_path):
     }
     prefix = ss.Saver({"params": params, "step": 10}).save(str(tmp_path / "m"))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    empties = jax.tree_util.tree_leaves(zeros)
     saver = ss.Saver({"params": zeros, "step": 0})
     got = saver.restore(prefix)
+    assert got["params"] is zeros  # the caller's dicts now hold the new arrays
     assert jax.tree_util.tree_structure(got["params"]) == jax.tree_util.tree_structure(params)
-    for new, old, empty in zip(*map(jax.tree_util.tree_leaves, (got["params"], params, zeros)), strict=True):
+    leaves = jax.tree_util.tree_leaves
+    for new, old, empty in zip(leaves(got["params"]), leaves(params), empties, strict=True):
         assert isinstance(new, jax.Array) and new.dtype == old.dtype and new is not empty
         assert np.asarray(new).tobytes() == np.asarray(old).tobytes()
         assert not np.asarray(empty).any()  # immutable: the tree given is unchanged
@@ -354,7 +390,16 @@ def test_per_rank_on_one_rank(tmp_path):
     assert ss.load_variable(prefix, "rng").shape == (1, 3) and ss.load_variable(prefix, "pos").tolist() == [5]
     mine = np.zeros(3, np.int64)
     got = ss.Saver({"rng": ss.PerRank(mine), "pos": ss.PerRank(0)}).restore(prefix)
-    assert got["rng"] is mine and mine.tolist() == [0, 1, 2] and got["pos"] == 5
+    assert got["rng"].value is mine and mine.tolist() == [0, 1, 2] and got["pos"].value == 5
+    state = {"pos": ss.PerRank(0)}
+    saver = ss.Saver(state)
+    state["pos"] = ss.PerRank(41)  # an iterator's new position, in a new wrapper
+    assert ss.load_variable(saver.save(str(tmp_path / "p")), "pos").tolist() == [41]
+    state["pos"] = 42
+    with pytest.raises(
+        ss.InvalidArgumentError, match="tree leaf 'pos' was a PerRank: put a PerRank in its place"
+    ):
+        saver.save(str(tmp_path / "p"))
     with pytest.raises(ss.InvalidArgumentError, match="on_resize must be one of"):
         ss.PerRank(mine, on_resize="first")
     with pytest.raises(ss.InvalidArgumentError, match=r"per-rank variable 'rng' has rows of shape \[4\]"):
@@ -368,7 +413,7 @@ def test_per_rank_torch_rng_state_restored_in_place(tmp_path):
     prefix = ss.Saver({"torch_rng": ss.PerRank(saved)}).save(str(tmp_path / "m"))
     mine = torch.zeros_like(saved)
     got = ss.Saver({"torch_rng": ss.PerRank(mine)}).restore(prefix)
-    assert got["torch_rng"] is mine and torch.equal(mine, saved)
+    assert got["torch_rng"].value is mine and torch.equal(mine, saved)
     torch.set_rng_state(mine)
     after_restore = torch.rand(3)
     torch.manual_seed(1)
@@ -407,6 +452,6 @@ def test_per_rank_state_under_mpiexec(tmp_path):
         ), out
         assert "on_resize='all_rows'" in out["error"] and out["unchanged"], out
         rows = out["all_rows"]
-        assert rows["rng"] == [[0, 0, 0], [1, 1, 1]] and rows["rows_attribute"] == rows["rng"], out
+        assert rows["rng"] == [[0, 0, 0], [1, 1, 1]] and rows["wrapper_kept"], out
         assert rows["spread"] == [[0.0, 0.0], [10.0, 10.0]] and rows["position"] == [100, 101], out
         assert rows["own_unchanged"], out

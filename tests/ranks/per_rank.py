@@ -63,10 +63,10 @@ def main() -> None:
     try:
         got = saver.restore(prefix)
         out["restored"] = {
-            "rng": got["rng"].tolist(),
-            "rng_in_place": got["rng"] is rng and bool((rng == RANK).all()),
-            "position": got["data"]["position"],
-            "generator_in_place": got["generator"] is generator,
+            "rng": got["rng"].value.tolist(),
+            "rng_in_place": got["rng"].value is rng and bool((rng == RANK).all()),
+            "position": got["data"]["position"].value,
+            "generator_in_place": got["generator"].value is generator,
             "generator_equal": bool((generator == generator_state(RANK)).all()),
             "model": got["model"]["w"].tolist(),
         }
@@ -80,11 +80,11 @@ def main() -> None:
         }
         got = ss.Saver(rows).restore(prefix)
         out["all_rows"] = {
-            "rng": got["rng"].tolist(),
-            "spread": got["spread"].tolist(),
-            "position": got["data"]["position"].tolist(),
-            "own_unchanged": bool((rows["rng"].value == 0).all()),
-            "rows_attribute": rows["rng"].rows.tolist(),
+            "rng": got["rng"].rows.tolist(),
+            "spread": got["spread"].rows.tolist(),
+            "position": got["data"]["position"].rows.tolist(),
+            "own_unchanged": bool((rows["rng"].value == 0).all()) and got["data"]["position"].value == -1,
+            "wrapper_kept": got["rng"] is rows["rng"],
         }
     report(out)
 
