@@ -40,9 +40,11 @@ from .partitioners import (
     min_max_variable_partitioner,
     variable_axis_size_partitioner,
 )
+from .per_rank import PerRank
 from .reader import CheckpointReader, list_variables, load_variable
 from .save.pending import SaveHandle
 from .saver import Saver
+from .tree import TreeState
 from .variables import (
     Graph,
     PartitionedVariable,
@@ -70,12 +72,14 @@ __all__ = [
     "NewCheckpointReader",
     "NotFoundError",
     "PartitionedVariable",
+    "PerRank",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "SaveHandle",
     "Saver",
     "ShardsaveError",
     "StorageError",
+    "TreeState",
     "UnauthenticatedError",
     "UnavailableError",
     "Variable",

@@ -26,6 +26,7 @@ from .save import protocol as save_protocol
 from .save.layout import SaveLayout
 from .save.pending import SaveHandle, register_exit_join
 from .save.staging import StagingBuffers
+from .tree import TreeState, is_tree
 from .variables import PartitionedVariable, Variable, global_variables
 
 if TYPE_CHECKING:
@@ -70,6 +71,12 @@ def _saveables(var_list: VarList) -> dict[str, list[Variable]]:
 class Saver:
     """Saves and restores variables; every method is collective over ``comm``.
 
+    ``var_list`` is one of TF's forms (None: the default graph's variables; a list of
+    Variables; a mapping of names to Variables, PartitionedVariables or lists of parts) or a
+    tree: nested dicts, lists and tuples of numpy arrays, torch tensors, JAX arrays and
+    scalars, each leaf saved under its path joined with ``/`` (tree.py); ``saver.state`` is
+    then its TreeState, ``restore`` returns the restored tree.
+
     ``comm`` defaults to ``MPI.COMM_WORLD``; the Saver duplicates it once, here, so
     constructing a Saver is collective too. ``storage_options`` (or a ready fsspec
     ``fs``) apply to every path given to ``save`` and ``restore``.
@@ -107,7 +114,9 @@ class Saver:
         timeout: float | None = 1800.0,
         check_replicas: bool = True,
     ):
-        self._saveables = _saveables(var_list)
+        self.state: TreeState | None = TreeState(var_list) if is_tree(var_list) else None
+        """The tree given as ``var_list`` (tree.py), or None for TF's forms of ``var_list``."""
+        self._saveables = self.state.saveables() if self.state is not None else _saveables(var_list)
         if not self._saveables and not allow_empty:
             raise InvalidArgumentError("no variables to save (pass allow_empty=True to save none)")
         if max_to_keep is not None and max_to_keep > MAX_STATE_ENTRIES:
@@ -133,6 +142,8 @@ class Saver:
                 f"timeout must be a positive number of seconds or None, not {timeout!r}"
             )
         self._comm = Comm.create(comm, timeout=timeout)
+        if self.state is not None:  # per-rank leaves: one row per rank of this communicator
+            self.state.bind(self._comm.rank, self._comm.size)
         self._last_checkpoints: list[tuple[str, float]] = []
         self._next_checkpoint_time = time.time() + keep_checkpoint_every_n_hours * 3600
         self._last_preserved_timestamp: float | None = None
@@ -261,8 +272,9 @@ class Saver:
         )
 
     # ---------------------------------------------------------------------- restore
-    def restore(self, save_path: str | os.PathLike) -> None:
-        """Give every variable its value from the checkpoint at ``save_path``.
+    def restore(self, save_path: str | os.PathLike) -> Any:
+        """Give every variable its value from the checkpoint at ``save_path``; for a Saver
+        made from a tree, return the restored tree (``self.state.restored()``), else None.
 
         Collective. Each rank reads only the bytes its own blocks need, whatever the
         layout the checkpoint was saved with. On any error on any rank every rank raises
@@ -287,6 +299,7 @@ class Saver:
                 fsync=self.fsync,
                 on_read=partial(setattr, self, "last_restore_stats"),
             )
+        return self.state.restored() if self.state is not None else None
 
 
 def _step_number(global_step: Any) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from . import leaves
 from .errors import FailedPreconditionError, InvalidArgumentError
 from .initializers import Initializer
 from .partitioners import Partitioner, partition_blocks
@@ -29,7 +30,16 @@ def _as_shape(shape: Any) -> tuple[int, ...]:
 
 
 class Variable:
-    """A named array; the unit that a Saver saves and restores."""
+    """A named array; the unit that a Saver saves and restores.
+
+    A ``value`` that is a writable, C-contiguous numpy array (not of dtype object, and
+    ``dtype`` not asking for another) is used itself, not copied: a save reads it as it is
+    then (``w += 3`` before ``save`` is saved), :meth:`assign` and a restore write into it
+    (``np.copyto``), so ``var.value is w``. So is a CPU torch tensor: the variable holds a
+    numpy view of the tensor's memory. ``copy=True``, or a value that is not writable,
+    not C-contiguous, a list, a scalar or any other dtype, gives the variable its own copy,
+    which ``assign`` and a restore replace.
+    """
 
     def __init__(
         self,
@@ -44,14 +54,22 @@ class Variable:
         trainable: bool = True,
         graph: Graph | None = None,
         register: bool = True,
+        copy: bool = False,
     ):
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"variable name must be a non-empty string, got {name!r}")
         self.name = name
         self.trainable = trainable
         self._value: np.ndarray | None = None
+        self._shared = False
+        """Whether ``_value`` is the caller's memory: written into, never replaced."""
         if value is not None:
-            arr = np.array(value, dtype=dtype) if dtype is not None else np.array(value)
+            view = None if isinstance(value, Variable) else leaves.numpy_view(value, f"variable {name!r}")
+            if view is not None and not copy and leaves.shareable(view, dtype):
+                arr, self._shared = view, True
+            else:
+                source = view if view is not None else value
+                arr = np.array(source, dtype=dtype) if dtype is not None else np.array(source)
             if arr.dtype.kind in "SU":
                 arr = arr.astype(object)
             self.dtype = arr.dtype
@@ -71,6 +89,19 @@ class Variable:
             self._value = self._initial_value(initializer)
         if register:
             (graph or get_default_graph()).add(self)
+
+    @classmethod
+    def _sharing(cls, name: str, view: np.ndarray) -> Variable:
+        """An unregistered variable over ``view`` itself, whatever its strides (a tree's
+        leaf: a copy would go stale as the caller updates it in place)."""
+        var = cls(name, dtype=view.dtype, shape=view.shape, register=False)
+        var._value, var._shared = view, True
+        return var
+
+    @property
+    def shares_memory(self) -> bool:
+        """True when the variable holds the caller's array (or tensor memory) itself."""
+        return self._shared
 
     def _check_block(self) -> None:
         g, o, s = self.global_shape, self.offset, self.shape
@@ -119,7 +150,21 @@ class Variable:
         return self.value
 
     def assign(self, value: Any) -> Variable:
-        """Replace the value with a copy of ``value`` (same shape; cast to the dtype)."""
+        """Give the variable ``value`` (same shape; cast to the dtype): written into the
+        caller's array when the variable shares one (``np.copyto``), else a new copy."""
+        if self._shared and self._value is not None:
+            src = leaves.numpy_view(value, f"variable {self.name!r}")
+            src = np.asarray(value) if src is None else src
+            if src.shape != self.shape:
+                raise InvalidArgumentError(
+                    f"variable {self.name!r}: cannot assign shape {list(src.shape)} to shape {list(self.shape)}"
+                )
+            if not self._value.flags.writeable:
+                raise FailedPreconditionError(
+                    f"variable {self.name!r} shares an array that is no longer writable; cannot assign"
+                )
+            np.copyto(self._value, src, casting="unsafe")
+            return self
         arr = np.array(value, dtype=self.dtype)
         if arr.shape != self.shape:
             raise InvalidArgumentError(
@@ -128,9 +173,25 @@ class Variable:
         self._value = arr
         return self
 
+    def _check_set(self, arr: np.ndarray) -> None:
+        """Raise unless :meth:`_set` can take ``arr``: a restore calls it for every variable
+        before it writes into any, so that it stays all or nothing."""
+        own = self._value if self._shared else None
+        if own is not None and (
+            arr.shape != self.shape or own.shape != self.shape or not own.flags.writeable
+        ):
+            raise FailedPreconditionError(
+                f"variable {self.name!r} shares an array that is no longer writable or of shape "
+                f"{list(self.shape)} (it is {list(own.shape)}); cannot restore into it"
+            )
+
     def _set(self, arr: np.ndarray) -> None:
-        """Adopt ``arr`` without copying (restore hands over fresh arrays)."""
-        self._value = arr
+        """Take a restored array: copied into the caller's array when the variable shares
+        one, else adopted without copying (restore hands over fresh arrays)."""
+        if not self._shared or self._value is None:
+            self._value = arr
+        elif arr is not self._value:
+            np.copyto(self._value, arr)
 
     def __array__(self, dtype=None, copy=None):
         arr = self.value

@@ -19,8 +19,8 @@ MAX_MODULE_LINES = 450
 PUBLIC = [
     "AbortedError", "CheckpointReader", "CheckpointState", "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "Graph", "InvalidArgumentError", "NewCheckpointReader", "NotFoundError",
-    "PartitionedVariable", "PermissionDeniedError", "ResourceExhaustedError", "SaveHandle", "Saver",
-    "ShardsaveError", "StorageError", "UnauthenticatedError", "UnavailableError", "Variable",
+    "PartitionedVariable", "PerRank", "PermissionDeniedError", "ResourceExhaustedError", "SaveHandle", "Saver",
+    "ShardsaveError", "StorageError", "TreeState", "UnauthenticatedError", "UnavailableError", "Variable",
     "checkpoint_exists", "constant_initializer", "errors", "fixed_size_partitioner", "get_checkpoint_state",
     "get_default_graph", "get_variable", "global_variables", "latest_checkpoint", "list_variables",
     "load_variable", "min_max_variable_partitioner", "ones_initializer", "print_tensors_in_checkpoint_file",
@@ -148,3 +148,11 @@ def test_plan_is_pure():
 def test_one_room_imports_each_library(library, home):
     users = sorted(m for m in MODULES if any(i.split(".")[0] == library for i in _imports(m)))
     assert all(m == home or m.startswith(home + ".") for m in users), f"{library} imported by {users}"
+
+
+@pytest.mark.parametrize("library", ["torch", "jax", "jaxlib", "tensorflow"])
+def test_no_framework_is_imported(library):
+    """leaves.py recognizes torch and JAX arrays by the module of their type: shardsave
+    works without them and never pays for importing them."""
+    users = sorted(m for m in MODULES if any(i.split(".")[0] == library for i in _imports(m)))
+    assert users == [], f"{library} imported by {users}"

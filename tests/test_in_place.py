@@ -28,14 +28,19 @@ DATA_FILE = ".data-00000-of-00001"
 MIB_OF_FLOATS = (1 << 20) // 4
 
 
-def blocks(name: str, full: np.ndarray, rows: list[int], cols: list[int], fill: float | None = None):
+def blocks(
+    name: str, full: np.ndarray, rows: list[int], cols: list[int], fill: float | None = None, copy=False
+):
     """The blocks of ``full`` cut at ``rows`` x ``cols``, as variables holding their values
-    (or ``fill``)."""
+    (or ``fill``; ``copy=True``: variables with arrays of their own, which a restore into
+    new arrays replaces)."""
     out = []
     for r0, r1 in zip(rows[:-1], rows[1:], strict=True):
         for c0, c1 in zip(cols[:-1], cols[1:], strict=True):
             value = full[r0:r1, c0:c1] if fill is None else np.full((r1 - r0, c1 - c0), fill, full.dtype)
-            out.append(ss.Variable(name, value, global_shape=full.shape, offset=(r0, c0), register=False))
+            out.append(
+                ss.Variable(name, value, global_shape=full.shape, offset=(r0, c0), register=False, copy=copy)
+            )
     return out
 
 
@@ -52,8 +57,9 @@ def test_restore_writes_into_the_arrays_the_variables_hold(tmp_path):
     saver.restore(prefix)
     assert v_big.value is own_big  # written in place
     np.testing.assert_array_equal(own_big, big)
-    assert v_small.value is not own_small  # under 1 MiB: a new array, as before
-    np.testing.assert_array_equal(v_small.value, small)
+    # under 1 MiB: read into a new array, then copied into the caller's array it shares
+    assert v_small.value is own_small
+    np.testing.assert_array_equal(own_small, small)
     stats = saver.last_restore_stats
     assert stats.bytes_reread == big.nbytes  # checked once, then read into place
 
@@ -61,13 +67,18 @@ def test_restore_writes_into_the_arrays_the_variables_hold(tmp_path):
 def test_restore_in_place_false_gives_new_arrays(tmp_path):
     big = np.arange(2 * MIB_OF_FLOATS, dtype=np.float32)
     prefix = ss.Saver([ss.Variable("big", big, register=False)]).save(str(tmp_path / "m"))
-    v = ss.Variable("big", np.zeros_like(big), register=False)
+    v = ss.Variable("big", np.zeros_like(big), register=False, copy=True)  # an array of its own
+    shared = np.zeros_like(big)
+    v_shared = ss.Variable("big", shared, register=False)
     own = v.value
     saver = ss.Saver([v], restore_in_place=False)
     saver.restore(prefix)
     assert v.value is not own and (own == 0).all()
     np.testing.assert_array_equal(v.value, big)
     assert saver.last_restore_stats.bytes_reread == 0
+    ss.Saver([v_shared], restore_in_place=False).restore(prefix)
+    assert v_shared.value is shared  # read into a new array, then copied into the caller's
+    np.testing.assert_array_equal(shared, big)
 
 
 @pytest.mark.parametrize("unsuitable", ["readonly", "strided", "other dtype"])
@@ -119,7 +130,7 @@ def test_reshard_by_columns_needs_no_buffer_as_large_as_the_stored_bytes(tmp_pat
     the restore allocates a few MiB beyond the arrays it fills, not the 128 MiB stored."""
     full = np.random.default_rng(0).standard_normal((4096, 8192), dtype=np.float32)  # 128 MiB
     prefix = ss.Saver([ss.Variable("w", full, register=False)]).save(str(tmp_path / "m"))
-    halves = blocks("w", full, [0, 4096], [0, 3000, 8192], fill=0.0)
+    halves = blocks("w", full, [0, 4096], [0, 3000, 8192], fill=0.0, copy=not in_place)
     owns = [t.value for t in halves]
     saver = ss.Saver({"w": halves}, restore_in_place=in_place)
     tracemalloc.start()

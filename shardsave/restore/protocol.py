@@ -7,7 +7,8 @@
    blocks need into fresh arrays, and checks every byte it would write into a
    variable's own array (in_place.py, first pass); the ranks agree: nothing has changed yet;
 3. every rank writes the checked bytes into the variables' own arrays (second pass) and
-   the ranks agree again; then the variables adopt their fresh arrays.
+   the ranks agree again; then the variables adopt their fresh arrays (or copy them into
+   the caller's arrays they share, checked in step 2 to take them).
 """
 
 from __future__ import annotations
@@ -67,10 +68,14 @@ def restore(
             if found.small_names:  # these arrays already have their variables' shapes
                 small_arrays = load_small(loc, index, found.small_names, stats, files)
             on_read(stats)
-            return found, [(var, finish(var, arr)) for var, arr in found.updates], small_arrays
+            updates = [(var, finish(var, arr)) for var, arr in found.updates]
+            updates += zip(found.small_vars, small_arrays, strict=True)
+            for var, arr in updates:  # a variable sharing the caller's array copies into it
+                var._check_set(arr)
+            return found, updates
 
         # every byte is checked on every rank; nothing has changed yet
-        found, updates, small_arrays = comm.every_rank(what, read_and_check)
+        found, updates = comm.every_rank(what, read_and_check)
         log.debug("%s: every rank read and checked its bytes", prefix)
 
         def fill() -> None:
@@ -84,9 +89,7 @@ def restore(
                 ) from None
 
         comm.every_rank(what, fill)  # collective even where there is nothing to fill
-    for var, arr in updates:
-        var._set(arr)
-    for var, arr in zip(found.small_vars, small_arrays, strict=True):
+    for var, arr in updates:  # adopted, or copied into the arrays the variables share
         var._set(arr)
     if comm.is_coordinator:
         log.info(

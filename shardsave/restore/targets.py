@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import InvalidArgumentError, NotFoundError
 from ..format import dtypes
 from ..format.index import Index
+from ..per_rank import RankRow
 from ..plan import Block
 from ..variables import Variable
 from .checks import check_shape, stored_dtype
@@ -98,6 +99,12 @@ def general_targets(
             found.small_names.append(name)
             found.small_vars.append(var)
             continue
+        if isinstance(var, RankRow) and tuple(var.global_shape) != tuple(full.shape):
+            check_shape(prefix, name, full.shape)  # saved on another number of ranks
+            out = var.rows_target(prefix, name, tuple(full.shape), stored)
+            found.fresh.append(Target(name, Block.whole(full.shape), out))
+            found.updates.append((var, out))
+            continue
         if tuple(var.global_shape) != tuple(full.shape):
             check_shape(prefix, name, full.shape)
             same_size = math.prod(var.global_shape) == math.prod(full.shape)
@@ -140,7 +147,8 @@ def own_array(var: Variable, dtype: np.dtype) -> np.ndarray | None:
 
 
 def finish(var: Variable, arr: np.ndarray) -> np.ndarray:
-    """A fresh array in its variable's shape (read in the checkpoint's, with ``reshape``)."""
-    if arr.shape != var.shape:
+    """A fresh array in its variable's shape (read in the checkpoint's, with ``reshape``;
+    every row of a per-rank variable saved on another number of ranks stays as it is)."""
+    if arr.shape != var.shape and not isinstance(var, RankRow):
         arr = arr.reshape(var.shape)
     return arr
