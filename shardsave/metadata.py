@@ -27,7 +27,7 @@ def encode(metadata: Any, prefix: str) -> np.ndarray:
     if not isinstance(metadata, dict):
         raise InvalidArgumentError(f"saving {prefix}: metadata must be a dict, not {type(metadata).__name__}")
     try:
-        text = json.dumps(metadata, sort_keys=True, allow_nan=True)
+        text = json.dumps(metadata, sort_keys=True, default=_plain)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"saving {prefix}: metadata is not JSON-serialisable: {exc}") from None
     data = text.encode("utf-8")
@@ -38,6 +38,13 @@ def encode(metadata: Any, prefix: str) -> np.ndarray:
     out = np.empty((), dtype=object)
     out[()] = data
     return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON numbers and lists; anything else is refused."""
+    if isinstance(value, np.generic | np.ndarray) and value.dtype.kind in "biuf":
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def decode(value: Any, prefix: str) -> dict:
