@@ -149,7 +149,8 @@ class CheckpointManager:
         self._comm.begin("CheckpointManager.should_save")
         preempted = self._watcher.agreed(self._comm, step)
         self._polled = (step, preempted)
-        return (preempted or step % self.save_interval_steps == 0) and step not in self._saved
+        pending = self._pending is not None and self._pending.step == step
+        return (preempted or step % self.save_interval_steps == 0) and step not in self._saved and not pending
 
     def reached_preemption(self, step: int) -> bool:
         """Collective: whether the ranks agreed on a preemption notice by ``step`` (the same
