@@ -319,7 +319,7 @@ def launch(n: int, directory: str, env: dict, *args: str) -> list[dict]:
     ranks = json.loads(lines[0][len("RESULT ") :])
     assert [r["rank"] for r in ranks] == list(range(n))
     for r in ranks:
-        assert r["handler_restored"], r
+        assert r.get("handler_restored", "pending" in r), r
         assert {k: v for k, v in r.items() if k not in ("rank", "chained")} == {
             k: v for k, v in ranks[0].items() if k not in ("rank", "chained")
         }, ranks  # every rank saw the same
@@ -345,14 +345,23 @@ def test_preempt_resume_retain_and_fall_back_under_mpiexec(where):
     assert ckpts(d, options) == [6, 8] == r["all_steps"]
     check_values(d, options, 8)
     assert "preemption notice agreed by every rank at step 8" in out
-    # 2. two ranks resume from it (resharded) and save 9 and 12
-    ranks, out = launch(2, d, env, "--steps", "14")
+    # 2. two ranks resume from it (resharded), save 9 and 12 and exit with 12 still being
+    #    saved: the interpreter's exit finishes it
+    ranks, out = launch(2, d, env, "--steps", "14", "--exit-pending")
     assert ranks[0]["start"] == 8 and ranks[0]["restored_ok"] is True
-    assert ranks[0]["saved"] == [9, 12] and ckpts(d, options) == [9, 12]
+    assert ranks[0]["saved"] == [9, 12] and ranks[0]["pending"] == 12
+    assert ckpts(d, options) == [9, 12]
+    check_values(d, options, 12)
     assert f"restored step 8 from {d}/ckpt-8" in out
-    # 3. a third process saves one checkpoint: retention still leaves two
-    ranks, _ = launch(3, d, env, "--steps", "16")
+    # 3. a third process saves one checkpoint: retention still leaves two. Then the ranks
+    #    disagree: one rank's metadata is not JSON, then each passes its own step: every
+    #    rank raises the same error, none hangs
+    ranks, _ = launch(3, d, env, "--steps", "16", "--checks")
     assert ranks[0]["start"] == 12 and ranks[0]["saved"] == [15] and ckpts(d, options) == [12, 15]
+    bad_meta, bad_step = ranks[0]["errors"]
+    assert "failed on rank(s) 2" in bad_meta and "not JSON-serialisable" in bad_meta
+    assert "CheckpointManager.save" in bad_step and "step" in bad_step and "1001" in bad_step
+    assert [x["errors"] for x in ranks] == [ranks[0]["errors"]] * 3
     # 4. the newest is damaged: one rank falls back to 12, says so, and saves 15 again
     flip_byte(storage.resolve(f"{d}/ckpt-15.data-00001-of-00003", options))
     ranks, out = launch(1, d, env, "--steps", "16")

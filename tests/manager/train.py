@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--kill-at", type=int)
     p.add_argument("--max-to-keep", type=int, default=2)
     p.add_argument("--interval", type=int, default=3)
+    p.add_argument("--checks", action="store_true", help="then ranks disagree: every rank must raise")
+    p.add_argument("--exit-pending", action="store_true", help="exit with the last save still pending")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s")
     comm = MPI.COMM_WORLD
@@ -82,8 +84,15 @@ def main() -> None:
             mgr.wait_until_finished()
             preempted_at = step
             break
-    mgr.wait_until_finished()
+    errors = []
+    if args.checks:  # one rank's bad argument, or a step that differs: every rank raises, none hangs
+        for kwargs in ({"metadata": {"x": object()} if rank == size - 1 else {"x": 1}}, {}):
+            try:
+                mgr.save(1000 + (rank if not kwargs else 0), blocking=True, **kwargs)
+            except ss.InvalidArgumentError as exc:
+                errors.append(str(exc))
     report = {
+        "errors": errors,
         "rank": rank,
         "start": start,
         "restored_ok": restored_ok,
@@ -91,11 +100,14 @@ def main() -> None:
         "handles": sorted(set(handles)),
         "preempted_at": preempted_at,
         "chained": chained,
-        "all_steps": mgr.all_steps(),
-        "latest": mgr.latest_step(),
     }
-    mgr.close()
-    report["handler_restored"] = signal.getsignal(signal.SIGTERM) is mine
+    if args.exit_pending:  # the interpreter's exit must still finish the last save
+        report["pending"] = mgr._pending.step if mgr._pending else None
+    else:
+        mgr.wait_until_finished()
+        report.update(all_steps=mgr.all_steps(), latest=mgr.latest_step())
+        mgr.close()
+        report["handler_restored"] = signal.getsignal(signal.SIGTERM) is mine
     everyone = comm.gather(report)
     if rank == 0:
         print("RESULT " + json.dumps(everyone), flush=True)
