@@ -186,6 +186,12 @@ def test_damaged_newest_falls_back_and_none_restores(tmp_path, caplog):
     with pytest.raises(ss.InvalidArgumentError, match="shape"):
         mgr.restore_or_initialize()
     mgr.close()
+    extra = [ss.Variable("w", np.zeros(3), register=False), ss.Variable("new", np.zeros(1), register=False)]
+    with ss.CheckpointManager(d, extra) as mgr, pytest.raises(ss.NotFoundError, match="'new' not found"):
+        mgr.restore_or_initialize()  # a variable the checkpoints lack: no fallback, no fresh start
+    assert ckpts(d) == [1, 2, 5]
+    with pytest.raises(ss.FailedPreconditionError, match="closed"):
+        mgr.should_save(6)
 
 
 def test_retention_and_best_n_across_restarts(tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import gcpause, retention
 from .._comm import Comm
-from ..errors import DataLossError, InvalidArgumentError, NotFoundError, StorageError
+from ..errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from ..metadata import read_metadata
 from ..save.pending import SaveHandle
 from ..saver import Saver
@@ -31,10 +31,18 @@ from .preemption import PreemptionWatcher
 
 log = logging.getLogger("shardsave")
 
-FALLBACK_ERRORS = (DataLossError, NotFoundError, StorageError)
-"""A checkpoint that raises one of these on restore is damaged or incomplete: the manager
-falls back to the next older one. Others (a shape that does not match: the caller's
-state, not the checkpoint) are raised."""
+FALLBACK_ERRORS = (DataLossError, NotFoundError)
+"""A checkpoint that raises one of these on restore is damaged or incomplete (a file
+missing, a checksum wrong): the manager falls back to the next older one. Others are
+raised: a shape that does not match or a variable the checkpoint lacks is the caller's
+state, not the checkpoint (falling back to older ones, then starting afresh and letting
+retention delete them, would be the wrong cure); a storage error (access denied) is the
+storage's."""
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether a restore's error says the checkpoint is damaged or incomplete."""
+    return isinstance(exc, FALLBACK_ERRORS) and " not found in checkpoint" not in str(exc)
 
 
 @dataclass
@@ -136,6 +144,11 @@ class CheckpointManager:
         self._entries: list[Entry] = found.tracked
         self._committed: list[Entry] = found.committed
 
+    def _begin(self, call: str) -> None:
+        if self._closed:
+            raise FailedPreconditionError(f"CheckpointManager.{call}: the manager is closed")
+        self._comm.begin(f"CheckpointManager.{call}")
+
     def _info(self, msg: str, *args: Any) -> None:
         if self._comm.is_coordinator:  # every rank agrees; one line per event
             log.info(msg, *args)
@@ -146,7 +159,7 @@ class CheckpointManager:
         at the first step boundary after any rank got a preemption notice; never twice for
         the same step (the one restored included)."""
         step = _step(step)
-        self._comm.begin("CheckpointManager.should_save")
+        self._begin("should_save")
         preempted = self._watcher.agreed(self._comm, step)
         self._polled = (step, preempted)
         pending = self._pending is not None and self._pending.step == step
@@ -158,7 +171,7 @@ class CheckpointManager:
         step = _step(step)
         if self._polled is not None and self._polled[0] == step:
             return self._polled[1]
-        self._comm.begin("CheckpointManager.reached_preemption")
+        self._begin("reached_preemption")
         return self._watcher.agreed(self._comm, step)
 
     def save(
@@ -181,7 +194,7 @@ class CheckpointManager:
         """
         step = _step(step)
         self.wait_until_finished()
-        self._comm.begin("CheckpointManager.save")
+        self._begin("save")
         key = {"step": step, "blocking": bool(blocking), "metadata": metadata is not None}
         record = self._comm.every_rank(
             f"saving step {step} to {self.directory}",
@@ -271,14 +284,14 @@ class CheckpointManager:
         damaged or incomplete one is logged (WARNING, with the error) and the next older is
         tried. None (the state left as it is) when none restores or there is none."""
         self.wait_until_finished()
-        self._comm.begin("CheckpointManager.restore_or_initialize")
+        self._begin("restore_or_initialize")
         self._adopt(self._find())
         for entry in reversed(self._committed):
             started = time.monotonic()
             try:
                 self.restored_state = self._saver.restore(entry.prefix)
             except FALLBACK_ERRORS as exc:
-                if self._saver.comm.broken:
+                if self._saver.comm.broken or not _damaged(exc):
                     raise
                 if self._comm.is_coordinator:
                     log.warning(
