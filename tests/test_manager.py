@@ -269,7 +269,8 @@ def test_preemption_signal_interval_and_handlers(tmp_path):
             assert mgr.should_save(4) and mgr.reached_preemption(4)
             mgr.save(4)
             assert not mgr.should_save(4)  # not twice
-            assert mgr.reached_preemption(5)
+            assert mgr.reached_preemption(5) and not mgr.should_save(5)  # one save per notice
+            assert mgr.should_save(10)  # the interval still holds
             mgr.wait_until_finished()
             assert mgr.all_steps() == [4]
         assert signal.getsignal(signal.SIGUSR1) is app_handler

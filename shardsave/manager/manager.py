@@ -156,14 +156,18 @@ class CheckpointManager:
     # ------------------------------------------------------------------------ save
     def should_save(self, step: int) -> bool:
         """Collective: whether to save at ``step``: every ``save_interval_steps`` steps, or
-        at the first step boundary after any rank got a preemption notice; never twice for
-        the same step (the one restored included)."""
+        once at the first step boundary after any rank got a preemption notice; never twice
+        for the same step (the one restored included)."""
         step = _step(step)
         self._begin("should_save")
         preempted = self._watcher.agreed(self._comm, step)
         self._polled = (step, preempted)
-        pending = self._pending is not None and self._pending.step == step
-        return (preempted or step % self.save_interval_steps == 0) and step not in self._saved and not pending
+        done = self._saved | ({self._pending.step} if self._pending is not None else set())
+        if step in done:
+            return False
+        # a notice asks for one save (at the step agreed, or the first asked about after it)
+        urgent = preempted and not any(s >= self._watcher.agreed_step for s in done)
+        return urgent or step % self.save_interval_steps == 0
 
     def reached_preemption(self, step: int) -> bool:
         """Collective: whether the ranks agreed on a preemption notice by ``step`` (the same
