@@ -240,18 +240,18 @@ def test_restart_adopts_committed_checkpoints_the_state_file_misses(tmp_path):
 def test_keep_every_n_hours_survives_a_restart(tmp_path):
     d = str(tmp_path)
     w = ss.Variable("w", np.zeros(2))
-    hours = 1.5 / 3600  # 1.5 s; a fresh manager's clock starts 1 s before it (as TF2's)
+    hours = 2.5 / 3600  # 2.5 s; a fresh manager's clock starts 1 s before it (as TF2's)
     with ss.CheckpointManager(d, [w], max_to_keep=1, keep_checkpoint_every_n_hours=hours) as mgr:
         mgr.save(0, blocking=True)
-        time.sleep(0.7)
-        mgr.save(1, blocking=True)  # 0 leaves the list, less than 1.5 s after the start: deleted
-        mgr.save(2, blocking=True)  # 1 leaves it 1.7 s after the start: preserved
+        time.sleep(1.6)
+        mgr.save(1, blocking=True)  # 0 leaves the list, less than 2.5 s after the start: deleted
+        mgr.save(2, blocking=True)  # 1 leaves it 2.6 s after the start: preserved
     assert ckpts(d) == [1, 2]
     state = ss.get_checkpoint_state(d)
     assert state.all_model_checkpoint_paths == [f"{d}/ckpt-2"] and state.last_preserved_timestamp > 0
     with ss.CheckpointManager(d, [w], max_to_keep=1, keep_checkpoint_every_n_hours=hours) as mgr:
         assert mgr.all_steps() == [2]
-        mgr.save(3, blocking=True)  # 2 is within 1.5 s of 1, the last preserved: deleted
+        mgr.save(3, blocking=True)  # 2 is within 2.5 s of 1, the last preserved: deleted
     assert ckpts(d) == [1, 3]
 
 
