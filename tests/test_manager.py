@@ -120,6 +120,9 @@ def test_loop_layout_metadata_and_tensorflow(tmp_path, caplog):
     reader = tf.train.load_checkpoint(f"{d}/ckpt-9")
     assert json.loads(reader.get_tensor(METADATA_NAME))["epoch"] == 2
     assert np.array_equal(reader.get_tensor("w"), np.full(4, 9.0))
+    # TF2's own manager takes over the directory where this one left it
+    tf_mgr = tf.train.CheckpointManager(tf.train.Checkpoint(), d, max_to_keep=2)
+    assert tf_mgr.checkpoints == [f"{d}/ckpt-6", f"{d}/ckpt-9"]
 
 
 def test_saver_metadata_round_trip_and_refusals(tmp_path):
