@@ -35,6 +35,8 @@ from .initializers import (
     random_uniform_initializer,
     zeros_initializer,
 )
+from .manager import CheckpointManager
+from .metadata import read_metadata
 from .partitioners import (
     fixed_size_partitioner,
     min_max_variable_partitioner,
@@ -62,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbortedError",
+    "CheckpointManager",
     "CheckpointReader",
     "CheckpointState",
     "DataLossError",
@@ -99,6 +102,7 @@ __all__ = [
     "print_tensors_in_checkpoint_file",
     "random_normal_initializer",
     "random_uniform_initializer",
+    "read_metadata",
     "reset_default_graph",
     "trainable_variables",
     "update_checkpoint_state",

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import gcpause, retention, storage
+from . import metadata as metadata_tensor
 from ._comm import Comm
 from .errors import InvalidArgumentError
+from .format.names import METADATA_NAME
 from .format.state import MAX_STATE_ENTRIES
 from .restore import protocol as restore_protocol
 from .save import protocol as save_protocol
@@ -117,6 +119,7 @@ class Saver:
         self.state: TreeState | None = TreeState(var_list) if is_tree(var_list) else None
         """The tree given as ``var_list`` (tree.py), or None for TF's forms of ``var_list``."""
         self._saveables = self.state.saveables() if self.state is not None else _saveables(var_list)
+        _check_reserved(self._saveables)
         if not self._saveables and not allow_empty:
             raise InvalidArgumentError("no variables to save (pass allow_empty=True to save none)")
         if max_to_keep is not None and max_to_keep > MAX_STATE_ENTRIES:
@@ -151,6 +154,8 @@ class Saver:
         self._pending: SaveHandle | None = None
         self._staging = StagingBuffers()
         self._layout = SaveLayout(self._saveables)
+        self._metadata_var: Variable | None = None  # held by the coordinator only
+        self._metadata_layout: SaveLayout | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -210,6 +215,7 @@ class Saver:
         write_state: bool = True,
         *,
         blocking: bool = True,
+        metadata: dict | None = None,
     ) -> str | SaveHandle:
         """Write a checkpoint and return its prefix (``save_path-<step>`` with a step).
 
@@ -221,20 +227,36 @@ class Saver:
         right away); planning, the writes and the commit go on in a background thread. ``handle.result()`` gives
         the prefix or raises the save's error. A later save or restore, and interpreter
         exit, wait for it first, so a checkpoint is never silently dropped.
+
+        ``metadata``: a JSON-serialisable dict saved in the checkpoint itself (a string
+        tensor named ``shardsave.format.names.METADATA_NAME``, so it commits with it);
+        the coordinator's is stored. Read it back with :func:`shardsave.read_metadata`.
         """
         with gcpause.paused():  # the background part of a non-blocking save runs with it on
-            return self._save(save_path, global_step, latest_filename, write_state, blocking)
+            return self._save(save_path, global_step, latest_filename, write_state, blocking, metadata)
 
-    def _save(self, save_path, global_step, latest_filename, write_state, blocking) -> str | SaveHandle:
+    def _save(
+        self, save_path, global_step, latest_filename, write_state, blocking, metadata=None, retain=None
+    ) -> str | SaveHandle:
+        """``retain(checkpoints, prefix, timestamp) -> retention.Retained`` replaces TF1's
+        retention for this save (the CheckpointManager's policy); it must be pure, as it
+        runs on every rank."""
         self.wait_until_finished()
         self._comm.begin("Saver.save")
         prefix, loc = save_protocol.locate(
             self._comm, save_path, lambda: self._prefix(save_path, global_step), self._resolve
         )
+        try:
+            layout = self._layout_with(metadata, prefix)
+        except Exception as exc:  # in the round the others reach in check_arrays
+            self._comm.agree(exc, f"saving {prefix}")
+            raise
+        retained = partial(retain, list(self._last_checkpoints)) if retain else self._retained
         job = save_protocol.SaveJob.of(
-            self, self._layout, prefix, loc, latest_filename, write_state, partial(self._retained, prefix)
+            self, layout, prefix, loc, latest_filename, write_state, partial(retained, prefix)
         )
-        arrays, metas = save_protocol.check_arrays(self._comm, self._layout, prefix, job.key(blocking))
+        key = dict(job.key(blocking), metadata=metadata is not None)
+        arrays, metas = save_protocol.check_arrays(self._comm, layout, prefix, key)
         if blocking:
             return self._plan_write_commit(job, arrays, metas)
         return save_protocol.start_in_background(
@@ -244,10 +266,27 @@ class Saver:
     def _plan_write_commit(self, job: save_protocol.SaveJob, arrays, metas) -> str:
         """Steps 2 to 5; then every rank remembers what retention kept."""
         timestamp = save_protocol.plan_write_commit(job, arrays, metas)
-        self._last_checkpoints, _, self._next_checkpoint_time, self._last_preserved_timestamp = (
-            self._retained(job.prefix, timestamp)
+        self._last_checkpoints, _, self._next_checkpoint_time, self._last_preserved_timestamp = job.retain(
+            timestamp
         )
         return job.prefix
+
+    def _layout_with(self, metadata: dict | None, prefix: str) -> SaveLayout:
+        """The layout of a save: the variables', or (with metadata) a second one that adds
+        the metadata tensor on the coordinator. Every rank switches alike (the key says
+        whether there is metadata), so the plan each layout remembers stays the same on all."""
+        if metadata is None:
+            return self._layout
+        value = metadata_tensor.encode(metadata, prefix)  # on every rank: all raise alike
+        if self._metadata_layout is None:
+            saveables = dict(self._saveables)
+            if self._comm.is_coordinator:
+                self._metadata_var = Variable(METADATA_NAME, value, register=False)
+                saveables[METADATA_NAME] = [self._metadata_var]
+            self._metadata_layout = SaveLayout(saveables)
+        if self._metadata_var is not None:
+            self._metadata_var._value = value
+        return self._metadata_layout
 
     def _adopt_pending(self, handle: SaveHandle) -> None:
         self._pending = handle
@@ -312,6 +351,14 @@ def _step_number(global_step: Any) -> int:
     if arr is None or arr.ndim != 0 or arr.dtype.kind not in "iu":
         raise InvalidArgumentError(f"global_step must be an integer, got {value!r}")
     return int(arr)
+
+
+def _check_reserved(saveables: Mapping[str, Any]) -> None:
+    if METADATA_NAME in saveables:
+        raise InvalidArgumentError(
+            f"a variable is named {METADATA_NAME!r}, the name reserved for a checkpoint's metadata "
+            "(Saver.save(metadata=...)); rename it"
+        )
 
 
 def _check_prefix(prefix: str) -> None:

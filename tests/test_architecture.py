@@ -17,14 +17,14 @@ PACKAGE = pathlib.Path(shardsave.__file__).parent
 MAX_MODULE_LINES = 450
 
 PUBLIC = [
-    "AbortedError", "CheckpointReader", "CheckpointState", "DataLossError", "DeadlineExceededError",
+    "AbortedError", "CheckpointManager", "CheckpointReader", "CheckpointState", "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "Graph", "InvalidArgumentError", "NewCheckpointReader", "NotFoundError",
     "PartitionedVariable", "PerRank", "PermissionDeniedError", "ResourceExhaustedError", "SaveHandle", "Saver",
     "ShardsaveError", "StorageError", "TreeState", "UnauthenticatedError", "UnavailableError", "Variable",
     "checkpoint_exists", "constant_initializer", "errors", "fixed_size_partitioner", "get_checkpoint_state",
     "get_default_graph", "get_variable", "global_variables", "latest_checkpoint", "list_variables",
     "load_variable", "min_max_variable_partitioner", "ones_initializer", "print_tensors_in_checkpoint_file",
-    "random_normal_initializer", "random_uniform_initializer", "reset_default_graph", "trainable_variables",
+    "random_normal_initializer", "random_uniform_initializer", "read_metadata", "reset_default_graph", "trainable_variables",
     "update_checkpoint_state", "variable_axis_size_partitioner", "zeros_initializer",
 ]  # fmt: skip
 
@@ -143,7 +143,12 @@ def test_plan_is_pure():
 
 @pytest.mark.parametrize(
     "library, home",
-    [("fsspec", "shardsave.storage"), ("s3fs", "shardsave.storage"), ("mpi4py", "shardsave._comm")],
+    [
+        ("fsspec", "shardsave.storage"),
+        ("s3fs", "shardsave.storage"),
+        ("mpi4py", "shardsave._comm"),
+        ("signal", "shardsave.manager.preemption"),  # handlers installed and removed in one place
+    ],
 )
 def test_one_room_imports_each_library(library, home):
     users = sorted(m for m in MODULES if any(i.split(".")[0] == library for i in _imports(m)))
@@ -156,3 +161,10 @@ def test_no_framework_is_imported(library):
     works without them and never pays for importing them."""
     users = sorted(m for m in MODULES if any(i.split(".")[0] == library for i in _imports(m)))
     assert users == [], f"{library} imported by {users}"
+
+
+def test_manager_policy_is_pure():
+    """The manager's retention policy decides from what it is given: every rank computes
+    the same outcome, so it must not read storage, the clock or talk to other ranks."""
+    outside = _outside("shardsave.manager.policy", STDLIB_OK)
+    assert [i for i in outside if not i.startswith("shardsave.errors")] == [], outside

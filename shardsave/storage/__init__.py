@@ -304,7 +304,13 @@ def _where(loc: Location) -> tuple[str, str]:
 
 
 def _same_fs(a: Location, b: Location) -> bool:
-    return a.fs is b.fs or a.fs == b.fs
+    # fsspec caches a synchronous filesystem (local) per thread and its instances compare by
+    # a token that includes the thread: a non-blocking save's thread has its own
+    if a.fs is b.fs or a.fs == b.fs:
+        return True
+    return type(a.fs) is type(b.fs) and getattr(a.fs, "storage_options", None) == getattr(
+        b.fs, "storage_options", ()
+    )
 
 
 def same_path(a: Location, b: Location) -> bool:
