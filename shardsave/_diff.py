@@ -71,4 +71,5 @@ def value_difference(x: np.ndarray, y: np.ndarray) -> str | None:
         else:
             diff = np.abs(xs.astype(np.complex128 if xs.dtype.kind == "c" else np.float64) - ys)
             biggest = float("nan") if np.isnan(diff).any() else float(diff.max())
-    return f"max abs difference {biggest:g} ({count} of {x.size} element(s) differ)"
+    shown = str(biggest) if isinstance(biggest, int) else f"{biggest:g}"
+    return f"max abs difference {shown} ({count} of {x.size} element(s) differ)"

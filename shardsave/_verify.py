@@ -103,39 +103,47 @@ def verify_checkpoint(
             continue
         for piece, entry in pieces:
             by_shard.setdefault(entry.shard_id, []).append(_Part(name, entry, piece, 0, entry.size))
+    index_sound = report.ok  # else entries are missing from by_shard: no file size to expect
     total = sum(p.entry.size for parts in by_shard.values() for p in parts)
     done = 0
     for shard_id in sorted(by_shard):
         parts = sorted(by_shard[shard_id], key=lambda p: (p.entry.offset, p.entry.size))
         file_loc = shard_file(loc, index, shard_id, parts[0].name)
         report.files += 1
-        _check_file_size(report, file_loc, parts, files.size(shard_id, parts[0].name))
+        if index_sound:
+            _check_file_size(report, file_loc, parts, files.size(shard_id, parts[0].name))
         checker = _Checker(file_loc, report)
         chunks = list(_chunks(parts, chunk_bytes))
         for first in range(0, len(chunks), PARALLEL):
-            group = chunks[first : first + PARALLEL]
-            group = [c for c in group if not all(p.name in checker.failed for p in c.parts)]
-            buffers = [bytearray(c.size) for c in group]
-            try:
-                storage.read_ranges(
-                    file_loc, [(c.offset, memoryview(b)) for c, b in zip(group, buffers, strict=True)]
-                )
-            except DataLossError as exc:  # the file changed under us, or shrank: those tensors
-                for c in group:
-                    for p in c.parts:
-                        checker.fail(p, f"{exc} (reading tensor {p.name!r})")
-                continue
-            for c, buf in zip(group, buffers, strict=True):
-                view = memoryview(buf)
-                for p in c.parts:
-                    at = p.entry.offset + p.start - c.offset
-                    checker.check(p, view[at : at + p.stop - p.start])
-                    done += p.stop - p.start
+            done += _check_group(file_loc, checker, chunks[first : first + PARALLEL])
             if progress is not None:
                 progress(done, total)
     report.bytes_checked = total
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _check_group(file_loc: storage.Location, checker: _Checker, group: list[_Chunk]) -> int:
+    """Fetch a few chunks at once and check them; their buffers go when this returns (so
+    the next group's never coexist with them). Returns the entry bytes covered."""
+    group = [c for c in group if not all(p.name in checker.failed for p in c.parts)]
+    buffers = [bytearray(c.size) for c in group]
+    covered = sum(p.stop - p.start for c in group for p in c.parts)
+    try:
+        storage.read_ranges(
+            file_loc, [(c.offset, memoryview(b)) for c, b in zip(group, buffers, strict=True)]
+        )
+    except DataLossError as exc:  # the file changed under us, or shrank: those tensors
+        for c in group:
+            for p in c.parts:
+                checker.fail(p, f"{exc} (reading tensor {p.name!r})")
+        return covered
+    for c, buf in zip(group, buffers, strict=True):
+        with memoryview(buf) as view:
+            for p in c.parts:
+                at = p.entry.offset + p.start - c.offset
+                checker.check(p, view[at : at + p.stop - p.start])
+    return covered
 
 
 def _check_file_size(report: Report, file_loc: storage.Location, parts: list[_Part], size: int) -> None:
