@@ -400,3 +400,35 @@ def test_diff_of_a_damaged_checkpoint_is_an_error_not_a_difference(crafted, stan
     assert main("diff", crafted.prefix, standard) == (0, "", "")  # the indexes alone agree
     code, out, err = main("diff", "--values", crafted.prefix, standard)
     assert code == 2 and "checksum does not match for tensor 'small'" in err
+
+
+def test_diff_compares_a_large_tensor_a_slab_at_a_time(tmp_path, monkeypatch):
+    """Above CHUNK_BYTES, a tensor whose entries have block CRCs is read in row slabs (each
+    reads only its blocks) and the slabs' counts and maxima add up; a TF-style entry with
+    one CRC is read whole."""
+    from shardsave import _diff
+    from shardsave.reader import CheckpointReader
+
+    big = np.arange(512 * 1024, dtype=np.float32).reshape(512, 1024)  # 2 MiB, 32 blocks of 64 KiB
+    other = big.copy()
+    other[3, 7] += 2.0
+    other[500, 1] -= 0.5
+    other[501, :4] = np.nan
+    a, b = _save(str(tmp_path / "a" / "m"), {"big": big}), _save(str(tmp_path / "b" / "m"), {"big": other})
+    whole = _diff.value_difference(big, other)
+    assert whole == "max abs difference nan (6 of 524288 element(s) differ)"
+    slices = []
+    real = CheckpointReader.get_slice
+    monkeypatch.setattr(CheckpointReader, "get_slice", lambda r, n, i: slices.append(i) or real(r, n, i))
+    monkeypatch.setattr(_diff, "CHUNK_BYTES", 256 << 10)
+    code, out, _ = main("diff", "--values", a, b)
+    assert code == 1 and out.splitlines()[0] == f"values differ: big  {whole}"
+    assert len(slices) == 2 * 8 and slices[0] == slice(0, 64)
+    other[501, :4] = big[501, :4]
+    b = _save(str(tmp_path / "c" / "m"), {"big": other})
+    code, out, _ = main("diff", "--values", a, b)
+    assert out.splitlines()[0] == "values differ: big  max abs difference 2 (2 of 524288 element(s) differ)"
+    slices.clear()
+    monkeypatch.setattr(_diff, "CHUNK_BYTES", 32)  # TF's [3, 4] tensors are larger, with one CRC each
+    assert main("diff", "--values", str(TF_DATA / "v1_saver"), str(TF_DATA / "v1_saver"))[0] == 0
+    assert slices == []  # read whole
