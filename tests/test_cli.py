@@ -314,10 +314,11 @@ def test_verify_on_s3(s3_server, s3_dir):
     with ss.Graph().as_default():
         ss.Variable("big", np.arange(300_000, dtype=np.float32))
         ss.Variable("small", np.arange(4.0))
+        ss.Variable("empty", np.zeros((0, 3), np.float32))  # no bytes: no request either
         prefix = ss.Saver(storage_options=opts).save(f"{s3_dir}/ckpt", global_step=7)
     proc = command("verify", s3_dir, env=s3_server.env())
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"OK {prefix}: 2 tensor(s), 1 data file(s), 1.1 MiB checked")
+    assert proc.stdout.startswith(f"OK {prefix}: 3 tensor(s), 1 data file(s), 1.1 MiB checked")
     data = storage.resolve(prefix + ".data-00000-of-00001", opts)
     blob = bytearray(storage.read_bytes(data))
     blob[500_000] ^= 1
