@@ -331,6 +331,8 @@ def test_verify_on_s3(s3_server, s3_dir):
     assert lines[0].startswith(
         f"shardsave verify: damaged: {data.url}: checksum does not match for tensor 'big'"
     )
+    code, out, err = main("--storage-options", json.dumps(opts), "ls", prefix + ".data-00000-of-00001")
+    assert code == 0 and out.splitlines()[0] == f"checkpoint: {prefix}" and "1.1 MiB" in out, err
     code, out, err = main("--storage-options", json.dumps(opts), "verify", f"{s3_dir}/nothing")
     assert code == 1 and "no such directory or checkpoint" in err
 
