@@ -23,7 +23,7 @@ import pytest
 from crafting import Crafted, save_standard
 
 import shardsave as ss
-from shardsave import _verify, cli, storage
+from shardsave import _inspect, _verify, cli, storage
 from shardsave.format.index import entry_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +98,10 @@ def test_inspect_and_ls_accept_a_file_of_the_checkpoint(sharded):
         ]
         total = sum(os.path.getsize(sharded / n) for n in names)
         assert lines[-1] == f"  3 file(s), {total} B"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # TF's tool takes one too
+        assert _inspect.main(["--file_name", prefix + ".index", "--tensor_name", "b"]) == 0
+    assert out.getvalue().startswith("tensor_name:  b (int32) [5]")
     proc = command("inspect", prefix + ".data-00001-of-00002", "--tensor", "b", "--values")
     assert proc.returncode == 0, proc.stderr
     assert "b  int32  [5]" in proc.stdout
