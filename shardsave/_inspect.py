@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._paths import checkpoint_prefix
 from .errors import ShardsaveError
 from .reader import CheckpointReader
 
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shardsave.inspect_checkpoint", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--file_name", required=True, help="checkpoint prefix or directory")
+    parser.add_argument(
+        "--file_name", required=True, help="checkpoint prefix, one of its files (P.index...), or directory"
+    )
     parser.add_argument("--tensor_name", default="", help="the tensor to print")
     parser.add_argument("--all_tensors", action="store_true", help="print every tensor's values")
     parser.add_argument("--all_tensor_names", action="store_true", help="print every tensor's name")
@@ -91,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        print_tensors_in_checkpoint_file(
-            args.file_name, args.tensor_name, args.all_tensors, args.all_tensor_names
-        )
+        prefix = checkpoint_prefix(args.file_name, None)
+        print_tensors_in_checkpoint_file(prefix, args.tensor_name, args.all_tensors, args.all_tensor_names)
     except ShardsaveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

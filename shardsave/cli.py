@@ -1,4 +1,9 @@
-"""The ``shardsave`` command: inspect, ls and gc checkpoints on any fsspec URL.
+"""The ``shardsave`` command: inspect, ls, verify, diff and gc checkpoints on any fsspec URL.
+
+A checkpoint may be named by its prefix, by one of its files (``P.index``,
+``P.data-00000-of-00002``) or by a directory (its latest checkpoint, from the state file).
+Exit status: 0 on success, 1 on an error or damage (``verify``), 2 on a usage error;
+``diff`` exits 0 when the checkpoints are the same, 1 when they differ, 2 on an error.
 
 Storage options for fsspec (e.g. an S3 endpoint) come from ``--storage-options JSON`` or,
 when that flag is absent, the environment variable ``SHARDSAVE_STORAGE_OPTIONS`` (the
@@ -23,10 +28,14 @@ import math
 import os
 import re
 import sys
+import time
 
 import numpy as np
 
 from . import storage
+from ._diff import differences
+from ._paths import checkpoint_prefix, file_checkpoint
+from ._verify import Report, verify_checkpoint
 from .checkpoint_state import get_checkpoint_state
 from .errors import InvalidArgumentError, NotFoundError, ShardsaveError
 from .format import dtypes, names
@@ -55,14 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--storage-options", default=argparse.SUPPRESS, metavar="JSON", help=_OPTIONS_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    what = "checkpoint prefix, one of its files (P.index, P.data-...), or a directory (its latest)"
     p = sub.add_parser(
-        "inspect", parents=[common], help="list the tensors of a checkpoint (prefix or directory)"
+        "inspect", parents=[common], help="list the tensors of a checkpoint (prefix, file or directory)"
     )
-    p.add_argument("path", help="checkpoint prefix, or a directory with a 'checkpoint' state file")
+    p.add_argument("path", help=what)
     p.add_argument("--tensor", default=None, help="show only this tensor")
     p.add_argument("--values", action="store_true", help="print tensor values too")
-    p = sub.add_parser("ls", parents=[common], help="list the checkpoints of a directory, newest last")
-    p.add_argument("directory")
+    p = sub.add_parser(
+        "ls",
+        parents=[common],
+        help="list the checkpoints of a directory, newest last (or the files of one checkpoint)",
+    )
+    p.add_argument("directory", help="a directory, or a checkpoint's prefix or one of its files")
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check every checksum of a checkpoint (index, tensors, data file sizes) without restoring it",
+    )
+    p.add_argument("path", help=what)
+    p.add_argument("--all", action="store_true", help="for a directory: verify every checkpoint in it")
+    p = sub.add_parser(
+        "diff",
+        parents=[common],
+        help="list the tensors that differ between two checkpoints (exit 0: same, 1: differ, 2: error)",
+    )
+    p.add_argument("a", help=what)
+    p.add_argument("b", help=what)
+    p.add_argument("--values", action="store_true", help="compare values too (max abs difference)")
     p = sub.add_parser(
         "gc",
         parents=[common],
@@ -88,7 +117,7 @@ def storage_options_from(arg: str | None) -> dict | None:
 
 
 def cmd_inspect(args, options) -> None:
-    reader = CheckpointReader(args.path, storage_options=options)
+    reader = CheckpointReader(checkpoint_prefix(args.path, options), storage_options=options)
     index = reader.get_entries()
     shapes = reader.get_variable_to_shape_map()
     names = sorted(shapes)
@@ -118,9 +147,8 @@ def _directory(directory: str, options) -> storage.Location:
     return loc
 
 
-def _checkpoints(directory: str, options) -> list[dict]:
-    """The committed checkpoints of ``directory``, from one listing of it."""
-    files = storage.scan(_directory(directory, options))
+def _checkpoints(files: list[tuple[storage.Location, dict]]) -> list[dict]:
+    """The committed checkpoints among ``files`` (one listing of a directory), oldest first."""
     data_bytes: dict[str, int] = {}
     for f, i in files:
         parsed = names.parse_data_file_name(f.name)
@@ -144,19 +172,156 @@ def _checkpoints(directory: str, options) -> list[dict]:
     return out
 
 
+def human_size(n: int) -> str:
+    """``1.5 MiB``: binary units, one decimal (bytes as they are)."""
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _listed_directory(path: str, options) -> tuple[storage.Location, list] | None:
+    """``(directory, its listing)`` if ``path`` is a directory; None if it names a
+    checkpoint (its prefix or one of its files) instead. NotFoundError if neither."""
+    loc = storage.resolve(path, options)
+    if loc.is_local and os.path.isdir(loc.path):
+        return loc, storage.scan(loc)
+    if file_checkpoint(path, options) is not None:
+        return None
+    if loc.is_local:
+        problem = "not a directory or checkpoint" if os.path.exists(loc.path) else "no such directory"
+        raise NotFoundError(f"{path}: {problem}")
+    files = storage.scan(loc)
+    if not files:
+        raise NotFoundError(f"{path}: no such directory or checkpoint (nothing is stored under it)")
+    return loc, files
+
+
 def cmd_ls(args, options) -> None:
-    ckpts = _checkpoints(args.directory, options)
+    listed = _listed_directory(args.directory, options)
+    if listed is None:
+        _ls_checkpoint(file_checkpoint(args.directory, options), options)
+        return
+    loc, files = listed
+    ckpts = _checkpoints(files)
     state = get_checkpoint_state(args.directory, storage_options=options)
     latest = os.path.basename(state.model_checkpoint_path) if state else None
     if not ckpts:
         print(f"no checkpoints in {args.directory}")
         return
-    print(f"{'checkpoint':<32} {'step':>8} {'size':>12}  time")
+    print(f"{'checkpoint':<32} {'step':>8} {'size':>10}  time")
     for c in ckpts:
         when = datetime.datetime.fromtimestamp(c["mtime"]).isoformat(sep=" ", timespec="seconds")
         mark = "  (latest)" if c["prefix"] == latest else ""
         step = "-" if c["step"] is None else str(c["step"])
-        print(f"{c['prefix']:<32} {step:>8} {c['bytes']:>12}  {when}{mark}")
+        print(f"{c['prefix']:<32} {step:>8} {human_size(c['bytes']):>10}  {when}{mark}")
+
+
+def _ls_checkpoint(prefix: str, options) -> None:
+    """One checkpoint's files, each with its size, and their total."""
+    loc = storage.resolve(prefix, options)
+    files = [(f, i) for f, i in storage.scan(loc.parent) if f.name == names.index_name(loc.name)]
+    files += storage.data_files(loc.parent, loc.name)
+    print(f"checkpoint: {prefix}")
+    for f, i in files:
+        print(f"  {f.name:<40} {human_size(i['size']):>10}")
+    total = sum(i["size"] for _, i in files)
+    print(f"  {len(files)} file(s), {human_size(total)}")
+
+
+def _to_verify(path: str, every: bool, options) -> list[str]:
+    """The prefixes ``verify PATH`` checks: the checkpoint PATH names, or for a directory
+    its latest (by the state file, else the newest listed) or, with ``every``, all."""
+    listed = _listed_directory(path, options)
+    if listed is None:
+        return [checkpoint_prefix(path, options)]
+    loc, files = listed
+    ckpts = [loc.child(c["prefix"]).url for c in _checkpoints(files)]
+    if not ckpts:
+        raise NotFoundError(f"no checkpoints in {path}")
+    if every:
+        return ckpts
+    try:
+        return [checkpoint_prefix(path, options)]
+    except NotFoundError:  # no state file (or it names none that exists): the newest listed
+        return ckpts[-1:]
+
+
+_MAX_DAMAGE_LINES = 50
+
+
+def cmd_verify(args, options) -> int:
+    bad = 0
+    for prefix in _to_verify(args.path, args.all, options):
+        with Progress(prefix) as bar:
+            report = verify_checkpoint(storage.resolve(prefix, options), bar.update)
+        if report.ok:
+            print(
+                f"OK {report.prefix}: {report.tensors} tensor(s), {report.files} data file(s), "
+                f"{human_size(report.bytes_checked)} checked in {report.seconds:.1f} s"
+            )
+            continue
+        bad += 1
+        _print_damage(report)
+    return 1 if bad else 0
+
+
+def _print_damage(report: Report) -> None:
+    for line in report.damage[:_MAX_DAMAGE_LINES]:
+        print(f"shardsave verify: damaged: {line}", file=sys.stderr)
+    if len(report.damage) > _MAX_DAMAGE_LINES:
+        print(f"shardsave verify: ... and {len(report.damage) - _MAX_DAMAGE_LINES} more", file=sys.stderr)
+    names_ = sorted(report.damaged_tensors)
+    shown = ", ".join(map(repr, names_[:10])) + (", ..." if len(names_) > 10 else "")
+    print(
+        f"shardsave verify: {report.prefix} is DAMAGED: {len(report.damage)} problem(s), "
+        f"{len(names_)} of {report.tensors} tensor(s) damaged" + (f": {shown}" if names_ else ""),
+        file=sys.stderr,
+    )
+
+
+class Progress:
+    """A progress bar on stderr, drawn only when stderr is a terminal (never in logs)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.shown = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.shown or (now - self._last < 0.1 and done < total):
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(
+            f"\r{self.label[-40:]} [{bar:<30}] {100 * frac:5.1f}% {human_size(done)}/{human_size(total)}"
+        )
+        sys.stderr.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.shown and self._last:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def cmd_diff(args, options) -> int:
+    a = CheckpointReader(checkpoint_prefix(args.a, options), storage_options=options)
+    b = CheckpointReader(checkpoint_prefix(args.b, options), storage_options=options)
+    count = 0
+    for line in differences(a, b, values=args.values):
+        print(line, flush=True)
+        count += 1
+    if count:
+        print(f"{count} difference(s) between A {a.prefix} and B {b.prefix}")
+    return 1 if count else 0
 
 
 def leftovers(directory: str, options) -> tuple[list[storage.Location], list[tuple], list[commit.Recovery]]:
@@ -220,12 +385,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         options = storage_options_from(args.storage_options)
-        {"inspect": cmd_inspect, "ls": cmd_ls, "gc": cmd_gc}[args.command](args, options)
+        commands = {
+            "inspect": cmd_inspect,
+            "ls": cmd_ls,
+            "gc": cmd_gc,
+            "verify": cmd_verify,
+            "diff": cmd_diff,
+        }
+        return commands[args.command](args, options) or 0
     except (ShardsaveError, OSError) as exc:  # OSError: a backend's, should one escape
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"shardsave {args.command}: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+        return 2 if args.command == "diff" else 1
+    except Exception as exc:  # a bug, not the user's: still no traceback unless asked for one
+        if os.environ.get("SHARDSAVE_TRACEBACK"):
+            raise
+        print(
+            f"shardsave {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(a bug in shardsave: please report it; SHARDSAVE_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 2 if args.command == "diff" else 1
+    except KeyboardInterrupt:
+        print(f"shardsave {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

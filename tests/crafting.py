@@ -175,11 +175,21 @@ def every_path(prefix: str, layouts: dict[str, dict]) -> dict[str, str]:
         if code != 0:
             raise ss.ShardsaveError(err.getvalue().strip())
 
+    def verify() -> None:  # shardsave verify: damage or an error, one line each, no traceback
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = cli.main(["verify", prefix])
+        if code != 0:
+            if "internal error" in err.getvalue():
+                raise RuntimeError(err.getvalue().strip())
+            raise ss.ShardsaveError(err.getvalue().strip())
+
     run("list_variables", lambda: list_variables(prefix))
     run("reader", reader_all)
     run("get_tensor", tensors)
     run("inspect", inspect)
     run("inspect_checkpoint", inspect_checkpoint)
+    run("verify", verify)
     for name, spec in layouts.items():
         for in_place in (True, False):
             run(

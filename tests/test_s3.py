@@ -384,7 +384,7 @@ def test_standard_aws_environment_alone(s3_server, s3_dir, monkeypatch, capsys):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"model\.ckpt-4 +4 +\d+ .*\(latest\)", proc.stdout), proc.stdout
+    assert re.search(r"model\.ckpt-4 +4 +[\d.]+ (B|KiB) .*\(latest\)", proc.stdout), proc.stdout
 
 
 # ------------------------------------------------------------------ command line
