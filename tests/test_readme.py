@@ -104,3 +104,22 @@ def test_snippet_runs(snippet: Snippet, tmp_path):
         assert re.search(snippet.expect, proc.stdout), (
             f"{snippet.id}: no {snippet.expect!r} in\n{out[-4000:]}"
         )
+
+
+LAUNCH = re.compile(r"\b(?:mpiexec|mpirun|srun)\b[^\n]*?\bpython3?\b(?P<after>[^\n]*)")
+
+
+def test_every_launch_line_uses_python_m_mpi4py():
+    """README, examples/ and deploy/: every MPI launch runs ``python -m mpi4py`` (see the
+    README for why); tests/test_deploy.py checks deploy/'s structured files too."""
+    files = [Path(README), *Path(REPO, "examples").glob("*.py")]
+    files += [p for p in Path(REPO, "deploy").rglob("*") if p.is_file()]
+    bad, seen = [], 0
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for m in LAUNCH.finditer(re.sub(r"[\"',]", " ", line)):  # exec-form JSON too
+                seen += 1
+                if not re.match(r"\s*-m\s+mpi4py\b", m.group("after")):
+                    bad.append(f"{Path(path).relative_to(REPO)}:{number}: {line.strip()}")
+    assert seen >= 10
+    assert not bad, "\n".join(bad)
