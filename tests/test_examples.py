@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from faults.common import REPO, run_mpi
+from faults.common import MPIEXEC, REPO, run_mpi
 
 import shardsave as ss
 from shardsave.format.names import METADATA_NAME
@@ -80,3 +84,69 @@ def test_torch_train_resumed_on_more_ranks_equals_straight_run(tmp_path):
     names = dict(ss.list_variables(f"{run}/ckpt-16"))
     assert "model/0.weight" in names and names["model/0.weight"] == [32, 16]
     assert any(n.startswith("optimizer/state/") and n.endswith("exp_avg_sq") for n in names), names
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in sorted(children.get(todo.pop(0), [])):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        return b"mpi_train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
+
+
+def test_mpi_train_preempted_by_sigterm_to_one_rank_saves_and_resumes_bit_exact(tmp_path):
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("finds the ranks through /proc")
+    run, straight = str(tmp_path / "run"), str(tmp_path / "straight")
+    script = os.path.join(REPO, "examples", "mpi_train.py")
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", script, "--ckpt-dir", run]
+    cmd += ["--steps", "1000000", "--save-every", "1000000"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        for line in proc.stdout:  # rank 0 prints every 20 steps: the loop is running
+            if " loss " in line:
+                break
+        ranks = {_environ(p).get("PMI_RANK"): p for p in _descendants(proc.pid) if _is_rank(p)}
+        assert set(ranks) == {"0", "1"}, ranks
+        os.kill(ranks["1"], signal.SIGTERM)  # one rank only, not the coordinator
+        out, err = proc.communicate(timeout=120)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    m = re.search(r"preempted at step (\d+)", out)
+    assert m, out[-3000:]
+    step = int(m.group(1))
+    assert ss.latest_checkpoint(run) == f"{run}/model.ckpt-{step}"  # the same step, saved by both
+    assert sorted(f for f in os.listdir(run) if ".data-" in f) == [
+        f"model.ckpt-{step}.data-{r:05d}-of-00002" for r in range(2)
+    ]
+    _, resumed = run_example("mpi_train.py", 1, run, step + 3, "--resume", "--save-every", "1000")
+    _, straight_sha = run_example("mpi_train.py", 1, straight, step + 3, "--save-every", "1000")
+    assert resumed == straight_sha
