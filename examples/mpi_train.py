@@ -1,7 +1,7 @@
-"""Data-parallel training with a row-sharded embedding, checkpointed with shardsave.
+"""Data-parallel training with a row-sharded embedding, checkpointed with ss.CheckpointManager.
 
-    mpiexec -n 4 python examples/mpi_train.py --ckpt-dir /tmp/run --steps 100
-    mpiexec -n 2 python examples/mpi_train.py --ckpt-dir /tmp/run --steps 200 --resume
+    mpiexec -n 4 python -m mpi4py examples/mpi_train.py --ckpt-dir /tmp/run --steps 100
+    mpiexec -n 2 python -m mpi4py examples/mpi_train.py --ckpt-dir /tmp/run --steps 200 --resume
 
 The model is a bag-of-tokens classifier: a token embedding ``embedding`` [vocab, dim],
 whose rows are split over the ranks (each rank owns and updates only its rows, as with
@@ -12,6 +12,13 @@ allreduce (each micro-batch in its own row, so the sum adds only zeros and is ex
 then added up in micro-batch order. That makes every step bit-identical whatever the
 number of ranks, so 100 steps on 4 ranks resumed to 200 on 2 ranks ends with exactly
 the parameters of 200 steps straight.
+
+The parameters are numpy arrays that the Variables use as they are (no copy) and that
+training updates in place; the manager saves them every ``--save-every`` steps (in the
+background), keeps ``--max-to-keep`` checkpoints across restarts, restores the newest one
+that restores with ``--resume`` (on any number of ranks), and on SIGTERM or SIGUSR1 to any
+rank saves the same step on every rank and exits (run it again with ``--resume``).
+A checkpoint numbered ``s`` holds the parameters after ``s`` steps.
 """
 
 from __future__ import annotations
@@ -88,6 +95,12 @@ def gradients(emb, kernel, bias, ids, labels, args):
     return loss, d_emb, d_kernel, d_bias
 
 
+def config_of(args) -> dict:
+    """What must match between a checkpoint and the run that resumes from it."""
+    keys = ("vocab", "dim", "classes", "tokens", "batch", "micro_batches", "lr", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -97,32 +110,45 @@ def main(argv=None) -> int:
 
     init = np.random.default_rng(args.seed + 1)
     full_emb = (init.standard_normal((args.vocab, args.dim)) * 0.1).astype(np.float32)
-    emb = ss.Variable("embedding", full_emb[lo:hi], global_shape=full_emb.shape, offset=(lo, 0))
+    # Each Variable uses the (writable, C-contiguous) array it is given, without a copy:
+    # training below updates these arrays in place, saves read them, restores fill them.
+    emb = ss.Variable("embedding", full_emb[lo:hi].copy(), global_shape=full_emb.shape, offset=(lo, 0))
     kernel = ss.Variable(
         "dense/kernel", (init.standard_normal((args.dim, args.classes)) * 0.1).astype(np.float32)
     )
     bias = ss.Variable("dense/bias", np.zeros(args.classes, np.float32))
-    global_step = ss.Variable("global_step", np.int64(0))
-    saver = ss.Saver(max_to_keep=args.max_to_keep, comm=comm, storage_options=options)
-    prefix = args.ckpt_dir.rstrip("/") + "/model.ckpt"
 
+    ckpt_dir = args.ckpt_dir.rstrip("/")
+    mgr = ss.CheckpointManager(
+        ckpt_dir,
+        [emb, kernel, bias],
+        max_to_keep=args.max_to_keep,
+        save_interval_steps=args.save_every,
+        checkpoint_name="model.ckpt",
+        comm=comm,
+        storage_options=options,
+    )
+
+    step = 0
     if args.resume:
-        latest = ss.latest_checkpoint(args.ckpt_dir, storage_options=options) if rank == 0 else None
-        latest = comm.bcast(latest)
-        if latest:
-            saver.restore(latest)
-            # as with TF's Saver: adopt the older checkpoints so retention keeps deleting them
-            state = ss.get_checkpoint_state(args.ckpt_dir, storage_options=options) if rank == 0 else None
-            saver.recover_last_checkpoints(comm.bcast(state.all_model_checkpoint_paths if state else []))
+        restored = mgr.restore_or_initialize()  # the newest checkpoint that restores, or None
+        if restored is None:
             if rank == 0:
-                print(f"resumed from {latest} at step {int(global_step.value)} on {size} ranks", flush=True)
-        elif rank == 0:
-            print(f"no checkpoint in {args.ckpt_dir}: starting from scratch", flush=True)
+                print(f"no checkpoint in {ckpt_dir}: starting from scratch", flush=True)
+        else:
+            step = restored
+            saved = (mgr.metadata(step) or {}).get("config")
+            if saved is not None and saved != config_of(args):
+                raise SystemExit(
+                    f"{ckpt_dir}/model.ckpt-{step} was trained with {saved}, not {config_of(args)}"
+                )
+            if rank == 0:
+                print(f"resumed from {ckpt_dir}/model.ckpt-{step} at step {step} on {size} ranks", flush=True)
 
     counts = comm.allgather(hi - lo)
     displs = np.concatenate([[0], np.cumsum(counts)[:-1]]) * args.dim
     nparams = args.vocab * args.dim + args.dim * args.classes + args.classes
-    step = int(global_step.value)
+    preempted = False
     while step < args.steps:
         full = np.empty((args.vocab, args.dim), np.float32)
         comm.Allgatherv(emb.value, [full, np.array(counts) * args.dim, displs, MPI.FLOAT])
@@ -138,17 +164,29 @@ def main(argv=None) -> int:
         total /= args.batch
         g_emb = total[: args.vocab * args.dim].reshape(args.vocab, args.dim)
         g_kernel = total[args.vocab * args.dim : -1 - args.classes].reshape(args.dim, args.classes)
-        emb.assign(emb.value - args.lr * g_emb[lo:hi].astype(np.float32))
-        kernel.assign(kernel.value - args.lr * g_kernel.astype(np.float32))
-        bias.assign(bias.value - args.lr * total[-1 - args.classes : -1].astype(np.float32))
-        step += 1
-        global_step.assign(step)
+        g_bias = total[-1 - args.classes : -1]
+        # in place: the arrays the Variables hold are the ones the manager saves
+        emb.value[...] -= args.lr * g_emb[lo:hi].astype(np.float32)
+        kernel.value[...] -= args.lr * g_kernel.astype(np.float32)
+        bias.value[...] -= args.lr * g_bias.astype(np.float32)
+        loss = float(total[-1])
+        step += 1  # the parameters are now those after `step` steps
         if rank == 0 and (step % 20 == 0 or step == args.steps):
-            print(f"step {step:4d}  loss {total[-1]:.4f}", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
-            path = saver.save(prefix, global_step=step)
+            print(f"step {step:4d}  loss {loss:.4f}", flush=True)
+        # should_save is collective (it agrees on preemption notices): every rank calls it
+        if mgr.should_save(step) or step == args.steps:
+            mgr.save(step, metrics={"loss": loss}, metadata={"ranks": size, "config": config_of(args)})
             if rank == 0:
-                print(f"step {step:4d}  saved {path}", flush=True)
+                print(f"step {step:4d}  saving {ckpt_dir}/model.ckpt-{step} in the background", flush=True)
+        if mgr.reached_preemption(step):  # every rank agrees at the same step
+            preempted = True
+            break
+    mgr.wait_until_finished()  # the last save is committed (or its error raised) here
+    latest = mgr.latest_step()
+    if rank == 0 and latest is not None:
+        print(f"step {latest:4d}  saved {ckpt_dir}/model.ckpt-{latest}", flush=True)
+    if rank == 0 and preempted:
+        print(f"preempted at step {step}: run again with --resume to continue", flush=True)
 
     full = np.empty((args.vocab, args.dim), np.float32)
     comm.Allgatherv(emb.value, [full, np.array(counts) * args.dim, displs, MPI.FLOAT])
@@ -159,6 +197,7 @@ def main(argv=None) -> int:
         print(f"final step {step} parameters sha256 {digest.hexdigest()}", flush=True)
         if args.dump:
             np.savez(args.dump, embedding=full, kernel=kernel.value, bias=bias.value, step=step)
+    mgr.close()
     return 0
 
 

@@ -588,3 +588,15 @@ def test_readme_documents_every_file() -> None:
             rel = path.relative_to(DEPLOY).as_posix()
             assert rel in text, f"deploy/README.md does not mention {rel}"
     assert "not executed" in text.lower() or "not run by ci" in text.lower()
+
+
+def test_every_mpi_launch_uses_python_m_mpi4py() -> None:
+    """Without ``-m mpi4py`` an error on one rank leaves the others waiting (README)."""
+    launched = [run for run in _example_runs() if run.launcher is not None]
+    assert len(launched) >= 5
+    bad = [
+        f"{run.source}: {' '.join(run.prefix)} {run.script}"
+        for run in launched
+        if run.prefix[-3:] not in (["python", "-m", "mpi4py"], ["python3", "-m", "mpi4py"])
+    ]
+    assert not bad, f"MPI launches without python -m mpi4py: {bad}"
