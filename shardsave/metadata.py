@@ -56,8 +56,16 @@ def decode(value: Any, prefix: str) -> dict:
             f"got shape {arr.shape} of {type(arr.reshape(-1)[0]).__name__ if arr.size else 'nothing'}"
         )
     raw = arr[()]
+    if len(raw) > MAX_METADATA_BYTES:
+        raise DataLossError(
+            f"{prefix}: tensor {METADATA_NAME!r} holds {len(raw)} bytes; a writer stores at most "
+            f"{MAX_METADATA_BYTES} bytes of JSON"
+        )
     try:
-        out = json.loads(raw)
+        # UTF-8 only, as written: json.loads(bytes) would guess UTF-16 or UTF-32 from a BOM
+        out = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except UnicodeDecodeError as exc:
+        raise DataLossError(f"{prefix}: tensor {METADATA_NAME!r} is not UTF-8 JSON text: {exc}") from None
     except (ValueError, RecursionError) as exc:
         raise DataLossError(f"{prefix}: tensor {METADATA_NAME!r} is not valid JSON: {exc}") from None
     if not isinstance(out, dict):
@@ -73,4 +81,10 @@ def read_metadata(
     reader = CheckpointReader(prefix, storage_options=storage_options, fs=fs)
     if not reader.has_tensor(METADATA_NAME):
         return None
+    size = reader.get_entries().entries[METADATA_NAME].size
+    if size > MAX_METADATA_BYTES + 64:  # a few bytes of length varint and checksum besides the text
+        raise DataLossError(
+            f"{reader.prefix}: tensor {METADATA_NAME!r} takes {size} bytes in the data file; a writer "
+            f"stores at most {MAX_METADATA_BYTES} bytes of JSON (not read)"
+        )
     return decode(reader.get_tensor(METADATA_NAME), reader.prefix)
