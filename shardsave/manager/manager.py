@@ -278,8 +278,7 @@ class CheckpointManager:
             time.monotonic() - pending.started,
             self._comm.size,
         )
-        for e in out.doomed:
-            self._info("CheckpointManager: retention deleted %s (step %d)", e.prefix, e.step)
+        for e in out.doomed:  # the save's coordinator logged "retention deleted" for each
             self._metadata.pop(e.step, None)
 
     # --------------------------------------------------------------------- restore
