@@ -359,6 +359,12 @@ def _check_reserved(saveables: Mapping[str, Any]) -> None:
             f"a variable is named {METADATA_NAME!r}, the name reserved for a checkpoint's metadata "
             "(Saver.save(metadata=...)); rename it"
         )
+    for name in saveables:
+        if name.startswith("\x00"):  # the index's slice keys begin with NUL: it would read as one
+            raise InvalidArgumentError(
+                f"variable name {name!r} begins with a NUL character, which a checkpoint index "
+                "reserves for its slice keys; rename it"
+            )
 
 
 def _check_prefix(prefix: str) -> None:

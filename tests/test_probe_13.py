@@ -29,3 +29,12 @@ def test_read_metadata_takes_utf8_only(tmp_path):
     prefix = _with_metadata_bytes(tmp_path, '{"a": 1}'.encode("utf-16"))
     with pytest.raises(ss.errors.DataLossError, match="UTF-8"):
         ss.read_metadata(prefix)
+
+
+@pytest.mark.parametrize("name", ["\x00", "\x00a"])
+def test_a_name_beginning_with_nul_is_refused_not_a_bare_valueerror(tmp_path, name):
+    # the index's slice keys begin with a NUL byte: such a name would read as one
+    with pytest.raises(ss.errors.InvalidArgumentError, match="NUL"):
+        ss.Saver({name: np.zeros(2)}).save(str(tmp_path / "c"))
+    with pytest.raises(ss.errors.InvalidArgumentError, match="NUL"):
+        ss.Saver([ss.Variable(name, np.zeros(2), register=False)]).save(str(tmp_path / "c"))
