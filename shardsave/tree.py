@@ -75,8 +75,11 @@ def walk(tree: Any) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-def _walk(tree: Any, path: str, keys: tuple) -> Iterator[tuple[str, Any, tuple]]:
-    """:func:`walk`, with the keys that lead from the root to each leaf."""
+def _walk(
+    tree: Any, path: str, keys: tuple, above: frozenset = frozenset()
+) -> Iterator[tuple[str, Any, tuple]]:
+    """:func:`walk`, with the keys that lead from the root to each leaf (``above``: the
+    ids of the containers on the way, against a tree that contains itself)."""
     if isinstance(tree, Mapping):
         items = ((_key_name(k, path), v, k) for k, v in tree.items())
     elif isinstance(tree, list | tuple):
@@ -84,8 +87,11 @@ def _walk(tree: Any, path: str, keys: tuple) -> Iterator[tuple[str, Any, tuple]]
     else:
         yield path, tree, keys
         return
+    if id(tree) in above:
+        raise InvalidArgumentError(f"tree node {path!r} contains itself (a cycle): a tree must be finite")
+    above = above | {id(tree)}
     for key, value, raw in items:
-        yield from _walk(value, f"{path}/{key}" if path else key, (*keys, raw))
+        yield from _walk(value, f"{path}/{key}" if path else key, (*keys, raw), above)
 
 
 _NOT_A_LEAF = object()

@@ -38,3 +38,14 @@ def test_a_name_beginning_with_nul_is_refused_not_a_bare_valueerror(tmp_path, na
         ss.Saver({name: np.zeros(2)}).save(str(tmp_path / "c"))
     with pytest.raises(ss.errors.InvalidArgumentError, match="NUL"):
         ss.Saver([ss.Variable(name, np.zeros(2), register=False)]).save(str(tmp_path / "c"))
+
+
+def test_a_tree_that_contains_itself_is_refused(tmp_path):
+    tree: dict = {"w": np.zeros(2)}
+    tree["self"] = tree
+    with pytest.raises(ss.errors.InvalidArgumentError, match="self.*contains itself"):
+        ss.Saver(tree)
+    looped: list = [np.zeros(1)]
+    looped.append({"x": looped})
+    with pytest.raises(ss.errors.InvalidArgumentError, match="1/x"):
+        ss.Saver({"a": looped})
