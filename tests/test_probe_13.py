@@ -49,3 +49,21 @@ def test_a_tree_that_contains_itself_is_refused(tmp_path):
     looped.append({"x": looped})
     with pytest.raises(ss.errors.InvalidArgumentError, match="1/x"):
         ss.Saver({"a": looped})
+
+
+def test_a_save_below_the_newest_step_without_resuming_deletes_nothing(tmp_path):
+    d = str(tmp_path / "run")
+    w = np.ones(4, np.float32)
+    with ss.CheckpointManager(d, {"w": w}, max_to_keep=5) as mgr:
+        for step in (10, 20, 30):
+            mgr.save(step, blocking=True)
+        with pytest.raises(ss.errors.FailedPreconditionError, match="save\\(20\\).*holds step 30"):
+            mgr.save(20)  # steps going backwards in one process
+    with ss.CheckpointManager(d, {"w": w}, max_to_keep=5) as mgr:  # a loop that forgot to resume
+        assert mgr.should_save(0)
+        with pytest.raises(ss.errors.FailedPreconditionError, match="restore_or_initialize"):
+            mgr.save(0, blocking=True)
+        assert mgr.all_steps() == [10, 20, 30]
+        assert mgr.restore_or_initialize() == 30
+        mgr.save(5, blocking=True)  # after resuming: a deliberate new timeline replaces them
+        assert mgr.all_steps() == [5]

@@ -113,6 +113,7 @@ class CheckpointManager:
         self.restored_state: Any = None
         """What the last restore returned: the restored tree of a tree state, else None."""
         self._closed = False
+        self._resumed = False  # restore_or_initialize ran: a save may replace later steps
         self._comm.begin("CheckpointManager")
         self._adopt(self._find())
 
@@ -194,10 +195,19 @@ class CheckpointManager:
         copied; the next save, a restore, :meth:`wait_until_finished`, :meth:`close` and
         interpreter exit join it. ``state``: a new tree for a tree state (immutable leaves,
         e.g. JAX's) assigned before saving. Checkpoints of later steps (a timeline left by
-        restoring an older one) are deleted by this save's retention.
+        restoring an older one) are deleted by this save's retention, but only after
+        :meth:`restore_or_initialize`: without it a save below the newest step raises
+        ``FailedPreconditionError`` (a loop that forgot to resume would delete them all).
         """
         step = _step(step)
         self.wait_until_finished()
+        newest = max((e.step for e in self._entries), default=-1)  # the same on every rank
+        if step < newest and not self._resumed and not self._closed:
+            raise FailedPreconditionError(
+                f"CheckpointManager.save({step}): {self.directory} holds step {newest}, later than "
+                f"{step}; call restore_or_initialize() first (its save then replaces the later "
+                "checkpoints) or save a later step; nothing was written or deleted"
+            )
         self._begin("save")
         key = {"step": step, "blocking": bool(blocking), "metadata": metadata is not None}
         record = self._comm.every_rank(
@@ -288,6 +298,7 @@ class CheckpointManager:
         tried. None (the state left as it is) when none restores or there is none."""
         self.wait_until_finished()
         self._begin("restore_or_initialize")
+        self._resumed = True
         self._adopt(self._find())
         for entry in reversed(self._committed):
             started = time.monotonic()
