@@ -81,6 +81,11 @@ def jax_view(array: Any, what: str) -> np.ndarray:
 def numpy_view(value: Any, what: str) -> np.ndarray | None:
     """A numpy array over ``value``'s own memory, or None if it has none (a list, a Python
     number): a numpy array itself, a torch tensor's view, a JAX array's ``np.asarray``."""
+    if isinstance(value, np.ma.MaskedArray):  # its mask would be lost (and a tree saved its fill values)
+        raise InvalidArgumentError(
+            f"{what} is a numpy masked array: a checkpoint stores no mask; pass .filled(...) or .data "
+            "(and the mask, .mask, as a leaf of its own)"
+        )
     if isinstance(value, np.ndarray):
         return value
     if is_torch(value):
@@ -93,7 +98,7 @@ def numpy_view(value: Any, what: str) -> np.ndarray | None:
 def shareable(arr: np.ndarray, dtype: Any = None, strided: bool = False) -> bool:
     """Whether a Variable can hold ``arr`` itself: writable, C-contiguous (any strides
     with ``strided``), not an object array, and ``dtype`` (if given) its own dtype.
-    np.matrix and masked arrays, whose shapes and values follow other rules, are copied."""
+    np.matrix, whose shapes follow other rules, is copied (masked arrays are refused)."""
     return (
         (type(arr) is np.ndarray or isinstance(arr, np.memmap))
         and arr.flags.writeable

@@ -67,3 +67,11 @@ def test_a_save_below_the_newest_step_without_resuming_deletes_nothing(tmp_path)
         assert mgr.restore_or_initialize() == 30
         mgr.save(5, blocking=True)  # after resuming: a deliberate new timeline replaces them
         assert mgr.all_steps() == [5]
+
+
+def test_a_masked_array_is_refused_not_saved_as_its_fill_values(tmp_path):
+    x = np.ma.array([1.0, 2.0], mask=[False, True])
+    with pytest.raises(ss.errors.InvalidArgumentError, match="'x'.*masked array"):
+        ss.Saver({"x": x})  # stored 1e20 (the fill value) for the masked element, silently
+    with pytest.raises(ss.errors.InvalidArgumentError, match="'x'.*masked array"):
+        ss.Variable("x", x, register=False)  # stored the data, dropping the mask
