@@ -75,3 +75,11 @@ def test_a_masked_array_is_refused_not_saved_as_its_fill_values(tmp_path):
         ss.Saver({"x": x})  # stored 1e20 (the fill value) for the masked element, silently
     with pytest.raises(ss.errors.InvalidArgumentError, match="'x'.*masked array"):
         ss.Variable("x", x, register=False)  # stored the data, dropping the mask
+
+
+def test_manager_metadata_of_a_step_saved_without_is_none(tmp_path):
+    with ss.CheckpointManager(str(tmp_path), {"w": np.ones(2)}) as mgr:
+        mgr.save(1, metrics={"loss": 1.0})
+        mgr.save(2, metadata={"lr": 0.1})
+        assert mgr.metadata(1) is None  # was {}: the manager's own record was all it held
+        assert mgr.metadata(2) == {"lr": 0.1}

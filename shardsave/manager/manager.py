@@ -350,14 +350,15 @@ class CheckpointManager:
 
     def metadata(self, step: int) -> dict | None:
         """The ``metadata`` dict saved with ``step`` (read from the checkpoint), or None
-        if it was saved without any."""
+        if it was saved without any (or with an empty one: the checkpoint also holds the
+        manager's own record, so the two are not told apart)."""
         step = _step(step)
         self.wait_until_finished()
         if step not in self._metadata:
             prefix = steps.prefix_of(self.directory, self.checkpoint_name, step)
             meta = read_metadata(prefix, storage_options=self._storage_options, fs=self._fs)
             if meta is not None:
-                meta = {k: v for k, v in meta.items() if k != steps.MANAGER_KEY}
+                meta = {k: v for k, v in meta.items() if k != steps.MANAGER_KEY} or None
             self._metadata[step] = meta
         return self._metadata[step]
 
