@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import shardsave_main
 from crafting import Crafted, save_standard
 
 import shardsave as ss
@@ -33,15 +34,10 @@ EMB_PIECE = entry_key("emb", [(256, 256), (0, 1024)])
 
 
 def main(*args: str) -> tuple[int, str, str]:
-    """``shardsave ARGS`` in this process: exit status, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(args))
-        except SystemExit as exc:  # argparse
-            code = exc.code
-    assert "Traceback" not in out.getvalue() + err.getvalue()
-    return code, out.getvalue(), err.getvalue()
+    """``shardsave ARGS`` in this process: exit status, stdout, stderr; never a traceback."""
+    code, out, err = shardsave_main(*args)
+    assert "Traceback" not in out + err
+    return code, out, err
 
 
 def command(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import io
 import json
 import os
 import pickle
@@ -32,10 +31,11 @@ import tempfile
 
 import numpy as np
 import pytest
+from cli_helpers import shardsave_main
 from faults.common import run_group
 
 import shardsave as ss
-from shardsave import cli, errors, storage
+from shardsave import errors, storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -58,18 +58,6 @@ def shardsave_cmd(*args: str, env: dict | None = None) -> subprocess.CompletedPr
     """The installed ``shardsave`` console script, as a user runs it."""
     assert SHARDSAVE is not None, "the shardsave console script is not installed (pip install -e .)"
     return run_group([SHARDSAVE, *args], env=env, timeout=60)
-
-
-def shardsave_main(*args: str) -> tuple[int, str, str]:
-    """``shardsave ARGS`` in this process (the same ``main``, without the start-up cost):
-    exit status, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(args))
-        except SystemExit as exc:  # argparse
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess | tuple, *needles: str) -> str:
