@@ -83,6 +83,25 @@ def run_mpi(
     return run_group([MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *args], env, timeout)
 
 
+def run_nodes(
+    nodes: list[tuple[str, int]], args: list[str], env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """One job whose ranks sit on simulated nodes: ``nodes`` = [(node id, ranks), ...] in
+    rank order, launched with MPICH's MPMD syntax, each part with its own
+    ``SHARDSAVE_NODE_ID`` (``mpiexec -n 2 -env SHARDSAVE_NODE_ID a python -m mpi4py ARGS :
+    -n 2 -env SHARDSAVE_NODE_ID b ...``)."""
+    import pytest
+
+    if MPIEXEC is None:
+        pytest.fail("mpiexec not found: install the 'mpi' extra (the mpich wheel)")
+    cmd = [MPIEXEC]
+    for i, (node, n) in enumerate(nodes):
+        if i:
+            cmd.append(":")
+        cmd += ["-n", str(n), "-env", "SHARDSAVE_NODE_ID", node, sys.executable, "-m", "mpi4py", *args]
+    return run_group(cmd, env, timeout)
+
+
 def run_group(cmd: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group from the repository; the whole group dies,
     and the test fails, if it hangs."""

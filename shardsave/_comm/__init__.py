@@ -26,8 +26,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
-from . import errors
-from ._reports import combined_error, describe, rebuild
+from .. import errors
+from .._reports import combined_error, describe, rebuild
 
 T = TypeVar("T")
 
