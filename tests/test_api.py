@@ -19,13 +19,15 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from cli_helpers import completed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardsave as ss
+import shardsave.cli as shardsave_cli
 import shardsave.save.protocol as save_protocol_module
 import shardsave.saver as saver_module
-from shardsave import errors
+from shardsave import _inspect, errors
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -61,7 +63,13 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return run("-m", "shardsave.cli", *args)
+    """``shardsave ARGS``, in this process (test_console_script_installed and the first
+    inspect_checkpoint call below start real processes)."""
+    return completed(shardsave_cli.main, *args)
+
+
+def inspect_module(*args: str) -> subprocess.CompletedProcess:
+    return completed(_inspect.main, *args)
 
 
 def files(directory: Path) -> set[str]:
@@ -504,37 +512,39 @@ def test_cli_gc_deletes_data_files_without_index(ckpt_dir):
 def test_inspect_checkpoint_module_every_flag(ckpt_dir):
     directory, prefixes = ckpt_dir
     mod = ("-m", "shardsave.inspect_checkpoint", "--file_name")
-    out = run(*mod, prefixes[2])  # no tensor: the reader's debug string
+    out = run(*mod, prefixes[2])  # no tensor: the reader's debug string (a real process)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "bias (DT_FLOAT) [2]\nbig (DT_INT64) [20]\nweight (DT_FLOAT) [2, 3]\n"
 
-    out = run(*mod, prefixes[2], "--tensor_name", "bias")
+    out = inspect_module(*mod[2:], prefixes[2], "--tensor_name", "bias")
     assert out.returncode == 0, out.stderr
     assert "bias" in out.stdout.splitlines()[0] and "float32" in out.stdout.splitlines()[0]
     assert "[ 0.5 -0.5]" in out.stdout and "# Total number of params: 2" in out.stdout
 
-    out = run(*mod, str(directory), "--all_tensors")
+    out = inspect_module(*mod[2:], str(directory), "--all_tensors")
     assert out.returncode == 0, out.stderr
     assert "[[0. 1. 2.]\n [3. 4. 5.]]" in out.stdout and "19]" in out.stdout
     assert out.stdout.rstrip().endswith("# Total number of params: 28")
 
-    out = run(*mod, prefixes[2], "--all_tensor_names")
+    out = inspect_module(*mod[2:], prefixes[2], "--all_tensor_names")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert [line.split()[1] for line in lines[:3]] == ["bias", "big", "weight"]
     assert "[3. 4. 5.]" not in out.stdout and lines[-1] == "# Total number of params: 28"
 
-    out = run(*mod, prefixes[2], "--tensor_name", "big")
+    out = inspect_module(*mod[2:], prefixes[2], "--tensor_name", "big")
     assert "..." not in out.stdout and " 9 10 " in out.stdout
-    out = run(*mod, prefixes[2], "--tensor_name", "big", "--printoptions", "threshold=5", "edgeitems=2")
+    out = inspect_module(
+        *mod[2:], prefixes[2], "--tensor_name", "big", "--printoptions", "threshold=5", "edgeitems=2"
+    )
     assert out.returncode == 0, out.stderr
     assert "[ 0  1 ... 18 19]" in out.stdout
 
-    out = run(*mod, prefixes[2], "--printoptions", "no_such_option=1")
+    out = inspect_module(*mod[2:], prefixes[2], "--printoptions", "no_such_option=1")
     assert out.returncode == 2 and "no_such_option" in out.stderr
-    out = run(*mod, prefixes[2], "--tensor_name", "weights")
+    out = inspect_module(*mod[2:], prefixes[2], "--tensor_name", "weights")
     assert out.returncode == 1 and "'weights'" in out.stderr and "'weight'" in out.stderr
-    out = run(*mod, str(directory / "missing"))
+    out = inspect_module(*mod[2:], str(directory / "missing"))
     assert out.returncode == 1 and "missing" in out.stderr
 
 
