@@ -1,0 +1,116 @@
+"""Point-to-point bytes, sub-communicators and XOR reductions for the fast tier (tiers/):
+the MPI calls its redundancy and restart need, kept in the comm room.
+
+Every wait here is bounded by the Comm's ``timeout``: a peer that never sends costs
+``DeadlineExceededError`` naming it, not a hang. Buffers travel as raw bytes (never
+pickled), in pieces below MPI's 2**31-element count limit.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .. import errors
+from . import Comm, _duplicate, _poll
+
+PIECE = 1 << 30
+"""Largest message: MPI counts are 32-bit ints in the classic bindings."""
+EXCHANGE_TAG = 0x5A510
+
+
+def _pieces(view: memoryview) -> list[memoryview]:
+    return [view[i : i + PIECE] for i in range(0, len(view), PIECE)] or [view[:0]]
+
+
+def exchange(
+    comm: Comm,
+    sends: Mapping[int, Any],
+    recvs: Mapping[int, Any],
+    what: str,
+    tag: int = EXCHANGE_TAG,
+) -> None:
+    """Send each ``sends[rank]`` (a bytes-like buffer) to ``rank`` and receive exactly
+    ``len(recvs[rank])`` bytes from each ``rank`` into the writable buffer ``recvs[rank]``,
+    all at once. Both sides must agree on the sizes (the caller's plan). Bounded by
+    ``comm.timeout``."""
+    if comm._comm is None:  # one rank: only itself to talk to
+        for rank, buf in sends.items():
+            memoryview(recvs[rank]).cast("B")[:] = memoryview(buf).cast("B")
+        return
+    from mpi4py import MPI
+
+    mpi = comm._usable(what)
+    requests = []
+    for rank, buf in recvs.items():
+        for piece in _pieces(memoryview(buf).cast("B")):
+            requests.append(mpi.Irecv([piece, MPI.BYTE], source=rank, tag=tag))
+    for rank, buf in sends.items():
+        for piece in _pieces(memoryview(buf).cast("B")):
+            requests.append(mpi.Isend([piece, MPI.BYTE], dest=rank, tag=tag))
+    deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
+    if not _poll(lambda: MPI.Request.Testall(requests), deadline):
+        for req in requests:
+            req.Cancel()
+        peers = sorted(set(sends) | set(recvs))
+        raise errors.DeadlineExceededError(
+            f"{what}: rank {comm.rank} exchanged no bytes with ranks {peers} within {comm.timeout:g} s"
+        )
+
+
+def split(comm: Comm, color: int, key: int) -> Comm:
+    """Collective: the ranks of ``comm`` with the same ``color``, ordered by ``key``, as a
+    Comm of their own (freed when it is closed or collected)."""
+    if comm._comm is None:
+        return Comm(None, comm.timeout)
+    sub = comm._usable().Split(color, key)
+    if sub.Get_size() == 1:
+        sub.Free()
+        return Comm(None, comm.timeout)
+    return Comm(sub, comm.timeout, owned=True)
+
+
+def duplicate(comm: Comm) -> Comm:
+    """Collective: a duplicate of ``comm`` (its own message space), bounded by its timeout."""
+    if comm._comm is None:
+        return Comm(None, comm.timeout)
+    return Comm(_duplicate(comm._usable(), comm.timeout), comm.timeout, owned=True)
+
+
+def xor_reduce_scatter(sub: Comm, buf: np.ndarray) -> np.ndarray:
+    """``buf`` (uint8, ``sub.size * c`` bytes) of every member XORed together; member ``d``
+    gets bytes ``[d*c, (d+1)*c)``. MPI's own reduction (Reduce_scatter_block, BXOR)."""
+    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    if len(buf) % sub.size:
+        raise errors.InvalidArgumentError(f"xor_reduce_scatter: {len(buf)} bytes for {sub.size} members")
+    c = len(buf) // sub.size
+    if sub._comm is None:
+        return buf.copy()
+    from mpi4py import MPI
+
+    mpi = sub._usable()
+    out = np.empty(c, np.uint8)
+    parts = buf.reshape(sub.size, c)
+    for lo in range(0, c, PIECE // max(sub.size, 1)) if c else []:
+        hi = min(c, lo + PIECE // sub.size)
+        send = np.ascontiguousarray(parts[:, lo:hi])
+        mpi.Reduce_scatter_block([send, MPI.BYTE], [out[lo:hi], MPI.BYTE], op=MPI.BXOR)
+    return out
+
+
+def host_of_node(comm: Comm) -> str:
+    """Collective: the host name of the lowest rank sharing memory with this one
+    (``Split_type(COMM_TYPE_SHARED)``): the same string on every rank of a node."""
+    if comm._comm is None:
+        return socket.gethostname()
+    from mpi4py import MPI
+
+    local = comm._usable().Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.bcast(socket.gethostname(), root=0)
+    finally:
+        local.Free()
