@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import storage
-from ..errors import DataLossError
 from .._comm import Comm, peers
+from ..errors import DataLossError
 from . import files, xor
 from .manifest import chunk_size
 from .topology import Topology
@@ -95,9 +95,18 @@ def protect(
     return Protection(None, groups.sets, chunks, sent, time.monotonic() - started)
 
 
+def _own_file(directory: storage.Location, name: str, size: int, step: int) -> bytes:
+    loc = directory.child(name)
+    data = storage.read_bytes(loc)
+    if len(data) != size:
+        raise DataLossError(f"{loc.url}: step {step}: {len(data)} bytes, but {size} were written")
+    return data
+
+
 def _partner(
     comm: Comm,
     topology: Topology,
+    data: bytes,
     directory: storage.Location,
     checkpoint_name: str,
     step: int,
@@ -106,13 +115,6 @@ def _partner(
 ) -> int:
     """Send this rank's data file to its partner and store the copies it is sent."""
     n, rank = comm.size, comm.rank
-    data = storage.read_bytes(directory.child(files.file(checkpoint_name, step, "data", rank, n)))
-    if len(data) != sizes[rank]:
-        from ..errors import DataLossError
-
-        raise DataLossError(
-            f"{directory.url}: step {step}: rank {rank}'s data file changed while protecting it"
-        )
     senders = topology.partner_senders(rank)
     recvs = {s: np.empty(sizes[s], np.uint8) for s in senders}
     peers.exchange(comm, {topology.partner_of(rank): data}, recvs, f"sending partner copies of step {step}")
