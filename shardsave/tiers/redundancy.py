@@ -76,8 +76,9 @@ def protect(
     n = comm.size
     name = files.file(checkpoint_name, step, "data", comm.rank, n)
     if scheme == "partner":
+        own = comm.every_rank(what, lambda: _own_file(directory, name, sizes[comm.rank], step))
         sent = comm.every_rank(
-            what, lambda: _partner(comm, topology, directory, checkpoint_name, step, sizes, fsync)
+            what, lambda: _partner(comm, topology, own, directory, checkpoint_name, step, sizes, fsync)
         )
         partners = tuple(topology.partner_of(r) for r in range(n))
         return Protection(partners, None, None, sent, time.monotonic() - started)
