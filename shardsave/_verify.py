@@ -11,7 +11,7 @@ Damage does not stop the run: every damaged tensor is reported, each naming its 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from . import storage
@@ -80,9 +80,11 @@ def verify_checkpoint(
     loc: storage.Location,
     progress: Callable[[int, int], None] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    shards: Collection[int] | None = None,
 ) -> Report:
     """Check checkpoint ``loc`` (a prefix); damage is collected in the report. An index
-    that does not parse, or a storage error, raises (nothing else can be checked)."""
+    that does not parse, or a storage error, raises (nothing else can be checked).
+    ``shards``: check only the entries in these data files (the fast tier's copies)."""
     t0 = time.monotonic()
     report = Report(loc.url)
     data = read_index_bytes(loc)
@@ -102,6 +104,8 @@ def verify_checkpoint(
             report.add(str(exc), name)
             continue
         for piece, entry in pieces:
+            if shards is not None and entry.shard_id not in shards:
+                continue
             by_shard.setdefault(entry.shard_id, []).append(_Part(name, entry, piece, 0, entry.size))
     index_sound = report.ok  # else entries are missing from by_shard: no file size to expect
     total = sum(p.entry.size for parts in by_shard.values() for p in parts)

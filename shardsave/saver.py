@@ -236,15 +236,27 @@ class Saver:
             return self._save(save_path, global_step, latest_filename, write_state, blocking, metadata)
 
     def _save(
-        self, save_path, global_step, latest_filename, write_state, blocking, metadata=None, retain=None
+        self,
+        save_path,
+        global_step,
+        latest_filename,
+        write_state,
+        blocking,
+        metadata=None,
+        retain=None,
+        protocol=None,
     ) -> str | SaveHandle:
         """``retain(checkpoints, prefix, timestamp) -> retention.Retained`` replaces TF1's
         retention for this save (the CheckpointManager's policy); it must be pure, as it
-        runs on every rank."""
+        runs on every rank. ``protocol`` replaces steps 2 to 5 (the fast tier's,
+        tiers/fast_save.py): ``protocol.key(key)`` is what the ranks agree on instead of
+        ``key`` (their prefixes differ), ``protocol.run(job, arrays, metas)`` saves and
+        ``protocol.resolve(path)`` locates the prefix."""
         self.wait_until_finished()
         self._comm.begin("Saver.save")
+        resolve = self._resolve if protocol is None else protocol.resolve
         prefix, loc = save_protocol.locate(
-            self._comm, save_path, lambda: self._prefix(save_path, global_step), self._resolve
+            self._comm, save_path, lambda: self._prefix(save_path, global_step), resolve
         )
         try:
             layout = self._layout_with(metadata, prefix)
@@ -256,12 +268,13 @@ class Saver:
             self, layout, prefix, loc, latest_filename, write_state, partial(retained, prefix)
         )
         key = dict(job.key(blocking), metadata=metadata is not None)
+        run = self._plan_write_commit
+        if protocol is not None:
+            key, run = protocol.key(key), protocol.run
         arrays, metas = save_protocol.check_arrays(self._comm, layout, prefix, key)
         if blocking:
-            return self._plan_write_commit(job, arrays, metas)
-        return save_protocol.start_in_background(
-            job, arrays, metas, self._staging, self._plan_write_commit, self._adopt_pending
-        )
+            return run(job, arrays, metas)
+        return save_protocol.start_in_background(job, arrays, metas, self._staging, run, self._adopt_pending)
 
     def _plan_write_commit(self, job: save_protocol.SaveJob, arrays, metas) -> str:
         """Steps 2 to 5; then every rank remembers what retention kept."""
@@ -325,14 +338,19 @@ class Saver:
         """
         if save_path is None:
             raise InvalidArgumentError("cannot restore: save_path is None")
+        return self._restore(os.fspath(save_path), self._resolve)
+
+    def _restore(self, prefix: str, resolve) -> Any:
+        """``restore``, reading through ``resolve(prefix) -> Location`` (the fast tier's
+        served view, tiers/view.py, or this Saver's storage)."""
         with gcpause.paused():
             self.wait_until_finished()
             self._comm.begin("Saver.restore")
             restore_protocol.restore(
                 self._comm,
                 self._layout,
-                os.fspath(save_path),
-                self._resolve,
+                prefix,
+                resolve,
                 in_place=self.restore_in_place,
                 reshape=self.reshape,
                 fsync=self.fsync,

@@ -24,6 +24,9 @@ from ..errors import DataLossError, FailedPreconditionError, InvalidArgumentErro
 from ..metadata import read_metadata
 from ..save.pending import SaveHandle
 from ..saver import Saver
+from ..tiers.fast_save import FastSave
+from ..tiers.levels import MultiLevel
+from ..tiers.restart import Unrestorable
 from . import policy as retention_policy
 from . import steps
 from .policy import Entry, Policy
@@ -52,6 +55,9 @@ class _Pending:
     handle: SaveHandle | None
     outcome: dict  # filled by the retention hook ("outcome": policy.Outcome)
     started: float
+    fast: FastSave | None = None  # a save to the fast tier
+    persist: bool = False  # drained to the durable tier once committed
+    metrics: dict | None = None
 
 
 class CheckpointManager:
@@ -63,6 +69,14 @@ class CheckpointManager:
     ``state``: a :class:`Saver` (used as it is, its ``comm`` too unless ``comm`` is given),
     or anything ``Saver(state)`` takes (a var_list, a nested mapping of arrays). Preemption
     signals (SIGTERM, SIGUSR1) are watched from construction until :meth:`close`.
+
+    With ``local_directory`` (``{node}`` in it is replaced by the node id) every save goes
+    to a fast node-local tier, protected by ``redundancy`` ("none", "partner" copies on
+    the next node, or "xor" parity over groups of ``redundancy_group_size`` nodes), and
+    keeps ``local_max_to_keep`` steps there; every step that is a multiple of
+    ``persist_interval_steps``, the step saved on a preemption notice and (with
+    ``close(persist=True)``) the last one are drained to ``directory`` in the background,
+    where ``max_to_keep`` and the rest apply. See tiers/ and docs/DESIGN.md.
     """
 
     def __init__(
@@ -78,7 +92,16 @@ class CheckpointManager:
         comm: Any = None,
         storage_options: dict | None = None,
         timeout: float | None = 1800.0,
+        local_directory: str | os.PathLike | None = None,
+        local_max_to_keep: int = 2,
+        persist_interval_steps: int | None = None,
+        redundancy: str = "none",
+        redundancy_group_size: int = 4,
     ):
+        if local_directory is None and (redundancy != "none" or persist_interval_steps is not None):
+            raise InvalidArgumentError(
+                "redundancy and persist_interval_steps are options of the fast tier: pass local_directory too"
+            )
         self._policy = Policy(max_to_keep, keep_checkpoint_every_n_hours, best_metric, best_mode)
         if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int):
             raise InvalidArgumentError(f"save_interval_steps must be an int, not {save_interval_steps!r}")
@@ -114,6 +137,22 @@ class CheckpointManager:
         """What the last restore returned: the restored tree of a tree state, else None."""
         self._closed = False
         self._resumed = False  # restore_or_initialize ran: a save may replace later steps
+        self.restored_from: dict | None = None
+        """Where the last restore's data came from: ``step``, ``tier`` (fast or durable),
+        per saving rank ``files`` (``source``: data, partner, rebuilt or durable; ``node``),
+        ``fallbacks`` (why faster sources were not used), ``bytes_read`` by this rank."""
+        self._draining: _Pending | None = None
+        self._fast = None
+        if local_directory is not None:
+            self._fast = MultiLevel(
+                self._saver,
+                local_directory,
+                checkpoint_name,
+                max_to_keep=local_max_to_keep,
+                persist_interval_steps=persist_interval_steps,
+                redundancy=redundancy,
+                group_size=redundancy_group_size,
+            )
         self._comm.begin("CheckpointManager")
         self._adopt(self._find())
 
@@ -200,8 +239,8 @@ class CheckpointManager:
         ``FailedPreconditionError`` (a loop that forgot to resume would delete them all).
         """
         step = _step(step)
-        self.wait_until_finished()
-        newest = max((e.step for e in self._entries), default=-1)  # the same on every rank
+        self._join_save()  # a drain goes on
+        newest = max(self._steps(), default=-1)  # the same on every rank
         if step < newest and not self._resumed and not self._closed:
             raise FailedPreconditionError(
                 f"CheckpointManager.save({step}): {self.directory} holds step {newest}, later than "
@@ -216,10 +255,16 @@ class CheckpointManager:
             key=key,
         )
         prefix = steps.prefix_of(self.directory, self.checkpoint_name, step)
-        pending = _Pending(step, prefix, None, {}, time.monotonic())
-        hook = self._retention_hook(step, record[0], pending.outcome)
-        with gcpause.paused():
-            result = self._saver._save(prefix, None, "checkpoint", True, blocking, record[1], hook)
+        pending = _Pending(step, prefix, None, {}, time.monotonic(), metrics=record[0])
+        if self._fast is not None:
+            preempted = self._watcher.agreed_step is not None and step >= self._watcher.agreed_step
+            pending.persist = self._fast.persists(step, preempted)
+            with gcpause.paused():
+                pending.fast, result = self._fast.save(step, blocking, record[1])
+        else:
+            hook = self._retention_hook(step, record[0], pending.outcome)
+            with gcpause.paused():
+                result = self._saver._save(prefix, None, "checkpoint", True, blocking, record[1], hook)
         pending.handle = result if isinstance(result, SaveHandle) else None
         self._pending = pending
         if blocking:
@@ -264,12 +309,51 @@ class CheckpointManager:
         return retain
 
     def wait_until_finished(self) -> None:
-        """Wait for the pending save, if any; raise its error (on every rank alike)."""
+        """Wait for the pending save and a running drain, if any; raise their errors (on
+        every rank alike)."""
+        self._join_save()
+        self._join_drain()
+
+    def _join_save(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
         if pending.handle is not None:
             pending.handle.result()
+        if pending.fast is None:
+            self._fold(pending)
+            return
+        self._fast.saved(pending.fast, pending.metrics)
+        self._saved.add(pending.step)
+        self._info(
+            "CheckpointManager: saved step %d to the fast tier in %.3f s",
+            pending.step,
+            time.monotonic() - pending.started,
+        )
+        if pending.persist:
+            self._drain(pending)
+
+    def _drain(self, pending: _Pending) -> None:
+        """Start draining a fast-tier step to the durable tier (after the last drain)."""
+        self._join_drain()
+        drain = _Pending(pending.step, pending.prefix, None, {}, time.monotonic())
+        hook = self._retention_hook(pending.step, pending.metrics or {}, drain.outcome)
+        self._fast.start_drain(pending.step, pending.prefix, hook, self._storage_options, self._fs)
+        self._draining = drain
+
+    def _join_drain(self) -> None:
+        drain, self._draining = self._draining, None
+        if drain is not None:
+            self._fast.join_drain()
+            self._fold(drain)
+
+    def _steps(self) -> list[int]:
+        """The steps of both tiers, oldest first."""
+        fast = self._fast.steps if self._fast is not None else []
+        return sorted({e.step for e in self._entries} | set(fast))
+
+    def _fold(self, pending: _Pending) -> None:
+        """A durable save (or drain) committed: adopt its retention's outcome."""
         out: retention_policy.Outcome = pending.outcome["outcome"]
         self._entries = out.kept
         self._last_preserved = out.last_preserved
@@ -295,50 +379,88 @@ class CheckpointManager:
     def restore_or_initialize(self) -> int | None:
         """Collective: restore the newest checkpoint that restores and return its step; a
         damaged or incomplete one is logged (WARNING, with the error) and the next older is
-        tried. None (the state left as it is) when none restores or there is none."""
+        tried. None (the state left as it is) when none restores or there is none.
+
+        With a fast tier, the newest step of either tier; for that step the fast tier
+        (its files wherever they survive in the job, lost ones rebuilt from partner copies
+        or parity, every copy checked first), then the durable tier. ``restored_from``
+        says where each rank's data came from."""
         self.wait_until_finished()
         self._begin("restore_or_initialize")
         self._resumed = True
         self._adopt(self._find())
-        for entry in reversed(self._committed):
+        durable = {e.step: e for e in self._committed}
+        inv = self._fast.inventory() if self._fast is not None else None
+        fast = set(inv.manifests) if inv is not None else set()
+        fallbacks: list[str] = []  # why newer steps, or faster sources, were not used
+        for step in sorted(fast | set(durable), reverse=True):
             started = time.monotonic()
-            try:
-                self.restored_state = self._saver.restore(entry.prefix)
-            except FALLBACK_ERRORS as exc:
-                if self._saver.comm.broken or not _damaged(exc):
-                    raise
-                if self._comm.is_coordinator:
-                    log.warning(
-                        "CheckpointManager: checkpoint %s (step %d) does not restore, trying the next "
-                        "older one: %s: %s",
-                        entry.prefix,
-                        entry.step,
-                        type(exc).__name__,
-                        exc,
+            if step in fast:
+                try:
+                    self.restored_from, self.restored_state = self._fast.restore(inv, step)
+                except Unrestorable as exc:
+                    fallbacks.append(f"step {step}, fast tier: {exc}")
+                    self._warn(
+                        "CheckpointManager: step %d does not restore from the fast tier: %s", step, exc
                     )
-                continue
-            self._saved.add(entry.step)
-            self._info(
-                "CheckpointManager: restored step %d from %s in %.3f s on %d ranks",
-                entry.step,
-                entry.prefix,
-                time.monotonic() - started,
-                self._comm.size,
-            )
-            return entry.step
+                else:
+                    return self._restored(step, "the fast tier", started)
+            if step in durable and self._restore_durable(durable[step], fallbacks):
+                return self._restored(step, durable[step].prefix, started)
         self._info("CheckpointManager: no checkpoint of %s restores; starting fresh", self.directory)
         return None
 
+    def _restore_durable(self, entry: Entry, fallbacks: list[str]) -> bool:
+        try:
+            self.restored_state = self._saver.restore(entry.prefix)
+        except FALLBACK_ERRORS as exc:
+            if self._saver.comm.broken or not _damaged(exc):
+                raise
+            self._warn(
+                "CheckpointManager: checkpoint %s (step %d) does not restore, trying the next older one: %s: %s",
+                entry.prefix,
+                entry.step,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        stats = self._saver.last_restore_stats
+        self.restored_from = {
+            "step": entry.step,
+            "tier": "durable",
+            "files": [{"rank": None, "source": "durable", "node": None}],
+            "fallbacks": fallbacks,
+            "bytes_read": stats.bytes_read if stats is not None else None,
+        }
+        return True
+
+    def _restored(self, step: int, where: str, started: float) -> int:
+        self._saved.add(step)
+        self.restored_from.setdefault("fallbacks", [])
+        self._info(
+            "CheckpointManager: restored step %d from %s in %.3f s on %d ranks",
+            step,
+            where,
+            time.monotonic() - started,
+            self._comm.size,
+        )
+        return step
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        if self._comm.is_coordinator:
+            log.warning(msg, *args)
+
     # --------------------------------------------------------------------- queries
     def latest_step(self) -> int | None:
-        """The newest step kept (after the pending save finishes), or None."""
+        """The newest step kept in either tier (after the pending save finishes), or None."""
         self.wait_until_finished()
-        return self._entries[-1].step if self._entries else None
+        return max(self._steps(), default=None)
 
     def all_steps(self) -> list[int]:
-        """The steps retention keeps (oldest first), after the pending save finishes."""
+        """The steps retention keeps in either tier (oldest first), after the pending save
+        finishes."""
         self.wait_until_finished()
-        return [e.step for e in self._entries]
+        return self._steps()
 
     def best_step(self) -> int | None:
         """The kept step with the best ``metrics[best_metric]``; None without a best
@@ -363,16 +485,26 @@ class CheckpointManager:
         return self._metadata[step]
 
     # ------------------------------------------------------------------------ close
-    def close(self) -> None:
-        """Collective: wait for the pending save, remove the signal handlers, free the
-        manager's communicator (and the Saver's, if the manager made it)."""
+    def close(self, persist: bool = False) -> None:
+        """Collective: wait for the pending save and drain, remove the signal handlers,
+        free the manager's communicators (and the Saver's, if the manager made it).
+        ``persist``: first drain the newest fast-tier step saved, if the durable tier lacks it."""
         if self._closed:
             return
         self._closed = True
         try:
             self.wait_until_finished()
+            last = self._fast.last if self._fast is not None else None
+            if persist and last is not None and last.step not in self._fast.drained:
+                prefix = steps.prefix_of(self.directory, self.checkpoint_name, last.step)
+                self._drain(
+                    _Pending(last.step, prefix, None, {}, time.monotonic(), metrics=self._fast.last_metrics)
+                )
+                self._join_drain()
         finally:
             self._watcher.close()
+            if self._fast is not None:
+                self._fast.close()
             self._comm.close()
             if self._owns_saver:
                 self._saver.close()

@@ -316,32 +316,39 @@ def commit(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, rep
             [part for part, _, _ in reports],
             {name: (dt, shape) for name, (dt, shape, _) in the_plan.sliced.items()},
         )
-        commit_protocol.commit(
-            job.loc, mode, [(written, etag) for _, written, etag in reports], index, job.what, fsync=job.fsync
-        )
-        kept, doomed, _, preserved = job.retain(timestamp)
-        if job.write_state:
-            retention.write_state(
-                kept or [(job.prefix, timestamp)],
-                job.latest_filename,
-                preserved,
-                save_relative_paths=job.save_relative_paths,
-                storage_options=job.storage_options,
-                fs=job.fs,
-            )
-        log.info(
-            "saved %s: %d bytes in %.2f s on %d ranks",
-            job.prefix,
-            sum(written for _, written, _ in reports),
-            monotonic() - job.started,
-            comm.size,
-        )
-        for path in doomed:
-            retention.delete_expired(job.loc, storage.resolve(path, job.storage_options, job.fs))
-            log.info("retention deleted %s", path)
+        finish(job, mode, [(written, etag) for _, written, etag in reports], index, timestamp)
         return timestamp
 
     return comm.coordinator_only(job.what, on_coordinator)
+
+
+def finish(
+    job: SaveJob, mode: commit_protocol.SaveMode, reports: list, index: bytes, timestamp: float
+) -> None:
+    """The coordinator, once every data file is written: commit ``index`` (``reports``:
+    each saving rank's bytes and ETag), write the state file, delete what retention lets
+    go. Also the fast tier's drain (tiers/drain.py), whose index is made already."""
+    commit_protocol.commit(job.loc, mode, reports, index, job.what, fsync=job.fsync)
+    kept, doomed, _, preserved = job.retain(timestamp)
+    if job.write_state:
+        retention.write_state(
+            kept or [(job.prefix, timestamp)],
+            job.latest_filename,
+            preserved,
+            save_relative_paths=job.save_relative_paths,
+            storage_options=job.storage_options,
+            fs=job.fs,
+        )
+    log.info(
+        "saved %s: %d bytes in %.2f s on %d ranks",
+        job.prefix,
+        sum(written for written, _ in reports),
+        monotonic() - job.started,
+        job.comm.size,
+    )
+    for path in doomed:
+        retention.delete_expired(job.loc, storage.resolve(path, job.storage_options, job.fs))
+        log.info("retention deleted %s", path)
 
 
 def plan_write_commit(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]) -> float:

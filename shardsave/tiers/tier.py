@@ -1,0 +1,151 @@
+"""``FastTier``: the node-local tier a CheckpointManager saves to when given a
+``local_directory``: its nodes, its directory on this rank's node, its options, and the
+operations on one node's files (uncommit, publish, list, retention)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from .. import storage
+from .._comm import Comm, peers
+from ..errors import InvalidArgumentError
+from . import files, nodes, redundancy
+from .topology import SCHEMES, Topology
+
+log = logging.getLogger("shardsave")
+_TEMP = re.compile(r".+\.tmp[0-9a-f]+")
+
+
+class FastTier:
+    """Collective construction on ``comm`` (the Saver's: redundancy runs on it)."""
+
+    def __init__(
+        self,
+        comm: Comm,
+        template: str,
+        checkpoint_name: str,
+        *,
+        max_to_keep: int,
+        scheme: str,
+        group_size: int,
+        fsync: bool = False,
+    ):
+        self.template = template
+        self.checkpoint_name = checkpoint_name
+        self.max_to_keep = max_to_keep
+        self.redundancy = scheme
+        self.group_size = group_size
+        self.fsync = fsync
+        self.comm = comm
+        what = f"opening the fast tier {template}"
+        self.topology: Topology = nodes.identify(comm, what)
+        self.topology.check(scheme, group_size)  # pure: the same error on every rank
+        self.node = self.topology.nodes[comm.rank]
+        self.is_leader = self.topology.is_leader(comm.rank)
+        self.location: storage.Location = comm.every_rank(what, self._open)
+        self.groups = redundancy.Groups(comm, self.topology, group_size) if scheme == "xor" else None
+        # the restart's file servers and the drains run beside the Saver's own steps
+        self.serving = peers.duplicate(comm)
+        self.drain_comm = peers.duplicate(comm)
+        self.draining: set[int] = set()
+        """Steps a drain is copying (the coordinator's view): local retention keeps them."""
+        self.last_protection: redundancy.Protection | None = None
+
+    def _open(self) -> storage.Location:
+        loc = storage.resolve(files.local_directory(self.template, self.node))
+        if not loc.is_local:
+            raise InvalidArgumentError(
+                f"local_directory={self.template!r} is not on a local filesystem (it is {loc.backend.kind}); "
+                "the fast tier is each node's own RAM disk or SSD, e.g. /dev/shm/run/{node}"
+            )
+        storage.makedirs(loc)
+        return loc
+
+    def close(self) -> None:
+        if self.groups is not None:
+            self.groups.close()
+        self.serving.close()
+        self.drain_comm.close()
+
+    def data_name(self, step: int, rank: int, nranks: int) -> str:
+        return files.file(self.checkpoint_name, step, "data", rank, nranks)
+
+    # ------------------------------------------------------------ one node's files
+    def listing(self) -> dict[int, dict[str, Any]]:
+        """``{step: {file name: size}}`` of this checkpoint name in this node's directory."""
+        out: dict[int, dict[str, Any]] = {}
+        for name, info in storage.files_in(self.location).items():
+            parsed = files.parse(self.checkpoint_name, name)
+            if parsed is not None:
+                out.setdefault(parsed[0], {})[name] = info["size"]
+        return out
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose index and manifest this node holds, oldest first."""
+        name = self.checkpoint_name
+        return sorted(
+            step
+            for step, held in self.listing().items()
+            if files.index(name, step) in held and files.manifest(name, step) in held
+        )
+
+    def uncommit(self, step: int) -> None:
+        """Before saving ``step`` again: its index and manifest go first, then its files."""
+        if not self.is_leader:
+            return
+        held = self.listing().get(step, {})
+        first = [files.index(self.checkpoint_name, step), files.manifest(self.checkpoint_name, step)]
+        storage.remove([self.location.child(n) for n in first if n in held])
+        storage.remove([self.location.child(n) for n in held if n not in first])
+
+    def publish(self, step: int, index: bytes, manifest: bytes) -> None:
+        """Node leaders: the manifest, then the index (this node's commit point)."""
+        if not self.is_leader:
+            return
+        storage.publish(self.location.child(files.manifest(self.checkpoint_name, step)), manifest, self.fsync)
+        storage.publish(self.location.child(files.index(self.checkpoint_name, step)), index, self.fsync)
+
+    def keep_after(self, step: int) -> list[int]:
+        """The coordinator: the steps local retention keeps once ``step`` is committed."""
+        committed = set(self.committed_steps()) | {step}
+        newest = sorted(committed)[-self.max_to_keep :]
+        return sorted(set(newest) | (self.draining & committed))
+
+    def delete_all_but(self, keep: list[int]) -> None:
+        """Node leaders: every file of this checkpoint name not of a kept step (leftovers of
+        interrupted saves, and publish temp files, included)."""
+        if not self.is_leader:
+            return
+        doomed = []
+        prefix = self.checkpoint_name + "-"
+        for name in storage.files_in(self.location):
+            parsed = files.parse(self.checkpoint_name, name)
+            stale = parsed[0] not in keep if parsed else name.startswith(prefix) and _TEMP.fullmatch(name)
+            if stale:
+                doomed.append(name)
+        storage.remove([self.location.child(n) for n in doomed])
+        for name in doomed:
+            log.debug("fast tier %s: deleted %s", self.location.url, name)
+
+    def saved(self, step: int, protection: redundancy.Protection) -> None:
+        self.last_protection = protection
+
+
+def check_options(local_max_to_keep: Any, redundancy_scheme: Any, group_size: Any, persist: Any) -> None:
+    """The manager's fast-tier arguments, checked before anything collective."""
+    if isinstance(local_max_to_keep, bool) or not isinstance(local_max_to_keep, int) or local_max_to_keep < 1:
+        raise InvalidArgumentError(
+            f"local_max_to_keep must be an int of at least 1, not {local_max_to_keep!r}"
+        )
+    if redundancy_scheme not in SCHEMES:
+        raise InvalidArgumentError(
+            f"redundancy must be one of {', '.join(SCHEMES)}, not {redundancy_scheme!r}"
+        )
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise InvalidArgumentError(f"redundancy_group_size must be an int of at least 2, not {group_size!r}")
+    if persist is not None and (isinstance(persist, bool) or not isinstance(persist, int) or persist < 1):
+        raise InvalidArgumentError(
+            f"persist_interval_steps must be None or an int of at least 1, not {persist!r}"
+        )
