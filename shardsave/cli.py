@@ -1,4 +1,5 @@
-"""The ``shardsave`` command: inspect, ls, verify, diff and gc checkpoints on any fsspec URL.
+"""The ``shardsave`` command: inspect, ls, verify, diff and gc checkpoints on any fsspec URL,
+and scavenge a fast tier (tiers/scavenge.py).
 
 A checkpoint may be named by its prefix, by one of its files (``P.index``,
 ``P.data-00000-of-00002``) or by a directory (its latest checkpoint, from the state file).
@@ -100,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("directory")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p = sub.add_parser(
+        "scavenge",
+        parents=[common],
+        help="under mpiexec on the job's nodes: copy the newest fast-tier checkpoint to the durable "
+        "directory if it is newer than the newest there (exit 0 when there is nothing to do)",
+    )
+    p.add_argument("local_directory", help="the manager's local_directory, {node} and all")
+    p.add_argument("durable_directory", help="the manager's directory")
+    p.add_argument("--name", default="ckpt", help="the manager's checkpoint_name (default: ckpt)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
     return parser
 
 
@@ -312,6 +323,29 @@ class Progress:
             sys.stderr.flush()
 
 
+def cmd_scavenge(args, options) -> None:
+    from .tiers.scavenge import scavenge
+
+    def report(step: int | None) -> None:
+        where = f"{args.durable_directory}/{args.name}-{step}"
+        print(
+            f"shardsave scavenge: copied step {step} to {where}"
+            if step is not None
+            else "shardsave scavenge: nothing to do"
+        )
+
+    with Progress(f"scavenging {args.local_directory}") as bar:
+        scavenge(
+            args.local_directory,
+            args.durable_directory,
+            checkpoint_name=args.name,
+            storage_options=options,
+            timeout=args.timeout,
+            progress=bar.update,
+            report=report,
+        )
+
+
 def cmd_diff(args, options) -> int:
     a = CheckpointReader(checkpoint_prefix(args.a, options), storage_options=options)
     b = CheckpointReader(checkpoint_prefix(args.b, options), storage_options=options)
@@ -391,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             "gc": cmd_gc,
             "verify": cmd_verify,
             "diff": cmd_diff,
+            "scavenge": cmd_scavenge,
         }
         return commands[args.command](args, options) or 0
     except (ShardsaveError, OSError) as exc:  # OSError: a backend's, should one escape

@@ -19,33 +19,18 @@ from typing import Any
 import numpy as np
 
 from .. import gcpause, retention
-from .._comm import Comm
-from ..errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from ..errors import FailedPreconditionError, InvalidArgumentError
 from ..metadata import read_metadata
 from ..save.pending import SaveHandle
 from ..saver import Saver
 from ..tiers.fast_save import FastSave
-from ..tiers.levels import MultiLevel
-from ..tiers.restart import Unrestorable
+from ..tiers.levels import MultiLevel, check_fast_options
 from . import policy as retention_policy
-from . import steps
+from . import resume, steps
 from .policy import Entry, Policy
 from .preemption import PreemptionWatcher
 
 log = logging.getLogger("shardsave")
-
-FALLBACK_ERRORS = (DataLossError, NotFoundError)
-"""A checkpoint that raises one of these on restore is damaged or incomplete (a file
-missing, a checksum wrong): the manager falls back to the next older one. Others are
-raised: a shape that does not match or a variable the checkpoint lacks is the caller's
-state, not the checkpoint (falling back to older ones, then starting afresh and letting
-retention delete them, would be the wrong cure); a storage error (access denied) is the
-storage's."""
-
-
-def _damaged(exc: BaseException) -> bool:
-    """Whether a restore's error says the checkpoint is damaged or incomplete."""
-    return isinstance(exc, FALLBACK_ERRORS) and " not found in checkpoint" not in str(exc)
 
 
 @dataclass
@@ -98,10 +83,7 @@ class CheckpointManager:
         redundancy: str = "none",
         redundancy_group_size: int = 4,
     ):
-        if local_directory is None and (redundancy != "none" or persist_interval_steps is not None):
-            raise InvalidArgumentError(
-                "redundancy and persist_interval_steps are options of the fast tier: pass local_directory too"
-            )
+        check_fast_options(local_directory, redundancy, persist_interval_steps)
         self._policy = Policy(max_to_keep, keep_checkpoint_every_n_hours, best_metric, best_mode)
         if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int):
             raise InvalidArgumentError(f"save_interval_steps must be an int, not {save_interval_steps!r}")
@@ -127,7 +109,7 @@ class CheckpointManager:
             storage_options if storage_options is not None else self._saver.storage_options
         )
         self._fs = self._saver.fs
-        self._comm = _own_comm(comm, self._saver, timeout)
+        self._comm = steps.own_comm(comm, self._saver, timeout)
         self._watcher = PreemptionWatcher().install()
         self._pending: _Pending | None = None
         self._saved: set[int] = set()  # steps saved or restored by this manager: not again
@@ -273,7 +255,7 @@ class CheckpointManager:
 
     def _prepare(self, metrics: dict | None, metadata: dict | None, state: Any) -> tuple[dict, dict]:
         """This rank's checks of a save's arguments: (plain metrics, metadata to store)."""
-        plain = _plain_metrics(metrics)
+        plain = steps.plain_metrics(metrics)
         if metadata is not None and not isinstance(metadata, dict):
             raise InvalidArgumentError(f"metadata must be a dict, not {type(metadata).__name__}")
         if metadata and steps.MANAGER_KEY in metadata:
@@ -384,71 +366,12 @@ class CheckpointManager:
         With a fast tier, the newest step of either tier; for that step the fast tier
         (its files wherever they survive in the job, lost ones rebuilt from partner copies
         or parity, every copy checked first), then the durable tier. ``restored_from``
-        says where each rank's data came from."""
+        says where each rank's data came from (resume.py)."""
         self.wait_until_finished()
         self._begin("restore_or_initialize")
         self._resumed = True
         self._adopt(self._find())
-        durable = {e.step: e for e in self._committed}
-        inv = self._fast.inventory() if self._fast is not None else None
-        fast = set(inv.manifests) if inv is not None else set()
-        fallbacks: list[str] = []  # why newer steps, or faster sources, were not used
-        for step in sorted(fast | set(durable), reverse=True):
-            started = time.monotonic()
-            if step in fast:
-                try:
-                    self.restored_from, self.restored_state = self._fast.restore(inv, step)
-                except Unrestorable as exc:
-                    fallbacks.append(f"step {step}, fast tier: {exc}")
-                    self._warn(
-                        "CheckpointManager: step %d does not restore from the fast tier: %s", step, exc
-                    )
-                else:
-                    return self._restored(step, "the fast tier", started)
-            if step in durable and self._restore_durable(durable[step], fallbacks):
-                return self._restored(step, durable[step].prefix, started)
-        self._info("CheckpointManager: no checkpoint of %s restores; starting fresh", self.directory)
-        return None
-
-    def _restore_durable(self, entry: Entry, fallbacks: list[str]) -> bool:
-        try:
-            self.restored_state = self._saver.restore(entry.prefix)
-        except FALLBACK_ERRORS as exc:
-            if self._saver.comm.broken or not _damaged(exc):
-                raise
-            self._warn(
-                "CheckpointManager: checkpoint %s (step %d) does not restore, trying the next older one: %s: %s",
-                entry.prefix,
-                entry.step,
-                type(exc).__name__,
-                exc,
-            )
-            return False
-        stats = self._saver.last_restore_stats
-        self.restored_from = {
-            "step": entry.step,
-            "tier": "durable",
-            "files": [{"rank": None, "source": "durable", "node": None}],
-            "fallbacks": fallbacks,
-            "bytes_read": stats.bytes_read if stats is not None else None,
-        }
-        return True
-
-    def _restored(self, step: int, where: str, started: float) -> int:
-        self._saved.add(step)
-        self.restored_from.setdefault("fallbacks", [])
-        self._info(
-            "CheckpointManager: restored step %d from %s in %.3f s on %d ranks",
-            step,
-            where,
-            time.monotonic() - started,
-            self._comm.size,
-        )
-        return step
-
-    def _warn(self, msg: str, *args: Any) -> None:
-        if self._comm.is_coordinator:
-            log.warning(msg, *args)
+        return resume.restore_newest(self)
 
     # --------------------------------------------------------------------- queries
     def latest_step(self) -> int | None:
@@ -516,30 +439,7 @@ class CheckpointManager:
         self.close()
 
 
-def _own_comm(comm: Any, saver: Saver, timeout: float | None) -> Comm:
-    """A duplicate of ``comm`` (default: the Saver's communicator) for the manager alone."""
-    if isinstance(comm, Comm):
-        comm = comm._comm
-    elif comm is None:
-        comm = saver.comm._comm
-    return Comm(None, timeout) if comm is None else Comm.create(comm, timeout)
-
-
 def _step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise InvalidArgumentError(f"step must be a non-negative int, not {step!r}")
     return int(step)
-
-
-def _plain_metrics(metrics: dict | None) -> dict:
-    """``metrics`` with numpy scalars as Python numbers (JSON has no float32)."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, dict):
-        raise InvalidArgumentError(f"metrics must be a dict, not {type(metrics).__name__}")
-    out = {}
-    for name, value in metrics.items():
-        if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
-            value = value.item()
-        out[str(name)] = value
-    return out

@@ -19,8 +19,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import checkpoint_state, storage
-from ..errors import ShardsaveError
+from .._comm import Comm
+from ..errors import InvalidArgumentError, ShardsaveError
 from ..format import names
 from ..metadata import read_metadata
 from .policy import Entry
@@ -112,3 +115,26 @@ def _metrics(prefix: str, storage_options: dict | None, fs: Any) -> dict:
     record = meta.get(MANAGER_KEY)
     metrics = record.get("metrics") if isinstance(record, dict) else None
     return metrics if isinstance(metrics, dict) else {}
+
+
+def own_comm(comm: Any, saver: Any, timeout: float | None) -> Comm:
+    """A duplicate of ``comm`` (default: the Saver's communicator) for the manager alone."""
+    if isinstance(comm, Comm):
+        comm = comm._comm
+    elif comm is None:
+        comm = saver.comm._comm
+    return Comm(None, timeout) if comm is None else Comm.create(comm, timeout)
+
+
+def plain_metrics(metrics: dict | None) -> dict:
+    """``metrics`` with numpy scalars as Python numbers (JSON has no float32)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise InvalidArgumentError(f"metrics must be a dict, not {type(metrics).__name__}")
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
+            value = value.item()
+        out[str(name)] = value
+    return out

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .. import storage
+from ..errors import InvalidArgumentError
 from ..save import protocol as save_protocol
 from . import files, restart
 from .drain import Drain
@@ -25,6 +26,13 @@ from .tier import FastTier, check_options
 if TYPE_CHECKING:
     from ..save.pending import SaveHandle
     from ..saver import Saver
+
+
+def check_fast_options(local_directory: Any, redundancy: str, persist_interval_steps: Any) -> None:
+    if local_directory is None and (redundancy != "none" or persist_interval_steps is not None):
+        raise InvalidArgumentError(
+            "redundancy and persist_interval_steps are options of the fast tier: pass local_directory too"
+        )
 
 
 class MultiLevel:

@@ -93,21 +93,12 @@ def take_inventory(tier: FastTier) -> Inventory:
 def restore_step(tier: FastTier, saver: Saver, inv: Inventory, step: int) -> tuple[dict, object]:
     """Restore ``step`` from the fast tier; return ``restored_from`` (see the manager) and
     what ``Saver.restore`` returned."""
-    manifest = inv.manifests[step]
-    plan = sources.plan(manifest, inv.held, tier.topology)
-    if plan.files is None:
-        raise Unrestorable(plan.reason)
     what = f"restoring step {step} from the fast tier {tier.template}"
     started = time.monotonic()
     comm = tier.comm
-    server = FileServer(tier.serving, _server_of(tier), what)
+    server = FileServer(tier.serving, server_of(tier), what)
     try:
-        try:
-            index = comm.every_rank(what, lambda: _index(tier, server, manifest, plan))
-            comm.every_rank(what, lambda: _verify_partners(tier, server, manifest, plan, index))
-            comm.every_rank(what, lambda: _rebuild(tier, server, manifest, inv, plan, index))
-        except UNUSABLE as exc:
-            raise Unrestorable(str(exc)) from None
+        manifest, plan, index = prepare_step(tier, server, inv, step, what)
         table = {files.index(tier.checkpoint_name, step): view.Source(len(index), data=index)}
         for f in plan.files:
             table[files.file(tier.checkpoint_name, step, "data", f.rank, manifest.nranks)] = view.Source(
@@ -137,13 +128,33 @@ def restore_step(tier: FastTier, saver: Saver, inv: Inventory, step: int) -> tup
     return out, restored
 
 
+def prepare_step(
+    tier: FastTier, server: FileServer, inv: Inventory, step: int, what: str
+) -> tuple[Manifest, sources.StepSources, bytes]:
+    """Collective, with every rank's server running: the step's manifest, its sources
+    and its checked index; every partner copy to be used verified and every lost XOR
+    member rebuilt, verified and written to its node. Raises Unrestorable."""
+    manifest = inv.manifests[step]
+    plan = sources.plan(manifest, inv.held, tier.topology)
+    if plan.files is None:
+        raise Unrestorable(plan.reason)
+    comm = tier.comm
+    try:
+        index = comm.every_rank(what, lambda: _index(tier, server, manifest, plan))
+        comm.every_rank(what, lambda: _verify_partners(tier, server, manifest, plan, index))
+        comm.every_rank(what, lambda: _rebuild(tier, server, manifest, inv, plan, index))
+    except UNUSABLE as exc:
+        raise Unrestorable(str(exc)) from None
+    return manifest, plan, index
+
+
 def describe(plan: sources.StepSources) -> str:
     words = {"data": "data file", "partner": "partner copy", "rebuilt": "rebuilt from XOR parity"}
     return "; ".join(f"rank {f.rank}: {words[f.kind]} on node {f.node}" for f in plan.files or ())
 
 
 # ------------------------------------------------------------------ the steps
-def _server_of(tier: FastTier):
+def server_of(tier: FastTier):
     """What this rank serves: the fast-tier files of its node's directory."""
 
     def serve(name: str):
@@ -182,7 +193,7 @@ def _index(tier: FastTier, server: FileServer, manifest: Manifest, plan: sources
     raise DataLossError(f"no node has a sound index of step {manifest.step}: {'; '.join(why)}")
 
 
-def _check_file(
+def check_file(
     tier: FastTier,
     server: FileServer,
     manifest: Manifest,
@@ -215,7 +226,7 @@ def _verify_partners(
     for f in plan.of_kind("partner"):
         if f.node == tier.node and tier.is_leader:
             src = view.Source(manifest.sizes[f.rank], tier.comm.rank, f.name, f.node)
-            _check_file(tier, server, manifest, index, f, src)
+            check_file(tier, server, manifest, index, f, src)
 
 
 def _rebuild(
@@ -246,6 +257,6 @@ def _rebuild(
         if not (f.node == tier.node and tier.is_leader):
             continue
         data = xor.rebuild(manifest, f.rank, read)
-        _check_file(tier, server, manifest, index, f, view.Source(len(data), data=data))
+        check_file(tier, server, manifest, index, f, view.Source(len(data), data=data))
         storage.publish(tier.location.child(f.name), data, tier.fsync)
         log.info("fast tier: rebuilt the data file of rank %d of step %d on node %s", f.rank, step, f.node)

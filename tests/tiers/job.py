@@ -5,6 +5,7 @@ simulated nodes (tests/faults/common.run_nodes sets SHARDSAVE_NODE_ID per node):
 
     --durable D --local L ('{node}' in it) --redundancy none|partner|xor [--group G]
     --steps T [--persist K] [--local-keep K] [--interval I] [--kill-at S] [--no-close]
+    [--cols C] [--timeout T] [--persist-at-close]
 
 Every rank holds its rows of ``w`` (a pure function of the step, so any process can check
 what it restored) and the replicated ``step``. ``--kill-at S``: the last rank SIGKILLs
@@ -26,11 +27,11 @@ from mpi4py import MPI
 
 import shardsave as ss
 
-ROWS, COLS = 48, 1000
+ROWS = 48
 
 
-def value(step: int) -> np.ndarray:
-    return np.random.default_rng([5, step]).standard_normal((ROWS, COLS)).astype(np.float32)
+def value(step: int, cols: int) -> np.ndarray:
+    return np.random.default_rng([5, step]).standard_normal((ROWS, cols)).astype(np.float32)
 
 
 def rows(rank: int, size: int) -> tuple[int, int]:
@@ -51,13 +52,20 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=1)
     p.add_argument("--kill-at", type=int)
     p.add_argument("--no-close", action="store_true", help="exit without close() (pending work at exit)")
+    p.add_argument("--cols", type=int, default=1000, help="columns of w (rows are sharded over the ranks)")
+    p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--persist-at-close", action="store_true", help="close(persist=True)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s")
     comm = MPI.COMM_WORLD
     rank, size = comm.rank, comm.size
     lo, hi = rows(rank, size)
     w = ss.Variable(
-        "w", np.zeros((hi - lo, COLS), np.float32), global_shape=(ROWS, COLS), offset=(lo, 0), register=False
+        "w",
+        np.zeros((hi - lo, args.cols), np.float32),
+        global_shape=(ROWS, args.cols),
+        offset=(lo, 0),
+        register=False,
     )
     step_var = ss.Variable("step", np.int64(-1), register=False)
     mgr = ss.CheckpointManager(
@@ -70,15 +78,15 @@ def main() -> None:
         persist_interval_steps=args.persist,
         redundancy=args.redundancy,
         redundancy_group_size=args.group,
-        timeout=60,
+        timeout=args.timeout,
     )
     start = mgr.restore_or_initialize()
     exact = None
     if start is not None:
-        exact = bool(np.array_equal(w.value, value(start)[lo:hi]) and int(step_var.value) == start)
+        exact = bool(np.array_equal(w.value, value(start, args.cols)[lo:hi]) and int(step_var.value) == start)
     saved = []
     for step in range(start + 1 if start is not None else 0, args.steps):
-        w.assign(value(step)[lo:hi])  # "training": the state after `step` steps
+        w.assign(value(step, args.cols)[lo:hi])  # "training": the state after `step` steps
         step_var.assign(np.int64(step))
         if mgr.should_save(step):
             mgr.save(step)
@@ -96,7 +104,7 @@ def main() -> None:
         "saved": saved,
     }
     if not args.no_close:
-        mgr.close()
+        mgr.close(persist=args.persist_at_close)
     everyone = comm.gather(report)
     if rank == 0:
         print("RESULT " + json.dumps(everyone), flush=True)

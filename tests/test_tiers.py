@@ -1,0 +1,223 @@
+"""The fast tier (tiers/) under real mpiexec, nodes simulated with SHARDSAVE_NODE_ID and
+``{node}`` directories: a lost node's files come back from partner copies or XOR parity,
+bit-exact, without reading the durable tier; damaged copies are caught and the durable
+tier is used; restarts on other rank counts restore from the fast tier; kills during a
+fast save or a drain never leave a checkpoint that restores wrong; scavenge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import shardsave as ss
+from tests.faults.common import MPIEXEC, run_group, run_nodes
+from tests.tiers import job as tier_job
+
+JOB = "tests/tiers/job.py"
+pytestmark = pytest.mark.mpi
+
+
+def run(nodes, tmp_path, *args, expect_ok: bool = True, timeout: float = 120) -> list[dict] | None:
+    base = ["--durable", str(tmp_path / "durable"), "--local", str(tmp_path / "local" / "{node}")]
+    r = run_nodes(nodes, [JOB, *base, *args], timeout=timeout)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    if not expect_ok:
+        return None
+    assert r.returncode == 0 and lines, f"job failed ({r.returncode})\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    out = json.loads(lines[0][len("RESULT ") :])
+    out[0]["_stderr"] = r.stderr
+    return out
+
+
+def lose(tmp_path, node: str) -> None:
+    shutil.rmtree(tmp_path / "local" / node)
+
+
+def flip_byte(path, at: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def hide_durable_data(tmp_path) -> list:
+    """Move the durable tier's data files away (index and state file stay): a restore
+    that read the durable tier would fail."""
+    durable = tmp_path / "durable"
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    moved = sorted(durable.glob("*.data-*"))
+    for p in moved:
+        p.rename(hidden / p.name)
+    return moved
+
+
+def sources(result: dict) -> dict[int, str]:
+    return {f["rank"]: f["source"] for f in result["restored_from"]["files"]}
+
+
+def durable_restores(tmp_path, cols: int = 1000) -> int | None:
+    """The durable tier alone, as an ordinary checkpoint directory, in this process."""
+    w = ss.Variable("w", np.zeros((tier_job.ROWS, cols), np.float32), register=False)
+    step = ss.Variable("step", np.int64(-1), register=False)
+    with ss.CheckpointManager(tmp_path / "durable", [w, step], max_to_keep=None) as mgr:
+        got = mgr.restore_or_initialize()
+        if got is not None:
+            np.testing.assert_array_equal(w.value, tier_job.value(got, cols))
+            assert int(step.value) == got
+        return got
+
+
+@pytest.mark.parametrize(
+    ("scheme", "nodes", "group"),
+    [("partner", [("a", 2), ("b", 2)], 2), ("xor", [("a", 1), ("b", 1), ("c", 1), ("d", 1)], 4)],
+)
+def test_a_lost_node_comes_back_from_the_fast_tier_bit_exact(tmp_path, scheme, nodes, group):
+    common = ["--redundancy", scheme, "--group", str(group), "--persist", "3"]
+    saved = run(nodes, tmp_path, *common, "--steps", "5")
+    assert saved[0]["saved"] == [0, 1, 2, 3, 4]
+    lost = nodes[-1][0]
+    lose(tmp_path, lost)
+    hide_durable_data(tmp_path)
+    out = run(nodes, tmp_path, *common, "--steps", "6")
+    assert all(r["start"] == 4 and r["exact"] for r in out), out
+    where = out[0]["restored_from"]
+    assert where["tier"] == "fast" and where["fallbacks"] == []
+    expected = "partner" if scheme == "partner" else "rebuilt"
+    lost_ranks = [r["rank"] for r in out if r["node"] == lost]
+    assert {r: s for r, s in sources(out[0]).items() if r in lost_ranks} == dict.fromkeys(
+        lost_ranks, expected
+    )
+    assert all(s == "data" for r, s in sources(out[0]).items() if r not in lost_ranks)
+    assert "restored step 4 from the fast tier" in out[0]["_stderr"]
+    if scheme == "xor":  # the rebuilt file was written back to the lost node
+        assert (tmp_path / "local" / lost / "ckpt-4.data-00003-of-00004").exists()
+        # two nodes of the group lost: the fast tier cannot rebuild; the durable tier's newest
+        for p in (tmp_path / "hidden").iterdir():
+            p.rename(tmp_path / "durable" / p.name)
+        lose(tmp_path, "c")
+        lose(tmp_path, "d")
+        out = run(nodes, tmp_path, *common, "--steps", "7")
+        assert all(r["start"] == 3 and r["exact"] for r in out), out
+        where = out[0]["restored_from"]
+        assert where["tier"] == "durable"
+        assert any("is lost too" in f for f in where["fallbacks"]), where["fallbacks"]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "nodes", "damaged"),
+    [
+        ("partner", [("a", 2), ("b", 2)], "b/ckpt-4.partner-00000-of-00004"),
+        ("xor", [("a", 1), ("b", 1), ("c", 1)], "c/ckpt-4.parity-00002-of-00003"),
+    ],
+)
+def test_a_damaged_copy_is_caught_and_the_durable_tier_is_used(tmp_path, scheme, nodes, damaged):
+    common = ["--redundancy", scheme, "--group", str(len(nodes)), "--persist", "2"]
+    run(nodes, tmp_path, *common, "--steps", "5")
+    flip_byte(tmp_path / "local" / damaged)
+    lose(tmp_path, "a")  # the primary of the damaged copy (rank 0)
+    out = run(nodes, tmp_path, *common, "--steps", "5")
+    assert all(r["start"] == 4 and r["exact"] for r in out), out
+    where = out[0]["restored_from"]
+    assert where["tier"] == "durable"
+    kind = "partner copy" if scheme == "partner" else "rebuilt data file"
+    assert any(f"the {kind} of rank 0" in f and "fails its check" in f for f in where["fallbacks"])
+    assert "does not restore from the fast tier" in out[0]["_stderr"]  # logged, WARNING
+
+
+def test_no_redundancy_falls_back_and_says_why(tmp_path):
+    nodes = [("a", 1), ("b", 1)]
+    run(nodes, tmp_path, "--redundancy", "none", "--persist", "2", "--steps", "4")
+    lose(tmp_path, "b")
+    out = run(nodes, tmp_path, "--redundancy", "none", "--persist", "2", "--steps", "4")
+    assert all(r["start"] == 2 and r["exact"] for r in out)
+    assert out[0]["restored_from"]["tier"] == "durable"
+    assert any("saved without redundancy" in f for f in out[0]["restored_from"]["fallbacks"])
+
+
+COLS = 16384  # 64 KiB rows: entries have per-block CRCs, so a reshard reads little more than it needs
+
+
+@pytest.mark.parametrize("restart", [[("a", 2), ("b", 1)], [("a", 3), ("b", 3)]], ids=["4to3", "4to6"])
+def test_a_restart_on_another_rank_count_restores_from_the_fast_tier(tmp_path, restart):
+    common = ["--redundancy", "partner", "--persist", "10", "--cols", str(COLS)]
+    run([("a", 2), ("b", 2)], tmp_path, *common, "--steps", "3")
+    hide_durable_data(tmp_path)
+    out = run(restart, tmp_path, *common, "--steps", "3")
+    assert all(r["start"] == 2 and r["exact"] for r in out), out
+    for r in out:
+        where = r["restored_from"]
+        assert where["tier"] == "fast"
+        # only what its blocks need, widened to whole 64 KiB checksum blocks (and the index)
+        assert where["bytes_needed"] <= where["bytes_read"] <= where["bytes_needed"] + 4 * 65536 + 4096, where
+
+
+def test_kills_during_a_fast_save_and_a_drain_never_leave_a_wrong_checkpoint(tmp_path):
+    nodes = [("a", 2), ("b", 2)]
+    common = ["--redundancy", "partner", "--persist", "3", "--cols", str(COLS), "--timeout", "10"]
+    # the last rank dies right after save(4) returned: step 4's fast save and step 3's drain run
+    run(nodes, tmp_path, *common, "--steps", "8", "--kill-at", "4", expect_ok=False, timeout=90)
+    listed = sorted(p.name for p in (tmp_path / "durable").iterdir())
+    assert "ckpt-0.index" in listed
+    assert durable_restores(tmp_path, COLS) in (0, 3)  # whichever committed, bit-exact
+    out = run(nodes, tmp_path, *common, "--steps", "5")
+    assert all(r["start"] in (3, 4) and r["exact"] for r in out), out
+
+
+def test_scavenge_copies_the_newest_fast_step_once(tmp_path):
+    nodes = [("a", 2), ("b", 2)]
+    run(nodes, tmp_path, "--redundancy", "partner", "--persist", "3", "--steps", "6")
+    assert durable_restores(tmp_path) == 3
+    lose(tmp_path, "b")  # scavenge too takes the partner copies
+
+    def scavenge():
+        cmd = [MPIEXEC]
+        for i, node in enumerate(("a", "b")):
+            cmd += [":"] * bool(i) + ["-n", "1", "-env", "SHARDSAVE_NODE_ID", node, sys.executable]
+            cmd += [
+                "-m",
+                "shardsave.cli",
+                "scavenge",
+                str(tmp_path / "local" / "{node}"),
+                str(tmp_path / "durable"),
+            ]
+        r = run_group(cmd, None, 90)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return r.stdout
+
+    assert f"copied step 5 to {tmp_path / 'durable'}/ckpt-5" in scavenge()
+    assert durable_restores(tmp_path) == 5
+    assert "nothing to do" in scavenge()
+
+
+def test_construction_needs_the_nodes_the_scheme_needs(tmp_path):
+    w = ss.Variable("w", np.zeros(4, np.float32), register=False)
+    with pytest.raises(ss.errors.FailedPreconditionError, match="at least 2 nodes"):
+        ss.CheckpointManager(tmp_path / "d", [w], local_directory=str(tmp_path / "l"), redundancy="partner")
+    with pytest.raises(ss.errors.InvalidArgumentError, match="local_directory"):
+        ss.CheckpointManager(tmp_path / "d", [w], redundancy="xor")
+    with pytest.raises(ss.errors.InvalidArgumentError, match="redundancy must be one of"):
+        ss.CheckpointManager(tmp_path / "d", [w], local_directory=str(tmp_path / "l"), redundancy="raid")
+
+
+def test_one_process_fast_tier_round_trip(tmp_path):
+    """A single process: the fast tier, a drain on close(persist=True), a restart from it."""
+    w = ss.Variable("w", np.arange(10, dtype=np.float32), register=False)
+    kw = {"local_directory": str(tmp_path / "local" / "{node}"), "max_to_keep": 2}
+    os.environ.pop("SHARDSAVE_NODE_ID", None)
+    with ss.CheckpointManager(tmp_path / "durable", [w], **kw) as mgr:
+        for step in range(3):
+            w.assign(np.full(10, step, np.float32))
+            mgr.save(step)
+        assert mgr.all_steps() == [1, 2]
+        mgr.close(persist=True)
+    assert sorted(p.name for p in (tmp_path / "durable").glob("*.index")) == ["ckpt-2.index"]
+    w.assign(np.zeros(10, np.float32))
+    with ss.CheckpointManager(tmp_path / "durable", [w], **kw) as mgr:
+        assert mgr.restore_or_initialize() == 2
+        assert mgr.restored_from["tier"] == "fast"
+    np.testing.assert_array_equal(w.value, np.full(10, 2, np.float32))
