@@ -31,6 +31,25 @@ def mpi(n: int, *args: str, script: str = "bench.py") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def mpi_nodes(nodes: list[tuple[str, int]], script: str, *args: str) -> dict:
+    """One job on simulated nodes (MPICH's MPMD syntax, SHARDSAVE_NODE_ID per part)."""
+    cmd = [MPIEXEC]
+    for i, (node, n) in enumerate(nodes):
+        cmd += [":"] * bool(i) + [
+            "-n",
+            str(n),
+            "-env",
+            "SHARDSAVE_NODE_ID",
+            node,
+            sys.executable,
+            "-m",
+            "mpi4py",
+        ]
+        cmd += [os.path.join(HERE, script), *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def py(script: str, *args: str) -> dict:
     cmd = [sys.executable, os.path.join(HERE, script), *args]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
@@ -44,7 +63,10 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke run")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /tmp)")
     p.add_argument(
-        "--skip", nargs="*", default=[], help="workloads to skip: a a2 restart b c e mem tf s3 dcp orbax"
+        "--skip",
+        nargs="*",
+        default=[],
+        help="workloads to skip: a a2 restart b c e mem tf s3 tiers dcp orbax",
     )
     args = p.parse_args()
     if args.quick:
@@ -136,6 +158,12 @@ def main() -> int:
                 )
             except subprocess.CalledProcessError as exc:
                 print(f"S3 benchmark on {n} rank(s) failed: {exc.stderr[-300:]}", file=sys.stderr)
+    if "tiers" not in args.skip:
+        row(
+            "tiers 4 ranks, 2 nodes",
+            mpi_nodes([("a", 2), ("b", 2)], "tiers_bench.py", "--dir", f"{scratch}/tiers", *common),
+            "tiers",
+        )
     peers = os.path.join(os.path.dirname(HERE), ".venv-peers", "bin", "python")
     for peer, label, module in (
         ("dcp", "PyTorch DCP", "torch.distributed.checkpoint"),
@@ -234,6 +262,25 @@ def main() -> int:
                 f"{r['restore_requests']} requests ({r['restore_ranged_gets']} coalesced ranges), "
                 f"{r['restore_bytes_received'] / 2**20:.0f} MiB received"
             )
+        elif kind == "tiers":
+            print(
+                f"{name:<26} raw copy into /dev/shm {r['raw_fast_s']:.3f} s; durable save (local disk, "
+                f"fsync) {r['durable_save_s']:.3f} s (raw + fsync {r['raw_durable_fsync_s']:.3f} s)"
+            )
+            for scheme, m in r["schemes"].items():
+                print(
+                    f"{'':<26} fast tier, {scheme:<7} blocking save {m['save_s']:.3f} s = "
+                    f"{m['save_s'] / r['raw_fast_s']:.2f} x raw, {r['durable_save_s'] / m['save_s']:.1f}x faster "
+                    f"than durable; sent {max(m['bytes_sent_per_rank']) / 2**20:.0f} MiB/rank; "
+                    f"tier holds {m['tier_bytes'] / 2**20:.0f} MiB"
+                )
+            rs = r["restart"]
+            for scheme in ("partner", "xor"):
+                print(
+                    f"{'':<26} restart after losing node b, {scheme}: {rs[scheme + '_restore_s']:.3f} s "
+                    f"({'+'.join(rs[scheme + '_sources'])}) vs durable S3 {rs['s3_restore_s']:.3f} s = "
+                    f"{rs['s3_vs_' + scheme]:.1f}x faster"
+                )
         elif kind == "index":
             print(
                 f"{name:<26} merge {r['merge_s']:.2f} s, write {r['write_s']:.2f} s, read {r['read_s']:.2f} s "

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import gcpause, retention
-from ..errors import FailedPreconditionError, InvalidArgumentError
+from ..errors import FailedPreconditionError, InvalidArgumentError, ShardsaveError
 from ..metadata import read_metadata
 from ..save.pending import SaveHandle
 from ..saver import Saver
@@ -120,21 +120,13 @@ class CheckpointManager:
         self._closed = False
         self._resumed = False  # restore_or_initialize ran: a save may replace later steps
         self.restored_from: dict | None = None
-        """Where the last restore's data came from: ``step``, ``tier`` (fast or durable),
-        per saving rank ``files`` (``source``: data, partner, rebuilt or durable; ``node``),
-        ``fallbacks`` (why faster sources were not used), ``bytes_read`` by this rank."""
+        """Where the last restore's data came from (manager/resume.py)."""
         self._draining: _Pending | None = None
-        self._fast = None
-        if local_directory is not None:
-            self._fast = MultiLevel(
-                self._saver,
-                local_directory,
-                checkpoint_name,
-                max_to_keep=local_max_to_keep,
-                persist_interval_steps=persist_interval_steps,
-                redundancy=redundancy,
-                group_size=redundancy_group_size,
-            )
+        self._drain_error: ShardsaveError | None = None
+        self._fast = MultiLevel.open(
+            self._saver, local_directory, checkpoint_name, local_max_to_keep, persist_interval_steps, redundancy,
+            redundancy_group_size,
+        )  # fmt: skip
         self._comm.begin("CheckpointManager")
         self._adopt(self._find())
 
@@ -249,8 +241,8 @@ class CheckpointManager:
                 result = self._saver._save(prefix, None, "checkpoint", True, blocking, record[1], hook)
         pending.handle = result if isinstance(result, SaveHandle) else None
         self._pending = pending
-        if blocking:
-            self.wait_until_finished()
+        if blocking:  # a drain it starts goes on in the background
+            self._join_save()
         return result
 
     def _prepare(self, metrics: dict | None, metadata: dict | None, state: Any) -> tuple[dict, dict]:
@@ -295,6 +287,9 @@ class CheckpointManager:
         every rank alike)."""
         self._join_save()
         self._join_drain()
+        error, self._drain_error = self._drain_error, None
+        if error is not None:
+            raise error
 
     def _join_save(self) -> None:
         pending, self._pending = self._pending, None
@@ -316,18 +311,27 @@ class CheckpointManager:
             self._drain(pending)
 
     def _drain(self, pending: _Pending) -> None:
-        """Start draining a fast-tier step to the durable tier (after the last drain)."""
-        self._join_drain()
+        """Start draining a fast-tier step to the durable tier (after the last drain, whose
+        error, logged now, is raised by the next :meth:`wait_until_finished`)."""
+        self._join_drain(keep_error=True)
         drain = _Pending(pending.step, pending.prefix, None, {}, time.monotonic())
         hook = self._retention_hook(pending.step, pending.metrics or {}, drain.outcome)
         self._fast.start_drain(pending.step, pending.prefix, hook, self._storage_options, self._fs)
         self._draining = drain
 
-    def _join_drain(self) -> None:
+    def _join_drain(self, keep_error: bool = False) -> None:
         drain, self._draining = self._draining, None
-        if drain is not None:
+        if drain is None:
+            return
+        try:
             self._fast.join_drain()
-            self._fold(drain)
+        except ShardsaveError as exc:  # the same on every rank (the drain's steps agree)
+            if not keep_error:
+                raise
+            log.error("CheckpointManager: draining step %d to %s failed: %s", drain.step, drain.prefix, exc)
+            self._drain_error = self._drain_error or exc
+            return
+        self._fold(drain)
 
     def _steps(self) -> list[int]:
         """The steps of both tiers, oldest first."""

@@ -2,8 +2,10 @@
 
 For each step, newest first: the fast tier (tiers/restart.py) if it holds the step, then
 the durable tier; a step none of whose sources works is logged (WARNING) and the next
-older one is tried. ``restored_from`` records the tier, the source of every saving rank's
-file and why faster sources or newer steps were not used.
+older one is tried. ``manager.restored_from`` records where the data came from: ``step``,
+``tier`` ("fast" or "durable"), ``files`` (per saving rank: ``source`` data, partner,
+rebuilt or durable, and the ``node``), ``fallbacks`` (why newer steps or faster sources
+were not used) and ``bytes_read`` by this rank.
 """
 
 from __future__ import annotations

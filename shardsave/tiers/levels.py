@@ -65,6 +65,30 @@ class MultiLevel:
         self.drain: Drain | None = None
         self.drained: set[int] = set()
 
+    @classmethod
+    def open(
+        cls,
+        saver: Saver,
+        local_directory: Any,
+        checkpoint_name: str,
+        max_to_keep: int,
+        persist_interval_steps: int | None,
+        redundancy: str,
+        group_size: int,
+    ) -> MultiLevel | None:
+        """The manager's fast tier, or None without a ``local_directory``."""
+        if local_directory is None:
+            return None
+        return cls(
+            saver,
+            local_directory,
+            checkpoint_name,
+            max_to_keep=max_to_keep,
+            persist_interval_steps=persist_interval_steps,
+            redundancy=redundancy,
+            group_size=group_size,
+        )
+
     def persists(self, step: int, preempted: bool) -> bool:
         every = self.persist_interval_steps
         return preempted or (every is not None and step % every == 0)

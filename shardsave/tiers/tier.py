@@ -108,10 +108,12 @@ class FastTier:
         storage.publish(self.location.child(files.index(self.checkpoint_name, step)), index, self.fsync)
 
     def keep_after(self, step: int) -> list[int]:
-        """The coordinator: the steps local retention keeps once ``step`` is committed."""
-        committed = set(self.committed_steps()) | {step}
+        """The coordinator: the steps local retention keeps once ``step`` is committed.
+        Later steps go (a resumed job saving an older step starts a new timeline, as the
+        durable tier's retention does), unless a drain is copying them."""
+        committed = {s for s in self.committed_steps() if s < step} | {step}
         newest = sorted(committed)[-self.max_to_keep :]
-        return sorted(set(newest) | (self.draining & committed))
+        return sorted(set(newest) | (self.draining & set(self.committed_steps())))
 
     def delete_all_but(self, keep: list[int]) -> None:
         """Node leaders: every file of this checkpoint name not of a kept step (leftovers of

@@ -179,3 +179,36 @@ def test_sources_prefer_data_then_partner_and_say_why_when_neither():
     plan = sources.plan(m, held, t)
     assert plan.files is None and "rank 2" in plan.reason and "partner copy" in plan.reason
     assert sources.plan(m, {}, t).reason == "no node holds the index of step 7"
+    bare = _manifest(redundancy="none", partners=None)
+    plan = sources.plan(bare, _held(bare, drop_nodes=["a"]), t)
+    assert plan.files is None and "saved without redundancy" in plan.reason
+
+
+def test_a_served_file_is_only_a_fast_tier_name_and_ranges_inside_it(tmp_path):
+    from shardsave._comm import Comm
+    from shardsave._comm.serving import FileServer
+    from shardsave.errors import NotFoundError, PermissionDeniedError
+    from shardsave.tiers import restart, view
+
+    class Tier:  # what server_of reads of a FastTier
+        checkpoint_name = "ckpt"
+        location = __import__("shardsave").storage.resolve(str(tmp_path))
+
+    (tmp_path / "ckpt-1.data-00000-of-00001").write_bytes(b"0123456789")
+    (tmp_path / "secret").write_bytes(b"no")
+    server = FileServer(Comm(None), restart.server_of(Tier), "test")
+    buf = bytearray(4)
+    server.fetch(0, "ckpt-1.data-00000-of-00001", [(3, memoryview(buf))])
+    assert bytes(buf) == b"3456"
+    for name in ("secret", "../secret", "ckpt-1.data-00001-of-00001"):
+        with pytest.raises(NotFoundError):
+            server.fetch(0, name, [(0, memoryview(bytearray(1)))])
+    with pytest.raises(DataLossError, match="outside it"):
+        server.fetch(0, "ckpt-1.data-00000-of-00001", [(8, memoryview(bytearray(4)))])
+    the_view = view.View("v", {"ckpt-1.index": view.Source(3, data=b"abc")}, server)
+    loc = view.location(the_view, "ckpt-1.index")
+    assert loc.backend.read(loc, None) == b"abc"
+    with pytest.raises(DataLossError, match="too short"):
+        the_view.read_into("ckpt-1.index", [(2, memoryview(bytearray(2)))])
+    with pytest.raises(PermissionDeniedError, match="read-only"):
+        loc.backend.publish(loc, b"x", False, False)
