@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,62 @@ def exchange(
         )
 
 
+STREAM_PIECE = 16 << 20
+"""What :func:`stream` receives at a time (two such buffers per rank)."""
+
+
+def stream(
+    comm: Comm,
+    sends: Mapping[int, Any],
+    recvs: Mapping[int, tuple[int, Callable[[memoryview], None]]],
+    what: str,
+    tag: int = EXCHANGE_TAG + 1,
+) -> None:
+    """As :func:`exchange`, but each ``recvs[rank] = (size, sink)`` is received a piece at
+    a time into one of two reused buffers and handed to ``sink`` (a file's write) while
+    the next piece arrives: memory stays at two pieces, and no fresh buffer of a whole
+    file is faulted in. Sends go straight from the caller's buffers (a mapped file)."""
+    if comm._comm is None:
+        for rank, buf in sends.items():
+            view = memoryview(buf).cast("B")
+            for lo in range(0, len(view), STREAM_PIECE):
+                recvs[rank][1](view[lo : lo + STREAM_PIECE])
+        return
+    from mpi4py import MPI
+
+    mpi = comm._usable(what)
+    deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
+    outgoing = [
+        mpi.Isend([view[lo : lo + STREAM_PIECE], MPI.BYTE], dest=rank, tag=tag)
+        for rank, buf in sends.items()
+        for view in [memoryview(buf).cast("B")]
+        for lo in range(0, len(view), STREAM_PIECE)
+    ]
+    buffers = [np.empty(STREAM_PIECE, np.uint8), np.empty(STREAM_PIECE, np.uint8)]
+
+    def wait(requests: list, peers: list) -> None:
+        if not _poll(lambda: MPI.Request.Testall(requests), deadline):
+            for req in requests + outgoing:
+                req.Cancel()
+            raise errors.DeadlineExceededError(
+                f"{what}: rank {comm.rank} exchanged no bytes with ranks {peers} within {comm.timeout:g} s"
+            )
+
+    for rank, (size, sink) in recvs.items():
+        pieces = [(lo, min(STREAM_PIECE, size - lo)) for lo in range(0, size, STREAM_PIECE)]
+        pending = None
+        for i, (_, n) in enumerate(pieces):
+            view = memoryview(buffers[i % 2])[:n]
+            req = mpi.Irecv([view, MPI.BYTE], source=rank, tag=tag)
+            if pending is not None:  # write the last piece while this one arrives
+                sink(pending)
+            wait([req], [rank])
+            pending = view
+        if pending is not None:
+            sink(pending)
+    wait(outgoing, sorted(sends))
+
+
 def split(comm: Comm, color: int, key: int) -> Comm:
     """Collective: the ranks of ``comm`` with the same ``color``, ordered by ``key``, as a
     Comm of their own (freed when it is closed or collected)."""
@@ -83,7 +139,8 @@ def duplicate(comm: Comm) -> Comm:
 
 def xor_reduce_scatter(sub: Comm, buf: np.ndarray) -> np.ndarray:
     """``buf`` (uint8, ``sub.size * c`` bytes) of every member XORed together; member ``d``
-    gets bytes ``[d*c, (d+1)*c)``. MPI's own reduction (Reduce_scatter_block, BXOR)."""
+    gets bytes ``[d*c, (d+1)*c)``. MPI's own reduction (Reduce_scatter_block, BXOR), on
+    64-bit words when ``c`` is a multiple of 8 (eight times fewer operations than bytes)."""
     buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
     if len(buf) % sub.size:
         raise errors.InvalidArgumentError(f"xor_reduce_scatter: {len(buf)} bytes for {sub.size} members")
@@ -93,13 +150,34 @@ def xor_reduce_scatter(sub: Comm, buf: np.ndarray) -> np.ndarray:
     from mpi4py import MPI
 
     mpi = sub._usable()
-    out = np.empty(c, np.uint8)
-    parts = buf.reshape(sub.size, c)
-    for lo in range(0, c, PIECE // max(sub.size, 1)) if c else []:
-        hi = min(c, lo + PIECE // sub.size)
-        send = np.ascontiguousarray(parts[:, lo:hi])
-        mpi.Reduce_scatter_block([send, MPI.BYTE], [out[lo:hi], MPI.BYTE], op=MPI.BXOR)
-    return out
+    word, kind = (8, MPI.UINT64_T) if c % 8 == 0 else (1, MPI.BYTE)
+    dtype = np.uint64 if word == 8 else np.uint8
+    out = np.empty(c // word, dtype)
+    parts = buf.view(dtype).reshape(sub.size, c // word)
+    step = max(1, PIECE // word // sub.size)
+    for lo in range(0, c // word, step):
+        hi = min(c // word, lo + step)
+        send = parts if (lo, hi) == (0, c // word) else np.ascontiguousarray(parts[:, lo:hi])
+        mpi.Reduce_scatter_block([send, kind], [out[lo:hi], kind], op=MPI.BXOR)
+    return out.view(np.uint8)
+
+
+def xor_stream(
+    sub: Comm,
+    c: int,
+    window: Callable[[int, int, int], np.ndarray],
+    sink: Callable[[memoryview], None],
+) -> None:
+    """:func:`xor_reduce_scatter` of slots of ``c`` bytes, a window of at most
+    ``STREAM_PIECE`` bytes of each slot at a time: ``window(lo, hi, width)`` gives this
+    member's bytes ``[lo, hi)`` of every slot, zero-padded to ``width`` (a multiple of 8:
+    MPI reduces 64-bit words), shape ``(sub.size, width)``; ``sink`` gets this member's
+    reduced ``[lo, hi)``. Memory stays at a few windows whatever the file's size."""
+    for lo in range(0, c, STREAM_PIECE):
+        hi = min(c, lo + STREAM_PIECE)
+        width = -(-(hi - lo) // 8) * 8
+        out = xor_reduce_scatter(sub, window(lo, hi, width).reshape(-1))
+        sink(memoryview(out)[: hi - lo])
 
 
 def host_of_node(comm: Comm) -> str:

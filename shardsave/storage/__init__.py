@@ -40,6 +40,7 @@ __all__ = [
     "Writer",
     "abort_upload",
     "close_local",
+    "map_local",
     "data_files",
     "exists",
     "files_in",
@@ -197,6 +198,16 @@ def open_local(loc: Location) -> int:
 
 def close_local(fd: int) -> None:
     local.close_fd(fd)
+
+
+def map_local(loc: Location, size: int, *, create: bool = False):
+    """A local file mapped into memory (``storage/local.map_file``): read-only and checked
+    to be ``size`` bytes, or ``create``-d at that size to be filled in place. None when
+    ``size`` is 0. The caller closes it."""
+    if not loc.is_local:
+        raise InvalidArgumentError(f"{loc.url}: only a local file can be mapped")
+    with translate_errors(loc, "mapping"):
+        return local.map_file(loc, size, create)
 
 
 def read_ranges(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import posixpath
 import threading
@@ -189,6 +190,25 @@ def open_fd(loc: Location) -> int:
 
 def close_fd(fd: int) -> None:
     os.close(fd)
+
+
+def map_file(loc: Location, size: int, create: bool) -> mmap.mmap | None:
+    """The file's bytes mapped into memory, its pages populated (on tmpfs, no copy at
+    all): read-only, or (``create``) a new file of ``size`` bytes to fill. None for an
+    empty file, which cannot be mapped."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if create else os.O_RDONLY
+    fd = os.open(loc.path, flags, 0o644)
+    try:
+        if create and size:  # blocks allocated now: a full disk is ENOSPC here, not SIGBUS later
+            os.posix_fallocate(fd, 0, size)
+        elif os.fstat(fd).st_size != size:
+            raise DataLossError(f"{loc.url}: {os.fstat(fd).st_size} bytes, expected {size}")
+        if size == 0:
+            return None
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if create else 0)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot)
+    finally:
+        os.close(fd)
 
 
 def pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location, after) -> None:

@@ -13,15 +13,13 @@ node of a group is lost safely.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import storage
 from .._comm import Comm, peers
-from ..errors import DataLossError
 from . import files, xor
 from .manifest import chunk_size
 from .topology import Topology
@@ -73,55 +71,81 @@ def protect(
     what = f"protecting step {step} ({scheme})"
     if scheme == "none":
         return Protection(None, None, None, 0, 0.0)
-    n = comm.size
-    name = files.file(checkpoint_name, step, "data", comm.rank, n)
+    n, rank = comm.size, comm.rank
+    own = directory.child(files.file(checkpoint_name, step, "data", rank, n))
     if scheme == "partner":
-        own = comm.every_rank(what, lambda: _own_file(directory, name, sizes[comm.rank], step))
-        sent = comm.every_rank(
-            what, lambda: _partner(comm, topology, own, directory, checkpoint_name, step, sizes, fsync)
-        )
+        senders = topology.partner_senders(rank)
+        copies = {s: directory.child(files.file(checkpoint_name, step, "partner", s, n)) for s in senders}
+        # every rank's file mapped and every copy's file opened before any byte is sent
+        own_map, writers = comm.every_rank(what, lambda: _open(own, sizes[rank], copies, fsync))
+        try:
+            comm.every_rank(
+                what,
+                lambda: peers.stream(
+                    comm,
+                    {topology.partner_of(rank): _bytes(own_map)},
+                    {s: (sizes[s], writers[s].write) for s in senders},
+                    f"sending partner copies of step {step}",
+                ),
+            )
+            comm.every_rank(what, lambda: _finish(writers))
+        finally:
+            _abandon(own_map, writers)
         partners = tuple(topology.partner_of(r) for r in range(n))
-        return Protection(partners, None, None, sent, time.monotonic() - started)
+        return Protection(partners, None, None, sizes[rank], time.monotonic() - started)
     assert groups is not None, "xor needs the Groups made at construction"
     chunks = tuple(chunk_size([sizes[r] for r in s]) for s in groups.sets)
-    data = comm.every_rank(what, lambda: _own_file(directory, name, sizes[comm.rank], step))
     c = chunks[groups.sets.index(groups.members)]
-    contribution = xor.slots(data, groups.position, len(groups.members), c)
-    del data
-    mine = peers.xor_reduce_scatter(groups.sub, contribution)
-    del contribution
-    parity = directory.child(files.file(checkpoint_name, step, "parity", comm.rank, n))
-    comm.every_rank(what, lambda: _write(parity, mine, fsync))
-    sent = c * (len(groups.members) - 1)
-    return Protection(None, groups.sets, chunks, sent, time.monotonic() - started)
+    parity = directory.child(files.file(checkpoint_name, step, "parity", rank, n))
+    own_map, writers = comm.every_rank(what, lambda: _open(own, sizes[rank], {"parity": parity}, fsync))
+    try:
+        data, members, pos = _bytes(own_map), len(groups.members), groups.position
+        try:
+            peers.xor_stream(
+                groups.sub,
+                c,
+                lambda lo, hi, width: xor.slots(data, pos, members, c, lo, hi, width),
+                writers["parity"].write,
+            )
+        finally:
+            data.release()  # before the map closes
+        comm.every_rank(what, lambda: _finish(writers))
+    finally:
+        _abandon(own_map, writers)
+    return Protection(None, groups.sets, chunks, c * (members - 1), time.monotonic() - started)
 
 
-def _own_file(directory: storage.Location, name: str, size: int, step: int) -> bytes:
-    loc = directory.child(name)
-    data = storage.read_bytes(loc)
-    if len(data) != size:
-        raise DataLossError(f"{loc.url}: step {step}: {len(data)} bytes, but {size} were written")
-    return data
+def _open(own: storage.Location, size: int, outputs: dict, fsync: bool):
+    """This rank's data file mapped read-only (checked to be ``size`` bytes) and a writer
+    for each file it will store."""
+    own_map = storage.map_local(own, size)
+    writers: dict = {}
+    try:
+        for key, loc in outputs.items():
+            writers[key] = storage.Writer(loc, fsync=fsync)
+    except BaseException:
+        _abandon(own_map, writers)
+        raise
+    return own_map, writers
 
 
-def _partner(
-    comm: Comm,
-    topology: Topology,
-    data: bytes,
-    directory: storage.Location,
-    checkpoint_name: str,
-    step: int,
-    sizes: list[int],
-    fsync: bool,
-) -> int:
-    """Send this rank's data file to its partner and store the copies it is sent."""
-    n, rank = comm.size, comm.rank
-    senders = topology.partner_senders(rank)
-    recvs = {s: np.empty(sizes[s], np.uint8) for s in senders}
-    peers.exchange(comm, {topology.partner_of(rank): data}, recvs, f"sending partner copies of step {step}")
-    for s, buf in recvs.items():
-        _write(directory.child(files.file(checkpoint_name, step, "partner", s, n)), buf, fsync)
-    return len(data)
+def _bytes(m) -> memoryview:
+    return memoryview(m) if m is not None else memoryview(b"")
+
+
+def _finish(writers: dict) -> None:
+    for key in list(writers):
+        writers[key].close()
+        del writers[key]  # whole: not aborted by _abandon
+
+
+def _abandon(own_map, writers: dict) -> None:
+    """Close the map; abort the writers not closed (a failed step: the files go)."""
+    for w in writers.values():
+        w.abort()
+    if own_map is not None:
+        with contextlib.suppress(BufferError):  # still exported (a failed send): freed when collected
+            own_map.close()
 
 
 def _write(loc: storage.Location, data, fsync: bool) -> None:

@@ -99,10 +99,11 @@ def restore_step(tier: FastTier, saver: Saver, inv: Inventory, step: int) -> tup
     server = FileServer(tier.serving, server_of(tier), what)
     try:
         manifest, plan, index = prepare_step(tier, server, inv, step, what)
+        prepared = time.monotonic() - started  # partner copies checked, lost files rebuilt
         table = {files.index(tier.checkpoint_name, step): view.Source(len(index), data=index)}
         for f in plan.files:
             table[files.file(tier.checkpoint_name, step, "data", f.rank, manifest.nranks)] = view.Source(
-                manifest.sizes[f.rank], _serving_rank(tier, f.node, f.rank), f.name, f.node
+                manifest.sizes[f.rank], serving_rank(tier, f.node, f.rank), f.name, f.node
             )
         the_view = view.View(f"fast tier {tier.template} step {step}", table, server)
         prefix = files.base(tier.checkpoint_name, step)
@@ -122,6 +123,7 @@ def restore_step(tier: FastTier, saver: Saver, inv: Inventory, step: int) -> tup
         "bytes_read": the_view.bytes_read,
         "bytes_needed": stats.bytes_needed if stats is not None else None,
         "seconds": time.monotonic() - started,
+        "rebuild_seconds": prepared,
     }
     if comm.is_coordinator:
         log.info("restored step %d from the fast tier %s: %s", step, tier.template, describe(plan))
@@ -169,7 +171,7 @@ def server_of(tier: FastTier):
     return serve
 
 
-def _serving_rank(tier: FastTier, node: str, salt: int) -> int:
+def serving_rank(tier: FastTier, node: str, salt: int) -> int:
     """A rank of ``node`` (spread over its ranks) that serves its files."""
     ranks = tier.topology.ranks_on(node)
     return ranks[salt % len(ranks)]
@@ -183,7 +185,7 @@ def _index(tier: FastTier, server: FileServer, manifest: Manifest, plan: sources
     for node in nodes:
         buf = bytearray(manifest.index_size)
         try:
-            server.fetch(_serving_rank(tier, node, tier.comm.rank), name, [(0, memoryview(buf))])
+            server.fetch(serving_rank(tier, node, tier.comm.rank), name, [(0, memoryview(buf))])
         except UNUSABLE as exc:
             why.append(str(exc))
             continue
@@ -222,9 +224,10 @@ def check_file(
 def _verify_partners(
     tier: FastTier, server: FileServer, manifest: Manifest, plan: sources.StepSources, index: bytes
 ) -> None:
-    """The leader of each node holding a partner copy to be used verifies it whole."""
+    """A rank of each node holding a partner copy to be used verifies it whole (the
+    node's ranks share the copies)."""
     for f in plan.of_kind("partner"):
-        if f.node == tier.node and tier.is_leader:
+        if f.node == tier.node and serving_rank(tier, f.node, f.rank) == tier.comm.rank:
             src = view.Source(manifest.sizes[f.rank], tier.comm.rank, f.name, f.node)
             check_file(tier, server, manifest, index, f, src)
 
@@ -237,7 +240,8 @@ def _rebuild(
     plan: sources.StepSources,
     index: bytes,
 ) -> None:
-    """Rebuilders (the leader of the node a lost file goes to) rebuild it from its XOR set."""
+    """Rebuilders (a rank of the node a lost file goes to; the node's ranks share the
+    files) rebuild it from its XOR set."""
     by_rank = {f.rank: f for f in plan.files or ()}
     name, step, n = tier.checkpoint_name, manifest.step, manifest.nranks
 
@@ -250,11 +254,11 @@ def _rebuild(
             size, fname = (manifest.chunks or ())[which], files.file(name, step, "parity", rank, n)
             node = sources.parity_node(manifest, inv.held, rank)
         buf = bytearray(size)
-        server.fetch(_serving_rank(tier, node, rank), fname, [(0, memoryview(buf))])
+        server.fetch(serving_rank(tier, node, rank), fname, [(0, memoryview(buf))])
         return buf
 
     for f in plan.of_kind("rebuilt"):
-        if not (f.node == tier.node and tier.is_leader):
+        if not (f.node == tier.node and serving_rank(tier, f.node, f.rank) == tier.comm.rank):
             continue
         data = xor.rebuild(manifest, f.rank, read)
         check_file(tier, server, manifest, index, f, view.Source(len(data), data=data))

@@ -4,7 +4,8 @@ mpiexec on the job's nodes (any number of ranks per node).
 
 Collective: the inventory of every node (restart.py), the newest step whose files all
 survive somewhere (lost ones rebuilt from partner copies or parity, checked first); every
-node leader verifies the data files of its node it will copy, then copies them
+rank verifies the files of its node it will copy (a node's files are shared among its
+ranks), then copies them
 (drain.copy_to_durable: the durable index is committed only once every file is there)
 and the state file lists the new checkpoint beside the ones it listed.
 """
@@ -21,7 +22,7 @@ from ..manager import steps
 from ..save.protocol import SaveJob
 from . import view
 from .drain import copy_to_durable
-from .restart import UNUSABLE, Unrestorable, check_file, prepare_step, server_of, take_inventory
+from .restart import UNUSABLE, Unrestorable, check_file, prepare_step, server_of, serving_rank, take_inventory
 from .tier import FastTier
 
 log = logging.getLogger("shardsave")
@@ -79,7 +80,11 @@ def scavenge(
 def _copy_step(c, tier, server, inv, step, durable, found, storage_options, progress, what) -> bool:
     try:
         manifest, plan, index = prepare_step(tier, server, inv, step, what)
-        mine = [f for f in plan.files or () if f.node == tier.node and tier.is_leader]
+        mine = [
+            f
+            for f in plan.files or ()
+            if f.node == tier.node and serving_rank(tier, f.node, f.rank) == c.rank
+        ]
 
         def verify() -> None:  # partner copies and rebuilt files are checked already
             for f in mine:

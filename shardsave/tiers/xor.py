@@ -39,13 +39,22 @@ def padded(data, count: int, c: int) -> np.ndarray:
     return out.reshape(count, c)
 
 
-def slots(data, pos: int, members: int, c: int) -> np.ndarray:
-    """Member ``pos``'s contribution to the reduce-scatter: ``members * c`` bytes."""
-    chunks = padded(data, members - 1, c)
-    out = np.zeros((members, c), np.uint8)
+def slots(
+    data, pos: int, members: int, c: int, lo: int = 0, hi: int | None = None, width: int | None = None
+) -> np.ndarray:
+    """Member ``pos``'s contribution to the reduce-scatter: for every slot, bytes ``[lo,
+    hi)`` (default the whole ``c``) of the chunk it puts there (zeros in its own slot and
+    past the end of its file), each slot zero-padded to ``width`` bytes; flat."""
+    hi = c if hi is None else hi
+    width = hi - lo if width is None else width
+    view = memoryview(data).cast("B")
+    raw = np.frombuffer(view, np.uint8) if len(view) else np.zeros(0, np.uint8)
+    out = np.zeros((members, width), np.uint8)
     for slot in range(members):
         if slot != pos:
-            out[slot] = chunks[chunk_of(pos, slot)]
+            k = chunk_of(pos, slot)
+            piece = raw[k * c + lo : k * c + hi]
+            out[slot, : len(piece)] = piece
     return out.reshape(-1)
 
 
