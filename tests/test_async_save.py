@@ -130,3 +130,22 @@ def test_failed_save_at_exit_is_reported(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "background save failed" in proc.stderr and "No space left on device" in proc.stderr
     assert not os.path.exists(tmp_path / "m.index")
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_string_tensor_changing_between_saves_is_saved_new_and_checked_again(tmp_path, blocking):
+    """The layout keeps the plan while shapes stay (the manager's metadata changes every
+    save): the new contents are saved, and a non-string element is still refused."""
+    names = ss.Variable("names", np.array([b"a", b"bb"], dtype=object), register=False)
+    w = ss.Variable("w", np.arange(4, dtype=np.float32), register=False)
+    saver = ss.Saver([names, w])
+    for step, values in enumerate(([b"a", b"bb"], [b"longer value", b""], ["text", b"\x00"])):
+        names.assign(np.array(values, dtype=object))
+        handle = saver.save(str(tmp_path / "ckpt"), global_step=step, blocking=blocking)
+        if not blocking:
+            handle.result()
+        got = ss.CheckpointReader(str(tmp_path / f"ckpt-{step}")).get_tensor("names")
+        assert [v.encode() if isinstance(v, str) else v for v in values] == list(got)
+    names.assign(np.array([b"ok", 3], dtype=object))
+    with pytest.raises(ss.errors.InvalidArgumentError, match="element 1 is int"):
+        saver.save(str(tmp_path / "ckpt"), global_step=9, blocking=blocking)

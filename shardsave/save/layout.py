@@ -32,6 +32,8 @@ class SaveLayout:
         self._signature: tuple[list, list] | None = None
         self.plan: Any = None
         """What the saver derived from ``metas`` on every rank (None until then)."""
+        self.string_items: list[int] = []
+        """Positions of the string tensors, checked again at every save."""
 
     def arrays(self) -> list[np.ndarray | None]:
         return [var._value for var in self.variables]
@@ -46,10 +48,7 @@ class SaveLayout:
             return None
         return self.metas if signature == self._signature else None
 
-    def remember(self, arrays: Sequence[np.ndarray], metas: list[BlockMeta]) -> None:
+    def remember(self, arrays: Sequence[np.ndarray], metas: list[BlockMeta], strings: list[int]) -> None:
         """Keep ``metas`` for arrays like these; forgets the plan made for the old ones."""
         self._signature = ([a.shape for a in arrays], [a.dtype for a in arrays])
-        self.metas, self.plan = metas, None
-
-    def forget(self) -> None:
-        self.metas = self._signature = self.plan = None
+        self.metas, self.plan, self.string_items = metas, None, strings

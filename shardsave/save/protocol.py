@@ -163,10 +163,12 @@ def local_arrays(layout: SaveLayout, prefix: str) -> tuple[list[np.ndarray], lis
     arrays = layout.arrays()
     metas = layout.cached_metas(arrays)
     if metas is not None:  # same shapes and dtypes as last time: already checked
+        for i in layout.string_items:  # but a string tensor's contents change without its shape
+            _check_strings(prefix, layout.names[i], arrays[i])
         return arrays, metas
     metas = []
     add_meta, to_tf = metas.append, dtypes.to_tf
-    strings = False
+    strings = []
     for name, var, arr in zip(layout.names, layout.variables, arrays, strict=True):
         if arr is None:
             raise FailedPreconditionError(
@@ -180,14 +182,14 @@ def local_arrays(layout: SaveLayout, prefix: str) -> tuple[list[np.ndarray], lis
         if tf_type == dtypes.DT_STRING:
             _check_strings(prefix, name, arr)
             nbytes = _nbytes(arr)
-            strings = True
+            strings.append(len(metas))
         else:
             nbytes = arr.nbytes
         add_meta(BlockMeta(name, tf_type, var.global_shape, Block(var.offset, var.shape), nbytes))
-    if strings:  # their sizes and contents change without their shapes: check every time
-        layout.forget()
-    else:
-        layout.remember(arrays, metas)
+    # a string tensor's byte count goes stale when its contents change (the manager's
+    # metadata, every save): it only weighs the plan's balance of replicated writes, and
+    # the plan stays valid; the writer sizes every tensor from its array
+    layout.remember(arrays, metas, strings)
     return arrays, metas
 
 
