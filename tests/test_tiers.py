@@ -216,3 +216,16 @@ def test_one_process_fast_tier_round_trip(tmp_path):
         assert mgr.restore_or_initialize() == 2
         assert mgr.restored_from["tier"] == "fast"
     np.testing.assert_array_equal(w.value, np.full(10, 2, np.float32))
+
+
+def test_a_state_the_fast_tier_does_not_hold_is_an_error_not_a_fresh_start(tmp_path):
+    """A variable the checkpoint lacks is the caller's mistake: raised, never 'no
+    checkpoint restores, starting fresh' (which would let retention delete them all)."""
+    kw = {"local_directory": str(tmp_path / "local" / "{node}")}
+    w = ss.Variable("w", np.ones(3, np.float32), register=False)
+    with ss.CheckpointManager(tmp_path / "durable", [w], **kw) as mgr:
+        mgr.save(1)
+    other = ss.Variable("renamed", np.zeros(3, np.float32), register=False)
+    with ss.CheckpointManager(tmp_path / "durable", [other], **kw) as mgr:
+        with pytest.raises(ss.errors.NotFoundError, match="renamed"):
+            mgr.restore_or_initialize()

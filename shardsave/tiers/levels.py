@@ -95,6 +95,8 @@ class MultiLevel:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, blocking: bool, metadata: dict) -> tuple[FastSave, str | SaveHandle]:
+        if self.drain is not None and self.drain.step == step:  # saved again: its files are replaced
+            self.drain.handle._join()  # its outcome is taken at the next join, as usual
         protocol = FastSave(self.tier, step)
         prefix = self.tier.location.child(files.base(self.tier.checkpoint_name, step)).path
         result = self.saver._save(
