@@ -226,6 +226,8 @@ def test_a_state_the_fast_tier_does_not_hold_is_an_error_not_a_fresh_start(tmp_p
     with ss.CheckpointManager(tmp_path / "durable", [w], **kw) as mgr:
         mgr.save(1)
     other = ss.Variable("renamed", np.zeros(3, np.float32), register=False)
-    with ss.CheckpointManager(tmp_path / "durable", [other], **kw) as mgr:
-        with pytest.raises(ss.errors.NotFoundError, match="renamed"):
-            mgr.restore_or_initialize()
+    with (
+        ss.CheckpointManager(tmp_path / "durable", [other], **kw) as mgr,
+        pytest.raises(ss.errors.NotFoundError, match="renamed"),
+    ):
+        mgr.restore_or_initialize()
