@@ -24,8 +24,8 @@ $(DEMO_STAMP): pyproject.toml
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[test,s3,mpi,frameworks]'
+	$(BIN)/python -m pip install --quiet --no-compile $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,s3,mpi,frameworks]'
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -231,3 +231,17 @@ def test_a_state_the_fast_tier_does_not_hold_is_an_error_not_a_fresh_start(tmp_p
         pytest.raises(ss.errors.NotFoundError, match="renamed"),
     ):
         mgr.restore_or_initialize()
+
+
+def test_one_directory_for_two_nodes_or_for_both_tiers_is_refused(tmp_path):
+    """Without {node}, simulated nodes share one directory (as nodes on a shared
+    filesystem would): a lost node would lose every copy, so construction says so."""
+    shared = str(tmp_path / "local")
+    r = run_nodes(
+        [("a", 1), ("b", 1)], [JOB, "--durable", str(tmp_path / "d"), "--local", shared, "--steps", "1"]
+    )
+    assert r.returncode != 0
+    assert "is the same directory" in r.stderr and "on nodes a, b" in r.stderr, r.stderr[-3000:]
+    w = ss.Variable("w", np.zeros(4, np.float32), register=False)
+    with pytest.raises(ss.errors.InvalidArgumentError, match="is the durable directory too"):
+        ss.CheckpointManager(tmp_path / "both", [w], local_directory=str(tmp_path / "both"))

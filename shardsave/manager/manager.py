@@ -124,8 +124,8 @@ class CheckpointManager:
         self._draining: _Pending | None = None
         self._drain_error: ShardsaveError | None = None
         self._fast = MultiLevel.open(
-            self._saver, local_directory, checkpoint_name, local_max_to_keep, persist_interval_steps, redundancy,
-            redundancy_group_size,
+            self._saver, self.directory, local_directory, checkpoint_name, local_max_to_keep, persist_interval_steps,
+            redundancy, redundancy_group_size,
         )  # fmt: skip
         self._comm.begin("CheckpointManager")
         self._adopt(self._find())

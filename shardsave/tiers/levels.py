@@ -35,10 +35,19 @@ def check_fast_options(local_directory: Any, redundancy: str, persist_interval_s
         )
 
 
+def _not_the_durable(tier: FastTier, durable: storage.Location) -> None:
+    if storage.same_path(tier.location, durable):
+        raise InvalidArgumentError(
+            f"local_directory {tier.location.url} is the durable directory too: the fast tier needs a "
+            "directory of its own on each node (its files have the durable tier's names)"
+        )
+
+
 class MultiLevel:
     def __init__(
         self,
         saver: Saver,
+        directory: str,
         local_directory: str | os.PathLike,
         checkpoint_name: str,
         *,
@@ -58,6 +67,10 @@ class MultiLevel:
             scheme=redundancy,
             group_size=group_size,
         )
+        durable = storage.resolve(os.fspath(directory), saver.storage_options, saver.fs)
+        saver.comm.every_rank(
+            f"opening the fast tier {local_directory}", lambda: _not_the_durable(self.tier, durable)
+        )
         self.steps: list[int] = restart.take_inventory(self.tier).steps[::-1]
         """The fast tier's committed steps (on some node), oldest first."""
         self.last: FastSave | None = None
@@ -69,6 +82,7 @@ class MultiLevel:
     def open(
         cls,
         saver: Saver,
+        directory: str,
         local_directory: Any,
         checkpoint_name: str,
         max_to_keep: int,
@@ -81,6 +95,7 @@ class MultiLevel:
             return None
         return cls(
             saver,
+            directory,
             local_directory,
             checkpoint_name,
             max_to_keep=max_to_keep,

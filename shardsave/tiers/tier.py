@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from typing import Any
 
 from .. import storage
@@ -16,6 +17,8 @@ from .topology import SCHEMES, Topology
 
 log = logging.getLogger("shardsave")
 _TEMP = re.compile(r".+\.tmp[0-9a-f]+")
+_MARK = ".shardsave-node-"
+"""A node leader's marker file in its directory (its content: this job's token)."""
 
 
 class FastTier:
@@ -45,6 +48,9 @@ class FastTier:
         self.node = self.topology.nodes[comm.rank]
         self.is_leader = self.topology.is_leader(comm.rank)
         self.location: storage.Location = comm.every_rank(what, self._open)
+        token = comm.bcast(uuid.uuid4().hex if comm.is_coordinator else None)
+        comm.every_rank(what, lambda: self._mark(token))
+        comm.every_rank(what, lambda: self._check_own(token))
         self.groups = redundancy.Groups(comm, self.topology, group_size) if scheme == "xor" else None
         # the restart's file servers and the drains run beside the Saver's own steps
         self.serving = peers.duplicate(comm)
@@ -62,6 +68,30 @@ class FastTier:
             )
         storage.makedirs(loc)
         return loc
+
+    def _mark(self, token: str) -> None:
+        """Node leaders: say "this node's directory" in it, for :meth:`_check_own`."""
+        if self.is_leader:
+            storage.publish(self.location.child(_MARK + self.node), token.encode(), fsync=False)
+
+    def _check_own(self, token: str) -> None:
+        """A directory that another node of this job marked too is not node-local (no
+        ``{node}`` in a path on one machine, or a shared filesystem): a lost node would
+        lose every copy. Markers of earlier jobs have other tokens."""
+        if not self.is_leader:
+            return
+        others = []
+        for name in storage.files_in(self.location):
+            if name.startswith(_MARK) and name != _MARK + self.node:
+                data = storage.read_bytes(self.location.child(name), missing_ok=True, limit=64)
+                if data == token.encode():
+                    others.append(name[len(_MARK) :])
+        if others:
+            raise InvalidArgumentError(
+                f"local_directory={self.template!r} is the same directory ({self.location.url}) on nodes "
+                f"{', '.join(sorted([self.node, *others]))}: each node needs its own (put {{node}} in the "
+                "path, or use a node-local filesystem)"
+            )
 
     def close(self) -> None:
         if self.groups is not None:
