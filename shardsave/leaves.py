@@ -12,16 +12,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .errors import InvalidArgumentError
 
 # torch dtypes numpy lacks -> (same-size torch integer dtype name, ml_dtypes type)
 _TORCH_VIA_INT = {
-    "torch.bfloat16": ("int16", ml_dtypes.bfloat16),
-    "torch.float8_e4m3fn": ("uint8", ml_dtypes.float8_e4m3fn),
-    "torch.float8_e5m2": ("uint8", ml_dtypes.float8_e5m2),
+    "torch.bfloat16": ("int16", "bfloat16"),
+    "torch.float8_e4m3fn": ("uint8", "float8_e4m3fn"),
+    "torch.float8_e5m2": ("uint8", "float8_e5m2"),
 }
 
 
@@ -55,8 +54,10 @@ def torch_view(tensor: Any, what: str) -> np.ndarray:
     via = _TORCH_VIA_INT.get(str(t.dtype))
     try:
         if via is not None:
+            import ml_dtypes  # here, not at startup: it takes about a second to import
+
             torch = sys.modules[type(tensor).__module__.partition(".")[0]]
-            return t.view(getattr(torch, via[0])).numpy().view(via[1])
+            return t.view(getattr(torch, via[0])).numpy().view(getattr(ml_dtypes, via[1]))
         return t.numpy()
     except (TypeError, RuntimeError) as exc:
         raise InvalidArgumentError(f"{what}: torch tensor of dtype {t.dtype}: {exc}") from None

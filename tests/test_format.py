@@ -11,6 +11,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -1232,3 +1234,25 @@ def test_state_limits_are_the_documented_ones():
     assert decode_state(full).model_checkpoint_path == "m"
     with pytest.raises(DecodeError, match="larger than 4194304 bytes"):
         decode_state(full + b"x")
+
+
+def test_ml_dtypes_are_imported_only_when_a_tensor_needs_them(tmp_path):
+    """Importing ml_dtypes costs about a second (0.7.0): every rank of every job would pay
+    it at startup. shardsave imports it on the first bfloat16/float8 tensor instead."""
+    save = (
+        "import sys, numpy as np, shardsave as ss\n"
+        "assert 'ml_dtypes' not in sys.modules\n"
+        "import ml_dtypes\n"
+        f"ss.Saver([ss.Variable('b', np.arange(4, dtype=ml_dtypes.bfloat16))]).save({str(tmp_path / 'c')!r})\n"
+    )
+    read = (
+        "import sys, shardsave as ss\n"
+        f"r = ss.CheckpointReader({str(tmp_path / 'c')!r})\n"
+        "assert 'ml_dtypes' not in sys.modules\n"  # the index says DT_BFLOAT16: not loaded yet
+        "v = r.get_tensor('b')\n"
+        "print(v.dtype, v.astype('float32').tolist())\n"
+    )
+    for code in (save, read):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "bfloat16 [0.0, 1.0, 2.0, 3.0]"

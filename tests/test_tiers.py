@@ -72,61 +72,76 @@ def durable_restores(tmp_path, cols: int = 1000) -> int | None:
         return got
 
 
-@pytest.mark.parametrize(
-    ("scheme", "nodes", "group"),
-    [("partner", [("a", 2), ("b", 2)], 2), ("xor", [("a", 1), ("b", 1), ("c", 1), ("d", 1)], 4)],
-)
-def test_a_lost_node_comes_back_from_the_fast_tier_bit_exact(tmp_path, scheme, nodes, group):
-    common = ["--redundancy", scheme, "--group", str(group), "--persist", "3"]
-    saved = run(nodes, tmp_path, *common, "--steps", "5")
-    assert saved[0]["saved"] == [0, 1, 2, 3, 4]
-    lost = nodes[-1][0]
-    lose(tmp_path, lost)
-    hide_durable_data(tmp_path)
-    out = run(nodes, tmp_path, *common, "--steps", "6")
-    assert all(r["start"] == 4 and r["exact"] for r in out), out
-    where = out[0]["restored_from"]
-    assert where["tier"] == "fast" and where["fallbacks"] == []
-    expected = "partner" if scheme == "partner" else "rebuilt"
+def restore_hidden(tmp_path) -> None:
+    for p in (tmp_path / "hidden").iterdir():
+        p.rename(tmp_path / "durable" / p.name)
+    (tmp_path / "hidden").rmdir()
+
+
+def check_sources(out: list[dict], lost: str, expected: str) -> None:
     lost_ranks = [r["rank"] for r in out if r["node"] == lost]
-    assert {r: s for r, s in sources(out[0]).items() if r in lost_ranks} == dict.fromkeys(
-        lost_ranks, expected
-    )
-    assert all(s == "data" for r, s in sources(out[0]).items() if r not in lost_ranks)
-    assert "restored step 4 from the fast tier" in out[0]["_stderr"]
-    if scheme == "xor":  # the rebuilt file was written back to the lost node
-        assert (tmp_path / "local" / lost / "ckpt-4.data-00003-of-00004").exists()
-        # two nodes of the group lost: the fast tier cannot rebuild; the durable tier's newest
-        for p in (tmp_path / "hidden").iterdir():
-            p.rename(tmp_path / "durable" / p.name)
-        lose(tmp_path, "c")
-        lose(tmp_path, "d")
-        out = run(nodes, tmp_path, *common, "--steps", "7")
-        assert all(r["start"] == 3 and r["exact"] for r in out), out
-        where = out[0]["restored_from"]
-        assert where["tier"] == "durable"
-        assert any("is lost too" in f for f in where["fallbacks"]), where["fallbacks"]
+    got = sources(out[0])
+    assert {r: s for r, s in got.items() if r in lost_ranks} == dict.fromkeys(lost_ranks, expected), got
+    assert all(s == "data" for r, s in got.items() if r not in lost_ranks), got
 
 
-@pytest.mark.parametrize(
-    ("scheme", "nodes", "damaged"),
-    [
-        ("partner", [("a", 2), ("b", 2)], "b/ckpt-4.partner-00000-of-00004"),
-        ("xor", [("a", 1), ("b", 1), ("c", 1)], "c/ckpt-4.parity-00002-of-00003"),
-    ],
-)
-def test_a_damaged_copy_is_caught_and_the_durable_tier_is_used(tmp_path, scheme, nodes, damaged):
-    common = ["--redundancy", scheme, "--group", str(len(nodes)), "--persist", "2"]
-    run(nodes, tmp_path, *common, "--steps", "5")
-    flip_byte(tmp_path / "local" / damaged)
-    lose(tmp_path, "a")  # the primary of the damaged copy (rank 0)
-    out = run(nodes, tmp_path, *common, "--steps", "5")
+def test_partner_a_lost_node_comes_back_bit_exact_and_a_damaged_copy_is_never_used(tmp_path):
+    nodes = [("a", 2), ("b", 2)]
+    common = ["--redundancy", "partner", "--persist", "3"]
+    assert run(nodes, tmp_path, *common, "--steps", "5")[0]["saved"] == [0, 1, 2, 3, 4]
+    lose(tmp_path, "b")
+    hide_durable_data(tmp_path)
+    out = run(nodes, tmp_path, *common, "--steps", "6")  # restores 4, saves 5
     assert all(r["start"] == 4 and r["exact"] for r in out), out
+    assert out[0]["restored_from"]["tier"] == "fast" and out[0]["restored_from"]["fallbacks"] == []
+    check_sources(out, "b", "partner")
+    assert "restored step 4 from the fast tier" in out[0]["_stderr"]
+    # one byte of rank 0's partner copy of step 5 flipped, then rank 0's node lost
+    restore_hidden(tmp_path)
+    flip_byte(tmp_path / "local" / "b" / "ckpt-5.partner-00000-of-00004")
+    lose(tmp_path, "a")
+    out = run(nodes, tmp_path, *common, "--steps", "6")
+    # step 5: the damaged copy is caught; step 4 was only on node a (node b lost its copy
+    # of step 4 before), and the durable tier has 0 and 3
+    assert all(r["start"] == 3 and r["exact"] for r in out), out
     where = out[0]["restored_from"]
     assert where["tier"] == "durable"
-    kind = "partner copy" if scheme == "partner" else "rebuilt data file"
-    assert any(f"the {kind} of rank 0" in f and "fails its check" in f for f in where["fallbacks"])
-    assert "does not restore from the fast tier" in out[0]["_stderr"]  # logged, WARNING
+    damaged = [f for f in where["fallbacks"] if f.startswith("step 5")]
+    assert damaged and "partner copy of rank 0" in damaged[0] and "fails its check" in damaged[0], where
+    assert "step 5 does not restore from the fast tier" in out[0]["_stderr"]  # logged, WARNING
+
+
+def test_xor_rebuilds_a_lost_node_catches_damaged_parity_and_falls_back_when_two_are_lost(tmp_path):
+    nodes = [("a", 1), ("b", 1), ("c", 1), ("d", 1)]
+    common = ["--redundancy", "xor", "--group", "4", "--persist", "3"]
+    run(nodes, tmp_path, *common, "--steps", "5")
+    lose(tmp_path, "d")
+    hide_durable_data(tmp_path)
+    out = run(nodes, tmp_path, *common, "--steps", "6")  # restores 4 (rank 3 rebuilt), saves 5
+    assert all(r["start"] == 4 and r["exact"] for r in out), out
+    assert out[0]["restored_from"]["tier"] == "fast"
+    check_sources(out, "d", "rebuilt")
+    assert (tmp_path / "local" / "d" / "ckpt-4.data-00003-of-00004").exists()  # written back
+    # damaged parity, then a lost member: step 5 is caught, step 4 lacks d's parity: durable 3
+    restore_hidden(tmp_path)
+    flip_byte(tmp_path / "local" / "c" / "ckpt-5.parity-00002-of-00004")
+    lose(tmp_path, "a")
+    out = run(nodes, tmp_path, *common, "--steps", "7")  # restores 3, saves 4 5 6 (6 drains)
+    assert all(r["start"] == 3 and r["exact"] for r in out), out
+    where = out[0]["restored_from"]
+    assert where["tier"] == "durable"
+    assert any(
+        "step 5" in f and "rebuilt data file of rank 0" in f and "fails its check" in f
+        for f in where["fallbacks"]
+    )
+    assert any("step 4" in f and "parity of rank 3" in f for f in where["fallbacks"]), where["fallbacks"]
+    # two nodes of the group lost: nothing can be rebuilt; the durable tier's newest
+    lose(tmp_path, "c")
+    lose(tmp_path, "d")
+    out = run(nodes, tmp_path, *common, "--steps", "7")
+    assert all(r["start"] == 6 and r["exact"] for r in out), out
+    assert out[0]["restored_from"]["tier"] == "durable"
+    assert any("is lost too" in f for f in out[0]["restored_from"]["fallbacks"])
 
 
 COLS = 16384  # 64 KiB rows: entries have per-block CRCs, so a reshard reads little more than it needs

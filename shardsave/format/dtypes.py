@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 DT_STRING = 7
@@ -19,20 +18,33 @@ _TF_TYPES: dict[int, tuple[str, np.dtype | None]] = {
     8: ("complex64", np.dtype(np.complex64)),
     9: ("int64", np.dtype(np.int64)),
     10: ("bool", np.dtype(np.bool_)),
-    14: ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
     17: ("uint16", np.dtype(np.uint16)),
     18: ("complex128", np.dtype(np.complex128)),
     19: ("float16", np.dtype(np.float16)),
     22: ("uint32", np.dtype(np.uint32)),
     23: ("uint64", np.dtype(np.uint64)),
-    24: ("float8_e5m2", np.dtype(ml_dtypes.float8_e5m2)),
-    25: ("float8_e4m3fn", np.dtype(ml_dtypes.float8_e4m3fn)),
 }
-KNOWN = frozenset(_TF_TYPES)
+_ML_TYPES = {14: "bfloat16", 24: "float8_e5m2", 25: "float8_e4m3fn"}
+"""ml_dtypes' types, added to the tables the first time one is needed: importing
+ml_dtypes costs about a second (0.7.0; 0.1 s for 0.5), which every rank of every job
+would pay at startup; an array of one of these types means it is imported already."""
+KNOWN = frozenset(_TF_TYPES) | frozenset(_ML_TYPES)
 """The DataType numbers ``to_numpy`` knows."""
 _FROM_NUMPY = {dt: num for num, (_, dt) in _TF_TYPES.items() if dt is not None}
 
 _BY_ID: dict[int, tuple[object, int]] = {}
+
+
+def _load_ml_dtypes() -> None:
+    if 14 in _TF_TYPES:
+        return
+    import ml_dtypes
+
+    for num, name in _ML_TYPES.items():
+        dt = np.dtype(getattr(ml_dtypes, name))
+        _TF_TYPES[num] = (name, dt)
+        _FROM_NUMPY[dt] = num
+
 
 STRING_DTYPE = np.dtype(object)
 """Strings live in numpy arrays of ``bytes`` objects (dtype=object)."""
@@ -56,10 +68,13 @@ def to_tf(dtype: np.dtype) -> int:
         return found
     if is_string(dtype):
         return DT_STRING
+    if dtype.type.__module__.partition(".")[0] == "ml_dtypes" and 14 not in _TF_TYPES:
+        _load_ml_dtypes()
+        return to_tf(original)
     try:
         return _FROM_NUMPY[dtype.newbyteorder("=") if dtype.byteorder == "<" else dtype]
     except KeyError:
-        supported = ", ".join(sorted(name for name, _ in _TF_TYPES.values()))
+        supported = ", ".join(sorted({name for name, _ in _TF_TYPES.values()} | set(_ML_TYPES.values())))
         raise ValueError(
             f"dtype {dtype} cannot be stored in a TensorFlow checkpoint (supported: {supported})"
         ) from None
@@ -67,6 +82,8 @@ def to_tf(dtype: np.dtype) -> int:
 
 def to_numpy(tf_type: int) -> np.dtype:
     """numpy dtype of a TF DataType number (object for strings); ValueError if unknown."""
+    if tf_type in _ML_TYPES:
+        _load_ml_dtypes()
     try:
         dt = _TF_TYPES[tf_type][1]
     except KeyError:
@@ -75,6 +92,8 @@ def to_numpy(tf_type: int) -> np.dtype:
 
 
 def tf_name(tf_type: int) -> str:
+    if tf_type in _ML_TYPES:
+        return _ML_TYPES[tf_type]
     return _TF_TYPES[tf_type][0] if tf_type in _TF_TYPES else f"DataType({tf_type})"
 
 
