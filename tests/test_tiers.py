@@ -226,6 +226,12 @@ def test_one_process_fast_tier_round_trip(tmp_path):
         assert mgr.all_steps() == [1, 2]
         mgr.close(persist=True)
     assert sorted(p.name for p in (tmp_path / "durable").glob("*.index")) == ["ckpt-2.index"]
+    tf = pytest.importorskip("tensorflow")  # the drained copy is an ordinary TF checkpoint
+    assert tf.train.latest_checkpoint(str(tmp_path / "durable")).endswith("ckpt-2")
+    np.testing.assert_array_equal(
+        tf.train.load_checkpoint(str(tmp_path / "durable" / "ckpt-2")).get_tensor("w"),
+        np.full(10, 2, np.float32),
+    )
     w.assign(np.zeros(10, np.float32))
     with ss.CheckpointManager(tmp_path / "durable", [w], **kw) as mgr:
         assert mgr.restore_or_initialize() == 2

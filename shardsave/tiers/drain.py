@@ -106,7 +106,7 @@ class Drain:
             target=self.handle._run,
             args=(self._run, job, mine, nranks, index),
             name=f"shardsave-drain-{step}",
-            daemon=True,
+            daemon=False,  # a job that exits without close() still finishes it (every rank does)
         )
         self._thread.start()
 

@@ -67,11 +67,16 @@ class MultiLevel:
             scheme=redundancy,
             group_size=group_size,
         )
-        durable = storage.resolve(os.fspath(directory), saver.storage_options, saver.fs)
-        saver.comm.every_rank(
-            f"opening the fast tier {local_directory}", lambda: _not_the_durable(self.tier, durable)
-        )
-        self.steps: list[int] = restart.take_inventory(self.tier).steps[::-1]
+        try:
+            durable = storage.resolve(os.fspath(directory), saver.storage_options, saver.fs)
+            saver.comm.every_rank(
+                f"opening the fast tier {local_directory}", lambda: _not_the_durable(self.tier, durable)
+            )
+            steps = restart.take_inventory(self.tier).steps[::-1]
+        except BaseException:
+            self.tier.close()
+            raise
+        self.steps: list[int] = steps
         """The fast tier's committed steps (on some node), oldest first."""
         self.last: FastSave | None = None
         self.last_metrics: dict | None = None
