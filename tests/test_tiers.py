@@ -266,3 +266,45 @@ def test_one_directory_for_two_nodes_or_for_both_tiers_is_refused(tmp_path):
     w = ss.Variable("w", np.zeros(4, np.float32), register=False)
     with pytest.raises(ss.errors.InvalidArgumentError, match="is the durable directory too"):
         ss.CheckpointManager(tmp_path / "both", [w], local_directory=str(tmp_path / "both"))
+
+
+def test_saving_a_step_again_replaces_it_only_once_the_new_save_commits(tmp_path, monkeypatch):
+    """A re-save (a resumed loop saving a step the fast tier has) is staged and swapped in
+    at its commit: a failure before that leaves the earlier save of the step whole."""
+    from shardsave.tiers import fast_save
+
+    kw = {"local_directory": str(tmp_path / "local" / "{node}"), "local_max_to_keep": 3}
+    w = ss.Variable("w", np.zeros(8, np.float32), register=False)
+    with ss.CheckpointManager(tmp_path / "durable", [w], **kw) as mgr:
+        for step in (0, 1):
+            w.assign(np.full(8, step, np.float32))
+            mgr.save(step, blocking=True)
+        w.assign(np.full(8, 7, np.float32))
+        mgr.save(1, blocking=True)  # replaced: 7s
+
+        def peer_lost(*args, **kwargs):  # a peer dying mid-redundancy, as one process can
+            raise ss.errors.UnavailableError("a peer went away")
+
+        monkeypatch.setattr(fast_save.redundancy, "protect", peer_lost)
+        w.assign(np.full(8, 99, np.float32))
+        with pytest.raises(ss.errors.UnavailableError, match="went away"):
+            mgr.save(1, blocking=True)
+        monkeypatch.undo()
+    names = sorted(os.listdir(next((tmp_path / "local").iterdir())))
+    assert "ckpt-1.index" in names and any(n.endswith(".staged") for n in names)
+    with ss.CheckpointManager(tmp_path / "durable", [w], **kw) as mgr:
+        assert mgr.restore_or_initialize() == 1
+        np.testing.assert_array_equal(w.value, np.full(8, 7, np.float32))
+        mgr.save(2, blocking=True)  # a committed save clears the failed one's staged files
+    assert not any(n.endswith(".staged") for n in os.listdir(next((tmp_path / "local").iterdir())))
+
+
+def test_scavenge_of_a_directory_no_node_has_is_an_error_and_creates_nothing(tmp_path):
+    missing = tmp_path / "nowhere"
+    r = run_group(
+        [sys.executable, "-m", "shardsave.cli", "scavenge", str(missing / "{node}"), str(tmp_path / "d")],
+        dict(os.environ, SHARDSAVE_NODE_ID="a"),
+        60,
+    )
+    assert r.returncode == 1 and "is no directory on any node" in r.stderr, r.stderr
+    assert not missing.exists()

@@ -110,7 +110,6 @@ class CheckpointManager:
         )
         self._fs = self._saver.fs
         self._comm = steps.own_comm(comm, self._saver, timeout)
-        self._watcher = PreemptionWatcher().install()
         self._pending: _Pending | None = None
         self._saved: set[int] = set()  # steps saved or restored by this manager: not again
         self._polled: tuple[int, bool] | None = None  # should_save's preemption answer, by step
@@ -129,6 +128,7 @@ class CheckpointManager:
         )  # fmt: skip
         self._comm.begin("CheckpointManager")
         self._adopt(self._find())
+        self._watcher = PreemptionWatcher().install()  # last: a failed construction leaves no handlers
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -444,6 +444,6 @@ class CheckpointManager:
 
 
 def _step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-        raise InvalidArgumentError(f"step must be a non-negative int, not {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or not 0 <= step < 2**63:
+        raise InvalidArgumentError(f"step must be a non-negative int below 2**63, not {step!r}")
     return int(step)

@@ -48,6 +48,7 @@ def restore_newest(self: CheckpointManager) -> int | None:
         if step in fast:
             try:
                 self.restored_from, self.restored_state = self._fast.restore(inv, step)
+                self.restored_from["fallbacks"] = list(fallbacks)
             except Unrestorable as exc:
                 fallbacks.append(f"step {step}, fast tier: {exc}")
                 _warn(self, "CheckpointManager: step %d does not restore from the fast tier: %s", step, exc)

@@ -101,7 +101,7 @@ class Drain:
         self.tier, self.step = tier, step
         self.handle = SaveHandle(job.prefix)
         mine = {job.comm.rank: tier.data_name(step, job.comm.rank, nranks)}
-        tier.draining.add(step)
+        tier.draining[step] = self.handle
         self._thread = threading.Thread(
             target=self.handle._run,
             args=(self._run, job, mine, nranks, index),
@@ -123,4 +123,4 @@ class Drain:
         try:
             self.handle.result()
         finally:
-            self.tier.draining.discard(self.step)
+            self.tier.draining.pop(self.step, None)

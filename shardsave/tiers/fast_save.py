@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, replace
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -45,6 +46,9 @@ class FastSave:
 
     tier: FastTier
     step: int
+    replace: bool = False
+    """The step is in the fast tier already: write under staged names and swap at the
+    commit, so a failed save leaves the earlier save of the step whole."""
     committed: dict | None = None
     """Filled on commit: ``{"index": bytes, "manifest": Manifest}``."""
     kept: list[int] | None = None
@@ -67,8 +71,11 @@ class FastSave:
         job = replace(job, fsync=self.tier.fsync)
         tier, comm, step = self.tier, job.comm, self.step
         the_plan, todo, replicas = save_protocol.plan(job, arrays, metas)
-        comm.every_rank(job.what, lambda: tier.uncommit(step))
-        report = save_protocol.write(job, SaveMode("0" * 16, staged=False), the_plan, todo, replicas)
+        save_id = comm.bcast(uuid.uuid4().hex[:16] if comm.is_coordinator else None)
+        suffix = f".{save_id}.staged" if self.replace else ""
+        if not self.replace:  # leftovers of an interrupted save of this step go first
+            comm.every_rank(job.what, lambda: tier.uncommit(step))
+        report = save_protocol.write(job, SaveMode(save_id, staged=self.replace), the_plan, todo, replicas)
         sizes = comm.allgather(report[1])
         protection = redundancy.protect(
             comm,
@@ -80,6 +87,7 @@ class FastSave:
             step,
             sizes,
             fsync=tier.fsync,
+            suffix=suffix,
         )
         gathered = comm.gather(report)
 
@@ -106,6 +114,8 @@ class FastSave:
             return index, manifest.encode()
 
         index, manifest_bytes = comm.coordinator_only(job.what, merge)
+        if self.replace:  # the earlier save's commit point goes, the new files take its names
+            comm.every_rank(job.what, lambda: tier.swap_in(step, suffix))
         comm.every_rank(job.what, lambda: tier.publish(step, index, manifest_bytes))
         keep = comm.coordinator_only(job.what, lambda: tier.keep_after(step))
         comm.every_rank(job.what, lambda: tier.delete_all_but(keep))

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 
 def check_fast_options(local_directory: Any, redundancy: str, persist_interval_steps: Any) -> None:
+    if local_directory is not None and not isinstance(local_directory, str | os.PathLike):
+        raise InvalidArgumentError(f"local_directory must be a path, not {local_directory!r}")
     if local_directory is None and (redundancy != "none" or persist_interval_steps is not None):
         raise InvalidArgumentError(
             "redundancy and persist_interval_steps are options of the fast tier: pass local_directory too"
@@ -117,7 +119,7 @@ class MultiLevel:
     def save(self, step: int, blocking: bool, metadata: dict) -> tuple[FastSave, str | SaveHandle]:
         if self.drain is not None and self.drain.step == step:  # saved again: its files are replaced
             self.drain.handle._join()  # its outcome is taken at the next join, as usual
-        protocol = FastSave(self.tier, step)
+        protocol = FastSave(self.tier, step, replace=step in self.steps)
         prefix = self.tier.location.child(files.base(self.tier.checkpoint_name, step)).path
         result = self.saver._save(
             prefix, None, "checkpoint", False, blocking, metadata, None, protocol=protocol

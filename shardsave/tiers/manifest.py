@@ -22,6 +22,9 @@ MAX_BYTES = 64 << 20
 """A manifest is a few bytes per rank: anything larger is not one."""
 MAX_RANKS = 1 << 20
 MAX_FILE = (1 << 63) - 1
+MAX_INDEX = 2 << 30
+"""An index is read whole into memory on every rank: a manifest claiming more (a sparse
+file on tmpfs costs nothing to make) is not believed."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def parse(data: bytes, where: str) -> Manifest:
     scheme = body["redundancy"]
     if scheme not in SCHEMES:
         raise bad(f"redundancy {scheme!r}")
-    if not _int(body["index_size"], 0, MAX_FILE) or not _int(body["index_crc"], 0, 0xFFFFFFFF):
+    if not _int(body["index_size"], 0, MAX_INDEX) or not _int(body["index_crc"], 0, 0xFFFFFFFF):
         raise bad("index_size or index_crc")
     ts = body["timestamp"]
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
@@ -151,7 +154,7 @@ def parse(data: bytes, where: str) -> Manifest:
         if not isinstance(sets, list) or not all(isinstance(s, list) and len(s) >= 2 for s in sets):
             raise bad("sets is not a list of sets of at least 2 ranks")
         flat = [r for s in sets for r in s]
-        if sorted(flat) != list(range(n)) or not all(_int(r, 0, n - 1) for r in flat):
+        if not all(_int(r, 0, n - 1) for r in flat) or sorted(flat) != list(range(n)):
             raise bad("the XOR sets do not hold every rank exactly once")
         if any(s != sorted(s) or len({nodes[r] for r in s}) != len(s) for s in sets):
             raise bad("an XOR set is not in rank order or has two ranks on one node")

@@ -63,19 +63,23 @@ def protect(
     sizes: list[int],
     *,
     fsync: bool = False,
+    suffix: str = "",
 ) -> Protection:
     """Collective, once every rank's data file of ``step`` is written in its node's
     ``directory`` (and the ranks agreed): write this rank's share of the redundancy.
+    ``suffix``: on every file name (a re-save's staged names, swapped in at the commit).
     Every rank returns the same partners/sets/chunks, or raises the same error."""
     started = time.monotonic()
     what = f"protecting step {step} ({scheme})"
     if scheme == "none":
         return Protection(None, None, None, 0, 0.0)
     n, rank = comm.size, comm.rank
-    own = directory.child(files.file(checkpoint_name, step, "data", rank, n))
+    own = directory.child(files.file(checkpoint_name, step, "data", rank, n) + suffix)
     if scheme == "partner":
         senders = topology.partner_senders(rank)
-        copies = {s: directory.child(files.file(checkpoint_name, step, "partner", s, n)) for s in senders}
+        copies = {
+            s: directory.child(files.file(checkpoint_name, step, "partner", s, n) + suffix) for s in senders
+        }
         # every rank's file mapped and every copy's file opened before any byte is sent
         own_map, writers = comm.every_rank(what, lambda: _open(own, sizes[rank], copies, fsync))
         try:
@@ -96,7 +100,7 @@ def protect(
     assert groups is not None, "xor needs the Groups made at construction"
     chunks = tuple(chunk_size([sizes[r] for r in s]) for s in groups.sets)
     c = chunks[groups.sets.index(groups.members)]
-    parity = directory.child(files.file(checkpoint_name, step, "parity", rank, n))
+    parity = directory.child(files.file(checkpoint_name, step, "parity", rank, n) + suffix)
     own_map, writers = comm.every_rank(what, lambda: _open(own, sizes[rank], {"parity": parity}, fsync))
     try:
         data, members, pos = _bytes(own_map), len(groups.members), groups.position

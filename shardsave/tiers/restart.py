@@ -57,7 +57,7 @@ def take_inventory(tier: FastTier) -> Inventory:
     comm = tier.comm
 
     def mine():
-        if not tier.is_leader:
+        if not tier.is_leader or (not tier.create and not storage.exists(tier.location)):
             return None
         listing = {
             name: info["size"]
@@ -74,6 +74,8 @@ def take_inventory(tier: FastTier) -> Inventory:
                 found[step] = m
             except UNUSABLE as exc:
                 damaged.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a file's content must never stop the restart
+                damaged.append(f"{loc.url}: not a valid fast-tier manifest ({type(exc).__name__}: {exc})")
         return tier.node, listing, found, damaged
 
     gathered = comm.allgather(comm.every_rank(f"listing the fast tier {tier.template}", mine))
@@ -185,7 +187,12 @@ def _index(tier: FastTier, server: FileServer, manifest: Manifest, plan: sources
     nodes = sorted(plan.index_nodes, key=lambda n: n != tier.node)
     why = []
     for node in nodes:
-        buf = bytearray(manifest.index_size)
+        try:
+            buf = bytearray(manifest.index_size)
+        except MemoryError:
+            raise DataLossError(
+                f"step {manifest.step}: an index of {manifest.index_size} bytes does not fit in memory"
+            ) from None
         try:
             server.fetch(serving_rank(tier, node, tier.comm.rank), name, [(0, memoryview(buf))])
         except UNUSABLE as exc:
@@ -262,7 +269,12 @@ def _rebuild(
     for f in plan.of_kind("rebuilt"):
         if not (f.node == tier.node and serving_rank(tier, f.node, f.rank) == tier.comm.rank):
             continue
-        data = xor.rebuild(manifest, f.rank, read)
+        try:
+            data = xor.rebuild(manifest, f.rank, read)
+        except MemoryError:
+            raise DataLossError(
+                f"step {step}: rebuilding the {manifest.sizes[f.rank]}-byte data file of rank {f.rank} does not fit in memory"
+            ) from None
         check_file(tier, server, manifest, index, f, view.Source(len(data), data=data))
         storage.publish(tier.location.child(f.name), data, tier.fsync)
         log.info("fast tier: rebuilt the data file of rank %d of step %d on node %s", f.rank, step, f.node)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from .. import retention, storage
 from .._comm import Comm
 from .._comm.serving import FileServer
+from ..errors import NotFoundError
 from ..manager import steps
 from ..save.protocol import SaveJob
 from . import view
@@ -42,10 +43,14 @@ def scavenge(
     """The step copied to ``durable``, or None when there was nothing newer to copy;
     ``report(step)`` is called with it on the coordinator alone."""
     c = Comm.create(comm, timeout)
-    tier = FastTier(c, local_directory, checkpoint_name, max_to_keep=1 << 30, scheme="none", group_size=2)
+    tier = FastTier(
+        c, local_directory, checkpoint_name, max_to_keep=1 << 30, scheme="none", group_size=2, create=False
+    )
     what = f"scavenging {local_directory} to {durable}"
     try:
         inv = take_inventory(tier)
+        if not inv.held:
+            raise NotFoundError(f"{what}: {local_directory} is no directory on any node of the job")
 
         def find() -> steps.Found:
             return steps.find(

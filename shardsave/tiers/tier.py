@@ -17,6 +17,7 @@ from .topology import SCHEMES, Topology
 
 log = logging.getLogger("shardsave")
 _TEMP = re.compile(r".+\.tmp[0-9a-f]+")
+_STAGED = re.compile(r".+\.[0-9a-f]{16}\.staged")
 _MARK = ".shardsave-node-"
 """A node leader's marker file in its directory (its content: this job's token)."""
 
@@ -34,6 +35,7 @@ class FastTier:
         scheme: str,
         group_size: int,
         fsync: bool = False,
+        create: bool = True,
     ):
         self.template = template
         self.checkpoint_name = checkpoint_name
@@ -42,6 +44,8 @@ class FastTier:
         self.group_size = group_size
         self.fsync = fsync
         self.comm = comm
+        self.create = create
+        """False (scavenge): a node without the directory has nothing; nothing is made."""
         what = f"opening the fast tier {template}"
         self.topology: Topology = nodes.identify(comm, what)
         self.topology.check(scheme, group_size)  # pure: the same error on every rank
@@ -55,8 +59,9 @@ class FastTier:
         # the restart's file servers and the drains run beside the Saver's own steps
         self.serving = peers.duplicate(comm)
         self.drain_comm = peers.duplicate(comm)
-        self.draining: set[int] = set()
-        """Steps a drain is copying (the coordinator's view): local retention keeps them."""
+        self.draining: dict[int, Any] = {}
+        """Steps a drain is copying, and its handle (the coordinator's view): local
+        retention keeps them while their drain runs."""
         self.last_protection: redundancy.Protection | None = None
 
     def _open(self) -> storage.Location:
@@ -66,12 +71,13 @@ class FastTier:
                 f"local_directory={self.template!r} is not on a local filesystem (it is {loc.backend.kind}); "
                 "the fast tier is each node's own RAM disk or SSD, e.g. /dev/shm/run/{node}"
             )
-        storage.makedirs(loc)
+        if self.create:
+            storage.makedirs(loc)
         return loc
 
     def _mark(self, token: str) -> None:
         """Node leaders: say "this node's directory" in it, for :meth:`_check_own`."""
-        if self.is_leader:
+        if self.is_leader and (self.create or storage.exists(self.location)):
             storage.publish(self.location.child(_MARK + self.node), token.encode(), fsync=False)
 
     def _check_own(self, token: str) -> None:
@@ -130,6 +136,21 @@ class FastTier:
         storage.remove([self.location.child(n) for n in first if n in held])
         storage.remove([self.location.child(n) for n in held if n not in first])
 
+    def swap_in(self, step: int, suffix: str) -> None:
+        """Node leaders, re-saving ``step``: its index and manifest go (the earlier save is
+        no longer restorable), the files staged with ``suffix`` take the final names, the
+        earlier save's other files go; :meth:`publish` follows."""
+        if not self.is_leader:
+            return
+        held = set(storage.files_in(self.location))
+        first = [files.index(self.checkpoint_name, step), files.manifest(self.checkpoint_name, step)]
+        storage.remove([self.location.child(n) for n in first if n in held])
+        staged = [n for n in held if n.endswith(suffix)]
+        finals = {n[: -len(suffix)] for n in staged}
+        storage.rename_all([(self.location.child(n), self.location.child(n[: -len(suffix)])) for n in staged])
+        old = [n for n in held if (files.parse(self.checkpoint_name, n) or (None,))[0] == step]
+        storage.remove([self.location.child(n) for n in old if n not in finals and n not in first])
+
     def publish(self, step: int, index: bytes, manifest: bytes) -> None:
         """Node leaders: the manifest, then the index (this node's commit point)."""
         if not self.is_leader:
@@ -143,7 +164,8 @@ class FastTier:
         durable tier's retention does), unless a drain is copying them."""
         committed = {s for s in self.committed_steps() if s < step} | {step}
         newest = sorted(committed)[-self.max_to_keep :]
-        return sorted(set(newest) | (self.draining & set(self.committed_steps())))
+        running = {s for s, handle in self.draining.items() if not handle.done()}
+        return sorted(set(newest) | (running & set(self.committed_steps())))
 
     def delete_all_but(self, keep: list[int]) -> None:
         """Node leaders: every file of this checkpoint name not of a kept step (leftovers of
@@ -151,10 +173,21 @@ class FastTier:
         if not self.is_leader:
             return
         doomed = []
-        prefix = self.checkpoint_name + "-"
         for name in storage.files_in(self.location):
             parsed = files.parse(self.checkpoint_name, name)
-            stale = parsed[0] not in keep if parsed else name.startswith(prefix) and _TEMP.fullmatch(name)
+            # a publish's temp file of one of this name's files (another checkpoint_name
+            # that starts with this one, ckpt-b beside ckpt, keeps its own)
+            temp = (
+                not parsed
+                and _TEMP.fullmatch(name)
+                and files.parse(self.checkpoint_name, name.rsplit(".tmp", 1)[0])
+            )
+            staged = (  # a re-save's file never swapped in (that save failed)
+                not parsed
+                and _STAGED.fullmatch(name)
+                and files.parse(self.checkpoint_name, name.rsplit(".", 2)[0])
+            )
+            stale = parsed[0] not in keep if parsed else bool(temp or staged)
             if stale:
                 doomed.append(name)
         storage.remove([self.location.child(n) for n in doomed])

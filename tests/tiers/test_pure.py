@@ -212,3 +212,20 @@ def test_a_served_file_is_only_a_fast_tier_name_and_ranges_inside_it(tmp_path):
         the_view.read_into("ckpt-1.index", [(2, memoryview(bytearray(2)))])
     with pytest.raises(PermissionDeniedError, match="read-only"):
         loc.backend.publish(loc, b"x", False, False)
+
+
+@pytest.mark.parametrize("sets", [[[0, 1, 2, "x"]], [[0, [1]], [2, 3]], [[0, None], [2, 3]]])
+def test_a_resealed_xor_manifest_with_strange_members_is_data_loss_not_a_crash(sets):
+    body = json.loads(
+        _manifest(redundancy="xor", partners=None, sets=((0, 2), (1, 3)), chunks=(30, 40)).encode()
+    )["body"]
+    body["sets"] = sets
+    with pytest.raises(DataLossError, match="not a valid fast-tier manifest"):
+        parse(_resealed(body), "m")
+
+
+def test_a_manifest_claiming_a_huge_index_is_not_believed():
+    body = json.loads(_manifest().encode())["body"]
+    body["index_size"] = 1 << 40
+    with pytest.raises(DataLossError, match="index_size"):
+        parse(_resealed(body), "m")
