@@ -26,13 +26,14 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from .. import storage
+from ..errors import InvalidArgumentError
 from ..format.crc import crc32c
 from ..format.merge import merge_index
 from ..save import protocol as save_protocol
 from ..save.commit import SaveMode
 from ..save.replicas import checked_replicas
 from . import redundancy
-from .manifest import Manifest, parse
+from .manifest import MAX_INDEX, Manifest, parse
 
 if TYPE_CHECKING:
     from .tier import FastTier
@@ -98,6 +99,10 @@ class FastSave:
                 [part for part, _ in checked],
                 {name: (dt, shape) for name, (dt, shape, _) in the_plan.sliced.items()},
             )
+            if len(index) > MAX_INDEX:  # a restart would not believe it (manifest.py)
+                raise InvalidArgumentError(
+                    f"{job.what}: an index of {len(index)} bytes is more than the fast tier takes ({MAX_INDEX})"
+                )
             manifest = Manifest(
                 step=step,
                 checkpoint_name=tier.checkpoint_name,
