@@ -128,7 +128,9 @@ class FastTier:
         )
 
     def uncommit(self, step: int) -> None:
-        """Before saving ``step`` again: its index and manifest go first, then its files."""
+        """Before saving a step the tier does not hold (as far as the manager knows):
+        whatever this node has of it (an interrupted save's leftovers, an older job's
+        step) goes, its index and manifest first. A re-save uses :meth:`swap_in` instead."""
         if not self.is_leader:
             return
         held = self.listing().get(step, {})
