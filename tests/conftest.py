@@ -10,6 +10,35 @@ collect_ignore = [] if os.environ.get("SHARDSAVE_MPI_TESTS") else ["mpi"]
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+SHM = "/dev/shm"
+_shm_before: set[str] = set()
+
+
+def _mpich_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM) if n.startswith("mpich_shm_")}
+    except OSError:
+        return set()
+
+
+def pytest_sessionstart(session):
+    _shm_before.update(_mpich_segments())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """MPICH leaves its shared-memory segment in /dev/shm when a job's ranks are killed
+    (the fault tests kill ranks on purpose): remove the ones this session's jobs left, so
+    runs do not fill the RAM disk. Not inside mpiexec (tests/mpi), where they are in use."""
+    if os.environ.get("SHARDSAVE_MPI_TESTS"):
+        return
+    for name in _mpich_segments() - _shm_before:
+        path = os.path.join(SHM, name)
+        try:
+            if os.stat(path).st_uid == os.getuid():
+                os.unlink(path)
+        except OSError:
+            pass
+
 
 @pytest.fixture(scope="session")
 def s3_server():
