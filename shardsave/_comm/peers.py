@@ -20,46 +20,11 @@ from . import Comm, _duplicate, _poll
 
 PIECE = 1 << 30
 """Largest message: MPI counts are 32-bit ints in the classic bindings."""
-EXCHANGE_TAG = 0x5A510
+STREAM_TAG = 0x5A511
 
 
-def _pieces(view: memoryview) -> list[memoryview]:
+def pieces(view: memoryview) -> list[memoryview]:
     return [view[i : i + PIECE] for i in range(0, len(view), PIECE)] or [view[:0]]
-
-
-def exchange(
-    comm: Comm,
-    sends: Mapping[int, Any],
-    recvs: Mapping[int, Any],
-    what: str,
-    tag: int = EXCHANGE_TAG,
-) -> None:
-    """Send each ``sends[rank]`` (a bytes-like buffer) to ``rank`` and receive exactly
-    ``len(recvs[rank])`` bytes from each ``rank`` into the writable buffer ``recvs[rank]``,
-    all at once. Both sides must agree on the sizes (the caller's plan). Bounded by
-    ``comm.timeout``."""
-    if comm._comm is None:  # one rank: only itself to talk to
-        for rank, buf in sends.items():
-            memoryview(recvs[rank]).cast("B")[:] = memoryview(buf).cast("B")
-        return
-    from mpi4py import MPI
-
-    mpi = comm._usable(what)
-    requests = []
-    for rank, buf in recvs.items():
-        for piece in _pieces(memoryview(buf).cast("B")):
-            requests.append(mpi.Irecv([piece, MPI.BYTE], source=rank, tag=tag))
-    for rank, buf in sends.items():
-        for piece in _pieces(memoryview(buf).cast("B")):
-            requests.append(mpi.Isend([piece, MPI.BYTE], dest=rank, tag=tag))
-    deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
-    if not _poll(lambda: MPI.Request.Testall(requests), deadline):
-        for req in requests:
-            req.Cancel()
-        peers = sorted(set(sends) | set(recvs))
-        raise errors.DeadlineExceededError(
-            f"{what}: rank {comm.rank} exchanged no bytes with ranks {peers} within {comm.timeout:g} s"
-        )
 
 
 STREAM_PIECE = 16 << 20
@@ -71,12 +36,14 @@ def stream(
     sends: Mapping[int, Any],
     recvs: Mapping[int, tuple[int, Callable[[memoryview], None]]],
     what: str,
-    tag: int = EXCHANGE_TAG + 1,
+    tag: int = STREAM_TAG,
 ) -> None:
-    """As :func:`exchange`, but each ``recvs[rank] = (size, sink)`` is received a piece at
-    a time into one of two reused buffers and handed to ``sink`` (a file's write) while
-    the next piece arrives: memory stays at two pieces, and no fresh buffer of a whole
-    file is faulted in. Sends go straight from the caller's buffers (a mapped file)."""
+    """Send each ``sends[rank]`` (a bytes-like buffer) to ``rank``, straight from it (a
+    mapped file), and receive ``recvs[rank] = (size, sink)``: exactly ``size`` bytes from
+    ``rank``, a piece at a time into one of two reused buffers, each handed to ``sink``
+    (a file's write) while the next arrives. Memory stays at two pieces, and no fresh
+    buffer of a whole file is faulted in. Both sides must agree on the sizes (the
+    caller's plan). Bounded by ``comm.timeout``."""
     if comm._comm is None:
         for rank, buf in sends.items():
             view = memoryview(buf).cast("B")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from .. import errors
 from . import Comm, _poll
-from .peers import PIECE
+from .peers import pieces
 
 REQUEST_TAG = 0x5A520
 REPLY_TAGS = (0x5A600, 0x7A600)
@@ -86,7 +86,7 @@ class FileServer:
         requests = [
             mpi.Irecv([piece, MPI.BYTE], source=rank, tag=tag)
             for _, buf in ranges
-            for piece in _pieces(memoryview(buf).cast("B"))
+            for piece in pieces(memoryview(buf).cast("B"))
         ]
         if not _poll(lambda: MPI.Request.Testall(requests), deadline):
             for req in requests:
@@ -141,7 +141,7 @@ class FileServer:
         tag = request[2]
         requests = [mpi.isend(header, dest=source, tag=tag)]
         for b in buffers:
-            requests += [mpi.Isend([p, MPI.BYTE], dest=source, tag=tag) for p in _pieces(memoryview(b))]
+            requests += [mpi.Isend([p, MPI.BYTE], dest=source, tag=tag) for p in pieces(memoryview(b))]
         deadline = None if self.comm.timeout is None else time.monotonic() + self.comm.timeout
         if not _poll(lambda: MPI.Request.Testall(requests), deadline):
             for req in requests:
@@ -158,10 +158,6 @@ class FileServer:
             self._stopping.set()
             if self._thread is not None:
                 self._thread.join()
-
-
-def _pieces(view: memoryview) -> list[memoryview]:
-    return [view[i : i + PIECE] for i in range(0, len(view), PIECE)] or [view[:0]]
 
 
 def _check_spans(name: str, spans: list, size: int) -> None:

@@ -24,7 +24,7 @@ from ..metadata import read_metadata
 from ..save.pending import SaveHandle
 from ..saver import Saver
 from ..tiers.fast_save import FastSave
-from ..tiers.levels import MultiLevel, check_fast_options
+from ..tiers.levels import MultiLevel
 from . import policy as retention_policy
 from . import resume, steps
 from .policy import Entry, Policy
@@ -83,7 +83,6 @@ class CheckpointManager:
         redundancy: str = "none",
         redundancy_group_size: int = 4,
     ):
-        check_fast_options(local_directory, redundancy, persist_interval_steps)
         self._policy = Policy(max_to_keep, keep_checkpoint_every_n_hours, best_metric, best_mode)
         if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int):
             raise InvalidArgumentError(f"save_interval_steps must be an int, not {save_interval_steps!r}")

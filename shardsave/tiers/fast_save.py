@@ -72,9 +72,11 @@ class FastSave:
         job = replace(job, fsync=self.tier.fsync)
         tier, comm, step = self.tier, job.comm, self.step
         the_plan, todo, replicas = save_protocol.plan(job, arrays, metas)
-        save_id = comm.bcast(uuid.uuid4().hex[:16] if comm.is_coordinator else None)
-        suffix = f".{save_id}.staged" if self.replace else ""
-        if not self.replace:  # leftovers of an interrupted save of this step go first
+        save_id, suffix = "0" * 16, ""  # fresh names: written as they are
+        if self.replace:  # the same on every rank: one id for the staged names
+            save_id = comm.bcast(uuid.uuid4().hex[:16] if comm.is_coordinator else None)
+            suffix = f".{save_id}.staged"
+        else:  # leftovers of an interrupted save of this step go first
             comm.every_rank(job.what, lambda: tier.uncommit(step))
         report = save_protocol.write(job, SaveMode(save_id, staged=self.replace), the_plan, todo, replicas)
         sizes = comm.allgather(report[1])

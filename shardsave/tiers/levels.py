@@ -28,15 +28,6 @@ if TYPE_CHECKING:
     from ..saver import Saver
 
 
-def check_fast_options(local_directory: Any, redundancy: str, persist_interval_steps: Any) -> None:
-    if local_directory is not None and not isinstance(local_directory, str | os.PathLike):
-        raise InvalidArgumentError(f"local_directory must be a path, not {local_directory!r}")
-    if local_directory is None and (redundancy != "none" or persist_interval_steps is not None):
-        raise InvalidArgumentError(
-            "redundancy and persist_interval_steps are options of the fast tier: pass local_directory too"
-        )
-
-
 def _not_the_durable(tier: FastTier, durable: storage.Location) -> None:
     if storage.same_path(tier.location, durable):
         raise InvalidArgumentError(
@@ -58,7 +49,6 @@ class MultiLevel:
         redundancy: str,
         group_size: int,
     ):
-        check_options(max_to_keep, redundancy, group_size, persist_interval_steps)
         self.saver = saver
         self.persist_interval_steps = persist_interval_steps
         self.tier = FastTier(
@@ -98,6 +88,7 @@ class MultiLevel:
         group_size: int,
     ) -> MultiLevel | None:
         """The manager's fast tier, or None without a ``local_directory``."""
+        check_options(local_directory, max_to_keep, redundancy, group_size, persist_interval_steps)
         if local_directory is None:
             return None
         return cls(

@@ -150,13 +150,3 @@ def _abandon(own_map, writers: dict) -> None:
     if own_map is not None:
         with contextlib.suppress(BufferError):  # still exported (a failed send): freed when collected
             own_map.close()
-
-
-def _write(loc: storage.Location, data, fsync: bool) -> None:
-    out = storage.Writer(loc, fsync=fsync)
-    try:
-        out.write(memoryview(data).cast("B"))
-        out.close()
-    except BaseException:
-        out.abort()
-        raise

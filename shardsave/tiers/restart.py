@@ -59,13 +59,10 @@ def take_inventory(tier: FastTier) -> Inventory:
     def mine():
         if not tier.is_leader or (not tier.create and not storage.exists(tier.location)):
             return None
-        listing = {
-            name: info["size"]
-            for name, info in storage.files_in(tier.location).items()
-            if files.parse(tier.checkpoint_name, name) is not None
-        }
+        by_step = tier.listing()
+        listing = {name: size for held in by_step.values() for name, size in held.items()}
         found, damaged = {}, []
-        for step in tier.committed_steps():
+        for step in tier.committed_steps(by_step):
             loc = tier.location.child(files.manifest(tier.checkpoint_name, step))
             try:
                 m = parse(storage.read_bytes(loc, limit=MAX_BYTES + 1), loc.url)

@@ -5,6 +5,7 @@ operations on one node's files (uncommit, publish, list, retention)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from typing import Any
@@ -118,12 +119,13 @@ class FastTier:
                 out.setdefault(parsed[0], {})[name] = info["size"]
         return out
 
-    def committed_steps(self) -> list[int]:
-        """Steps whose index and manifest this node holds, oldest first."""
+    def committed_steps(self, listing: dict[int, dict[str, Any]] | None = None) -> list[int]:
+        """Steps whose index and manifest this node holds, oldest first (from ``listing``,
+        a :meth:`listing` already taken, or a new one)."""
         name = self.checkpoint_name
         return sorted(
             step
-            for step, held in self.listing().items()
+            for step, held in (self.listing() if listing is None else listing).items()
             if files.index(name, step) in held and files.manifest(name, step) in held
         )
 
@@ -164,10 +166,11 @@ class FastTier:
         """The coordinator: the steps local retention keeps once ``step`` is committed.
         Later steps go (a resumed job saving an older step starts a new timeline, as the
         durable tier's retention does), unless a drain is copying them."""
-        committed = {s for s in self.committed_steps() if s < step} | {step}
+        held = set(self.committed_steps())
+        committed = {s for s in held if s < step} | {step}
         newest = sorted(committed)[-self.max_to_keep :]
         running = {s for s, handle in self.draining.items() if not handle.done()}
-        return sorted(set(newest) | (running & set(self.committed_steps())))
+        return sorted(set(newest) | (running & held))
 
     def delete_all_but(self, keep: list[int]) -> None:
         """Node leaders: every file of this checkpoint name not of a kept step (leftovers of
@@ -200,8 +203,19 @@ class FastTier:
         self.last_protection = protection
 
 
-def check_options(local_max_to_keep: Any, redundancy_scheme: Any, group_size: Any, persist: Any) -> None:
-    """The manager's fast-tier arguments, checked before anything collective."""
+def check_options(
+    local_directory: Any, local_max_to_keep: Any, redundancy_scheme: Any, group_size: Any, persist: Any
+) -> None:
+    """The manager's fast-tier arguments, checked before the tier's collective steps (the
+    one place: Topology.check then only asks whether the nodes suffice)."""
+    if local_directory is None:
+        if redundancy_scheme != "none" or persist is not None:
+            raise InvalidArgumentError(
+                "redundancy and persist_interval_steps are options of the fast tier: pass local_directory too"
+            )
+        return
+    if not isinstance(local_directory, str | os.PathLike):
+        raise InvalidArgumentError(f"local_directory must be a path, not {local_directory!r}")
     if isinstance(local_max_to_keep, bool) or not isinstance(local_max_to_keep, int) or local_max_to_keep < 1:
         raise InvalidArgumentError(
             f"local_max_to_keep must be an int of at least 1, not {local_max_to_keep!r}"

@@ -105,13 +105,8 @@ class Topology:
 
     # ------------------------------------------------------------------ checks
     def check(self, scheme: str, group_size: int) -> None:
-        """Raise, naming what is missing, if the scheme cannot protect these nodes."""
-        if scheme not in SCHEMES:
-            raise InvalidArgumentError(f"redundancy must be one of {', '.join(SCHEMES)}, not {scheme!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-            raise InvalidArgumentError(
-                f"redundancy_group_size must be an int of at least 2, not {group_size!r}"
-            )
+        """Raise, naming what is missing, if the scheme cannot protect these nodes (the
+        options themselves are checked by tier.check_options)."""
         nodes = len(self.node_names)
         if scheme == "partner" and nodes < 2:
             raise FailedPreconditionError(
