@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -86,8 +86,14 @@ class Saver:
     ``restore_in_place`` (default True): from a local or shared filesystem, a restore
     writes into the arrays the variables already hold (of at least 1 MiB, same dtype and
     shape, C-contiguous, writable), as PyTorch DCP does, instead of making new ones; it
-    checks every byte first, so a damaged checkpoint still changes nothing. False: every
-    array is new and the variables adopt them at the end (twice the memory).
+    checks every byte first, so a damaged checkpoint still changes nothing (the bytes are
+    read twice: a check pass, then a fill pass, normally from the page cache). "direct":
+    in place in one pass, each range read straight into its array and checked as it lands;
+    on damage the DataLossError names the variables partly overwritten, those restored
+    whole and those untouched (attributes ``partly``, ``restored``, ``untouched``), so use
+    it when reading twice costs (checkpoints larger than the page cache, filesystems that
+    do not cache) and a failed restore may be redone. False: every array is new and the
+    variables adopt them at the end (twice the memory).
 
     ``timeout`` (seconds; None waits forever): every collective step of save, restore and
     the constructor waits at most this long for the other ranks, then raises
@@ -112,7 +118,7 @@ class Saver:
         fs: Any = None,
         fsync: bool = True,
         filename: str | None = None,
-        restore_in_place: bool = True,
+        restore_in_place: bool | Literal["direct"] = True,
         timeout: float | None = 1800.0,
         check_replicas: bool = True,
     ):
@@ -136,7 +142,12 @@ class Saver:
         self.fs = fs
         self.fsync = fsync
         self.filename = filename
-        self.restore_in_place = restore_in_place
+        if not (isinstance(restore_in_place, bool | np.bool_) or restore_in_place == "direct"):
+            raise InvalidArgumentError(
+                f"restore_in_place={restore_in_place!r}: expected True (two passes, atomic), "
+                "'direct' (one pass) or False (new arrays)"
+            )
+        self.restore_in_place = restore_in_place if restore_in_place == "direct" else bool(restore_in_place)
         self.check_replicas = check_replicas
         if timeout is not None and (
             isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)
@@ -334,7 +345,9 @@ class Saver:
         first is written into a variable's own array (see ``restore_in_place``). The
         exceptions: the operating system failing to read the checked bytes a second time,
         or a data file written to in between; the error then names the file and the
-        variables left with partial values.
+        variables left with partial values. With ``restore_in_place="direct"`` the
+        variables' own arrays are written as the bytes are checked: a failure names
+        those partly overwritten, restored whole and untouched.
         """
         if save_path is None:
             raise InvalidArgumentError("cannot restore: save_path is None")

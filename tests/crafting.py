@@ -191,9 +191,9 @@ def every_path(prefix: str, layouts: dict[str, dict]) -> dict[str, str]:
     run("inspect_checkpoint", inspect_checkpoint)
     run("verify", verify)
     for name, spec in layouts.items():
-        for in_place in (True, False):
+        for in_place in (True, False, "direct"):
             run(
-                f"restore:{name}:{'in_place' if in_place else 'new'}",
+                f"restore:{name}:{ {True: 'in_place', False: 'new'}.get(in_place, in_place) }",
                 lambda spec=spec, in_place=in_place: ss.Saver(
                     variables(spec), restore_in_place=in_place
                 ).restore(prefix),

@@ -34,7 +34,9 @@ from shardsave.format.index import entry_key
 
 EMB_PIECE = entry_key("emb", [(0, 256), (0, 1024)])
 """The first of the two stored pieces of ``emb`` (rows 0..256, 1 MiB)."""
-RESTORES = [f"restore:{layout}:{how}" for layout in ("same", "rows", "cols") for how in ("in_place", "new")]
+RESTORES = [
+    f"restore:{layout}:{how}" for layout in ("same", "rows", "cols") for how in ("in_place", "new", "direct")
+]
 TENSOR_READS = ["get_tensor", "inspect", "inspect_checkpoint"]
 EVERY_PATH = ["list_variables", "reader", *TENSOR_READS, *RESTORES]
 MEMORY_BOUND = 64 << 20
@@ -121,14 +123,16 @@ def test_a_piece_of_another_dtype_is_data_loss_before_any_byte_is_read(crafted, 
     )
 
 
+@pytest.mark.parametrize("mode", [True, "direct"])
 @pytest.mark.parametrize("layout", ["rows", "cols"])
-def test_an_in_place_restore_of_a_bad_piece_leaves_every_variable_untouched(crafted, layout):
+def test_an_in_place_restore_of_a_bad_piece_leaves_every_variable_untouched(crafted, layout, mode):
     """The float64-sized-as-float32 piece failed in the second pass (TypeError, variables
-    half-written); now the plan rejects it and no array changes."""
+    half-written); now the plan rejects it and no array changes (in one pass too: the
+    plan is checked before a byte is read)."""
     crafted.set(EMB_PIECE, dtype=2).fix_crcs(EMB_PIECE).save()
     var_list = variables(standard_layouts()[layout])
     owns = {id(v.value): v.value.copy() for vs in var_list.values() for v in vs}
-    saver = ss.Saver(var_list)
+    saver = ss.Saver(var_list, restore_in_place=mode)
     with pytest.raises(ss.DataLossError, match="dtype float64, its tensor float32"):
         saver.restore(crafted.prefix)
     for vs in var_list.values():

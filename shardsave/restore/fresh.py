@@ -7,6 +7,9 @@ blocks around them in small buffers), and a large region that is not contiguous 
 file goes a slab of rows at a time (slabs.py). The ranges are fetched in parallel, every
 block is verified against its stored CRC32C as soon as its range arrives, and the regions
 are copied into place.
+
+The same reads serve the single-pass in-place restore (direct.py): there the targets are
+the variables' own arrays, and a ``Landing`` records which of them bytes reached.
 """
 
 from __future__ import annotations
@@ -48,19 +51,54 @@ class Bound:
     pending: int = 0  # parts not read yet
 
 
+class Landing:
+    """Which targets bytes have reached, and which hold all of theirs, checked: what a
+    failed single-pass restore into live arrays has changed (direct.py).
+
+    A target is *touched* once a read may write into its array (a read straight into it
+    has started, or checked bytes are being copied into it), and *done* once every read
+    planned for it has been checked and placed."""
+
+    def __init__(self) -> None:
+        self.touched: set[int] = set()
+        self._left: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, target: int, parts: int = 1) -> None:
+        """``parts`` more reads (or slabs of one) will be placed into ``target``."""
+        self._left[target] = self._left.get(target, 0) + parts
+
+    def touch(self, target: int) -> None:
+        self.touched.add(target)  # one bytecode under the GIL: safe from any thread
+
+    def placed(self, target: int) -> None:
+        with self._lock:
+            self._left[target] -= 1
+
+    def done(self, target: int) -> bool:
+        return self._left.get(target, 0) == 0
+
+
 def load(
     prefix: storage.Location,
     index: Index,
     targets: Sequence[Target],
     stats: LoadStats | None = None,
     files: DataFiles | None = None,
+    landing: Landing | None = None,
 ) -> LoadStats:
-    """Fill every target; raise DataLossError on damage, leaving partial data in ``out``."""
+    """Fill every target; raise DataLossError on damage, leaving partial data in ``out``
+    (which ``landing``, if given, tracks). Data files are read one after the other, the
+    ranges of each in parallel."""
     stats = stats if stats is not None else LoadStats()
     files = files if files is not None else DataFiles(prefix, index)
     plan = plan_reads(prefix, index, [Wanted.of(t) for t in targets], files)
     stats.bytes_needed += plan.bytes_needed
     located = [(shard_file(prefix, index, shard_id, reads[0].name), reads) for shard_id, reads in plan.shards]
+    if landing is not None:
+        for _, reads in located:
+            for r in reads:
+                landing.plan(r.target, len(slabs.row_slabs(r)) if _by_rows(r) else 1)
     for file_loc, shard_reads in located:
         by_rows, buffered = [], []
         for r in shard_reads:
@@ -69,10 +107,14 @@ def load(
         stats.requests += len(ranges)
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
         stats.files.add(file_loc.url)
+        if landing is not None:  # these land straight in the arrays, before any check
+            for b in buffered:
+                if isinstance(b.read, DirectRead | RowsRead):
+                    landing.touch(b.read.target)
         try:
-            storage.read_ranges(file_loc, ranges, after=_after_range(file_loc, groups))
+            storage.read_ranges(file_loc, ranges, after=_after_range(file_loc, groups, landing))
             if by_rows:
-                _load_by_rows(file_loc, by_rows, stats)
+                _load_by_rows(file_loc, by_rows, stats, landing)
         except DataLossError as exc:
             names = ", ".join(sorted({repr(r.name) for r in shard_reads}))
             raise DataLossError(f"{exc} (reading tensor(s) {names})") from exc
@@ -91,7 +133,9 @@ def _by_rows(r: Read) -> bool:
     )
 
 
-def _load_by_rows(file_loc: storage.Location, bounds: list[Bound], stats: LoadStats) -> None:
+def _load_by_rows(
+    file_loc: storage.Location, bounds: list[Bound], stats: LoadStats, landing: Landing | None
+) -> None:
     jobs, largest = [], 0
     for b in bounds:
         r = b.read
@@ -99,13 +143,19 @@ def _load_by_rows(file_loc: storage.Location, bounds: list[Bound], stats: LoadSt
             span = align_span(Span(*slabs.rows_span(r, first, count)), r.entry.block_size, r.entry.size)
             largest = max(largest, span.stop - span.start)
             stats.bytes_read += span.stop - span.start
-            jobs.append(partial(_load_rows, file_loc, b, first, count, span))
+            jobs.append(partial(_load_rows, file_loc, b, first, count, span, landing))
     stats.requests += len(jobs)
     io_threads.run_on_workers(jobs, largest)
 
 
 def _load_rows(
-    file_loc: storage.Location, b: Bound, first: int, count: int, span: Span, scratch: memoryview
+    file_loc: storage.Location,
+    b: Bound,
+    first: int,
+    count: int,
+    span: Span,
+    landing: Landing | None,
+    scratch: memoryview,
 ) -> None:
     """Read the checksum blocks holding a slab's rows, check them, and copy out the region."""
     r = b.read
@@ -113,7 +163,11 @@ def _load_rows(
     storage.read_ranges(file_loc, [(r.entry.offset + span.start, data)])
     check_runs(file_loc, r, span, crc_of_bytes(data, span.start))
     start, stop = slabs.rows_span(r, first, count)
+    if landing is not None:
+        landing.touch(r.target)
     slabs.scatter_rows(r, b.out, first, count, data[start - span.start : stop - span.start])
+    if landing is not None:
+        landing.placed(r.target)
 
 
 def assign_buffers(bounds: list[Bound]) -> tuple[list[tuple[int, memoryview]], list[list[Bound]]]:
@@ -179,7 +233,7 @@ def _verify(file_loc: storage.Location, bounds: list[Bound]) -> None:
             check_entry(file_loc, r, crc.crc32c(data))
 
 
-def _after_range(file_loc: storage.Location, groups: list[list[Bound]]):
+def _after_range(file_loc: storage.Location, groups: list[list[Bound]], landing: Landing | None = None):
     """What to do when range ``i`` has been read: verify and place its reads; a RowsRead
     is verified once the last of its parts has arrived (they arrive in any order)."""
     lock = threading.Lock()
@@ -187,7 +241,13 @@ def _after_range(file_loc: storage.Location, groups: list[list[Bound]]):
     def after(i: int) -> None:
         group = groups[i]
         if group[0].parts is None:
-            _verify_and_place(file_loc, group)
+            _verify(file_loc, group)
+            for b in group:
+                if landing is not None:
+                    landing.touch(b.read.target)
+                scatter(b)
+                if landing is not None:
+                    landing.placed(b.read.target)
             return
         b = group[0]
         with lock:
@@ -195,6 +255,8 @@ def _after_range(file_loc: storage.Location, groups: list[list[Bound]]):
             done = not b.pending
         if done:
             check_runs(file_loc, b.read, b.read.span, partial(_parts_crc, b))
+            if landing is not None:
+                landing.placed(b.read.target)
 
     return after
 
@@ -207,14 +269,6 @@ def _parts_crc(b: Bound, start: int, stop: int) -> int:
         if lo < hi:
             actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
     return actual
-
-
-def _verify_and_place(file_loc: storage.Location, bounds: list[Bound]) -> None:
-    """Check the bytes of one fetched range, then copy them into their targets (the
-    targets are fresh arrays, so a later failure still leaves every variable as it was)."""
-    _verify(file_loc, bounds)
-    for b in bounds:
-        scatter(b)
 
 
 def scatter(b: Bound) -> None:

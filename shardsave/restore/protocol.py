@@ -9,6 +9,10 @@
 3. every rank writes the checked bytes into the variables' own arrays (second pass) and
    the ranks agree again; then the variables adopt their fresh arrays (or copy them into
    the caller's arrays they share, checked in step 2 to take them).
+
+With ``in_place="direct"`` step 2 reads the bytes for the variables' own arrays straight
+into them, checked as they land (direct.py), after everything else it reads has been
+read and checked; step 3 has nothing left to read.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import DataLossError
+from .direct import Direct
 from .fresh import load
 from .in_place import InPlaceLoad
 from .index import read_index
@@ -40,7 +45,7 @@ def restore(
     prefix: str,
     resolve: Callable[[str], storage.Location],
     *,
-    in_place: bool,
+    in_place: bool | str,
     reshape: bool,
     fsync: bool,
     on_read: Callable[[LoadStats], None],
@@ -57,28 +62,42 @@ def restore(
         raise
     index = read_index(loc, comm, what, key={"path": prefix, "location": loc.url}, recover=True, fsync=fsync)
     stats = LoadStats()
+    direct = in_place == "direct"
+    single_pass: Direct | None = None
     with InPlaceLoad(loc, index) as live:
 
         def read_and_check():
-            found = targets(layout, prefix, index, live=in_place and loc.is_local, reshape=reshape)
+            found = targets(layout, prefix, index, live=bool(in_place) and loc.is_local, reshape=reshape)
             files = live.files  # each data file's size looked up once
             load(loc, index, found.fresh, stats, files)
-            live.check(found.live, stats)
+            if not direct:
+                live.check(found.live, stats)
             small_arrays = []
             if found.small_names:  # these arrays already have their variables' shapes
                 small_arrays = load_small(loc, index, found.small_names, stats, files)
-            on_read(stats)
             updates = [(var, finish(var, arr)) for var, arr in found.updates]
             updates += zip(found.small_vars, small_arrays, strict=True)
             for var, arr in updates:  # a variable sharing the caller's array copies into it
                 var._check_set(arr)
+            if direct:  # last: any other failure leaves the variables' own arrays untouched
+                nonlocal single_pass
+                single_pass = Direct(found.live)
+                single_pass.load(loc, index, stats, files)
+            on_read(stats)
             return found, updates
 
-        # every byte is checked on every rank; nothing has changed yet
-        found, updates = comm.every_rank(what, read_and_check)
+        # every byte is checked on every rank; nothing has changed yet (but "direct")
+        try:
+            found, updates = comm.every_rank(what, read_and_check)
+        except Exception as exc:
+            if single_pass is None:
+                raise
+            raise single_pass.explain(exc, comm.rank) from exc
         log.debug("%s: every rank read and checked its bytes", prefix)
 
         def fill() -> None:
+            if direct:
+                return
             try:
                 live.fill(stats)
             except Exception as exc:  # noqa: BLE001

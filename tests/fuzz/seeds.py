@@ -4,7 +4,7 @@ Each seed is a set of variables saved with one layout, plus the layouts a restor
 them with: ``fresh`` (the saved layout, new arrays), ``in_place`` (the saved layout, into
 arrays the variables hold), ``other`` (another block split, so the restore reshards; the
 large blocks are >= 1 MiB so they are written in place), ``small`` (only the small whole
-tensors: the bulk path) and ``reshape`` (whole tensors declared with another shape of the
+tensors: the bulk path), ``direct`` (a reshard in one pass, ``restore_in_place="direct"``) and ``reshape`` (whole tensors declared with another shape of the
 same size, ``reshape=True``). Layouts are plain data (``Decl``) so a worker can build the
 variables with whatever copy of shardsave it imports.
 """
@@ -34,7 +34,7 @@ class Decl(NamedTuple):
 class Layout(NamedTuple):
     mode: str  # fresh, in_place, other, small, reshape
     decls: tuple[Decl, ...]
-    in_place: bool
+    in_place: bool | str  # True, False or "direct"
     reshape: bool = False
 
 
@@ -97,6 +97,7 @@ def _seed_specs() -> dict[str, dict]:
             Layout("fresh", (*small, _whole("big", "float32", big)), False),
             Layout("in_place", (*small, _whole("big", "float32", big)), True),
             Layout("other", (_cols("big", "float32", big, 2), *small[:2]), True),
+            Layout("direct", (_rows("big", "float32", big, 2), *small[:2]), "direct"),
             Layout("small", small, True),
             Layout(
                 "reshape",
@@ -179,6 +180,7 @@ def _seed_specs() -> dict[str, dict]:
             Layout("fresh", big_saved, False),
             Layout("in_place", big_saved, True),
             Layout("other", (_rows("d", "float64", d, 2), _rows("h", "float16", h, 3)), True),
+            Layout("direct", (_cols("d", "float64", d, 2), _whole("i", "int64", (70000,))), "direct"),
             Layout(
                 "reshape",
                 (
