@@ -7,9 +7,10 @@ location's backend and translates its errors (:func:`base.translate_errors`) int
 shardsave's error classes, naming the URL.
 
 Backends: :mod:`.local` (``os``-level: unbuffered writes, ``os.preadv``, early
-writeback, fsync before publish), :mod:`.s3` (multipart uploads, create-only PUT,
-DeleteObjects, S3 error codes, pending uploads) and :mod:`.fsspec` (any other fsspec
-filesystem). Adding a backend is one new module implementing :class:`base.Backend` plus
+writeback, fsync before publish), :mod:`.s3` (multipart uploads sized by the file's
+expected size or the ``upload_part_size`` and ``upload_concurrency`` storage options,
+create-only PUT, DeleteObjects, S3 error codes, pending uploads) and :mod:`.fsspec`
+(any other fsspec filesystem). Adding a backend is one new module implementing :class:`base.Backend` plus
 one entry in :data:`_BACKENDS` (which ``resolve()`` asks, in order).
 
 Freshness: fsspec caches directory listings per filesystem object and shares one object
@@ -76,19 +77,31 @@ def resolve(
     storage_options: dict | None = None,
     fs: Any = None,
 ) -> Location:
-    """Turn a user's path or URL into a :class:`Location`."""
+    """Turn a user's path or URL into a :class:`Location`.
+
+    ``storage_options`` go to fsspec (``url_to_fs``), but for shardsave's own keys
+    (:data:`s3.OPTIONS`: ``upload_part_size``, ``upload_concurrency``), which are checked
+    and taken out first, and given to the S3 backend (other filesystems ignore them). Those
+    alone may also come with a ready ``fs``.
+    """
     text = os.fspath(url_or_path)
     if not text:
         raise InvalidArgumentError("empty checkpoint path")
+    options = dict(storage_options or {})
+    own = s3.upload_options({k: options.pop(k) for k in s3.OPTIONS if k in options})
     if fs is not None:
-        if storage_options:
+        if options:
             raise InvalidArgumentError("pass either fs or storage_options, not both")
-        return Location(fs, fs._strip_protocol(text), _backend(fs))
-    try:
-        fs, path = url_to_fs(text, **(storage_options or {}))
-    except (ImportError, ValueError, TypeError) as exc:
-        raise InvalidArgumentError(f"cannot open {text!r}: {exc}") from exc
-    return Location(fs, path, _backend(fs))
+        path = fs._strip_protocol(text)
+    else:
+        try:
+            fs, path = url_to_fs(text, **options)
+        except (ImportError, ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"cannot open {text!r}: {exc}") from exc
+    backend = _backend(fs)
+    if own and isinstance(backend, s3.S3Backend):
+        backend = backend.with_options(own)
+    return Location(fs, path, backend)
 
 
 # ------------------------------------------------------------------ metadata
@@ -143,17 +156,19 @@ class Writer:
     """Streams one data file: ``write`` buffers straight through, ``close`` makes it durable.
 
     Local files: unbuffered ``write`` from the caller's buffer, fsync on close. S3: a
-    multipart upload with concurrent parts. Other fsspec filesystems: their own buffered
-    file, fed a bounded chunk at a time. ``abort`` leaves no object behind on S3 (the
-    upload is aborted, not completed); a local file stays as far as it was written.
+    multipart upload with concurrent parts, sized from ``size_hint``, the bytes expected if
+    known (``s3.base_part_size``; a wrong hint costs requests, not correctness; other
+    backends ignore it), or the ``upload_part_size`` option. Other fsspec filesystems: their
+    own buffered file, fed a bounded chunk at a time. ``abort`` leaves no object behind on
+    S3 (the upload is aborted, not completed); a local file stays as far as it was written.
     """
 
-    def __init__(self, loc: Location, fsync: bool = True):
+    def __init__(self, loc: Location, fsync: bool = True, size_hint: int | None = None):
         self.loc = loc
         self.fsync = fsync
         self.etag: str | None = None  # S3: the finished object's ETag (what the commit compares)
         with translate_errors(loc, "creating"):
-            self._file = loc.backend.open_writer(loc, fsync)
+            self._file = loc.backend.open_writer(loc, fsync, size_hint)
 
     @property
     def written(self) -> int:

@@ -62,7 +62,10 @@ class Backend(Protocol):
         """Whether ``path`` has no segment the store would not take literally."""
 
     # bytes
-    def open_writer(self, loc: Location, fsync: bool) -> FileWriter: ...
+    def open_writer(self, loc: Location, fsync: bool, size_hint: int | None = None) -> FileWriter:
+        """A stream to ``loc``; ``size_hint``: the bytes expected, if known (S3 sizes its
+        parts by it; a wrong one costs requests, not correctness)."""
+
     def publish(self, loc: Location, data: bytes, fsync: bool, exclusive: bool) -> None: ...
     def read(self, loc: Location, limit: int | None) -> bytes: ...
     def read_ranges(

@@ -55,7 +55,7 @@ class FsspecBackend:
         loc.fs.invalidate_cache(loc.path)
 
     # ------------------------------------------------------------------ bytes
-    def open_writer(self, loc: Location, fsync: bool) -> Any:
+    def open_writer(self, loc: Location, fsync: bool, size_hint: int | None = None) -> Any:
         return _FsspecFile(loc.fs.open(loc.path, "wb"))
 
     publish_options: dict = {}

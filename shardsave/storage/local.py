@@ -50,7 +50,7 @@ class LocalBackend:
         return True  # the kernel resolves "." and "..": real_dir compares what it means
 
     # ------------------------------------------------------------------ bytes
-    def open_writer(self, loc: Location, fsync: bool) -> _LocalFile:
+    def open_writer(self, loc: Location, fsync: bool, size_hint: int | None = None) -> _LocalFile:
         return _LocalFile(loc.path, fsync)
 
     def publish(self, loc: Location, data: bytes, fsync: bool, exclusive: bool) -> None:
