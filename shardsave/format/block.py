@@ -97,6 +97,8 @@ def gather_entries(shared, unshared, vlen, key_bytes, key_from, value_bytes, val
     """The bytes of a block's entries: varint shared, varint unshared, varint value
     length, key suffix, value; assembled with one gather from all the pieces."""
     n = len(shared)
+    if short_width(shared, unshared, vlen):
+        return _gather_short(shared, unshared, vlen, key_bytes, key_from, value_bytes, value_from)
     header_src, header_len = [], []
     for column in (shared, unshared, vlen):
         varints, lengths = encode_varints(column)
@@ -114,11 +116,78 @@ def gather_entries(shared, unshared, vlen, key_bytes, key_from, value_bytes, val
     return ragged_gather(src, starts, lengths)
 
 
+def _gather_short(shared, unshared, vlen, key_bytes, key_from, value_bytes, value_from) -> np.ndarray:
+    """``gather_entries`` when every header varint is one byte and entries are short (the
+    pieces of sliced tensors): ``gather_rows`` over the pieces padded at both ends."""
+    width = 3 + int(unshared.max()) + int(vlen.max())
+    pad = np.zeros(width, np.uint8)
+    keys = np.concatenate([pad, np.asarray(key_bytes, np.uint8), pad])
+    values = np.concatenate([pad, np.asarray(value_bytes, np.uint8), pad])
+    return gather_rows(
+        shared, unshared, vlen, keys, key_from + width - 3, values, value_from + width - 3 - unshared
+    )
+
+
+def short_width(shared, unshared, vlen) -> int | None:
+    """The row width ``gather_rows`` needs for these entries, None if they do not suit it
+    (a header varint of more than a byte, or an entry longer than ``_WINDOW_MAX``)."""
+    if not len(shared) or max(int(shared.max()), int(unshared.max()), int(vlen.max())) >= 0x80:
+        return None
+    width = 3 + int(unshared.max()) + int(vlen.max())
+    return width if width <= _WINDOW_MAX else None
+
+
+def gather_rows(shared, unshared, vlen, keys, key_rows, values, value_rows) -> np.ndarray:
+    """A block's entries as rows of a matrix as wide as the longest: header bytes, then
+    the key suffix from a window over ``keys`` starting at ``key_rows`` (column c: byte
+    ``c - 3`` of the suffix), then the value from a window over ``values`` starting at
+    ``value_rows`` (shifted by the suffix's length); the bytes past each entry dropped.
+    The windows must lie inside the arrays (``rows_fit``)."""
+    width = 3 + int(unshared.max()) + int(vlen.max())
+    cols = np.arange(width)
+    window = np.lib.stride_tricks.sliding_window_view
+    rows = np.where(
+        cols < 3 + unshared[:, None], window(keys, width)[key_rows], window(values, width)[value_rows]
+    )
+    rows[:, 0], rows[:, 1], rows[:, 2] = shared, unshared, vlen
+    return rows[cols < (3 + unshared + vlen)[:, None]]
+
+
+def gather_records(shared, unshared, vlen, flat: np.ndarray, key_from: np.ndarray) -> np.ndarray:
+    """``gather_entries`` of entries whose key and value lie back to back in ``flat``
+    (a merge's records): each entry is one window over ``flat`` from 3 bytes before its
+    key suffix, the header written over those 3, the bytes past the entry dropped. One
+    row copy per entry: the cheapest gather there is for entries in random places."""
+    width = 3 + int((unshared + vlen).max())
+    rows = np.lib.stride_tricks.sliding_window_view(flat, width)[key_from - 3]
+    rows[:, 0], rows[:, 1], rows[:, 2] = shared, unshared, vlen
+    return rows[np.arange(width) < (3 + unshared + vlen)[:, None]]
+
+
+def rows_fit(rows: np.ndarray, width: int, size: int) -> bool:
+    return bool(len(rows)) and int(rows.min()) >= 0 and int(rows.max()) + width <= size
+
+
 def ragged_gather(src: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``concatenate([src[s:s+l] for s, l in zip(starts, lengths)])`` without the loop."""
+    """``concatenate([src[s:s+l] for s, l in zip(starts, lengths)])`` without the loop.
+
+    Short strings (an index's keys and entries) are copied as rows of a window as wide as
+    the longest and the bytes past each one's length dropped with a mask: a byte of mask
+    per byte moved, where the general path builds an 8-byte index per byte."""
+    n = len(starts)
+    width = int(lengths.max()) if n else 0
+    if 0 < width <= _WINDOW_MAX and n * width <= 4 * int(lengths.sum()) + 64:
+        starts = np.asarray(starts, np.int64)
+        fits = starts + width <= len(src)
+        if fits.all():
+            rows = np.lib.stride_tricks.sliding_window_view(src, width)[starts]
+            return rows[np.arange(width) < lengths[:, None]]
     total = int(lengths.sum())
     out_starts = np.cumsum(lengths) - lengths
     return src[np.arange(total) + np.repeat(starts - out_starts, lengths)]
+
+
+_WINDOW_MAX = 256
 
 
 def finish_block(buf, restarts: list[int]) -> bytes:
@@ -230,3 +299,72 @@ def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes,
         key = key[:shared] + block[a:b]
         append((key, block[b:c]))
     return entries
+
+
+class BlockSeeker:
+    """One block read as LevelDB's ``Block::Iter::Seek`` does: a binary search over its
+    restart points (whose keys are stored whole), then only the runs of entries from there
+    decoded. The restart array is checked once (inside the block, strictly increasing);
+    every run decoded is checked as ``block_entries`` checks a block: in bounds, a restart
+    entry sharing nothing, keys strictly increasing."""
+
+    def __init__(self, contents: memoryview, what: str):
+        num_restarts = decode_fixed32(contents, len(contents) - 4)
+        limit = len(contents) - 4 - 4 * num_restarts
+        if num_restarts == 0 or limit < 0:
+            raise DecodeError(f"{what}: bad restart count {num_restarts}")
+        restarts = np.frombuffer(contents, "<u4", num_restarts, limit).astype(np.int64)
+        if restarts[0] != 0 or np.any(np.diff(restarts) <= 0) or (limit and restarts[-1] >= limit):
+            raise DecodeError(f"{what}: restart offsets out of order or past the entries")
+        self.what = what
+        self.block = bytes(contents[:limit])
+        self.restarts = restarts.tolist()
+        self._keys: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        """Number of restart runs."""
+        return len(self.restarts) if self.block else 0
+
+    def restart_key(self, j: int) -> bytes:
+        key = self._keys.get(j)
+        if key is None:
+            entries = self._decode(self.restarts[j], self.restarts[j] + 1, first_only=True)
+            key = self._keys[j] = entries[0][0]
+        return key
+
+    def run(self, j: int) -> list[tuple[bytes, bytes]]:
+        """The entries of restart run ``j``."""
+        stop = self.restarts[j + 1] if j + 1 < len(self.restarts) else len(self.block)
+        return self._decode(self.restarts[j], stop)
+
+    def last_restart_before(self, key: bytes) -> int:
+        """The last run whose first key is below ``key`` (0 if none is)."""
+        lo, hi = 0, len(self) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.restart_key(mid) < key:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _decode(self, pos: int, stop: int, first_only: bool = False) -> list[tuple[bytes, bytes]]:
+        block, limit, out, key = self.block, len(self.block), [], b""
+        while pos < stop:
+            shared, pos = decode_varint(block, pos, limit)
+            unshared, pos = decode_varint(block, pos, limit)
+            vlen, pos = decode_varint(block, pos, limit)
+            end = pos + unshared
+            if shared > len(key) or end + vlen > limit or (not out and shared):
+                raise DecodeError(f"{self.what}: corrupt entry at block offset {pos}")
+            new = key[:shared] + block[pos:end]
+            if out and not key < new:
+                raise DecodeError(f"{self.what}: keys out of order at block offset {pos}")
+            key = new
+            out.append((key, block[end : end + vlen]))
+            pos = end + vlen
+            if first_only:
+                break
+        if not first_only and pos != stop:
+            raise DecodeError(f"{self.what}: an entry runs across a restart point")
+        return out

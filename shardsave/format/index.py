@@ -17,7 +17,14 @@ from . import proto, table
 from .coding import DecodeError
 from .columns import PlainColumns, decode_plain_columns
 from .entry import BundleEntry, Extent, new_entry
-from .ordered_code import decode_slice_key, encode_slice_key, write_string
+from .ordered_code import (
+    decode_slice_key,
+    encode_slice_key,
+    write_num_increasing,
+    write_signed_num_increasing,
+    write_string,
+)
+from .slices import decode_full_head
 
 TENSOR_BUNDLE_VERSION = 1
 LITTLE_ENDIAN = 0
@@ -72,9 +79,9 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
     the tensor's encoded name), so only the table blocks that hold them are parsed.
     """
 
-    def __init__(self, reader: table.TableReader, counts: dict[str, int]):
+    def __init__(self, reader: table.TableReader, counts: dict[str, Sequence]):
         self._reader = reader
-        self._counts = counts  # name -> number of slices its full entry lists
+        self._counts = counts  # name -> the slices its full entry lists (framed on use)
         self._cache: dict[str, dict[tuple[Extent, ...], BundleEntry]] = {}
 
     def __getitem__(self, name: str) -> dict[tuple[Extent, ...], BundleEntry]:
@@ -95,15 +102,42 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
                 problem = entry_problem(entry)
                 if problem:
                     raise DecodeError(f"a piece of tensor {name!r}: {problem}")
-        if len(out) != self._counts[name]:
+        if len(out) != len(self._counts[name]):
             raise DecodeError(
-                f"tensor {name!r}: its entry lists {self._counts[name]} slices, the index holds {len(out)}"
+                f"tensor {name!r}: its entry lists {len(self._counts[name])} slices, the index holds {len(out)}"
             )
         self._cache[name] = out
         return out
 
     def __contains__(self, name: object) -> bool:
         return name in self._counts
+
+    def listed(self, name: str) -> Sequence:
+        """The slices the full entry of ``name`` lists (a RawSlices for writers' layout)."""
+        return self._counts[name]
+
+    def starting_in(
+        self, name: str, rank: int, lo: int | None, hi: int
+    ) -> list[tuple[tuple[Extent, ...], bytes]]:
+        """The pieces of ``name`` with ``rank`` dimensions whose first dimension starts in
+        ``[lo, hi)`` (``lo`` None: from the first), as ``(extents, encoded entry)``, found
+        by binary search (slice keys sort by name, rank, then start and length of each
+        dimension as increasing numbers): no other piece's key or entry is decoded."""
+        base = _slice_base(name, rank)
+        start = base if lo is None else base + write_signed_num_increasing(lo)
+        out = []
+        for key, value in self._reader.seek_range(start, base + write_signed_num_increasing(hi)):
+            out.append((_piece_extents(key, name, rank), value))
+        return out
+
+    def start_before(self, name: str, rank: int, x: int) -> int | None:
+        """The greatest first-dimension start below ``x`` among the pieces of ``name`` with
+        ``rank`` dimensions (None: no piece starts below ``x``)."""
+        base = _slice_base(name, rank)
+        found = self._reader.last_before(base + write_signed_num_increasing(x))
+        if found is None or not found[0].startswith(base):
+            return None
+        return _piece_extents(found[0], name, rank)[0][0]
 
     def __iter__(self):
         return iter(self._counts)
@@ -144,6 +178,20 @@ class Entries(Mapping[str, BundleEntry]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def _slice_base(name: str, rank: int) -> bytes:
+    return b"\x00" + write_string(name.encode("utf-8")) + write_num_increasing(rank)
+
+
+def _piece_extents(key: bytes, name: str, rank: int) -> tuple[Extent, ...]:
+    try:
+        key_name, extents = decode_slice_key(key)
+    except ValueError as exc:
+        raise DecodeError(f"bad slice key {key!r}: {exc}") from exc
+    if key_name != name or len(extents) != rank:
+        raise DecodeError(f"slice key {key!r} sorts among the pieces of {name!r} but is not one")
+    return tuple(extents)
 
 
 @dataclass(frozen=True)
@@ -194,11 +242,11 @@ def parse_index(data: bytes | memoryview) -> Index:
     names = _decode_names([key for key, _ in items])
     columns = decode_plain_columns(values)
     others: dict[str, BundleEntry] = {}
-    counts: dict[str, int] = {}
-    for i in np.flatnonzero(~columns.plain).tolist():  # not plain: the general decoder
-        entry = others[names[i]] = BundleEntry.decode(values[i])
+    counts: dict[str, Sequence] = {}
+    for i in np.flatnonzero(~columns.plain).tolist():  # not plain: full entries, or the general decoder
+        entry = others[names[i]] = decode_full_head(values[i]) or BundleEntry.decode(values[i])
         if entry.slices:
-            counts[names[i]] = len(entry.slices)
+            counts[names[i]] = entry.slices
     _check_ranges(names, columns, others)
     entries = Entries(names, columns, others)
     if len(entries.row) != len(names):

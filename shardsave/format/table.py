@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,11 +24,17 @@ from .block import (
     NO_COMPRESSION,
     RESTART_INTERVAL,
     BlockBuilder,
+    BlockSeeker,
     block_contents,
     block_entries,
     finish_block,
     gather_entries,
+    gather_records,
+    gather_rows,
+    ragged_gather,
+    rows_fit,
     shared_with_previous,
+    short_width,
     varint_len,
 )
 from .coding import DecodeError, decode_fixed32, decode_varint, encode_fixed32, encode_varint
@@ -94,14 +101,51 @@ def build_table_columns(
             f"{len(values)} value bytes"
         )
     key_len = np.fromiter(map(len, keys), np.int64, n)
-    key_bytes = np.frombuffer(b"".join(keys), np.uint8)
-    value_bytes = np.frombuffer(values, np.uint8)
-    key_start = np.cumsum(key_len) - key_len
     value_start = np.cumsum(value_len) - value_len
-    shared_prev = shared_with_previous(key_bytes, key_start, key_len)
+    return build_table_flat(
+        Column(np.frombuffer(b"".join(keys), np.uint8), np.cumsum(key_len) - key_len, key_len),
+        Column(np.frombuffer(values, np.uint8), value_start, value_len),
+        block_size,
+    )
+
+
+class Column(NamedTuple):
+    """Byte strings column-wise: string ``i`` is ``flat[start[i] : start[i] + length[i]]``
+    (in any place in ``flat``, in any order)."""
+
+    flat: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+
+
+def build_table_flat(
+    keys: Column, values: Column, block_size: int = BLOCK_SIZE, *, shared: np.ndarray | None = None
+) -> bytes:
+    """``build_table`` of keys and values held column-wise: no Python object per entry.
+
+    The keys must be strictly increasing (the caller sorted them: keysort.sort_keys, which
+    also gives ``shared``, each key's common prefix with the one before);
+    each block's key and value bytes are gathered from the flat buffers when it is built,
+    so the entries need not lie in order in them (a merge sorts starts, not bytes)."""
+    n = len(keys.start)
+    key_flat, key_start, key_len = (
+        keys.flat,
+        np.asarray(keys.start, np.int64),
+        np.asarray(keys.length, np.int64),
+    )
+    val_flat, val_start, value_len = (
+        values.flat,
+        np.asarray(values.start, np.int64),
+        np.asarray(values.length, np.int64),
+    )
+    shared_prev = shared_with_previous(key_flat, key_start, key_len) if shared is None else shared
+    records = key_flat is val_flat  # keys and values may lie back to back (merge.py's records)
 
     out = bytearray()
     index_block = BlockBuilder(1)
+
+    def key_at(i: int) -> bytes:
+        return key_flat[key_start[i] : key_start[i] + key_len[i]].tobytes()
 
     def write_block(contents: bytes) -> bytes:
         offset = len(out)
@@ -129,24 +173,40 @@ def build_table_columns(
             guess *= 2
         count = int(full[0]) + 1 if len(full) else stop - first
         shared, unshared, vlen, size = shared[:count], unshared[:count], vlen[:count], size[:count]
-        # only this block's stretch of the key and value bytes (each block is a slice)
-        k0, v0 = key_start[first], value_start[first]
-        k1 = key_start[first + count - 1] + key_len[first + count - 1]
-        v1 = value_start[first + count - 1] + value_len[first + count - 1]
-        block = gather_entries(
-            shared,
-            unshared,
-            vlen,
-            key_bytes[k0:k1],
-            key_start[first : first + count] + shared - k0,
-            value_bytes[v0:v1],
-            value_start[first : first + count] - v0,
-        )
+        # only this block's key suffixes and values, gathered from wherever they are:
+        # straight into rows when the buffers have room around them, else compacted first
+        rows = slice(first, first + count)
+        width = short_width(shared, unshared, vlen)
+        key_rows = key_start[rows] + shared - 3
+        value_rows = val_start[rows] - 3 - unshared
+        if (
+            width
+            and records
+            and rows_fit(key_rows, width, len(key_flat))
+            and np.array_equal(val_start[rows], key_start[rows] + key_len[rows])
+        ):
+            block = gather_records(shared, unshared, vlen, key_flat, key_start[rows] + shared)
+        elif (
+            width and rows_fit(key_rows, width, len(key_flat)) and rows_fit(value_rows, width, len(val_flat))
+        ):
+            block = gather_rows(shared, unshared, vlen, key_flat, key_rows, val_flat, value_rows)
+        else:
+            block = gather_entries(
+                shared,
+                unshared,
+                vlen,
+                ragged_gather(key_flat, key_start[rows] + shared, unshared),
+                np.cumsum(unshared) - unshared,
+                ragged_gather(val_flat, val_start[rows], vlen),
+                np.cumsum(vlen) - vlen,
+            )
         restarts = (np.cumsum(size) - size)[::RESTART_INTERVAL]
         handle = write_block(finish_block(block, restarts.tolist()))
         last = first + count - 1
         separator = (
-            _shortest_separator(keys[last], keys[last + 1]) if last + 1 < n else _short_successor(keys[last])
+            _shortest_separator(key_at(last), key_at(last + 1))
+            if last + 1 < n
+            else _short_successor(key_at(last))
         )
         index_block.add(separator, handle)
         first += count
@@ -195,6 +255,7 @@ class TableReader:
             self._blocks.append(block_contents(data, offset, size, "data block"))
             self._offsets.append(offset)
         self._parsed: dict[int, list[tuple[bytes, bytes]]] = {}
+        self._seekers: dict[int, BlockSeeker] = {}
 
     def __len__(self) -> int:
         """Number of data blocks."""
@@ -225,6 +286,54 @@ class TableReader:
             out += entries[start:stop]
             i += 1
         return out
+
+    def seeker(self, i: int) -> BlockSeeker:
+        found = self._seekers.get(i)
+        if found is None:
+            found = self._seekers[i] = BlockSeeker(
+                self._blocks[i], f"data block at offset {self._offsets[i]}"
+            )
+        return found
+
+    def seek_range(self, lo: bytes, hi: bytes) -> list[tuple[bytes, bytes]]:
+        """``range(lo, hi)``, decoding only the restart runs that may hold such keys (a
+        binary search over the index block, then over each block's restart points), so
+        that a few keys of a table of millions cost microseconds. The runs decoded are
+        checked (``BlockSeeker``), and lie inside their block's separators."""
+        out: list[tuple[bytes, bytes]] = []
+        i = bisect.bisect_left(self._separators, lo)
+        j = self.seeker(i).last_restart_before(lo) if i < len(self._blocks) else 0
+        while i < len(self._blocks) and (i == 0 or self._separators[i - 1] < hi):
+            block = self.seeker(i)
+            while j < len(block):
+                run = self._checked_run(i, j)
+                out += [(k, v) for k, v in run if lo <= k < hi]
+                if run and run[-1][0] >= hi:
+                    return out
+                j += 1
+            i, j = i + 1, 0
+        return out
+
+    def last_before(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """The entry with the greatest key below ``key`` (None: there is none), found as
+        ``seek_range`` finds its first."""
+        i = min(bisect.bisect_left(self._separators, key), len(self._blocks) - 1)
+        while i >= 0:
+            block = self.seeker(i)
+            j = block.last_restart_before(key)
+            while j >= 0 and len(block):
+                below = [entry for entry in self._checked_run(i, j) if entry[0] < key]
+                if below:
+                    return below[-1]
+                j -= 1
+            i -= 1
+        return None
+
+    def _checked_run(self, i: int, j: int) -> list[tuple[bytes, bytes]]:
+        run = self.seeker(i).run(j)
+        if run and ((i and run[0][0] <= self._separators[i - 1]) or (run[-1][0] > self._separators[i])):
+            raise DecodeError(f"data block at offset {self._offsets[i]}: keys outside the block's range")
+        return run
 
     def items(self) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []

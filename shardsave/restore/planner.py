@@ -34,6 +34,7 @@ from ..format.entry import BundleEntry
 from ..format.index import Index
 from ..plan import Block, Span, align_span, region_span
 from .checks import DataFiles, check_block_crcs, check_entry_size, checked_pieces, index_damage
+from .lookup import pieces_for, wants_lookup
 from .reads import DirectRead, Read, RegionRead, RowsRead, StringRead, Wanted, WholeRead
 
 if TYPE_CHECKING:
@@ -85,9 +86,12 @@ def _plan(
             else:
                 reads.append(WholeRead(i, t.name, full, Span(0, size), t.block))
             continue
-        if t.name not in checked:
-            checked[t.name] = checked_pieces(prefix, index, t.name, files)
-        full, pieces = checked[t.name]
+        if wants_lookup(index, t.name, t.block):  # a block of a many-piece tensor: its pieces only
+            full, pieces = pieces_for(prefix, index, t.name, t.block, files)
+        else:
+            if t.name not in checked:
+                checked[t.name] = checked_pieces(prefix, index, t.name, files)
+            full, pieces = checked[t.name]
         string = full.dtype == dtypes.DT_STRING
         itemsize = dtypes.to_numpy(full.dtype).itemsize
         needed += t.block.size * (itemsize if not string else 0)
