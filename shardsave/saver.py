@@ -9,6 +9,7 @@ restore/protocol.py. Both are collective over the Saver's own duplicate of ``com
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -81,7 +82,11 @@ class Saver:
 
     ``comm`` defaults to ``MPI.COMM_WORLD``; the Saver duplicates it once, here, so
     constructing a Saver is collective too. ``storage_options`` (or a ready fsspec
-    ``fs``) apply to every path given to ``save`` and ``restore``.
+    ``fs``) apply to every path given to ``save`` and ``restore``; they go to fsspec
+    (``endpoint_url``, ``key``, ``config_kwargs``...) but for shardsave's own S3 upload
+    options, which may also accompany ``fs``: ``upload_part_size`` (bytes, 5 MiB to 5 GiB;
+    default: from each data file's size, 8 to 128 MiB) and ``upload_concurrency`` (parts of
+    one file in flight, default 8); see ``shardsave.storage.s3``.
 
     ``restore_in_place`` (default True): from a local or shared filesystem, a restore
     writes into the arrays the variables already hold (of at least 1 MiB, same dtype and
@@ -101,6 +106,11 @@ class Saver:
     called ``save``); the Saver is unusable afterwards. ``check_replicas`` (default True):
     a variable held whole by several ranks must have the same bytes on each (their
     CRC32C are compared before the commit); False stores one rank's copy unchecked.
+
+    ``files_per_node`` (default None: every rank writes its own data file): the ranks of
+    each node (ranks sharing memory, or ``SHARDSAVE_NODE_ID``, as for the fast tier) send
+    their bytes over MPI to k of them, which write k data files per node (fewer files for
+    Lustre's or GPFS's metadata servers); k at least a node's ranks: every rank writes.
     """
 
     def __init__(
@@ -121,6 +131,7 @@ class Saver:
         restore_in_place: bool | Literal["direct"] = True,
         timeout: float | None = 1800.0,
         check_replicas: bool = True,
+        files_per_node: int | None = None,
     ):
         self.state: TreeState | None = TreeState(var_list) if is_tree(var_list) else None
         """The tree given as ``var_list`` (tree.py), or None for TF's forms of ``var_list``."""
@@ -155,6 +166,15 @@ class Saver:
             raise InvalidArgumentError(
                 f"timeout must be a positive number of seconds or None, not {timeout!r}"
             )
+        if files_per_node is not None and (
+            isinstance(files_per_node, bool)
+            or not isinstance(files_per_node, numbers.Integral)
+            or files_per_node < 1
+        ):
+            raise InvalidArgumentError(
+                f"files_per_node must be a positive integer (data files per node) or None, not {files_per_node!r}"
+            )
+        self.files_per_node = None if files_per_node is None else int(files_per_node)
         self._comm = Comm.create(comm, timeout=timeout)
         if self.state is not None:  # per-rank leaves: one row per rank of this communicator
             self.state.bind(self._comm.rank, self._comm.size)

@@ -12,7 +12,8 @@ rank raise the same error and none waits longer than the Saver's ``timeout``:
    interrupted save of this prefix left and picks this save's id (commit.py);
 4. :func:`write`: every rank streams its blocks into its data file (writer.py),
    ``P.data-<rank>-of-<size>`` staged under a name of this save's own while an older
-   checkpoint stays at ``P``;
+   checkpoint stays at ``P``. With ``Saver(files_per_node=k)`` steps 3 and 4 are
+   gather.py's: the ranks of a node send their bytes to k writers, one file each;
 5. :func:`commit`: the coordinator gathers the index entries and the CRC32C of every
    replicated block from each of its holders (which must agree, replicas.py), checks every
    data file is the one its rank wrote, commits (commit.py: a journal, then renames; the
@@ -44,6 +45,7 @@ from ..format.index import entry_key
 from ..format.merge import encode_rank_part, merge_index
 from ..plan import Block, BlockMeta, SavePlan, make_save_plan
 from . import commit as commit_protocol
+from . import gather
 from .layout import SaveLayout
 from .pending import SaveHandle
 from .replicas import ReplicaCrcs, checked_replicas
@@ -72,6 +74,8 @@ class SaveJob:
     fs: Any
     retain: Callable[[float], retention.Retained]
     """TF's retention after this save at a timestamp, on the Saver's bookkeeping."""
+    files_per_node: int | None = None
+    """None: every rank writes its own data file; k: k writers per node (gather.py)."""
     started: float = field(default_factory=monotonic)
     """When ``save`` was called, for the log line of its commit."""
 
@@ -102,6 +106,7 @@ class SaveJob:
             storage_options=saver.storage_options,
             fs=saver.fs,
             retain=retain,
+            files_per_node=getattr(saver, "files_per_node", None),
         )
 
     @property
@@ -123,6 +128,7 @@ class SaveJob:
             "keep_checkpoint_every_n_hours": self.keep_checkpoint_every_n_hours,
             "save_relative_paths": self.save_relative_paths,
             "check_replicas": self.check_replicas,
+            "files_per_node": self.files_per_node,
         }
 
 
@@ -300,25 +306,32 @@ def write(
 
 
 # --------------------------------------------------------------------------- step 5
-def commit(job: SaveJob, mode: commit_protocol.SaveMode, the_plan: SavePlan, report: tuple) -> float:
+def commit(
+    job: SaveJob,
+    mode: commit_protocol.SaveMode,
+    the_plan: SavePlan,
+    report: tuple,
+    writers: tuple[int, ...] | None = None,
+) -> float:
     """Step 5. Every rank: send its report to the coordinator. The coordinator: check that
     the holders of every replica hold the same bytes, merge the index, commit (every data
     file is the one its rank wrote; commit.py), then write the state file and delete the
     checkpoints retention lets go. Every rank gets the coordinator's timestamp of this
-    save (from which it computes the same retention), or its error."""
+    save (from which it computes the same retention), or its error. ``writers``: the rank
+    that wrote each data file (``files_per_node``), else every rank wrote its own."""
     comm = job.comm
     gathered = comm.gather(report)
 
     def on_coordinator() -> float:
         timestamp = time.time()
         checked = checked_replicas(job.prefix, the_plan, [g[:3] for g in gathered])
-        reports = [(part, written, g[3]) for (part, written), g in zip(checked, gathered, strict=True)]
+        files = [(checked[r][1], gathered[r][3]) for r in (writers or range(len(gathered)))]
         index = merge_index(
-            len(reports),
-            [part for part, _, _ in reports],
+            len(files),
+            [part for part, _ in checked],
             {name: (dt, shape) for name, (dt, shape, _) in the_plan.sliced.items()},
         )
-        finish(job, mode, [(written, etag) for _, written, etag in reports], index, timestamp)
+        finish(job, mode, files, index, timestamp)
         return timestamp
 
     return comm.coordinator_only(job.what, on_coordinator)
@@ -356,6 +369,11 @@ def finish(
 def plan_write_commit(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]) -> float:
     """Steps 2 to 5, after :func:`check_arrays`; the coordinator's timestamp of the save."""
     the_plan, todo, replicas = plan(job, arrays, metas)
+    if job.files_per_node is not None:  # k writers per node: steps 3 and 4 of gather.py
+        files = gather.groups(job)
+        mode, sizes = gather.prepare(job, todo[1])
+        report = gather.write(job, mode, files, sizes, the_plan, todo, replicas)
+        return commit(job, mode, the_plan, report, files.writers)
     mode = prepare(job)
     report = write(job, mode, the_plan, todo, replicas)
     return commit(job, mode, the_plan, report)

@@ -65,16 +65,30 @@ def entry_crcs(arrays: Sequence[np.ndarray]) -> list[int]:
     return out
 
 
+def data_size(arrays: Sequence[np.ndarray]) -> int:
+    """How many bytes :func:`write_data_file` writes for ``arrays`` (strings encoded)."""
+    total = 0
+    for array in arrays:
+        if dtypes.to_tf(array.dtype) == dtypes.DT_STRING:
+            total += len(encode_strings(array)[0])
+        else:
+            total += array.nbytes
+    return total
+
+
 def write_data_file(
     out: storage.Writer,
     keys: Sequence[bytes],
     arrays: Sequence[np.ndarray],
     shard_id: int,
     crcs: list[int] | None = None,
+    base: int = 0,
 ) -> tuple[list[bytes], bytes, np.ndarray]:
     """Write ``arrays`` in order; return their index entries: the keys, the encoded
     entries back to back, and the length of each. ``crcs``, if given, receives every
-    entry's masked CRC32C (as :func:`entry_crc` computes it).
+    entry's masked CRC32C (as :func:`entry_crc` computes it). ``base``: where the first
+    array starts in data file ``shard_id`` (``out`` may be a sender to the rank that
+    writes that file: save/gather.py); ``out`` needs only ``write(buffer)``.
 
     Arrays up to one checksum block are handled column-wise (copies, checksums and index
     entries in bulk): a model may have tens of thousands of them, and a loop of Python
@@ -123,7 +137,7 @@ def write_data_file(
         batch.flush()
     if crcs is not None:
         crcs[:] = masks
-    offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
+    offsets = list(itertools.accumulate(sizes, initial=base))[:-1]
     values, lengths = encode_plain_columns(types, shapes, shard_id, offsets, sizes, masks)
     if any(blocks.values()):  # large entries also list their block checksums
         entries = split_values(values, lengths)

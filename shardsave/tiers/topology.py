@@ -11,24 +11,13 @@ losing one node of a group loses at most one member of each set.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from ..errors import FailedPreconditionError, InvalidArgumentError
+from .._comm.nodes import NODE_ID, check_node_id  # noqa: F401 - the tier's node ids (manifest.py)
+from ..errors import FailedPreconditionError
 
 SCHEMES = ("none", "partner", "xor")
-NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""A node id is used in file paths (``{node}``): a plain name, at most 64 characters."""
-
-
-def check_node_id(node: str, source: str = "SHARDSAVE_NODE_ID") -> str:
-    if not isinstance(node, str) or not NODE_ID.fullmatch(node):
-        raise InvalidArgumentError(
-            f"{source}={node!r} is not a node id: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (it becomes part of a directory name)"
-        )
-    return node
 
 
 @dataclass(frozen=True)

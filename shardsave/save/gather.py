@@ -1,0 +1,259 @@
+"""Steps 3 and 4 of a save with ``Saver(files_per_node=k)``: the ranks of a node send their
+bytes to ``k`` writers of that node (groups.py), so a checkpoint has ``k`` data files per
+node instead of one per rank. Step 5 is the save's own (protocol.commit, one report per
+file). Per rank:
+
+3. :func:`prepare`: count the bytes this rank stores (strings encoded), while the
+   coordinator prepares the directory as for any save (commit.prepare); the ranks agree,
+   then all-gather the counts, so every rank knows where its bytes start in its file.
+4. :func:`write`: a *member* runs the ordinary writer (writer.py: entry and block CRC32Cs
+   computed by the rank that owns the bytes, index entries encoded with its file's shard
+   id and its own offsets) into a :class:`_Sender`, which sends each buffer to its writer
+   through ``peers.stream`` (straight from the array's buffer, or a batch of small arrays
+   of at most 4 MiB), each preceded by a header with its size and CRC32C. A *writer*
+   writes its own blocks first, then receives each member's bytes in file order, 16 MiB
+   at a time into two reused buffers, checks every buffer's CRC32C and writes it to its
+   file (staged, fsynced, as any data file). Then all agree, as after any write.
+
+Messages (tag :data:`TAG`, the Saver's own communicator): the writer tells a member its
+turn has come (16 bytes); then, member to writer, a header of two uint64 ``(size, masked
+CRC32C)`` then ``size`` bytes, repeated; ``(END, 0)`` when
+done, ``(ABORT, 0)`` if the member failed (its error reaches everyone at the agree). A
+writer that failed (its file cannot be created or written, a CRC differs) keeps its first
+error and still receives, and drops, everything its members send: no member waits for a
+writer that gave up, and every rank raises the same combined error at the agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import numpy as np
+
+from .. import storage
+from .._comm import Comm, peers
+from .._comm.nodes import node_ids
+from ..errors import DataLossError
+from ..format import crc
+from ..format.merge import encode_rank_part
+from ..plan import SavePlan
+from . import commit as commit_protocol
+from .groups import FileGroups, file_groups
+from .replicas import ReplicaCrcs
+from .writer import data_size, write_data_file
+
+TAG = 0x5A513
+END = (1 << 64) - 1
+ABORT = (1 << 64) - 2
+HEADER = 16
+
+_NODES: weakref.WeakKeyDictionary[Comm, tuple[str, ...]] = weakref.WeakKeyDictionary()
+"""Every rank's node id, found once per communicator (collective, in the first save)."""
+
+
+def groups(job) -> FileGroups:
+    """Collective (at the first save on ``job.comm``): who writes which file."""
+    nodes = _NODES.get(job.comm)
+    if nodes is None:
+        nodes = _NODES[job.comm] = node_ids(job.comm, job.what)
+    return file_groups(nodes, job.files_per_node)
+
+
+# --------------------------------------------------------------------------- step 3
+def prepare(job, arrays: list) -> tuple[commit_protocol.SaveMode, list[int]]:
+    """Step 3. Every rank: the bytes it stores; the coordinator: the directory and this
+    save's id (commit.prepare). All agree; every rank gets the mode and every rank's count."""
+    comm = job.comm
+    err, mode, size = None, None, None
+    try:
+        size = data_size(arrays)
+        if comm.is_coordinator:
+            mode = commit_protocol.prepare(job.loc, fsync=job.fsync)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
+        err = exc
+    comm.agree(err, job.what)
+    return comm.bcast(mode), comm.allgather(size)
+
+
+# --------------------------------------------------------------------------- step 4
+def write(
+    job,
+    mode: commit_protocol.SaveMode,
+    files: FileGroups,
+    sizes: list[int],
+    the_plan: SavePlan,
+    todo: tuple[list, list],
+    replicas: list,
+) -> tuple:
+    """Step 4. Every rank: send its bytes to its writer, or (a writer) write its file. All
+    agree; a writer removes its file if any rank failed. The report for the coordinator:
+    the index part, and for a writer its file's bytes and (S3) ETag, else None."""
+    comm, rank = job.comm, job.comm.rank
+    shard = files.shard_of[rank]
+    members = files.members[shard]
+    masks: list[int] = []
+    copies = ReplicaCrcs(replicas)
+    entries: tuple = ([], b"", ())
+    replica_crcs: list = []
+    out = data_loc = None
+    if members[0] == rank:
+        data_loc = job.loc.with_path(mode.data_path(job.loc.path, shard, files.files))
+        err, out, entries = _write_file(job, data_loc, shard, members, sizes, todo, masks)
+    else:
+        err, entries = _send(job, members[0], shard, files.base(rank, sizes), sizes[rank], todo, masks)
+    if err is None:
+        try:
+            replica_crcs = copies.result(masks)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
+            err = exc
+    try:
+        comm.agree(err, job.what)
+    except Exception:
+        if data_loc is not None:
+            storage.remove([data_loc])
+        raise
+    written = None if out is None else out.written
+    return (
+        encode_rank_part(*entries, the_plan.sliced),
+        written,
+        replica_crcs,
+        None if out is None else out.etag,
+    )
+
+
+def _write_file(job, loc, shard: int, members, sizes, todo, masks) -> tuple:
+    """A writer: its own blocks, then every member's bytes. ``(error, writer, entries)``."""
+    entries: tuple = ([], b"", ())
+    out = None
+    receiver = _Receiver(job.comm, None, loc, job.what)
+    try:
+        out = storage.Writer(loc, fsync=job.fsync)
+        entries = write_data_file(out, *todo, shard, masks)
+        receiver.out = out
+    except Exception as exc:  # noqa: BLE001 - the members are still drained
+        receiver.error = exc
+    try:
+        for member in members[1:]:
+            receiver.member(member, sizes[member])
+        complete = receiver.error is None and not receiver.aborted
+        if complete and out.written != sum(sizes[m] for m in members):
+            raise DataLossError(f"{loc.url}: wrote {out.written} bytes, not {sum(sizes[m] for m in members)}")
+        if complete:
+            out.close()
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
+        receiver.error = receiver.error or exc
+    if (receiver.error is not None or receiver.aborted) and out is not None:
+        out.abort()  # a member that gave up reports its own error at the agree
+    return receiver.error, out, entries
+
+
+def _send(job, writer: int, shard: int, base: int, size: int, todo, masks) -> tuple:
+    """A member: its blocks to ``writer``, entries at ``base`` in file ``shard``."""
+    sender = _Sender(job.comm, writer, job.what)
+    try:
+        sender.wait_for_turn()
+        entries = write_data_file(sender, *todo, shard, masks, base=base)
+        if sender.sent != size:
+            raise DataLossError(f"{job.what}: rank {job.comm.rank} sent {sender.sent} bytes, not {size}")
+        sender.header(END, 0)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
+        if not sender.broken:
+            with contextlib.suppress(Exception):
+                sender.header(ABORT, 0)
+        return exc, ([], b"", ())
+    return None, entries
+
+
+class _Sender:
+    """What writer.py writes into on a member: each buffer goes to the writer, after a
+    header with its size and masked CRC32C (computed here, from the owner's buffer)."""
+
+    def __init__(self, comm: Comm, writer: int, what: str):
+        self.comm, self.writer, self.what = comm, writer, what
+        self.sent = 0
+        self.broken = False  # a stream failed: the writer's view of the messages is unknown
+
+    def _stream(self, buffer) -> None:
+        try:
+            peers.stream(self.comm, {self.writer: buffer}, {}, self.what, tag=TAG)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def wait_for_turn(self) -> None:
+        """Until the writer is ready for this rank's bytes: a rank sending while its writer
+        still writes others' would wait in MPI with ever longer sleeps between polls, and
+        an MPI transfer between processes moves only while both poll."""
+        try:
+            peers.stream(self.comm, {}, {self.writer: (HEADER, lambda view: None)}, self.what, tag=TAG)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def header(self, size: int, masked: int) -> None:
+        self._stream(np.array([size, masked], np.uint64))
+
+    def write(self, buffer) -> None:
+        view = memoryview(buffer).cast("B")
+        if len(view):
+            self.header(len(view), crc.masked_crc32c(view))
+            self._stream(view)
+            self.sent += len(view)
+
+
+class _Receiver:
+    """A writer's side: members' bytes into ``out`` as they arrive. Only a failed stream
+    (a member gone: DeadlineExceededError) raises; any other failure is kept in ``error``
+    (the first) and the rest is received and dropped."""
+
+    def __init__(self, comm: Comm, out: storage.Writer | None, loc: storage.Location, what: str):
+        self.comm, self.out, self.loc, self.what = comm, out, loc, what
+        self.error: BaseException | None = None
+        self.aborted: list[int] = []  # members that gave up (each raises its own error)
+
+    def _write(self, view: memoryview) -> None:
+        if self.error is None and self.out is not None:
+            try:
+                self.out.write(view)
+            except Exception as exc:  # noqa: BLE001 - reported at the agree
+                self.error = exc
+
+    def _receive(self, rank: int, size: int, sink) -> None:
+        peers.stream(self.comm, {}, {rank: (size, sink)}, self.what, tag=TAG)
+
+    def member(self, rank: int, expected: int) -> None:
+        """Every segment ``rank`` sends, up to its END (or ABORT: its own error is what
+        every rank raises)."""
+        header = np.zeros(2, np.uint64)
+        got = 0
+        peers.stream(self.comm, {rank: header}, {}, self.what, tag=TAG)  # its turn
+
+        def take_header(view: memoryview) -> None:
+            header[:] = np.frombuffer(view, np.uint64)
+
+        while True:
+            self._receive(rank, HEADER, take_header)
+            size, want = int(header[0]), int(header[1])
+            if size == ABORT:
+                self.aborted.append(rank)
+                return
+            if size == END:
+                break
+            running = 0
+
+            def sink(view: memoryview) -> None:
+                nonlocal running
+                running = crc.crc32c(view, running)
+                self._write(view)
+
+            start = None if self.out is None else self.out.written
+            self._receive(rank, size, sink)
+            if crc.mask(running) != want and self.error is None:
+                self.error = DataLossError(
+                    f"{self.loc.url}: the {size} bytes rank {rank} sent for offset {start} arrived with "
+                    f"masked CRC32C {crc.mask(running):#010x}, but it sent {want:#010x}; nothing was committed"
+                )
+            got += size
+        if got != expected and self.error is None:
+            self.error = DataLossError(f"{self.loc.url}: rank {rank} sent {got} bytes, not {expected}")
