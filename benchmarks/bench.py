@@ -91,6 +91,59 @@ def raw_read(path: str, outs) -> None:
                 f.readinto(view)
 
 
+CHECK_CHUNK = 1 << 20
+_check_pool: list = []
+
+
+def raw_read_checked(path: str, outs) -> None:
+    """Raw plus the same check: the bytes read with ``preadv`` into the preallocated buffers
+    and CRC32C'd, 1 MiB at a time (in cache), by as many threads as a restore uses per rank
+    (``io_threads.workers()``): the limit of a checked read, as raw plus fsync is the limit
+    of a durable write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardsave.format.crc import crc32c
+    from shardsave.storage.threads import workers
+
+    if not _check_pool:
+        _check_pool.append(ThreadPoolExecutor(workers()))
+    chunks, offset = [], 0
+    for o in outs:
+        view = memoryview(o).cast("B")
+        chunks += [(offset + i, view[i : i + CHECK_CHUNK]) for i in range(0, len(view), CHECK_CHUNK)]
+        offset += len(view)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        count = workers()
+
+        def work(i: int) -> int:
+            crc = 0
+            for at, chunk in chunks[i::count]:
+                done = 0
+                while done < len(chunk):
+                    n = os.preadv(fd, [chunk[done:]], at + done)
+                    if n == 0:
+                        raise EOFError(path)
+                    done += n
+                crc ^= crc32c(chunk)
+            return crc
+
+        for f in [_check_pool[0].submit(work, i) for i in range(count)]:
+            f.result()
+    finally:
+        os.close(fd)
+
+
+def drop_caches() -> None:
+    """Empty the page cache (as root; every rank syncs, one writes)."""
+    os.sync()
+    COMM.Barrier()
+    if RANK == 0:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    COMM.Barrier()
+
+
 def median(xs):
     return statistics.median(xs)
 
@@ -118,6 +171,10 @@ def bench_save_restore(args) -> dict:
         saver.restore(prefix)
 
     new_arrays = ss.Saver(variables, comm=COMM, restore_in_place=False)
+    direct = ss.Saver(variables, comm=COMM, restore_in_place="direct")
+
+    def ss_restore_direct():
+        direct.restore(prefix)
 
     def ss_restore_new():
         new_arrays.restore(prefix)
@@ -147,6 +204,8 @@ def bench_save_restore(args) -> dict:
             "nonblocking_call",
             "raw_read_fresh",
             "ss_restore_new",
+            "raw_read_checked",
+            "ss_restore_direct",
         )
     }
     for i in range(args.repeat + 1):
@@ -161,8 +220,10 @@ def bench_save_restore(args) -> dict:
         saver.wait_until_finished()
         rf = timed(raw_read_fresh)
         sn = timed(ss_restore_new)
+        rc = timed(lambda: raw_read_checked(raw_path, needed))
+        sd = timed(ss_restore_direct)
         if i:  # the first round is the warm-up
-            for k, v in zip(runs, (rw, sw, rr, sr, cp, nb, rf, sn), strict=True):
+            for k, v in zip(runs, (rw, sw, rr, sr, cp, nb, rf, sn, rc, sd), strict=True):
                 runs[k].append(v)
     written = COMM.allreduce(sum(a.nbytes for a in mine))
     read = COMM.allreduce(sum(a.nbytes for a in needed))
@@ -176,6 +237,81 @@ def bench_save_restore(args) -> dict:
         restore_ratio=out["raw_read"] / out["ss_restore"],
         restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"],
         nonblocking_vs_copy=out["nonblocking_call"] / out["copy"],
+        restore_vs_checked=out["raw_read_checked"] / out["ss_restore"],
+        direct_vs_checked=out["raw_read_checked"] / out["ss_restore_direct"],
+        direct_bytes_read=COMM.allreduce(direct.last_restore_stats.bytes_read),
+        direct_bytes_needed=COMM.allreduce(direct.last_restore_stats.bytes_needed),
+        atomic_bytes_read=COMM.allreduce(
+            saver.last_restore_stats.bytes_read + saver.last_restore_stats.bytes_reread
+        ),
+    )
+    if args.workload == "a" and args.cold:
+        out.update(cold_restores(saver, new_arrays, direct, prefix, raw_path, needed, args.cold))
+    return out
+
+
+def cold_restores(saver, new_arrays, direct, prefix, raw_path, needed, repeat: int) -> dict:
+    """Each of the three restore modes, and raw plus check, from an empty page cache."""
+    modes = {
+        "cold_raw_read_checked": lambda: raw_read_checked(raw_path, needed),
+        "cold_raw_read": lambda: raw_read(raw_path, needed),
+        "cold_ss_restore": lambda: saver.restore(prefix),
+        "cold_ss_restore_direct": lambda: direct.restore(prefix),
+        "cold_ss_restore_new": lambda: new_arrays.restore(prefix),
+    }
+    runs = {k: [] for k in modes}
+    for _ in range(repeat):  # alternated, so that the machine's drift hits every mode alike
+        for k, fn in modes.items():
+            drop_caches()
+            runs[k].append(timed(fn))
+    out = {k: median(v) for k, v in runs.items()}
+    out.update(
+        cold_direct_vs_checked=out["cold_raw_read_checked"] / out["cold_ss_restore_direct"],
+        cold_atomic_vs_checked=out["cold_raw_read_checked"] / out["cold_ss_restore"],
+    )
+    return out
+
+
+def bench_first(args) -> dict:
+    """Workload (b)'s first save and restore: a new Saver's (its layout, metadata and plan
+    made from scratch) against a reused one's, alternated; a small Saver runs first so that
+    the code is imported and warm, as it is in a job that saves for the second time."""
+    directory = args.dir
+    if RANK == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+    COMM.Barrier()
+    warm = ss.Saver(
+        [ss.Variable(f"w{i}", np.ones(256, np.float32), register=False) for i in range(100)], comm=COMM
+    )
+    warm.restore(warm.save(os.path.join(directory, "warm")))
+    variables = many_small()
+    prefix = os.path.join(directory, "ckpt")
+    runs = {"fresh_save": [], "fresh_restore": [], "reused_save": [], "reused_restore": []}
+    for i in range(args.repeat + 1):
+        saver = None
+
+        def new_saver_save():
+            nonlocal saver
+            saver = ss.Saver(variables, max_to_keep=1, comm=COMM, fsync=args.fsync)
+            saver.save(prefix)
+
+        first = timed(new_saver_save)
+        made = saver
+        times = (
+            first,
+            timed(lambda made=made: made.restore(prefix)),
+            timed(lambda made=made: made.save(prefix)),
+            timed(lambda made=made: made.restore(prefix)),
+        )
+        if i:
+            for k, v in zip(runs, times, strict=True):
+                runs[k].append(v)
+    out = {k: median(v) for k, v in runs.items()}
+    out.update(
+        fresh_total=out["fresh_save"] + out["fresh_restore"],
+        reused_total=out["reused_save"] + out["reused_restore"],
+        variables=len(variables),
     )
     return out
 
@@ -299,20 +435,32 @@ def bench_reshard_restore(args) -> dict:
         return out
 
     saver = ss.Saver(my_variables(holding=True), comm=COMM)
+    direct = ss.Saver(my_variables(holding=True), comm=COMM, restore_in_place="direct")
     new_arrays = ss.Saver(my_variables(holding=False), comm=COMM)
     needed = [np.empty(v.shape, np.float32) for v in saver._layout.variables]
     raw_path = os.path.join(args.dir, f"raw-{RANK}")
     raw_write(raw_path, needed, fsync=False)
-    runs = {k: [] for k in ("ss_restore", "raw_read", "ss_restore_new", "raw_read_fresh")}
+    keys = (
+        "ss_restore",
+        "raw_read",
+        "ss_restore_new",
+        "raw_read_fresh",
+        "ss_restore_direct",
+        "raw_read_checked",
+    )
+    runs = {k: [] for k in keys}
     for i in range(args.repeat + 1):
         t = timed(lambda: saver.restore(prefix))
         r = timed(lambda: raw_read(raw_path, needed))
         n = timed(lambda: new_arrays.restore(prefix))
         f = timed(lambda: raw_read(raw_path, [np.empty_like(a) for a in needed]))
+        d = timed(lambda: direct.restore(prefix))
+        c = timed(lambda: raw_read_checked(raw_path, needed))
         if i:
-            for k, v in zip(runs, (t, r, n, f), strict=True):
+            for k, v in zip(runs, (t, r, n, f, d, c), strict=True):
                 runs[k].append(v)
     stats, new_stats = saver.last_restore_stats, new_arrays.last_restore_stats
+    direct_stats = direct.last_restore_stats
     total_read = COMM.allreduce(stats.bytes_read)
     total_reread = COMM.allreduce(stats.bytes_reread)
     total_new = COMM.allreduce(new_stats.bytes_read)
@@ -325,6 +473,11 @@ def bench_reshard_restore(args) -> dict:
         bytes_needed=total_needed,
         read_amplification=total_read / total_needed,
         read_amplification_new=total_new / total_needed,
+        read_amplification_direct=COMM.allreduce(direct_stats.bytes_read + direct_stats.bytes_reread)
+        / total_needed,
+        read_amplification_atomic=(total_read + total_reread) / total_needed,
+        direct_vs_checked=out["raw_read_checked"] / out["ss_restore_direct"],
+        restore_vs_checked=out["raw_read_checked"] / out["ss_restore"],
         restore_ratio=out["raw_read"] / out["ss_restore"],
         restore_new_ratio_fresh=out["raw_read_fresh"] / out["ss_restore_new"],
     )
@@ -339,6 +492,7 @@ def main() -> int:
         choices=[
             "a",
             "b",
+            "first",
             "memory",
             "restore-memory",
             "restore-memory-in-place",
@@ -355,10 +509,14 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--fsync", type=int, default=1)
     p.add_argument("--in-place", type=int, default=1, help="restart: Saver(restore_in_place=...)")
+    p.add_argument(
+        "--cold", type=int, default=0, help="(a): also N restores per mode from an empty page cache"
+    )
     args = p.parse_args()
     fn = {
         "a": bench_save_restore,
         "b": bench_save_restore,
+        "first": bench_first,
         "memory": bench_memory,
         "restore-memory": bench_restore_memory,
         "restore-memory-in-place": bench_restore_memory,

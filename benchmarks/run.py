@@ -50,6 +50,29 @@ def mpi_nodes(nodes: list[tuple[str, int]], script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+RANKS = (8, 16, 32, 64)
+"""The numbers of ranks of the "ranks" row (oversubscribed on a small machine)."""
+
+
+def ranks_row(scratch: str, repeat: int) -> dict:
+    """ranks_bench.py on each of RANKS: saves and restores on N ranks, then restores on
+    N/2 (another launch); per N its brief figures, the full phases under "runs". At 64
+    ranks, and for the restores on N/2, 2 timed runs: a 64-rank restore takes ~10 s here."""
+    out: dict = {"brief": {}, "runs": {}}
+    for n in RANKS:
+        where = ["--dir", f"{scratch}/ranks{n}"]
+        runs = str(repeat if n < 64 else min(repeat, 2))
+        full = mpi(n, "--phase", "save", *where, "--repeat", runs, script="ranks_bench.py")
+        half = mpi(
+            n // 2, "--phase", "restore", *where, "--repeat", str(min(repeat, 2)), script="ranks_bench.py"
+        )
+        out["brief"][n] = dict(full["brief"], half_restore_s=half["brief"]["restore_s"])
+        out["brief"][n]["index_bytes"] = full["index_bytes"]
+        out["runs"][n] = {"save": full, "half_restore": half}
+        shutil.rmtree(f"{scratch}/ranks{n}", ignore_errors=True)
+    return out
+
+
 def py(script: str, *args: str) -> dict:
     cmd = [sys.executable, os.path.join(HERE, script), *args]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
@@ -66,7 +89,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        help="workloads to skip: a a2 restart b c e mem tf s3 tiers dcp orbax",
+        help="workloads to skip: a a2 restart b c e ranks mem tf s3 tiers dcp orbax",
     )
     args = p.parse_args()
     if args.quick:
@@ -148,6 +171,15 @@ def main() -> int:
             ),
             "index",
         )
+    if "ranks" not in args.skip:
+        try:
+            row(
+                f"ranks {'/'.join(map(str, RANKS))}, 3.8 MiB",
+                ranks_row(scratch, min(args.repeat, 3)),
+                "ranks",
+            )
+        except subprocess.CalledProcessError as exc:
+            print(f"ranks benchmark failed: {' '.join(exc.cmd)}: {exc.stderr[-2000:]}", file=sys.stderr)
     if "s3" not in args.skip:
         for n in (1, 2):
             try:
@@ -262,6 +294,22 @@ def main() -> int:
                 f"{r['restore_requests']} requests ({r['restore_ranged_gets']} coalesced ranges), "
                 f"{r['restore_bytes_received'] / 2**20:.0f} MiB received"
             )
+            line = (
+                f"{'':<26} requests per GiB: save {r['save_requests_per_GiB']:.0f} "
+                f"({r['part_bytes'] >> 20} MiB parts), restore {r['restore_requests_per_GiB']:.0f}"
+            )
+            if r.get("part_option"):
+                o = r["part_option"]
+                line += f"; save with upload_part_size {o['upload_part_size'] >> 20} MiB: "
+                line += f"{o['save_requests_per_GiB']:.0f}"
+            print(line)
+            if r.get("rule"):
+                u = r["rule"]
+                print(
+                    f"{'':<26} a {u['bytes'] / 2**30:.2g} GiB file: {u['no_hint']['requests']} requests "
+                    f"({u['no_hint']['part_bytes'] >> 20} MiB parts) without its size, "
+                    f"{u['hint']['requests']} ({u['hint']['part_bytes'] >> 20} MiB parts, the rule's) with it"
+                )
         elif kind == "tiers":
             print(
                 f"{name:<26} raw copy into /dev/shm {r['raw_fast_s']:.3f} s; durable save (local disk, "
@@ -281,6 +329,24 @@ def main() -> int:
                     f"({'+'.join(rs[scheme + '_sources'])}; checks and rebuild {rs[scheme + '_rebuild_s']:.3f} s) "
                     f"vs durable S3 {rs['s3_restore_s']:.3f} s = "
                     f"{rs['s3_vs_' + scheme]:.1f}x faster"
+                )
+        elif kind == "ranks":
+            print(
+                f"{name:<26} (ms; cpu: the coordinator's / the median other rank's; own: the "
+                "coordinator's work alone; half: restored on N/2 ranks)"
+            )
+            print(
+                f"{'':<4}{'ranks':>6} {'save':>7} {'cpu':>11} {'own':>5} {'merge':>6} {'1st plan':>8}"
+                f"   {'restore':>7} {'cpu':>11} {'load':>5} {'parse':>5} {'half':>7} {'index KiB':>9}"
+            )
+            for n, b in r["brief"].items():
+                ms = {k: v * 1e3 for k, v in b.items() if k != "index_bytes"}
+                print(
+                    f"{'':<4}{n:>6} {ms['save_s']:7.0f} {ms['save_coord_cpu']:5.0f}/{ms['save_other_cpu']:<5.0f} "
+                    f"{ms['save_coord_own_cpu']:5.0f} {ms['merge_cpu']:6.1f} {ms['first_plan_cpu']:8.1f}   "
+                    f"{ms['restore_s']:7.0f} {ms['restore_coord_cpu']:5.0f}/{ms['restore_other_cpu']:<5.0f} "
+                    f"{ms['load_other_cpu']:5.0f} {ms['parse_other_cpu']:5.1f} {ms['half_restore_s']:7.0f} "
+                    f"{b['index_bytes'] / 1024:9.0f}"
                 )
         elif kind == "index":
             print(
