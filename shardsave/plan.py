@@ -169,6 +169,9 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
     a variable's dtype or global shape, or its blocks overlap or leave a gap.
     """
     nranks = len(metas_by_rank)
+    plain = _whole_and_unique(metas_by_rank)
+    if plain is not None:
+        return plain
     by_name: dict[str, list[tuple[int, int, BlockMeta]]] = {}
     for rank, metas in enumerate(metas_by_rank):
         for index, meta in enumerate(metas):
@@ -227,6 +230,30 @@ def make_save_plan(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan:
             ws.sort(key=lambda a: (a.name, a.extents or ()))
     replicas, replica_items = _replicas(shared, sliced, writes)
     return SavePlan(writes, sliced, replicas, replica_items)
+
+
+def _whole_and_unique(metas_by_rank: Sequence[Sequence[BlockMeta]]) -> SavePlan | None:
+    """The plan when every block is a whole tensor held by one rank (a single process,
+    or ranks with variables of their own), made column-wise; None otherwise.
+
+    The general planner's own fast path for such a tensor costs a few dict and list
+    operations per name; a new Saver of 20,000 small variables pays it on its first save."""
+    names = [m.name for metas in metas_by_rank for m in metas]
+    if len(set(names)) != len(names):
+        return None
+    if not all(
+        [
+            m.block.shape == m.global_shape and not any(m.block.offset)
+            for metas in metas_by_rank
+            for m in metas
+        ]
+    ):
+        return None
+    writes = []
+    for rank, metas in enumerate(metas_by_rank):
+        order = sorted(range(len(metas)), key=[m.name for m in metas].__getitem__)
+        writes.append([Assignment(metas[i].name, rank, i, None, metas[i].nbytes) for i in order])
+    return SavePlan(writes, {}, [], [[] for _ in metas_by_rank])
 
 
 def _replicas(shared, sliced, writes: list[list[Assignment]]):

@@ -62,6 +62,9 @@ def _saveables(var_list: VarList) -> dict[str, list[Variable]]:
         return {str(name): _blocks_of(v) for name, v in var_list.items()}
     out: dict[str, list[Variable]] = {}
     for var in var_list:
+        if type(var) is Variable and var.name not in out:  # the common case, without the checks
+            out[var.name] = [var]
+            continue
         name = getattr(var, "name", None)
         if name is None:
             raise InvalidArgumentError(f"cannot save {var!r}: it has no name")
@@ -410,7 +413,7 @@ def _check_reserved(saveables: Mapping[str, Any]) -> None:
             f"a variable is named {METADATA_NAME!r}, the name reserved for a checkpoint's metadata "
             "(Saver.save(metadata=...)); rename it"
         )
-    for name in saveables:
+    for name in [name for name in saveables if name[:1] == "\x00"]:
         if name.startswith("\x00"):  # the index's slice keys begin with NUL: it would read as one
             raise InvalidArgumentError(
                 f"variable name {name!r} begins with a NUL character, which a checkpoint index "

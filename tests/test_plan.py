@@ -715,3 +715,49 @@ def test_spans_are_frozen_plain_data():
     assert {span: 1}[Span(0, 8)] == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         span.start = 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b", "c", "d", "e", "w/x", "w/y", "zz"]),
+                st.lists(st.integers(0, 4), max_size=2),
+            ),
+            max_size=5,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_the_column_wise_plan_of_whole_tensors_is_the_general_one(ranks):
+    """``make_save_plan``'s fast path (every block whole, every name on one rank) gives
+    exactly the plan of the general planner; anything else falls through to it."""
+    import shardsave.plan as plan_module
+
+    seen: set[str] = set()
+    metas_by_rank = []
+    for rank_vars in ranks:
+        metas = []
+        for name, shape in rank_vars:
+            if name in seen and len(metas_by_rank) % 2:  # sometimes a replicated name
+                continue
+            seen.add(name)
+            shape = tuple(shape)
+            metas.append(BlockMeta(name, 1, shape, Block((0,) * len(shape), shape), 4 * math.prod(shape)))
+        metas_by_rank.append(metas)
+    try:
+        fast = make_save_plan(metas_by_rank)
+    except InvalidArgumentError as exc:
+        fast = str(exc)
+    general_only = plan_module._whole_and_unique
+    try:
+        plan_module._whole_and_unique = lambda metas: None
+        try:
+            general = make_save_plan(metas_by_rank)
+        except InvalidArgumentError as exc:
+            general = str(exc)
+    finally:
+        plan_module._whole_and_unique = general_only
+    assert fast == general

@@ -172,6 +172,10 @@ def local_arrays(layout: SaveLayout, prefix: str) -> tuple[list[np.ndarray], lis
         for i in layout.string_items:  # but a string tensor's contents change without its shape
             _check_strings(prefix, layout.names[i], arrays[i])
         return arrays, metas
+    metas = _plain_metas(layout, arrays)
+    if metas is not None:
+        layout.remember(arrays, metas, [])
+        return arrays, metas
     metas = []
     add_meta, to_tf = metas.append, dtypes.to_tf
     strings = []
@@ -197,6 +201,22 @@ def local_arrays(layout: SaveLayout, prefix: str) -> tuple[list[np.ndarray], lis
     # the plan stays valid; the writer sizes every tensor from its array
     layout.remember(arrays, metas, strings)
     return arrays, metas
+
+
+def _plain_metas(layout: SaveLayout, arrays: list[np.ndarray | None]) -> list[BlockMeta] | None:
+    """``local_arrays``' metadata column-wise, when every variable holds an array of a
+    dtype the format stores as bytes (the common case); None sends the others through the
+    loop that checks and explains each."""
+    try:
+        types = list(map(dtypes.to_tf, [a.dtype for a in arrays]))
+    except (AttributeError, ValueError):  # uninitialized, or a dtype the format cannot hold
+        return None
+    if dtypes.DT_STRING in types:
+        return None
+    variables = layout.variables
+    blocks = list(map(Block, [v.offset for v in variables], [v.shape for v in variables]))
+    global_shapes = [v.global_shape for v in variables]
+    return list(map(BlockMeta, layout.names, types, global_shapes, blocks, [a.nbytes for a in arrays]))
 
 
 def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:
@@ -232,7 +252,7 @@ def plan(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]):
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"saving {job.prefix}: {exc}") from None
         writes = the_plan.writes[comm.rank]
-        keys = [entry_key(a.name, a.extents) for a in writes]
+        keys = [a.name.encode() if a.extents is None else entry_key(a.name, a.extents) for a in writes]
         indices = [a.index for a in writes]
         # a plain entry always has the global shape: a zero-size tensor split over
         # ranks is stored whole, as one empty entry
