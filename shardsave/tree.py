@@ -40,8 +40,8 @@ def is_tree(var_list: Any) -> bool:
     names to Variables, PartitionedVariables or lists of parts) is a tree."""
     if isinstance(var_list, Mapping):
         return not all(_tf_value(v) for v in var_list.values())
-    if isinstance(var_list, list | tuple):
-        return not all(isinstance(v, Variable | PartitionedVariable) for v in var_list)
+    if isinstance(var_list, list | tuple):  # by type, once per type: lists of 20,000 are common
+        return not all(issubclass(t, Variable | PartitionedVariable) for t in set(map(type, var_list)))
     # a lone array: TreeState explains that a tree is a container
     return isinstance(var_list, np.ndarray | PerRank) or leaves.is_torch(var_list) or leaves.is_jax(var_list)
 

@@ -208,9 +208,11 @@ def _plain_metas(layout: SaveLayout, arrays: list[np.ndarray | None]) -> list[Bl
     dtype the format stores as bytes (the common case); None sends the others through the
     loop that checks and explains each."""
     try:
-        types = list(map(dtypes.to_tf, [a.dtype for a in arrays]))
+        numpy_types = [a.dtype for a in arrays]
+        tf_of = {id(t): dtypes.to_tf(t) for t in {id(t): t for t in numpy_types}.values()}
     except (AttributeError, ValueError):  # uninitialized, or a dtype the format cannot hold
         return None
+    types = list(map(tf_of.__getitem__, map(id, numpy_types)))
     if dtypes.DT_STRING in types:
         return None
     variables = layout.variables
