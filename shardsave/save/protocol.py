@@ -43,7 +43,7 @@ from ..errors import FailedPreconditionError, InvalidArgumentError
 from ..format import dtypes
 from ..format.index import entry_key
 from ..format.merge import encode_rank_part, merge_index
-from ..plan import Block, BlockMeta, SavePlan, make_save_plan
+from ..plan import Block, BlockMeta, SavePlan, make_save_plan, rows_of
 from . import commit as commit_protocol
 from . import gather
 from .layout import SaveLayout
@@ -216,9 +216,9 @@ def _plain_metas(layout: SaveLayout, arrays: list[np.ndarray | None]) -> list[Bl
     if dtypes.DT_STRING in types:
         return None
     variables = layout.variables
-    blocks = list(map(Block, [v.offset for v in variables], [v.shape for v in variables]))
+    blocks = rows_of(Block, [v.offset for v in variables], [v.shape for v in variables])
     global_shapes = [v.global_shape for v in variables]
-    return list(map(BlockMeta, layout.names, types, global_shapes, blocks, [a.nbytes for a in arrays]))
+    return rows_of(BlockMeta, layout.names, types, global_shapes, blocks, [a.nbytes for a in arrays])
 
 
 def _check_strings(prefix: str, name: str, arr: np.ndarray) -> None:
