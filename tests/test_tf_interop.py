@@ -455,17 +455,22 @@ def test_tf_object_checkpoint_fresh(tmp_path):
     assert ss.load_variable(path, "save_counter/.ATTRIBUTES/VARIABLE_VALUE") == 1
 
 
-def test_tf_written_big_tensors_restore_in_place_or_not_at_all(tmp_path):
-    """TF writes one CRC per entry (no block checksums): the in-place restore checks the
-    whole entry before writing into the variables' arrays."""
-    big = np.arange(1024 * 640, dtype=np.float32).reshape(1024, 640)  # 2.5 MiB
+def tf_saved_big(big: np.ndarray, tmp_path) -> str:
+    """``big`` saved as variable "big" by TensorFlow's own Saver (one CRC per entry)."""
     graph = tf.Graph()
     with graph.as_default():
         v1.get_variable("big", initializer=tf.constant(big))
         saver = v1.train.Saver()
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
-            prefix = saver.save(sess, str(tmp_path / "tf"), write_meta_graph=False)
+            return saver.save(sess, str(tmp_path / "tf"), write_meta_graph=False)
+
+
+def test_tf_written_big_tensors_restore_in_place_or_not_at_all(tmp_path):
+    """TF writes one CRC per entry (no block checksums): the in-place restore checks the
+    whole entry before writing into the variables' arrays."""
+    big = np.arange(1024 * 640, dtype=np.float32).reshape(1024, 640)  # 2.5 MiB
+    prefix = tf_saved_big(big, tmp_path)
     entry = ss.CheckpointReader(prefix).get_entries().entries["big"]
     assert not entry.block_size
     whole = ss.Variable("big", np.zeros_like(big), register=False)
@@ -506,13 +511,7 @@ def test_tf_written_big_tensors_restore_in_place_or_not_at_all(tmp_path):
 
 def test_tf_written_big_tensors_restore_directly_in_one_pass(tmp_path):
     big = np.arange(1024 * 640, dtype=np.float32).reshape(1024, 640)  # 2.5 MiB, one CRC
-    graph = tf.Graph()
-    with graph.as_default():
-        v1.get_variable("big", initializer=tf.constant(big))
-        saver = v1.train.Saver()
-        with v1.Session(graph=graph) as sess:
-            sess.run(v1.global_variables_initializer())
-            prefix = saver.save(sess, str(tmp_path / "tf"), write_meta_graph=False)
+    prefix = tf_saved_big(big, tmp_path)
     rows = [
         ss.Variable(
             "big", np.zeros((512, 640), np.float32), global_shape=big.shape, offset=(r, 0), register=False
