@@ -259,6 +259,18 @@ def test_saver_options_set_part_size_and_concurrency(s3_server, s3_dir, monkeypa
     assert 1 < state["peak"] <= s3.UPLOAD_CONCURRENCY
 
 
+def test_a_save_sizes_its_parts_from_its_data_file(s3_server, s3_dir, monkeypatch):
+    """A rank knows its data file's size before it writes it: the rule gets it. (Scaled
+    down: 2 parts aimed at, 5 MiB the smallest; a 12.5 MiB file then has 7 MiB parts, where
+    a file of unknown size would have 5 MiB ones.)"""
+    monkeypatch.setattr(s3, "TARGET_PARTS", 2)
+    monkeypatch.setattr(s3, "PART_BYTES", 5 * MiB)
+    big = np.random.default_rng(2).standard_normal((1600, 2048)).astype(np.float32)
+    ss.Variable("big", big)
+    ss.Saver(storage_options=s3_server.options()).save(f"{s3_dir}/sized")
+    assert parts_of(s3_server, f"{s3_dir}/sized.data-00000-of-00001") == [7 * MiB, big.nbytes - 7 * MiB]
+
+
 def test_saver_with_a_bad_option_fails_naming_it(s3_server, s3_dir):
     ss.Variable("v", np.zeros(3, np.float32))
     saver = ss.Saver(storage_options={**s3_server.options(), "upload_concurrency": 0})

@@ -305,7 +305,9 @@ def write(
     copies = ReplicaCrcs(replicas)  # of the copies another rank writes, while this one writes
     replica_crcs: list[tuple[int, int]] = []
     try:
-        out = storage.Writer(data_loc, fsync=job.fsync)
+        # the part size of an S3 upload follows from it (strings counted roughly: a hint)
+        hint = sum(array.nbytes for array in todo[1])
+        out = storage.Writer(data_loc, fsync=job.fsync, size_hint=hint)
         entries = write_data_file(out, *todo, comm.rank, masks)
         out.close()
         replica_crcs = copies.result(masks)

@@ -78,7 +78,7 @@ def _copy(src: storage.Location, dest: storage.Location, fsync: bool, progress) 
     size = storage.size(src)
     if size is None:
         raise NotFoundError(f"copying {src.url} to {dest.url}: {src.url} does not exist")
-    out = storage.Writer(dest, fsync=fsync)
+    out = storage.Writer(dest, fsync=fsync, size_hint=size)
     buf = bytearray(min(CHUNK, max(size, 1)))
     try:
         for offset in range(0, size, CHUNK):
