@@ -114,14 +114,17 @@ def raw_read_checked(path: str, outs) -> None:
         offset += len(view)
     fd = os.open(path, os.O_RDONLY)
     try:
-        count = workers()
+        count, size = workers(), os.fstat(fd).st_size
 
         def work(i: int) -> int:
             crc = 0
             for at, chunk in chunks[i::count]:
                 done = 0
                 while done < len(chunk):
-                    n = os.preadv(fd, [chunk[done:]], at + done)
+                    # a rank reads more than it wrote (replicated vectors are written
+                    # once): past the end of its file it reads from the start again
+                    pos = (at + done) % size
+                    n = os.preadv(fd, [chunk[done : done + size - pos]], pos)
                     if n == 0:
                         raise EOFError(path)
                     done += n

@@ -89,7 +89,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        help="workloads to skip: a a2 restart b c e ranks mem tf s3 tiers dcp orbax",
+        help="workloads to skip: a a2 cold restart b first c e e10m bcast ranks files mem tf s3 tiers dcp orbax",
     )
     args = p.parse_args()
     if args.quick:
@@ -113,18 +113,21 @@ def main() -> int:
         rows.append((name, r, keys))
         print(f"done: {name}", file=sys.stderr, flush=True)
 
+    # restores from an empty page cache need root (drop_caches); with fsync only
+    can_drop = os.access("/proc/sys/vm/drop_caches", os.W_OK) and "cold" not in args.skip
     for fsync in (1, 0):
         tag = "durable" if fsync else "no-fsync"
+        cold = ["--cold", "3"] if fsync and can_drop else []
         if "a" not in args.skip:
             row(
                 f"a 1 rank {tag}",
-                mpi(1, "--workload", "a", "--dir", f"{scratch}/a1", "--fsync", str(fsync), *common),
+                mpi(1, "--workload", "a", "--dir", f"{scratch}/a1", "--fsync", str(fsync), *cold, *common),
                 "save",
             )
         if "a2" not in args.skip:
             row(
                 f"a 2 ranks {tag}",
-                mpi(2, "--workload", "a", "--dir", f"{scratch}/a2", "--fsync", str(fsync), *common),
+                mpi(2, "--workload", "a", "--dir", f"{scratch}/a2", "--fsync", str(fsync), *cold, *common),
                 "save",
             )
     if "restart" not in args.skip:
@@ -148,6 +151,12 @@ def main() -> int:
             mpi(1, "--workload", "b", "--dir", f"{scratch}/b", "--repeat", str(args.repeat)),
             "small",
         )
+    if "first" not in args.skip:
+        row(
+            "b first save + restore",
+            mpi(1, "--workload", "first", "--dir", f"{scratch}/first", "--repeat", str(args.repeat)),
+            "first",
+        )
     if "c" not in args.skip:
         mpi(4, "--workload", "reshard-save", "--dir", f"{scratch}/c", *common)
         row(
@@ -170,6 +179,33 @@ def main() -> int:
                 "index_bench.py", "--ranks", str(ranks), "--variables", "1000", "--path", f"{scratch}/e.index"
             ),
             "index",
+        )
+    if "e10m" not in args.skip and not args.quick:
+        row(
+            "e index 10M entries",
+            py(
+                "index_bench.py", "--ranks", "10000", "--variables", "1000", "--path", f"{scratch}/e10m.index"
+            ),
+            "index",
+        )
+        os.remove(f"{scratch}/e10m.index")
+    if "bcast" not in args.skip:
+        mib = "56" if args.quick else "560"  # the 10M-entry index's size
+        row(f"bcast {mib} MiB, 4 ranks", mpi(4, "--mib", mib, script="bcast_bench.py"), "bcast")
+    if "files" not in args.skip:
+        row(
+            "files_per_node, 8 ranks, 2 nodes",
+            mpi_nodes(
+                [("a", 4), ("b", 4)],
+                "files_bench.py",
+                "--dir",
+                f"{scratch}/files",
+                "--gib",
+                str(args.gib),
+                "--repeat",
+                str(min(args.repeat, 3)),
+            ),
+            "files",
         )
     if "ranks" not in args.skip:
         try:
@@ -253,6 +289,20 @@ def main() -> int:
                     else ""
                 )
             )
+            if "ss_restore_direct" in r:
+                print(
+                    f"{'':<26} raw + check {r['raw_read_checked']:.3f} s: in place (atomic) "
+                    f"{r['restore_vs_checked']:.2f} x, reading {r['atomic_bytes_read'] / r['bytes_read']:.2f} x "
+                    f"the bytes; direct {r['ss_restore_direct']:.3f} s = {r['direct_vs_checked']:.2f} x, reading "
+                    f"{r['direct_bytes_read'] / r['direct_bytes_needed']:.4f} x"
+                )
+            if "cold_ss_restore_direct" in r:
+                print(
+                    f"{'':<26} cold: raw {r['cold_raw_read']:.3f} s, raw + check {r['cold_raw_read_checked']:.3f} s; "
+                    f"direct {r['cold_ss_restore_direct']:.3f} s ({r['cold_direct_vs_checked']:.2f} x), atomic "
+                    f"{r['cold_ss_restore']:.3f} s ({r['cold_atomic_vs_checked']:.2f} x), new arrays "
+                    f"{r['cold_ss_restore_new']:.3f} s"
+                )
             if kind == "small":
                 print(f"{'':<26} save + restore: {r['ss_save'] + r['ss_restore']:.3f} s")
             if "note" in r:
@@ -266,6 +316,27 @@ def main() -> int:
             print(
                 f"{'':<26} read {r['read_amplification']:.4f} x the bytes needed (then "
                 f"{r['bytes_reread'] / r['bytes_needed']:.2f} x again into the variables' arrays, once checked)"
+            )
+        elif kind == "first":
+            print(
+                f"{name:<26} {r['variables']} variables: a new Saver's first save + restore "
+                f"{r['fresh_save']:.3f} + {r['fresh_restore']:.3f} = {r['fresh_total']:.3f} s; reused "
+                f"{r['reused_save']:.3f} + {r['reused_restore']:.3f} = {r['reused_total']:.3f} s"
+            )
+        elif kind == "bcast":
+            slow = max(r["per_rank"], key=lambda x: x["bcast_s"])
+            print(
+                f"{name:<26} comm.bcast (pickled) {slow['bcast_s']:.3f} s, Bcast {slow['Bcast_s']:.3f} s "
+                f"(slowest rank); peak growth per rank up to "
+                f"{max(x['peak_growth_mib'] for x in r['per_rank'])} MiB"
+            )
+        elif kind == "files":
+            t = r["save_s"]
+            print(
+                f"{name:<26} durable save, {r['gib']:.2f} GiB: raw + fsync {t['raw']:.3f} s; one file per rank "
+                f"{t['per_rank']:.3f} s ({r['data_file_counts']['per_rank']} files); files_per_node 1 "
+                f"{t['per_node_1']:.3f} s ({r['data_file_counts']['per_node_1']}), 2 {t['per_node_2']:.3f} s, "
+                f"4 {t['per_node_4']:.3f} s"
             )
         elif kind == "restart":
             for key, what in (("in_place", "in place"), ("new_arrays", "new arrays")):
@@ -351,7 +422,8 @@ def main() -> int:
         elif kind == "index":
             print(
                 f"{name:<26} merge {r['merge_s']:.2f} s, write {r['write_s']:.2f} s, read {r['read_s']:.2f} s "
-                f"= {r['total_s']:.2f} s; {r['bytes_per_entry']:.1f} bytes/entry"
+                f"= {r['total_s']:.2f} s; {r['bytes_per_entry']:.1f} bytes/entry; peak "
+                f"{r['peak_mib']} MiB above the inputs"
             )
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     out = os.path.join(HERE, "results", "latest.json")
