@@ -42,11 +42,22 @@ def words(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, w: int) -> 
     """Bytes ``8w .. 8w+7`` of every key as a big-endian uint64, zero past each key's end.
     ``flat`` must hold a spare word past every key (``spare``)."""
     view = np.ndarray((len(flat) - _WORD + 1,), ">u8", flat, 0, (1,))  # unaligned reads
-    out = view[np.minimum(starts + _WORD * w, len(view) - 1)].astype(np.uint64)
-    rem = np.clip(lengths - _WORD * w, 0, _WORD).astype(np.uint64)
-    drop = np.uint64(8) * (np.uint64(_WORD) - rem)  # low bytes past the end
-    keep = np.where(drop >= 64, np.uint64(0), ~np.uint64(0) << np.minimum(drop, np.uint64(63)))
-    return out & keep
+    at = starts + _WORD * w
+    np.minimum(at, len(view) - 1, out=at)
+    out = view[at].astype(np.uint64)
+    del at  # (in place from here: ten million keys make every temporary 80 MB)
+    drop = lengths - _WORD * w
+    np.clip(drop, 0, _WORD, out=drop)
+    past = drop == 0  # no byte of this word is the key's
+    drop -= _WORD
+    drop *= -8  # bits past the end: 0..64
+    np.minimum(drop, 63, out=drop)
+    shift = drop.astype(np.uint64)
+    del drop
+    out >>= shift
+    out <<= shift
+    out[past] = 0
+    return out
 
 
 def sort_keys(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> SortedKeys:
@@ -94,7 +105,7 @@ def _sort_group(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> So
     length_key = lengths.astype(np.uint16 if lengths.max() < 1 << 16 else np.int64)
     order = np.lexsort([length_key, *(d for _, d in reversed(digits))]) if n > 1 else np.zeros(1, np.int64)
     # common prefix with the previous key: the first digit that differs, capped by lengths
-    sorted_len = lengths[order]
+    sorted_len = length_key[order]
     shortest = np.minimum(sorted_len[1:], sorted_len[:-1])
     shared = shortest.copy()
     undecided = np.ones(n - 1, bool)

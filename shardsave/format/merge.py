@@ -82,7 +82,7 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def merge_index(
     num_shards: int, parts: Sequence[RankIndexPart], sliced: Mapping[str, tuple[int, tuple[int, ...]]]
-) -> bytes:
+) -> bytearray:
     """The coordinator's merge: every rank's entries plus one full entry per sliced
     tensor (``sliced``: name -> (dtype, global shape)), listing its slices in key order
     (which is the order of their extents: slice keys sort as their numbers do)."""
@@ -120,14 +120,20 @@ def merge_index(
     if bad is not None:
         i = order[bad]
         raise ValueError(f"ranks' index entries hold key {_key(flat, key_start, key_len, i)!r} twice")
-    fulls = _full_entries(parts, names, sliced, order, shared, flat, key_start[order], key_len[order])
-    for r, key, value in zip(full_rows.tolist(), full_keys, fulls, strict=True):
-        record = np.frombuffer(key + value, np.uint8)
+    # the columns in key order, one at a time (ten million entries: 80 MB a column)
+    key_start = key_start[order]
+    key_len = key_len[order]
+    value_len = value_len[order]
+    fulls = _full_entries(parts, names, sliced, order, shared, flat, key_start, key_len)
+    at = np.flatnonzero(order >= row)  # where the full entries sorted to
+    which = (order[at] - row).tolist()
+    del order
+    for i, j in zip(at.tolist(), which, strict=True):
+        record = np.frombuffer(full_keys[j] + fulls[j], np.uint8)
         assert pos + len(record) <= len(flat) - _MARGIN
         flat[pos : pos + len(record)] = record
-        key_start[r], value_len[r], pos = pos, len(value), pos + len(record)
-    key_start, key_len, value_len = key_start[order], key_len[order], value_len[order]
-    del order, fulls
+        key_start[i], value_len[i], pos = pos, len(fulls[j]), pos + len(record)
+    del fulls
     return table.build_table_flat(
         table.Column(flat, key_start, key_len),
         table.Column(flat, key_start + key_len, value_len),
@@ -152,11 +158,15 @@ def _full_entries(parts, names, sliced, order, shared, key_flat, key_start, key_
     # the pieces in key order, without a sort: mark their places in the sorted order
     row_of = np.full(len(order), -1, np.int64)  # entry -> piece row
     row_of[piece] = np.arange(len(piece))
+    del piece
     rows = row_of[order]
+    del row_of
     at = np.flatnonzero(rows >= 0)  # sorted positions of the pieces, in key order
     rows = rows[at]
-    del row_of
-    name_len, field_start, field_len = name_len[rows], field_start[rows], field_len[rows]
+    name_len = name_len[rows]
+    field_start = field_start[rows]
+    field_len = field_len[rows]
+    del rows
     # a new tensor begins where the tensor part of the key differs from the previous
     # piece's: known from the sort's shared prefixes when the two keys are neighbours
     starts, lens = key_start[at], np.minimum(name_len, key_len[at])
