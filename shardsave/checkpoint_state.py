@@ -153,8 +153,11 @@ def update_checkpoint_state(
     *,
     storage_options: dict | None = None,
     fs: Any = None,
+    fsync: bool = True,
 ) -> None:
-    """Write the state file atomically (TF's ``update_checkpoint_state``)."""
+    """Write the state file atomically (TF's ``update_checkpoint_state``); ``fsync=False``
+    (a Saver's ``fsync=False``) skips its fsyncs: on ext4 an fsync of even this small file
+    waits for the data a save without fsync just wrote."""
     paths = list(all_model_checkpoint_paths or [])
     if not paths or paths[-1] != model_checkpoint_path:
         paths = [p for p in paths if p != model_checkpoint_path] + [model_checkpoint_path]
@@ -184,4 +187,4 @@ def update_checkpoint_state(
             f"writing {loc.url}: {len(paths)} checkpoints in {len(data)} bytes; a state file holds at "
             f"most {MAX_STATE_ENTRIES} in {MAX_STATE_BYTES} bytes (readers refuse larger ones)"
         )
-    storage.publish(loc, data)
+    storage.publish(loc, data, fsync=fsync)

@@ -73,6 +73,7 @@ def write_state(
     save_relative_paths: bool,
     storage_options: dict | None,
     fs: Any,
+    fsync: bool = True,
 ) -> None:
     """The state file of the newest checkpoint's directory lists ``kept``."""
     prefix = kept[-1][0]
@@ -86,6 +87,7 @@ def write_state(
         save_relative_paths=save_relative_paths,
         storage_options=storage_options,
         fs=fs,
+        fsync=fsync,
     )
 
 

@@ -377,6 +377,7 @@ def finish(
             save_relative_paths=job.save_relative_paths,
             storage_options=job.storage_options,
             fs=job.fs,
+            fsync=job.fsync,
         )
     log.info(
         "saved %s: %d bytes in %.2f s on %d ranks",
