@@ -27,6 +27,8 @@ writer that gave up, and every rank raises the same combined error at the agree.
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import weakref
 
 import numpy as np
@@ -128,21 +130,24 @@ def _write_file(job, loc, shard: int, members, sizes, todo, masks) -> tuple:
     out = None
     receiver = _Receiver(job.comm, None, loc, job.what)
     try:
-        out = storage.Writer(loc, fsync=job.fsync)
+        out = storage.Writer(loc, fsync=job.fsync, size_hint=sum(sizes[m] for m in members))
         entries = write_data_file(out, *todo, shard, masks)
         receiver.out = out
     except Exception as exc:  # noqa: BLE001 - the members are still drained
-        receiver.error = exc
+        receiver.fail(exc)
     try:
-        for member in members[1:]:
-            receiver.member(member, sizes[member])
+        try:
+            for member in members[1:]:
+                receiver.member(member, sizes[member])
+        finally:
+            receiver.finish()
         complete = receiver.error is None and not receiver.aborted
         if complete and out.written != sum(sizes[m] for m in members):
             raise DataLossError(f"{loc.url}: wrote {out.written} bytes, not {sum(sizes[m] for m in members)}")
         if complete:
             out.close()
     except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
-        receiver.error = receiver.error or exc
+        receiver.fail(exc)
     if (receiver.error is not None or receiver.aborted) and out is not None:
         out.abort()  # a member that gave up reports its own error at the agree
     return receiver.error, out, entries
@@ -172,88 +177,123 @@ class _Sender:
     def __init__(self, comm: Comm, writer: int, what: str):
         self.comm, self.writer, self.what = comm, writer, what
         self.sent = 0
-        self.broken = False  # a stream failed: the writer's view of the messages is unknown
-
-    def _stream(self, buffer) -> None:
-        try:
-            peers.stream(self.comm, {self.writer: buffer}, {}, self.what, tag=TAG)
-        except BaseException:
-            self.broken = True
-            raise
+        self.broken = False  # a send failed: the writer's view of the messages is unknown
 
     def wait_for_turn(self) -> None:
         """Until the writer is ready for this rank's bytes: a rank sending while its writer
         still writes others' would wait in MPI with ever longer sleeps between polls, and
         an MPI transfer between processes moves only while both poll."""
+        self._guarded(peers.receive, memoryview(bytearray(HEADER)))
+
+    def header(self, size: int, masked: int) -> None:
+        self._guarded(peers.send_all, [np.array([size, masked], np.uint64)])
+
+    def write(self, buffer) -> None:
+        view = memoryview(buffer).cast("B")
+        if len(view):  # the header and the bytes posted together: one wait, not two
+            self._guarded(peers.send_all, [np.array([len(view), crc.masked_crc32c(view)], np.uint64), view])
+            self.sent += len(view)
+
+    def _guarded(self, call, what) -> None:
         try:
-            peers.stream(self.comm, {}, {self.writer: (HEADER, lambda view: None)}, self.what, tag=TAG)
+            call(self.comm, self.writer, what, self.what, tag=TAG)
         except BaseException:
             self.broken = True
             raise
 
-    def header(self, size: int, masked: int) -> None:
-        self._stream(np.array([size, masked], np.uint64))
 
-    def write(self, buffer) -> None:
-        view = memoryview(buffer).cast("B")
-        if len(view):
-            self.header(len(view), crc.masked_crc32c(view))
-            self._stream(view)
-            self.sent += len(view)
+SPARE_PIECES = 3
+"""Receive buffers of a writer (STREAM_PIECE each): one arriving, one being checked and
+written by the writer's thread, one spare, so that neither waits for the other."""
 
 
 class _Receiver:
-    """A writer's side: members' bytes into ``out`` as they arrive. Only a failed stream
-    (a member gone: DeadlineExceededError) raises; any other failure is kept in ``error``
-    (the first) and the rest is received and dropped."""
+    """A writer's side: members' bytes into ``out`` as they arrive. The main thread
+    receives (an MPI transfer moves only while the receiver polls); a second thread checks
+    each piece's CRC32C and writes it (both release the GIL), so a piece is written while
+    the next arrives. Only a failed receive (a member gone: DeadlineExceededError) raises;
+    any other failure is kept in ``error`` (the first) and the rest is received and dropped.
+    :meth:`finish` (always: it stops the thread) before reading ``error``."""
 
     def __init__(self, comm: Comm, out: storage.Writer | None, loc: storage.Location, what: str):
         self.comm, self.out, self.loc, self.what = comm, out, loc, what
         self.error: BaseException | None = None
         self.aborted: list[int] = []  # members that gave up (each raises its own error)
+        self._lock = threading.Lock()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._queued = 0  # member bytes handed to the thread so far
 
-    def _write(self, view: memoryview) -> None:
-        if self.error is None and self.out is not None:
-            try:
-                self.out.write(view)
-            except Exception as exc:  # noqa: BLE001 - reported at the agree
-                self.error = exc
-
-    def _receive(self, rank: int, size: int, sink) -> None:
-        peers.stream(self.comm, {}, {rank: (size, sink)}, self.what, tag=TAG)
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self.error = self.error or exc
 
     def member(self, rank: int, expected: int) -> None:
         """Every segment ``rank`` sends, up to its END (or ABORT: its own error is what
         every rank raises)."""
+        if self._thread is None:
+            for _ in range(SPARE_PIECES):
+                self._free.put(np.empty(peers.STREAM_PIECE, np.uint8))
+            self._base = 0 if self.out is None else self.out.written
+            self._thread = threading.Thread(
+                target=self._check_and_write, name="shardsave-gather", daemon=True
+            )
+            self._thread.start()
         header = np.zeros(2, np.uint64)
+        peers.send_all(self.comm, rank, [header], self.what, tag=TAG)  # its turn
         got = 0
-        peers.stream(self.comm, {rank: header}, {}, self.what, tag=TAG)  # its turn
-
-        def take_header(view: memoryview) -> None:
-            header[:] = np.frombuffer(view, np.uint64)
-
         while True:
-            self._receive(rank, HEADER, take_header)
+            peers.receive(self.comm, rank, memoryview(header).cast("B"), self.what, tag=TAG)
             size, want = int(header[0]), int(header[1])
             if size == ABORT:
                 self.aborted.append(rank)
                 return
             if size == END:
                 break
-            running = 0
-
-            def sink(view: memoryview) -> None:
-                nonlocal running
-                running = crc.crc32c(view, running)
-                self._write(view)
-
-            start = None if self.out is None else self.out.written
-            self._receive(rank, size, sink)
-            if crc.mask(running) != want and self.error is None:
-                self.error = DataLossError(
-                    f"{self.loc.url}: the {size} bytes rank {rank} sent for offset {start} arrived with "
-                    f"masked CRC32C {crc.mask(running):#010x}, but it sent {want:#010x}; nothing was committed"
-                )
+            at = self._base + self._queued
+            for lo in range(0, size, peers.STREAM_PIECE):
+                n = min(peers.STREAM_PIECE, size - lo)
+                buf = self._free.get()
+                try:
+                    peers.receive(self.comm, rank, memoryview(buf)[:n], self.what, tag=TAG)
+                except BaseException:
+                    self._free.put(buf)
+                    raise
+                last = lo + n >= size
+                self._todo.put((buf, n, (rank, size, want, at) if last else None))
+                self._queued += n
             got += size
-        if got != expected and self.error is None:
-            self.error = DataLossError(f"{self.loc.url}: rank {rank} sent {got} bytes, not {expected}")
+        if got != expected:
+            self.fail(DataLossError(f"{self.loc.url}: rank {rank} sent {got} bytes, not {expected}"))
+
+    def finish(self) -> None:
+        """Wait until every received piece is checked and written; stop the thread."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _check_and_write(self) -> None:
+        running = 0
+        while (item := self._todo.get()) is not None:
+            buf, n, end = item
+            view = memoryview(buf)[:n]
+            running = crc.crc32c(view, running)
+            if self.error is None and self.out is not None:
+                try:
+                    self.out.write(view)
+                except Exception as exc:  # noqa: BLE001 - reported at the agree
+                    self.fail(exc)
+            self._free.put(buf)
+            if end is not None:
+                rank, size, want, at = end
+                if crc.mask(running) != want:
+                    self.fail(
+                        DataLossError(
+                            f"{self.loc.url}: the {size} bytes rank {rank} sent for offset {at} arrived with "
+                            f"masked CRC32C {crc.mask(running):#010x}, but it sent {want:#010x}; nothing was "
+                            "committed"
+                        )
+                    )
+                running = 0
