@@ -51,6 +51,7 @@ from shardsave import _comm
 from shardsave.restore import index as restore_index
 from shardsave.restore import protocol as restore_protocol
 from shardsave.save import commit as commit_protocol
+from shardsave.save import planning as save_planning
 from shardsave.save import protocol as save_protocol
 
 COMM = MPI.COMM_WORLD
@@ -138,7 +139,7 @@ PHASES = {
         (ss.Saver, "save", "save (whole call)"),
         (save_protocol, "check_arrays", "1 check + agree"),
         (save_protocol, "plan", "2 plan"),
-        (save_protocol, "make_save_plan", "  make_save_plan"),
+        (save_planning, "make_save_plan", "  [coord] make_save_plan"),
         (save_protocol, "prepare", "3 prepare"),
         (commit_protocol, "prepare", "  [coord] prepare dir + recover"),
         (save_protocol, "write", "4 write + agree"),
@@ -230,7 +231,13 @@ def summary(mine: dict) -> dict | None:
             row[f"other_max_{key}"] = max(values_)
         phases[name] = row
     first = {
-        name: {"coord_wall": every[0]["first"][name][0], "coord_cpu": every[0]["first"][name][1]}
+        name: {
+            "coord_wall": every[0]["first"][name][0],
+            "coord_cpu": every[0]["first"][name][1],
+            "other_cpu": statistics.median(
+                r["first"].get(name, (0.0, 0.0, 0))[1] for r in every[1:] or every
+            ),
+        }
         for name in names
         if name in every[0]["first"]
     }
@@ -265,7 +272,9 @@ def brief(out: dict) -> dict:
         b[f"{call}_other_poll_cpu"] = poll["other_cpu"]
     if "save" in out:
         b["merge_cpu"] = out["save"]["phases"]["  [coord] merge_index"]["coord_cpu"]
-        b["first_plan_cpu"] = out["save"]["warm_up"].get("  make_save_plan", {}).get("coord_cpu", 0.0)
+        first = out["save"]["warm_up"]
+        b["first_plan_cpu"] = first.get("  [coord] make_save_plan", {}).get("coord_cpu", 0.0)
+        b["first_plan_other_cpu"] = first.get("2 plan", {}).get("other_cpu", 0.0)
     phases = out["restore"]["phases"]
     b["load_other_cpu"] = phases.get("2 load (fresh arrays)", {}).get("other_cpu", 0.0)
     b["parse_other_cpu"] = phases.get("  parse_index", {}).get("other_cpu", 0.0)

@@ -407,14 +407,14 @@ def main() -> int:
                 "coordinator's work alone; half: restored on N/2 ranks)"
             )
             print(
-                f"{'':<4}{'ranks':>6} {'save':>7} {'cpu':>11} {'own':>5} {'merge':>6} {'1st plan':>8}"
+                f"{'':<4}{'ranks':>6} {'save':>7} {'cpu':>11} {'own':>5} {'merge':>6} {'1st plan':>11}"
                 f"   {'restore':>7} {'cpu':>11} {'load':>5} {'parse':>5} {'half':>7} {'index KiB':>9}"
             )
             for n, b in r["brief"].items():
                 ms = {k: v * 1e3 for k, v in b.items() if k != "index_bytes"}
                 print(
                     f"{'':<4}{n:>6} {ms['save_s']:7.0f} {ms['save_coord_cpu']:5.0f}/{ms['save_other_cpu']:<5.0f} "
-                    f"{ms['save_coord_own_cpu']:5.0f} {ms['merge_cpu']:6.1f} {ms['first_plan_cpu']:8.1f}   "
+                    f"{ms['save_coord_own_cpu']:5.0f} {ms['merge_cpu']:6.1f} {ms['first_plan_cpu']:5.1f}/{ms.get('first_plan_other_cpu', 0):<5.1f}   "
                     f"{ms['restore_s']:7.0f} {ms['restore_coord_cpu']:5.0f}/{ms['restore_other_cpu']:<5.0f} "
                     f"{ms['load_other_cpu']:5.0f} {ms['parse_other_cpu']:5.1f} {ms['half_restore_s']:7.0f} "
                     f"{b['index_bytes'] / 1024:9.0f}"

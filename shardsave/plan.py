@@ -119,6 +119,22 @@ class SavePlan:
     def bytes_per_rank(self) -> list[int]:
         return [sum(a.nbytes for a in ws) for ws in self.writes]
 
+    def share(self, rank: int) -> SavePlan:
+        """What ``rank`` needs of the plan to write its file: its own writes and replica
+        items (the other ranks' lists empty), and which of the tensors it writes are stored
+        in pieces (their extents left out: only the coordinator merges them). The
+        coordinator plans and keeps the whole plan; a rank gets this, so what it receives
+        does not grow with the number of ranks."""
+        size = len(self.writes)
+        mine = self.writes[rank]
+        sliced = {a.name: self.sliced[a.name][:2] + ((),) for a in mine if a.name in self.sliced}
+        writes = [[] for _ in range(size)]
+        writes[rank] = mine
+        items = [[] for _ in range(size)]
+        if self.replica_items:
+            items[rank] = self.replica_items[rank]
+        return SavePlan(writes, sliced, [], items)
+
 
 def _describe_ranks(ranks: Sequence[int]) -> str:
     return ", ".join(str(r) for r in sorted(set(ranks)))

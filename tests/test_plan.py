@@ -333,6 +333,17 @@ def test_save_plan_sharded_and_replicated(n, kind):
         assert written[("odd", None)][0].rank % 2 == 1
     total = sum(plan.bytes_per_rank())
     assert total == math.prod(SHAPE) * 4 + 15 * 8 + (16 if n > 1 else 0)
+    # what the coordinator sends each rank: its own writes and replica items, and which of
+    # the tensors it writes are sliced; nothing of the other ranks'
+    for rank in range(n):
+        share = plan.share(rank)
+        assert share.writes[rank] == plan.writes[rank]
+        assert share.replica_items[rank] == plan.replica_items[rank]
+        assert not any(share.writes[r] or share.replica_items[r] for r in range(n) if r != rank)
+        mine = {a.name for a in plan.writes[rank]}
+        assert set(share.sliced) == mine & set(plan.sliced)
+        assert all(share.sliced[k][:2] == plan.sliced[k][:2] for k in share.sliced)
+        assert share.replicas == []
 
 
 @settings(max_examples=60)

@@ -4,10 +4,10 @@ rank raise the same error and none waits longer than the Saver's ``timeout``:
 
 1. :func:`check_arrays`: every rank lists and checks its blocks; the ranks agree that all
    passed and that they all passed the same prefix and options (the key);
-2. :func:`plan`: every rank computes the same plan (plan.py) from everybody's block lists
-   (an all-gather, or the last save's plan if one all-reduce finds no rank's blocks
-   changed): who writes which block, replicated blocks once, and the checks of shapes,
-   overlaps and gaps;
+2. :func:`plan`: the coordinator plans (plan.py) from everybody's block lists (a
+   gather; or the last save's plan, if one all-reduce finds no rank's blocks changed):
+   who writes which block, replicated blocks once, and the checks of shapes, overlaps
+   and gaps; the ranks agree, and each gets its share of the plan;
 3. :func:`prepare`: the coordinator creates the directory, finishes or undoes what an
    interrupted save of this prefix left and picks this save's id (commit.py);
 4. :func:`write`: every rank streams its blocks into its data file (writer.py),
@@ -43,11 +43,12 @@ from ..errors import FailedPreconditionError, InvalidArgumentError
 from ..format import dtypes
 from ..format.index import entry_key
 from ..format.merge import encode_rank_part, merge_index
-from ..plan import Block, BlockMeta, SavePlan, make_save_plan, rows_of
+from ..plan import Block, BlockMeta, SavePlan, rows_of
 from . import commit as commit_protocol
 from . import gather
 from .layout import SaveLayout
 from .pending import SaveHandle
+from .planning import coordinated_plan
 from .replicas import ReplicaCrcs, checked_replicas
 from .staging import StagingBuffers
 from .writer import write_data_file
@@ -242,17 +243,13 @@ def plan(job: SaveJob, arrays: list[np.ndarray], metas: list[BlockMeta]):
     """Step 2. Every rank: the plan, and what this rank writes (index keys, arrays) and
     the replicas whose CRCs it reports. The plan of the last save still holds if no rank's
     blocks changed since: one small all-reduce instead of an all-gather of every rank's
-    block lists and planning again. Every rank plans alike, so a plan error is raised on
-    every rank without agreeing."""
+    block lists and planning again (which the coordinator does: planning.py)."""
     comm, layout = job.comm, job.layout
     cached = layout.plan if metas is layout.metas else None
     if comm.all_true(cached is not None):
         the_plan, keys, indices, empties = cached
     else:
-        try:
-            the_plan = make_save_plan(comm.allgather(metas))
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"saving {job.prefix}: {exc}") from None
+        the_plan = coordinated_plan(job, metas)
         writes = the_plan.writes[comm.rank]
         keys = [a.name.encode() if a.extents is None else entry_key(a.name, a.extents) for a in writes]
         indices = [a.index for a in writes]
