@@ -182,6 +182,11 @@ class Comm:
     def coordinator_only(self, what: str, step: Callable[[], T], *, key: dict | None = None) -> T:
         """Run ``step`` on the coordinator alone; every rank gets its result, or raises
         its error (``key``: see :meth:`agree`)."""
+        return self.bcast(self.coordinator_step(what, step, key=key))
+
+    def coordinator_step(self, what: str, step: Callable[[], T], *, key: dict | None = None) -> T | None:
+        """Run ``step`` on the coordinator alone and agree on its outcome: its result on
+        the coordinator, None elsewhere (the caller sends it on), or its error on every rank."""
         result, error = None, None
         if self.is_coordinator:
             try:
@@ -189,7 +194,7 @@ class Comm:
             except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
                 error = exc
         self.agree(error, what, key=key)
-        return self.bcast(result)
+        return result
 
     def agree(self, error: BaseException | None, what: str, *, key: dict | None = None) -> None:
         """Raise on every rank if ``error`` is set on any rank; return if none failed.

@@ -95,13 +95,7 @@ def coordinator_bytes(comm: Comm, what: str, step: Callable[[], bytes], *, key: 
     not pickled, so that no rank holds two or three copies of a large buffer (pickling
     560 MB on the coordinator, unpickling it on every other rank: 4.8 s and 1.1 GB more
     per rank on 4 ranks here, against 0.7 s and none; benchmarks/bcast_bench.py)."""
-    data, error = None, None
-    if comm.is_coordinator:
-        try:
-            data = step()
-        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
-            error = exc
-    comm.agree(error, what, key=key)
+    data = comm.coordinator_step(what, step, key=key)
     if comm._comm is None:
         return data
     from mpi4py import MPI
