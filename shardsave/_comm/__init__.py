@@ -24,10 +24,11 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from .. import errors
-from .._reports import combined_error, describe, rebuild
+from .._reports import describe, rebuild
+from .verdict import Report, Verdict, decide, expected
 
 T = TypeVar("T")
 
@@ -44,29 +45,6 @@ MAX_PAUSE = 0.01
 """After SPIN, the longest sleep between two polls for the first second; then LONG_PAUSE:
 a long wait (the coordinator committing to S3) must not burn the cores ranks share."""
 LONG_PAUSE = 0.05
-LATE_MARGIN = 0.25
-"""A rank whose give-up time is nearer than this (seconds) counts as gone: the verdict
-might not reach it in time."""
-
-
-class _Report(NamedTuple):
-    """What one rank tells the coordinator at one ``agree``."""
-
-    rank: int
-    call: str  # the public call in progress, e.g. "Saver.save"
-    step: int  # how many agrees into that call (1 = the first)
-    what: str  # e.g. "saving /d/ckpt-3"
-    key: dict | None  # what every rank must agree on (first step), e.g. the prefix
-    error: tuple | None  # describe's (class name, message, errno, file)
-    gives_up_at: float | None  # wall-clock time at which this rank stops waiting
-    flag: bool  # for all_true
-
-
-class _Verdict(NamedTuple):
-    call: str  # the receiver's call and step it answers; step 0: sent to a rank that was
-    step: int  # missing, which will find it when (if ever) it arrives
-    error: tuple | None  # (class name in shardsave.errors, message[, errno, file]); None: go on
-    all_true: bool  # whether every rank's flag was true
 
 
 class Comm:
@@ -217,7 +195,7 @@ class Comm:
         self._step += 1
         now = time.time()
         gives_up_at = None if self.timeout is None else now + self.timeout + _grace(self.timeout)
-        report = _Report(
+        report = Report(
             self.rank,
             self.call,
             self._step,
@@ -239,7 +217,7 @@ class Comm:
         raise exc from error
 
     # ------------------------------------------------------------------ agree's parts
-    def _coordinate(self, mine: _Report) -> tuple[tuple | None, bool]:
+    def _coordinate(self, mine: Report) -> tuple[tuple | None, bool]:
         """Collect every rank's report (or give up at the deadline), decide, tell them all."""
         from mpi4py import MPI
 
@@ -254,18 +232,18 @@ class Comm:
 
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         _poll(all_arrived, deadline)
-        error = _decide(mine, reports, self.size, self.timeout)
+        error = decide(mine, reports, self.size, self.timeout)
         all_true = all(r.flag for r in reports.values())
         for rank in range(1, self.size):  # the missing too: one that arrives late learns at once
             report = reports.get(rank)
             stamp = (report.call, report.step) if report else (mine.call, 0)
-            self._sends.append(comm.isend(_Verdict(*stamp, error, all_true), dest=rank, tag=VERDICT_TAG))
+            self._sends.append(comm.isend(Verdict(*stamp, error, all_true), dest=rank, tag=VERDICT_TAG))
         return error, all_true
 
-    def _await_verdict(self, mine: _Report) -> tuple[tuple | None, bool]:
+    def _await_verdict(self, mine: Report) -> tuple[tuple | None, bool]:
         comm = self._comm
         self._sends.append(comm.isend(mine, dest=0, tag=REPORT_TAG))
-        got: list[_Verdict] = []
+        got: list[Verdict] = []
 
         def verdict_arrived() -> bool:
             message = comm.improbe(source=0, tag=VERDICT_TAG)
@@ -279,7 +257,7 @@ class Comm:
             return (
                 "DeadlineExceededError",
                 (
-                    f"{mine.what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} "
+                    f"{mine.what}: rank 0 (the coordinator) did not {expected(mine.call, mine.step)} "
                     f"within {waited:g} s"
                 ),
             ), False
@@ -372,74 +350,6 @@ def _duplicate(comm: Any, timeout: float | None) -> Any:
             "collective, every rank must call it (MPI does not tell which rank did not)"
         )
     return new
-
-
-def _expected(call: str, step: int) -> str:
-    return f"call {call}" if step == 1 else f"reach step {step} of {call}"
-
-
-def _ranks(ranks: list[int]) -> str:
-    return ", ".join(map(str, sorted(ranks)))
-
-
-def _decide(mine: _Report, reports: dict[int, _Report], size: int, timeout: float | None) -> tuple | None:
-    """The coordinator's verdict: None if every rank arrived, at the same step, agreeing on
-    the key, without error; else the error (class name, message) every rank raises."""
-    what = mine.what
-    missing = [rank for rank in range(size) if rank not in reports]
-    if missing:
-        return "DeadlineExceededError", (
-            f"{what}: rank(s) {_ranks(missing)} did not {_expected(mine.call, mine.step)} within {timeout:g} s"
-        )
-    now = time.time()
-    late = [
-        r.rank for r in reports.values() if r.gives_up_at is not None and now + LATE_MARGIN > r.gives_up_at
-    ]
-    if late:  # they stopped waiting for this coordinator: going on would leave them behind
-        return "DeadlineExceededError", (
-            f"{what}: rank 0 (the coordinator) did not {_expected(mine.call, mine.step)} before rank(s) "
-            f"{_ranks(late)} stopped waiting for it (their timeout)"
-        )
-    steps: dict[tuple[str, int], list[int]] = {}
-    for r in reports.values():
-        steps.setdefault((r.call, r.step), []).append(r.rank)
-    if len(steps) > 1:
-        detail = "; ".join(
-            f"rank(s) {_ranks(ranks)}: {call} (step {step}: {reports[ranks[0]].what})"
-            for (call, step), ranks in sorted(steps.items(), key=lambda kv: min(kv[1]))
-        )
-        return "InvalidArgumentError", f"{what}: the ranks are not in the same collective call: {detail}"
-    disagreement = _key_disagreement(reports)
-    if disagreement:
-        return "InvalidArgumentError", (
-            f"{mine.call}: the ranks disagree on {disagreement}; every rank must pass the same; "
-            "nothing was written"
-        )
-    failed = [(rank, reports[rank].error) for rank in sorted(reports) if reports[rank].error is not None]
-    if failed:
-        return describe(combined_error(failed, what))
-    return None
-
-
-def _key_disagreement(reports: dict[int, _Report]) -> str:
-    """``"prefix: rank(s) 0 '/d/ckpt-1', rank(s) 1, 2 '/d/ckpt-2'"`` for every field that
-    differs (the prefix or path first; ``location``, where it leads, only if they agree)."""
-    # a rank that failed before it could say what it was doing has no key: its error counts
-    keys = {rank: reports[rank].key for rank in sorted(reports) if reports[rank].key is not None}
-    first = ("prefix", "path", "location")
-    fields = sorted(
-        {f for key in keys.values() for f in key}, key=lambda f: (first.index(f) if f in first else 3, f)
-    )
-    parts = {}
-    for field in fields:
-        values: dict[str, list[int]] = {}
-        for rank, key in keys.items():
-            values.setdefault(repr(key.get(field)), []).append(rank)
-        if len(values) > 1:
-            parts[field] = ", ".join(f"rank(s) {_ranks(ranks)} {value}" for value, ranks in values.items())
-    if "location" in parts and ("prefix" in parts or "path" in parts):
-        del parts["location"]
-    return "; ".join(f"{field}: {detail}" for field, detail in parts.items())
 
 
 def launched_ranks() -> tuple[str, int] | None:
