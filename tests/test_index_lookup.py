@@ -184,3 +184,25 @@ def test_a_piece_past_the_end_of_its_file_is_data_loss(tmp_path):
         f.truncate(401 * COLS * 4)
     with pytest.raises(DataLossError, match="file too short"):
         restore(loc, index, Block((400, 0), (8, COLS)))
+
+
+@pytest.mark.parametrize("ranks", [8, 16, 64])
+def test_a_matrix_saved_by_a_few_ranks_is_looked_up_too(tmp_path, counted, ranks):
+    """From about eight pieces on, a rank's rows cost the same whatever the number of ranks
+    that saved: it decodes its own pieces, not the other ranks' (issue 15)."""
+    rows = 16
+    pieces = [((i * rows, rows), (0, COLS)) for i in range(ranks)]
+    loc, index, value = write(tmp_path, pieces, shape=(ranks * rows, COLS))
+    before = dict(counted)
+    block = Block((3 * rows, 0), (rows, COLS))  # the fourth rank's rows, on as many ranks
+    assert lookup.wants_lookup(index, NAME, block)
+    np.testing.assert_array_equal(restore(loc, index, block), value[3 * rows : 4 * rows])
+    assert counted["entries"] - before["entries"] <= 2
+
+
+def test_a_tensor_of_four_pieces_still_gets_every_check(tmp_path):
+    pieces = [((i * ROWS, ROWS), (0, COLS)) for i in range(4)]
+    loc, index, value = write(tmp_path, pieces, shape=(4 * ROWS, COLS))
+    block = Block((ROWS, 0), (ROWS, COLS))
+    assert not lookup.wants_lookup(index, NAME, block)
+    np.testing.assert_array_equal(restore(loc, index, block), value[ROWS : 2 * ROWS])
