@@ -31,7 +31,7 @@ from shardsave.format.coding import (
     encode_varint,
     to_int64,
 )
-from shardsave.format.columns import decode_plain_columns, encode_plain_columns, split_values
+from shardsave.format.columns import PLAIN_MAX, decode_plain_columns, encode_plain_columns, split_values
 from shardsave.format.entry import (
     BundleEntry,
     _decode_fields,
@@ -479,14 +479,58 @@ def test_read_table_damaged_block_with_valid_checksum(which, changes):
     data = bytearray(_FUZZ_TABLE)
     for pos, value in changes:
         data[off + pos % size] = value
-    data[off + size + 1 : off + size + 5] = encode_fixed32(
-        crc.mask(crc.crc32c(bytes(data[off : off + size + 1])))
-    )
     try:
-        items = table.read_table(bytes(data))
+        items = table.read_table(_reseal(data, off, size))
     except DecodeError:
         return
     assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in items)
+
+
+def _reseal(data: bytearray, off: int, size: int) -> bytes:
+    data[off + size + 1 : off + size + 5] = encode_fixed32(
+        crc.mask(crc.crc32c(bytes(data[off : off + size + 1])))
+    )
+    return bytes(data)
+
+
+def test_seeking_decodes_runs_from_the_table_itself():
+    """A seek works on the table's own buffer (no copy of a block: a rank's lookups in a
+    node-shared index stay shared) and finds what a full read finds."""
+    data = bytearray(_FUZZ_TABLE)
+    reader = table.TableReader(memoryview(data))
+    lo, hi = _FUZZ_ITEMS[10][0], _FUZZ_ITEMS[50][0]
+    assert reader.seek_range(lo, hi) == _FUZZ_ITEMS[10:50]
+    assert reader.last_before(hi) == _FUZZ_ITEMS[49]
+    assert all(s.block.obj is data for s in reader._seekers.values())
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(range(2, len(_FUZZ_BLOCKS))),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+)
+def test_seeking_a_damaged_block_is_decode_error_or_what_a_full_read_finds(which, changes):
+    """Damage a data block and re-seal its checksum: seeking through it raises DecodeError,
+    or returns the entries a full read of the table returns (when that succeeds)."""
+    off, size = _FUZZ_BLOCKS[which]
+    data = bytearray(_FUZZ_TABLE)
+    for pos, value in changes:
+        data[off + pos % size] = value
+    damaged = _reseal(data, off, size)
+    try:
+        want = table.read_table(damaged)
+    except DecodeError:
+        want = None
+    lo, hi = _FUZZ_ITEMS[0][0], _FUZZ_ITEMS[-1][0] + b"\x00"
+    try:
+        reader = table.TableReader(damaged)
+        got = reader.seek_range(lo, hi)
+        reader.last_before(_FUZZ_ITEMS[60][0])
+    except DecodeError:
+        return
+    assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in got)
+    if want is not None:
+        assert got == [(k, v) for k, v in want if lo <= k < hi]
 
 
 @given(st.binary(max_size=400), st.booleans())
@@ -636,6 +680,25 @@ def test_vectorized_plain_entry_decoder_agrees_with_the_general_one(batch):
             assert entry.slices or entry.block_size
         else:
             assert got == entry and not entry.slices and not entry.block_size
+
+
+def test_the_longest_plain_entry_is_decoded_plain():
+    """The bulk decoder leaves entries over PLAIN_MAX bytes to the general decoder
+    unjoined (a full entry lists its pieces: MBs at ten thousand ranks), so no plain entry
+    may be longer: the longest shape a one-byte length allows, every field at its widest."""
+    big, dims = (1 << 64) - 1, []
+
+    def entry(dims):
+        return encode_entry(1, tuple(dims), big, big, big, 0xFFFFFFFF)
+
+    for dim in ((1 << 63) - 1, *(1 << 7 * k for k in range(8, -1, -1)), 0):  # 127 shape bytes
+        while entry([*dims, dim])[3] <= 0x7F:
+            dims.append(dim)
+    value = entry(dims)
+    assert value[3] == 0x7F and len(value) == PLAIN_MAX
+    columns = decode_plain_columns([value, b"\x08\x01" + bytes(PLAIN_MAX)])
+    assert columns.plain.tolist() == [True, False] and len(value) <= PLAIN_MAX
+    assert decode_plain_entries([value]) == [BundleEntry.decode(value)]
 
 
 @given(st.lists(st.tuples(entries, st.integers(0, 60), st.integers(0, 255)), max_size=8))

@@ -317,25 +317,24 @@ class BlockSeeker:
         if restarts[0] != 0 or np.any(np.diff(restarts) <= 0) or (limit and restarts[-1] >= limit):
             raise DecodeError(f"{what}: restart offsets out of order or past the entries")
         self.what = what
-        self.block = bytes(contents[:limit])
+        self.block = contents[:limit]  # not copied: a seek decodes one or two runs of it
         self.restarts = restarts.tolist()
         self._keys: dict[int, bytes] = {}
 
     def __len__(self) -> int:
         """Number of restart runs."""
-        return len(self.restarts) if self.block else 0
+        return len(self.restarts) if len(self.block) else 0
 
     def restart_key(self, j: int) -> bytes:
         key = self._keys.get(j)
         if key is None:
-            entries = self._decode(self.restarts[j], self.restarts[j] + 1, first_only=True)
+            entries = self._decode(j, first_only=True)
             key = self._keys[j] = entries[0][0]
         return key
 
     def run(self, j: int) -> list[tuple[bytes, bytes]]:
         """The entries of restart run ``j``."""
-        stop = self.restarts[j + 1] if j + 1 < len(self.restarts) else len(self.block)
-        return self._decode(self.restarts[j], stop)
+        return self._decode(j)
 
     def last_restart_before(self, key: bytes) -> int:
         """The last run whose first key is below ``key`` (0 if none is)."""
@@ -348,23 +347,28 @@ class BlockSeeker:
                 hi = mid - 1
         return lo
 
-    def _decode(self, pos: int, stop: int, first_only: bool = False) -> list[tuple[bytes, bytes]]:
-        block, limit, out, key = self.block, len(self.block), [], b""
-        while pos < stop:
+    def _decode(self, j: int, first_only: bool = False) -> list[tuple[bytes, bytes]]:
+        """The entries of run ``j`` (its first only), from a copy of that run alone: an
+        entry reaching past its run is damage."""
+        base = self.restarts[j]
+        stop = self.restarts[j + 1] if j + 1 < len(self.restarts) else len(self.block)
+        block = bytes(self.block[base:stop])
+        pos, limit, out, key = 0, len(block), [], b""
+        while pos < limit:
             shared, pos = decode_varint(block, pos, limit)
             unshared, pos = decode_varint(block, pos, limit)
             vlen, pos = decode_varint(block, pos, limit)
             end = pos + unshared
             if shared > len(key) or end + vlen > limit or (not out and shared):
-                raise DecodeError(f"{self.what}: corrupt entry at block offset {pos}")
+                if end + vlen > limit and end + vlen <= len(self.block) - base:
+                    raise DecodeError(f"{self.what}: an entry runs across a restart point")
+                raise DecodeError(f"{self.what}: corrupt entry at block offset {base + pos}")
             new = key[:shared] + block[pos:end]
             if out and not key < new:
-                raise DecodeError(f"{self.what}: keys out of order at block offset {pos}")
+                raise DecodeError(f"{self.what}: keys out of order at block offset {base + pos}")
             key = new
             out.append((key, block[end : end + vlen]))
             pos = end + vlen
             if first_only:
                 break
-        if not first_only and pos != stop:
-            raise DecodeError(f"{self.what}: an entry runs across a restart point")
         return out

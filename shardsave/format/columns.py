@@ -123,6 +123,11 @@ class PlainColumns(NamedTuple):
         ]
 
 
+PLAIN_MAX = 4 + 0x7F + 3 * 11 + 5
+"""The longest plain entry: dtype and shape heads, a shape of at most 127 bytes, three
+varint fields of at most 10 bytes and their tags, a checksum field."""
+
+
 def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
     """``BundleEntry.decode`` of many plain entries at once, column-wise in numpy.
 
@@ -134,6 +139,9 @@ def decode_plain_columns(values: Sequence[bytes]) -> PlainColumns:
     """
     n = len(values)
     lengths = np.fromiter(map(len, values), np.int64, n)
+    if (lengths > PLAIN_MAX).any():  # full entries of sliced tensors: not joined (MBs each)
+        values = [b"" if len(v) > PLAIN_MAX else v for v in values]
+        lengths[lengths > PLAIN_MAX] = 0
     ends = np.cumsum(lengths)
     starts = ends - lengths
     flat = np.frombuffer(b"".join(values) + bytes(16), np.uint8)  # padding: no bound checks
