@@ -90,23 +90,24 @@ def scatter(comm: Comm, objs: list[Any] | None) -> Any:
     return objs[0] if comm._comm is None else comm._usable().scatter(objs, root=0)
 
 
-def coordinator_bytes(comm: Comm, what: str, step: Callable[[], bytes], *, key: dict | None = None) -> bytes:
-    """``Comm.coordinator_only`` for a step that returns bytes (an index): broadcast raw,
-    not pickled, so that no rank holds two or three copies of a large buffer (pickling
-    560 MB on the coordinator, unpickling it on every other rank: 4.8 s and 1.1 GB more
-    per rank on 4 ranks here, against 0.7 s and none; benchmarks/bcast_bench.py)."""
-    data = comm.coordinator_step(what, step, key=key)
+def bcast_bytes(comm: Comm, buf: Any, what: str, root: int = 0) -> None:
+    """``buf`` of rank ``root`` into ``buf`` of every other rank (the same size on every
+    rank), raw, in pieces below MPI's count limit. Bounded by ``comm.timeout``: a rank
+    that never arrives costs DeadlineExceededError, and the Comm is unusable after it (a
+    collective cannot be cancelled)."""
     if comm._comm is None:
-        return data
+        return
     from mpi4py import MPI
 
     mpi = comm._usable(what)
-    size = mpi.bcast(None if data is None else len(data))
-    buf = data if comm.is_coordinator else bytearray(size)
-    view = memoryview(buf)
-    for lo in range(0, size, PIECE):
-        mpi.Bcast([view[lo : lo + PIECE], MPI.BYTE])
-    return buf
+    deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
+    requests = [mpi.Ibcast([view, MPI.BYTE], root=root) for view in pieces(memoryview(buf).cast("B"))]
+    if not _poll(lambda: MPI.Request.Testall(requests), deadline):
+        comm._broken = f"{what}: a broadcast of {len(memoryview(buf).cast('B'))} bytes from rank {root}"
+        raise errors.DeadlineExceededError(
+            f"{what}: rank {comm.rank} did not get the {comm.size} ranks' broadcast of bytes from rank "
+            f"{root} within {comm.timeout:g} s (a rank never arrived or stopped)"
+        )
 
 
 def send_all(comm: Comm, rank: int, buffers: Sequence[Any], what: str, tag: int = STREAM_TAG) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from .. import storage
-from .._comm import Comm, peers
+from .._comm import Comm, shared_bytes
 from ..errors import DataLossError, NotFoundError, PermissionDeniedError
 from ..format import names
 from ..format.coding import DecodeError
@@ -37,7 +37,7 @@ def read_index(
                 commit.recover(loc, roll_back=False, fsync=fsync)
         return read_index_bytes(loc)
 
-    return parse_index_or_raise(loc, peers.coordinator_bytes(comm, what, read, key=key))
+    return parse_index_or_raise(loc, shared_bytes.coordinator_bytes(comm, what, read, key=key))
 
 
 def read_index_bytes(loc: storage.Location) -> bytes:
