@@ -188,6 +188,12 @@ def main() -> int:
             ),
             "index",
         )
+        share = [("a", 4), ("b", 4)]  # a rank's share of that index: shared per node, or private
+        got = {
+            mode: mpi_nodes(share, "index_share_bench.py", "--prefix", f"{scratch}/e10m", *flag)
+            for mode, flag in (("shared", []), ("private", ["--private"]))
+        }
+        row("e10m index, 8 ranks, 2 nodes", got, "share")
         os.remove(f"{scratch}/e10m.index")
     if "bcast" not in args.skip:
         mib = "56" if args.quick else "560"  # the 10M-entry index's size
@@ -330,6 +336,14 @@ def main() -> int:
                 f"(slowest rank); peak growth per rank up to "
                 f"{max(x['peak_growth_mib'] for x in r['per_rank'])} MiB"
             )
+        elif kind == "share":
+            for mode, m in r.items():
+                med = {k: statistics.median(x[k] for x in m["per_rank"]) for k in m["per_rank"][0]}
+                print(
+                    f"{name + ', ' + mode:<26} a rank: index {med['index_s']:.3f} s, its lookups "
+                    f"{med['lookups_s']:.3f} s ({med['pieces']:.0f} pieces); {med['private_mib']:.0f} MiB "
+                    f"private + {med['shared_mib']:.0f} MiB shared with its node (medians over the ranks)"
+                )
         elif kind == "files":
             t = r["save_s"]
             print(
