@@ -19,9 +19,9 @@ NODES = [("a", 2), ("b", 2), ("c", 1)]
 pytestmark = pytest.mark.mpi
 
 
-def run(tmp_path, shm_dir: str) -> dict[int, dict]:
+def run(tmp_path, shm_dir: str, *more: str) -> dict[int, dict]:
     script = os.path.join(HERE, "ranks", "shared_bytes.py")
-    proc = run_nodes(NODES, [script, "--dir", str(tmp_path), "--shm-dir", shm_dir], timeout=180)
+    proc = run_nodes(NODES, [script, "--dir", str(tmp_path), "--shm-dir", shm_dir, *more], timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {int(m[1]): json.loads(m[2]) for m in re.finditer(r"^rank (\d+): (.*)$", proc.stdout, re.M)}
     assert sorted(rows) == [0, 1, 2, 3, 4], proc.stdout
@@ -53,3 +53,17 @@ def test_no_shared_directory_means_private_copies(tmp_path):
         assert row["type"] == ("bytes" if rank == 0 else "bytearray"), (rank, row)
         assert row["same"] and row["restored"] and row["left_in_shm"] is None, (rank, row)
         assert row["damaged"].startswith("DataLossError: "), row
+
+
+def test_a_leader_that_cannot_take_the_copy_fails_every_rank(tmp_path):
+    """Node b's leader (rank 2) fails before the broadcast across the nodes: its node mate
+    learns it in a bounded step, and the restore raises on every rank naming rank 2 and its
+    error (in world ranks); nothing is left in the shared directory."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    rows = run(tmp_path, str(shm), "--fail-on", "b")
+    for rank, row in rows.items():
+        assert row["failed"] != "restored", (rank, row)
+        assert "failed on rank(s) 2, 3: rank 2: MemoryError: injected: no" in row["failed"], (rank, row)
+        assert "rank 2, the first rank of this node, did not receive" in row["failed"], (rank, row)
+    assert os.listdir(shm) == []

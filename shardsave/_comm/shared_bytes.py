@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .. import errors
 from . import Comm, peers
 from .nodes import node_ids
 
@@ -37,7 +38,7 @@ node are not worth it for an index of fewer than about a million entries."""
 SHM_DIR = "/dev/shm"
 """Where the node's copy lives: a tmpfs on Linux (memory, not disk)."""
 
-_NODES: weakref.WeakKeyDictionary[Comm, tuple[Comm, Comm, bool]] = weakref.WeakKeyDictionary()
+_NODES: weakref.WeakKeyDictionary[Comm, tuple[Comm, Comm, bool, int]] = weakref.WeakKeyDictionary()
 
 
 def coordinator_bytes(comm: Comm, what: str, step: Callable[[], bytes], *, key: dict | None = None):
@@ -52,7 +53,11 @@ def coordinator_bytes(comm: Comm, what: str, step: Callable[[], bytes], *, key: 
         return data
     size = comm._usable(what).bcast(None if data is None else len(data))
     if size >= SHARE_MIN_BYTES:
-        return broadcast(comm, what, data, size)
+        try:  # agreed: a node whose copy failed makes every rank raise, not wait
+            return comm.every_rank(what, lambda: broadcast(comm, what, data, size))
+        except Exception:
+            _NODES.pop(comm, None)  # on every rank: the next call splits afresh
+            raise
     buf = data if comm.is_coordinator else bytearray(size)
     peers.bcast_bytes(comm, buf, what)
     return buf
@@ -60,24 +65,41 @@ def coordinator_bytes(comm: Comm, what: str, step: Callable[[], bytes], *, key: 
 
 def broadcast(comm: Comm, what: str, data: Any, size: int) -> Any:
     """Collective: the coordinator's ``data`` (``size`` bytes, None elsewhere) on every
-    rank, as a read-only buffer shared by the ranks of a node where that works, else as a
-    private bytearray. Bounded by ``comm.timeout`` as ``peers.bcast_bytes`` is."""
-    node, heads, alone = _communicators(comm, what)
-    leader = node.rank == 0
-    shared = _create(size) if leader and not alone else None
-    try:
-        buf: Any = data if comm.is_coordinator else (shared[0] if shared else bytearray(size))
-        if leader:  # across the nodes, first: the other nodes do not wait for this one's copy
-            peers.bcast_bytes(heads, buf, what)
-        if alone:
-            return buf
+    rank, as a mapped file shared by the ranks of a node where that works, else as a
+    private copy. Every wait is bounded by ``comm.timeout``: the node's ranks wait for
+    their leader in a bounded step, and its failure fails them all."""
+    node, heads, alone, first = _communicators(comm, what)
+    leader = first == comm.rank
+    shared: tuple[mmap.mmap, str] | None = None
+    buf: Any = None
+
+    def receive() -> str | None:
+        """The node's leader: the bytes from the coordinator (across the nodes first, so
+        that no node waits for another's copy), into the node's file if it can have one."""
+        nonlocal shared, buf
+        shared = None if alone else _create(size)
+        buf = data if comm.is_coordinator else (shared[0] if shared else bytearray(size))
+        peers.bcast_bytes(heads, buf, what)
         if comm.is_coordinator and shared:
             shared[0][:] = data
-        path = node.bcast(shared[1] if shared else None)
+        return shared[1] if shared else None
+
+    try:
+        path, error = None, None
+        if leader:
+            try:
+                path = receive()
+            except Exception as exc:  # noqa: BLE001 - raised below, and told to the node's ranks
+                error = exc
+        if not node.all_true(error is None):
+            raise error or errors.AbortedError(
+                f"{what}: rank {first}, the first rank of this node, did not receive the bytes for it"
+            )
+        path = node.bcast(path)  # every rank of the node is here: its leader succeeded
         mapped = _open(path) if path and not leader else None
-        if all(node.allgather(leader or mapped is not None)) and path:
+        if node.all_true(leader or mapped is not None) and path:
             return shared[0] if leader else mapped
-        # some rank of this node could not map the file: every rank gets a private copy
+        # no file, or a rank of this node could not map it: every rank gets a private copy
         private = buf if leader and not shared else bytearray(size)
         if leader and shared:
             private[:] = shared[0]
@@ -88,10 +110,10 @@ def broadcast(comm: Comm, what: str, data: Any, size: int) -> Any:
             _unlink(shared[1])
 
 
-def _communicators(comm: Comm, what: str) -> tuple[Comm, Comm, bool]:
+def _communicators(comm: Comm, what: str) -> tuple[Comm, Comm, bool, int]:
     """The ranks of this rank's node, the lowest rank of every node (a useless group of
-    the others for the rest), and whether this rank is alone on its node: made once per
-    communicator (collective)."""
+    the others for the rest), whether this rank is alone on its node, and the lowest rank
+    of its node: made once per communicator (collective)."""
     found = _NODES.get(comm)
     if found is None:
         nodes = node_ids(comm, what)
@@ -100,7 +122,7 @@ def _communicators(comm: Comm, what: str) -> tuple[Comm, Comm, bool]:
         first = nodes.index(mine)
         node = peers.split(comm, order[mine], comm.rank)
         heads = peers.split(comm, 0 if first == comm.rank else 1, comm.rank)
-        found = _NODES[comm] = (node, heads, nodes.count(mine) == 1)
+        found = _NODES[comm] = (node, heads, nodes.count(mine) == 1, first)
     return found
 
 

@@ -41,15 +41,40 @@ def variables(fill: bool) -> list:
     ]
 
 
+def fail_on(node: str, prefix: str) -> None:
+    """Save, then restore while the leader of ``node`` fails to allocate its copy: every
+    rank raises (at worst the other leaders after the 5 s timeout of their broadcast), none hangs."""
+    ss.Saver(variables(fill=True), timeout=5).save(prefix)
+    leader = min(r for r, n in enumerate(COMM.allgather(os.environ["SHARDSAVE_NODE_ID"])) if n == node)
+
+    def no_room(size):
+        raise MemoryError(f"injected: no {size} bytes on node {node}")
+
+    if leader == RANK:
+        shared_bytes._create = no_room
+    try:
+        ss.Saver(variables(fill=False), timeout=5).restore(prefix)
+        outcome = "restored"
+    except Exception as exc:  # noqa: BLE001 - reported
+        outcome = f"{type(exc).__name__}: {exc}"
+    lines = COMM.gather(f"rank {RANK}: {json.dumps({'failed': outcome})}")
+    if RANK == 0:
+        print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
     parser.add_argument("--shm-dir", required=True)
+    parser.add_argument("--fail-on", help="the leader of this node cannot allocate its copy")
     args = parser.parse_args()
     shared_bytes.SHARE_MIN_BYTES = 1
     shared_bytes.SHM_DIR = args.shm_dir
     prefix = os.path.join(args.dir, "ckpt")
     out: dict = {}
+    if args.fail_on:
+        fail_on(args.fail_on, prefix)
+        return
     ss.Saver(variables(fill=True), timeout=60).save(prefix)
     restored = variables(fill=False)
     ss.Saver(restored, timeout=60).restore(prefix)
