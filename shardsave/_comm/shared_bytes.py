@@ -1,6 +1,6 @@
 """The coordinator's bytes on every rank (a restore's index), raw, and from
-``SHARE_MIN_BYTES`` once per node: one read-only copy of a buffer that every rank reads
-but none writes. The coordinator broadcasts it to the lowest rank of each node, which receives it
+``SHARE_MIN_BYTES`` once per node: one copy of a buffer that every rank reads but none
+writes. The coordinator broadcasts it to the lowest rank of each node, which receives it
 into a file in ``/dev/shm`` that the other ranks of its node map read-only; the file is
 unlinked as soon as they have. Ten million index entries (563 MB) then cost a node
 563 MB, not 563 MB a rank. A node that cannot share (no ``/dev/shm``, too little room in
