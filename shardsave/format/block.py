@@ -10,6 +10,7 @@ index holds one entry per tensor or piece, up to millions); reading checks the t
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -215,14 +216,17 @@ def block_contents(data: memoryview, offset: int, size: int, what: str) -> memor
     return contents
 
 
-def block_entries(contents: memoryview, what: str) -> list[tuple[bytes, bytes]]:
+def block_entries(contents: memoryview, what: str, views_over: int | None = None) -> list[tuple[bytes, Any]]:
+    """The ``(key, value)`` entries of a block. ``views_over``: values longer than this
+    are views of ``contents`` (memoryview), not copies (a full entry's list of slices, MBs
+    in an index of millions of pieces that a node's ranks share)."""
     num_restarts = decode_fixed32(contents, len(contents) - 4)
     limit = len(contents) - 4 - 4 * num_restarts
     if num_restarts == 0 or limit < 0:
         raise DecodeError(f"{what}: bad restart count {num_restarts}")
     block = bytes(contents[:limit])  # bytes slicing is cheaper than memoryview's
     restarts = np.frombuffer(contents, "<u4", num_restarts, limit).astype(np.int64)
-    fast = _entries_by_restart(block, restarts)
+    fast = _entries_by_restart(block, restarts, contents, views_over)
     if fast is not None:
         return fast
     entries = []
@@ -242,12 +246,15 @@ def block_entries(contents: memoryview, what: str) -> list[tuple[bytes, bytes]]:
         if shared > len(key) or end + vlen > limit:
             raise DecodeError(f"{what}: corrupt entry at block offset {pos}")
         key = key[:shared] + block[pos:end]
-        append((key, block[end : end + vlen]))
+        long = views_over is not None and vlen > views_over
+        append((key, contents[end : end + vlen] if long else block[end : end + vlen]))
         pos = end + vlen
     return entries
 
 
-def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes, bytes]] | None:
+def _entries_by_restart(
+    block: bytes, restarts: np.ndarray, contents: memoryview | None = None, views_over: int | None = None
+) -> list[tuple[bytes, Any]] | None:
     """The entries of a block whose entry headers are all one-byte varints, found for all
     restart runs at once (numpy steps through the k-th entry of every run together), so
     only the keys are assembled one by one. None when the block does not fit that shape
@@ -297,7 +304,7 @@ def _entries_by_restart(block: bytes, restarts: np.ndarray) -> list[tuple[bytes,
         if shared > len(key):
             return None
         key = key[:shared] + block[a:b]
-        append((key, block[b:c]))
+        append((key, contents[b:c] if views_over is not None and c - b > views_over else block[b:c]))
     return entries
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import proto, table
 from .coding import DecodeError
-from .columns import PlainColumns, decode_plain_columns
+from .columns import PLAIN_MAX, PlainColumns, decode_plain_columns
 from .entry import BundleEntry, Extent, new_entry
 from .ordered_code import (
     decode_slice_key,
@@ -237,14 +237,15 @@ def parse_index(data: bytes | memoryview) -> Index:
         raise DecodeError("big-endian checkpoints are not supported")
     if header.min_consumer > TENSOR_BUNDLE_VERSION:
         raise DecodeError(f"checkpoint needs a reader of version {header.min_consumer}")
-    items = reader.range(b"\x01")  # slice keys start with 0x00: names follow them
+    # slice keys start with 0x00: names follow them; full entries' lists stay in ``data``
+    items = reader.range(b"\x01", views_over=PLAIN_MAX)
     values = [value for _, value in items]
     names = _decode_names([key for key, _ in items])
     columns = decode_plain_columns(values)
     others: dict[str, BundleEntry] = {}
     counts: dict[str, Sequence] = {}
     for i in np.flatnonzero(~columns.plain).tolist():  # not plain: full entries, or the general decoder
-        entry = others[names[i]] = decode_full_head(values[i]) or BundleEntry.decode(values[i])
+        entry = others[names[i]] = decode_full_head(values[i]) or BundleEntry.decode(bytes(values[i]))
         if entry.slices:
             counts[names[i]] = entry.slices
     _check_ranges(names, columns, others)

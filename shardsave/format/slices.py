@@ -22,9 +22,11 @@ _TAG_SLICES = 0x3A  # field 7, length-delimited
 
 class RawSlices(LazySlices):
     """A full entry's ``slices``: the entry's bytes from its first record on, framed into
-    records on first use; each record decoded to extents only when asked for."""
+    records on first use; each record decoded to extents only when asked for. ``data``
+    may be a view of the index's buffer (shared by a node's ranks: parse_index), which
+    is never handed out: ``raw`` and the records are bytes."""
 
-    def __new__(cls, data: bytes, start: int):
+    def __new__(cls, data: bytes | memoryview, start: int):
         self = tuple.__new__(cls)
         self._data, self._start = data, start
         self._bodies: list[tuple[int, int]] | None = None
@@ -40,16 +42,19 @@ class RawSlices(LazySlices):
 
     def raw(self) -> bytes:
         """The records, exactly as stored (field 7 tags, lengths and bodies)."""
-        return self._data[self._start :]
+        return bytes(self._data[self._start :])
+
+    def raw_len(self) -> int:
+        return len(self._data) - self._start
 
     def extents(self, i: int) -> tuple:
         a, b = self.bodies()[i]
-        return decode_slice(self._data[a:b])
+        return decode_slice(bytes(self._data[a:b]))
 
     def _value(self) -> tuple:
         if self._decoded is None:
             data = self._data
-            self._decoded = tuple(decode_slice(data[a:b]) for a, b in self.bodies())
+            self._decoded = tuple(decode_slice(bytes(data[a:b])) for a, b in self.bodies())
         return self._decoded
 
     def __len__(self) -> int:
@@ -59,7 +64,7 @@ class RawSlices(LazySlices):
         return True  # at least the first record's tag is there
 
     def __reduce__(self):
-        return RawSlices, (self._data, self._start)
+        return RawSlices, (bytes(self._data), self._start)
 
 
 def _frame(data: bytes, pos: int) -> list[tuple[int, int]]:
@@ -80,7 +85,7 @@ def _frame(data: bytes, pos: int) -> list[tuple[int, int]]:
     return out
 
 
-def decode_full_head(data: bytes) -> BundleEntry | None:
+def decode_full_head(data: bytes | memoryview) -> BundleEntry | None:
     """A full entry's dtype, shape and raw slices, if it has the layout writers give it
     (module docstring); None otherwise (the general decoder then decodes or rejects it)."""
     end = len(data)
@@ -89,4 +94,6 @@ def decode_full_head(data: bytes) -> BundleEntry | None:
     pos = 4 + data[3]
     if pos >= end or data[pos] != _TAG_SLICES:
         return None
-    return new_entry((data[1], decode_shape_cached(data[4:pos]), 0, 0, 0, 0, RawSlices(data, pos), 0, b""))
+    return new_entry(
+        (data[1], decode_shape_cached(bytes(data[4:pos])), 0, 0, 0, 0, RawSlices(data, pos), 0, b"")
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -265,26 +265,32 @@ class TableReader:
         """Number of data blocks."""
         return len(self._blocks)
 
-    def block(self, i: int) -> list[tuple[bytes, bytes]]:
-        entries = self._parsed.get(i)
+    def block(self, i: int, views_over: int | None = None) -> list[tuple[bytes, bytes]]:
+        """The entries of data block ``i``, checked and kept. ``views_over``: values longer
+        than this are views of the table's buffer, and the entries are not kept."""
+        entries = self._parsed.get(i) if views_over is None else None
         if entries is None:
-            entries = block_entries(self._blocks[i], f"data block at offset {self._offsets[i]}")
+            entries = block_entries(self._blocks[i], f"data block at offset {self._offsets[i]}", views_over)
             keys = [key for key, _ in entries]
             if (entries and i and keys[0] <= self._separators[i - 1]) or not all(
                 map(operator.lt, keys, keys[1:])
             ):
                 raise DecodeError(f"data block at offset {self._offsets[i]}: keys out of order")
-            self._parsed[i] = entries
+            if views_over is None:
+                self._parsed[i] = entries
         return entries
 
-    def range(self, lo: bytes, hi: bytes | None = None) -> list[tuple[bytes, bytes]]:
-        """The entries with ``lo <= key < hi`` (``hi`` None: to the end), in key order."""
+    def range(
+        self, lo: bytes, hi: bytes | None = None, views_over: int | None = None
+    ) -> list[tuple[bytes, Any]]:
+        """The entries with ``lo <= key < hi`` (``hi`` None: to the end), in key order;
+        ``views_over``: as :meth:`block`'s."""
         out: list[tuple[bytes, bytes]] = []
         # block i holds keys in (separator[i-1], separator[i]], in order (checked by block())
         i = bisect.bisect_left(self._separators, lo)
         first = _key
         while i < len(self._blocks) and (hi is None or i == 0 or self._separators[i - 1] < hi):
-            entries = self.block(i)
+            entries = self.block(i, views_over)
             start = bisect.bisect_left(entries, lo, key=first)
             stop = len(entries) if hi is None else bisect.bisect_left(entries, hi, key=first)
             out += entries[start:stop]

@@ -59,7 +59,7 @@ def wants_lookup(index: Index, name: str, block: Block) -> bool:
     if name not in index.pieces or not block.shape or block.shape == index.entries[name].shape:
         return False
     listed = index.pieces.listed(name)
-    return isinstance(listed, RawSlices) and len(listed.raw()) >= LOOKUP_MIN_SLICE_BYTES
+    return isinstance(listed, RawSlices) and listed.raw_len() >= LOOKUP_MIN_SLICE_BYTES
 
 
 def pieces_for(
