@@ -226,7 +226,7 @@ def block_entries(contents: memoryview, what: str, views_over: int | None = None
         raise DecodeError(f"{what}: bad restart count {num_restarts}")
     block = bytes(contents[:limit])  # bytes slicing is cheaper than memoryview's
     restarts = np.frombuffer(contents, "<u4", num_restarts, limit).astype(np.int64)
-    fast = _entries_by_restart(block, restarts, contents, views_over)
+    fast = _entries_by_restart(block, restarts, views_over)
     if fast is not None:
         return fast
     entries = []
@@ -252,14 +252,14 @@ def block_entries(contents: memoryview, what: str, views_over: int | None = None
     return entries
 
 
-def _entries_by_restart(
-    block: bytes, restarts: np.ndarray, contents: memoryview | None = None, views_over: int | None = None
-) -> list[tuple[bytes, Any]] | None:
+def _entries_by_restart(block: bytes, restarts: np.ndarray, views_over: int | None = None) -> list | None:
     """The entries of a block whose entry headers are all one-byte varints, found for all
     restart runs at once (numpy steps through the k-th entry of every run together), so
     only the keys are assembled one by one. None when the block does not fit that shape
     (long keys or values, damage): the sequential parser then decodes or rejects it."""
     limit = len(block)
+    if views_over is not None and views_over < 0x7F:  # values here are under 0x80 bytes
+        return None  # the sequential parser makes the views
     if (
         not len(restarts)
         or restarts[0] != 0
@@ -304,7 +304,7 @@ def _entries_by_restart(
         if shared > len(key):
             return None
         key = key[:shared] + block[a:b]
-        append((key, contents[b:c] if views_over is not None and c - b > views_over else block[b:c]))
+        append((key, block[b:c]))
     return entries
 
 

@@ -229,7 +229,7 @@ def parse_index(data: bytes | memoryview) -> Index:
     raise DecodeError), so opening an index of a million slices stays cheap.
     """
     reader = table.TableReader(data)
-    head = reader.block(0)[:2] if len(reader) else []
+    head = reader.block(0, PLAIN_MAX)[:2] if len(reader) else []
     if not head or head[0][0] != b"":
         raise DecodeError("index has no header entry")
     header = BundleHeader.decode(head[0][1])

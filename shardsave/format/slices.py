@@ -67,7 +67,7 @@ class RawSlices(LazySlices):
         return RawSlices, (bytes(self._data), self._start)
 
 
-def _frame(data: bytes, pos: int) -> list[tuple[int, int]]:
+def _frame(data: bytes | memoryview, pos: int) -> list[tuple[int, int]]:
     out = []
     append = out.append
     end = len(data)

@@ -258,7 +258,7 @@ class TableReader:
             self._separators.append(separator)
             self._blocks.append(block_contents(data, offset, size, "data block"))
             self._offsets.append(offset)
-        self._parsed: dict[int, list[tuple[bytes, bytes]]] = {}
+        self._parsed: dict[int | tuple[int, int], list[tuple[bytes, Any]]] = {}
         self._seekers: dict[int, BlockSeeker] = {}
 
     def __len__(self) -> int:
@@ -267,8 +267,9 @@ class TableReader:
 
     def block(self, i: int, views_over: int | None = None) -> list[tuple[bytes, bytes]]:
         """The entries of data block ``i``, checked and kept. ``views_over``: values longer
-        than this are views of the table's buffer, and the entries are not kept."""
-        entries = self._parsed.get(i) if views_over is None else None
+        than this are views of the table's buffer (kept apart from the copies)."""
+        key = i if views_over is None else (i, views_over)
+        entries = self._parsed.get(key)
         if entries is None:
             entries = block_entries(self._blocks[i], f"data block at offset {self._offsets[i]}", views_over)
             keys = [key for key, _ in entries]
@@ -276,8 +277,7 @@ class TableReader:
                 map(operator.lt, keys, keys[1:])
             ):
                 raise DecodeError(f"data block at offset {self._offsets[i]}: keys out of order")
-            if views_over is None:
-                self._parsed[i] = entries
+            self._parsed[key] = entries
         return entries
 
     def range(
