@@ -18,6 +18,8 @@ import argparse
 import json
 import time
 
+from index_bench import _status as status_kib
+
 from shardsave import storage
 from shardsave._comm import Comm, shared_bytes
 from shardsave.restore.index import read_index
@@ -27,13 +29,7 @@ ROWS = 64
 
 def _status() -> dict[str, int]:
     """VmHWM, RssAnon and RssShmem of /proc/self/status, in MiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "RssAnon", "RssShmem"):
-                out[key] = int(value.split()[0]) // 1024
-    return out
+    return {field: status_kib(field) // 1024 for field in ("VmHWM", "RssAnon", "RssShmem")}
 
 
 def main() -> None:

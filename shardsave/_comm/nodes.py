@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 
 from ..errors import InvalidArgumentError
 from . import Comm, peers
@@ -43,6 +44,18 @@ def node_ids(comm: Comm, what: str = "finding the nodes") -> tuple[str, ...]:
         return tuple(everyone)
     host = peers.host_of_node(comm)
     return tuple(comm.allgather(_plain(host)))
+
+
+_KNOWN: weakref.WeakKeyDictionary[Comm, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def known_node_ids(comm: Comm, what: str = "finding the nodes") -> tuple[str, ...]:
+    """``node_ids``, found once per communicator (collective the first time): a save with
+    ``files_per_node`` and a restore sharing its index per node ask on every call."""
+    found = _KNOWN.get(comm)
+    if found is None:
+        found = _KNOWN[comm] = node_ids(comm, what)
+    return found
 
 
 def _mixed(unset: list[int], size: int) -> InvalidArgumentError:

@@ -101,9 +101,10 @@ def bcast_bytes(comm: Comm, buf: Any, what: str, root: int = 0) -> None:
 
     mpi = comm._usable(what)
     deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
-    requests = [mpi.Ibcast([view, MPI.BYTE], root=root) for view in pieces(memoryview(buf).cast("B"))]
+    view = memoryview(buf).cast("B")
+    requests = [mpi.Ibcast([piece, MPI.BYTE], root=root) for piece in pieces(view)]
     if not _poll(lambda: MPI.Request.Testall(requests), deadline):
-        comm._broken = f"{what}: a broadcast of {len(memoryview(buf).cast('B'))} bytes from rank {root}"
+        comm._broken = f"{what}: a broadcast of {len(view)} bytes from rank {root}"
         raise errors.DeadlineExceededError(
             f"{what}: rank {comm.rank} did not get the {comm.size} ranks' broadcast of bytes from rank "
             f"{root} within {comm.timeout:g} s (a rank never arrived or stopped)"

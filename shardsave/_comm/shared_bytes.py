@@ -11,8 +11,8 @@ the memory under any view still held (a crash, not an error); a mapped file stay
 mapped while a view of it lives (Python's mmap refuses to close under exported buffers),
 and no rank waits for another to let go. The room is reserved with ``posix_fallocate``
 before a byte is written, so a full tmpfs is an error here, not a SIGBUS later. Nodes are
-``nodes.node_ids`` (``SHARDSAVE_NODE_ID``, else the ranks sharing memory), found once per
-communicator.
+``nodes.known_node_ids`` (``SHARDSAVE_NODE_ID``, else the ranks sharing memory), found once
+per communicator.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import errors
 from . import Comm, peers
-from .nodes import node_ids
+from .nodes import known_node_ids
 
 log = logging.getLogger("shardsave")
 
@@ -116,7 +116,7 @@ def _communicators(comm: Comm, what: str) -> tuple[Comm, Comm, bool, int]:
     of its node: made once per communicator (collective)."""
     found = _NODES.get(comm)
     if found is None:
-        nodes = node_ids(comm, what)
+        nodes = known_node_ids(comm, what)
         order = {node: i for i, node in enumerate(dict.fromkeys(nodes))}
         mine = nodes[comm.rank]
         first = nodes.index(mine)

@@ -29,13 +29,12 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-import weakref
 
 import numpy as np
 
 from .. import storage
 from .._comm import Comm, peers
-from .._comm.nodes import node_ids
+from .._comm.nodes import known_node_ids
 from ..errors import DataLossError
 from ..format import crc
 from ..format.merge import encode_rank_part
@@ -50,16 +49,10 @@ END = (1 << 64) - 1
 ABORT = (1 << 64) - 2
 HEADER = 16
 
-_NODES: weakref.WeakKeyDictionary[Comm, tuple[str, ...]] = weakref.WeakKeyDictionary()
-"""Every rank's node id, found once per communicator (collective, in the first save)."""
-
 
 def groups(job) -> FileGroups:
     """Collective (at the first save on ``job.comm``): who writes which file."""
-    nodes = _NODES.get(job.comm)
-    if nodes is None:
-        nodes = _NODES[job.comm] = node_ids(job.comm, job.what)
-    return file_groups(nodes, job.files_per_node)
+    return file_groups(known_node_ids(job.comm, job.what), job.files_per_node)
 
 
 # --------------------------------------------------------------------------- step 3
