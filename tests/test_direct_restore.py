@@ -284,3 +284,87 @@ def test_direct_restore_of_a_damaged_file_on_one_rank_fails_on_every_rank(four_r
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def rows_state(arr: np.ndarray, want: np.ndarray) -> str:
+    if np.array_equal(arr, want):
+        return "restored"
+    return "untouched" if (arr == -1).all() else "partly"
+
+
+def test_large_reads_land_a_chunk_at_a_time_checked_and_exact(tmp_path):
+    """Tensors of several CHECK_CHUNKs are read and checked a chunk at a time by each I/O
+    thread: whole pieces, and rows of two pieces whose edges cut checksum blocks (the
+    partial blocks around them land in small buffers). Bit-exact, each byte read once."""
+    from shardsave.restore.verify import CHECK_CHUNK
+
+    shape = (12000, 1000)  # rows of 4000 bytes: row edges fall inside 64 KiB blocks
+    t = value("t", shape)
+    assert t.nbytes > 40 * CHECK_CHUNK
+    halves = [
+        ss.Variable("t", t[a:b].copy(), global_shape=shape, offset=(a, 0), register=False)
+        for a, b in ((0, 6000), (6000, 12000))
+    ]
+    prefix = ss.Saver({"t": halves}, max_to_keep=None).save(str(tmp_path / "m"))
+    cuts = [(0, 4936), (4936, 11996), (11996, 12000)]
+    parts = [
+        ss.Variable(
+            "t", np.full((b - a, 1000), -1, np.float32), global_shape=shape, offset=(a, 0), register=False
+        )
+        for a, b in cuts
+    ]
+    owns = [p.value for p in parts]
+    saver = ss.Saver({"t": parts}, restore_in_place="direct")
+    saver.restore(prefix)
+    for p, own, (a, b) in zip(parts, owns, cuts, strict=True):
+        assert p.value is own
+        np.testing.assert_array_equal(p.value, t[a:b])
+    stats = saver.last_restore_stats
+    assert stats.requests >= t.nbytes // CHECK_CHUNK  # chunked: not one read per piece
+    assert stats.bytes_read <= stats.bytes_needed + 4 * (1 << 16)  # the blocks cut at the edges
+    # a restore into new arrays takes the same chunked reads
+    fresh = [
+        ss.Variable(
+            "t", np.zeros((b - a, 1000), np.float32), global_shape=shape, offset=(a, 0), register=False
+        )
+        for a, b in cuts
+    ]
+    ss.Saver({"t": fresh}, restore_in_place=False).restore(prefix)
+    for p, (a, b) in zip(fresh, cuts, strict=True):
+        np.testing.assert_array_equal(p.value, t[a:b])
+
+
+@pytest.mark.parametrize("where", ["middle", "edge block"])
+def test_damage_in_one_chunk_of_a_large_read_is_named(tmp_path, where):
+    """One bit flipped in a chunk of a large piece (in its middle, or in the checksum block
+    cut by the restored rows' edge, read into a small buffer): DataLossError naming the
+    block; the tensor is reported partly overwritten; another tensor's account is what its
+    array holds."""
+    from shardsave.restore.verify import CHECK_CHUNK
+
+    shape = (3000, 1000)
+    t, u = value("t", shape), value("u", (2 * CHECK_CHUNK // 4,))
+    prefix = ss.Saver(
+        [ss.Variable("t", t, register=False), ss.Variable("u", u, register=False)], max_to_keep=None
+    ).save(str(tmp_path / "m"))
+    entry = dict(Crafted.load(prefix).entries)[entry_key("t")]
+    first_row = 1234
+    at = entry.size // 2 if where == "middle" else first_row * 4000 - 10  # before the rows: head block
+    flip(prefix, entry.shard_id, 1, entry.offset + at)
+    part = ss.Variable(
+        "t",
+        np.full((3000 - first_row, 1000), -1, np.float32),
+        global_shape=shape,
+        offset=(first_row, 0),
+        register=False,
+    )
+    other = ss.Variable("u", np.full_like(u, -1), register=False)
+    with pytest.raises(ss.DataLossError) as info:
+        ss.Saver([part, other], restore_in_place="direct").restore(prefix)
+    error = info.value
+    assert "checksum does not match for tensor 't'" in str(error)
+    assert f"bytes {entry.offset + at // (1 << 16) * (1 << 16)}.." in str(error)
+    assert "t" in error.partly  # and "u" too if a chunk of it was landing meanwhile
+    assert rows_state(part.value, t[first_row:]) == "partly"
+    claim = next(k for k in ("partly", "restored", "untouched") if "u" in getattr(error, k))
+    assert rows_state(other.value, u) == claim

@@ -6,7 +6,9 @@ whole target goes straight into it (as do whole-row regions, with the partial ch
 blocks around them in small buffers), and a large region that is not contiguous in the
 file goes a slab of rows at a time (slabs.py). The ranges are fetched in parallel, every
 block is verified against its stored CRC32C as soon as its range arrives, and the regions
-are copied into place.
+are copied into place. From a local file, a large read straight into its target is read
+and checked a chunk (CHECK_CHUNK) at a time by each I/O thread, so the check finds the
+bytes still in the CPU's cache.
 
 The same reads serve the single-pass in-place restore (direct.py): there the targets are
 the variables' own arrays, and a ``Landing`` records which of them bytes reached.
@@ -33,7 +35,15 @@ from . import slabs
 from .checks import DataFiles, shard_file
 from .planner import plan_reads
 from .reads import DirectRead, LoadStats, Read, RegionRead, RowsRead, StringRead, Target, Wanted, WholeRead
-from .verify import check_entry, check_runs, checked_strings, crc_of_bytes
+from .verify import (
+    CHECK_CHUNK,
+    check_entry,
+    check_run,
+    check_runs,
+    checked_strings,
+    crc_of_bytes,
+    span_run_crcs,
+)
 
 
 @dataclass(slots=True)
@@ -95,14 +105,21 @@ def load(
     plan = plan_reads(prefix, index, [Wanted.of(t) for t in targets], files)
     stats.bytes_needed += plan.bytes_needed
     located = [(shard_file(prefix, index, shard_id, reads[0].name), reads) for shard_id, reads in plan.shards]
+    chunked = prefix.is_local
     if landing is not None:
         for _, reads in located:
             for r in reads:
-                landing.plan(r.target, len(slabs.row_slabs(r)) if _by_rows(r) else 1)
+                landing.plan(r.target, _placements(r, chunked))
     for file_loc, shard_reads in located:
-        by_rows, buffered = [], []
+        by_rows, in_chunks, buffered = [], [], []
         for r in shard_reads:
-            (by_rows if _by_rows(r) else buffered).append(Bound(r, targets[r.target].out))
+            b = Bound(r, targets[r.target].out)
+            if _by_rows(r):
+                by_rows.append(b)
+            elif chunked and _in_chunks(r):
+                in_chunks.append(b)
+            else:
+                buffered.append(b)
         ranges, groups = assign_buffers(buffered)
         stats.requests += len(ranges)
         stats.bytes_read += sum(len(buf) for _, buf in ranges)
@@ -113,6 +130,8 @@ def load(
                     landing.touch(b.read.target)
         try:
             storage.read_ranges(file_loc, ranges, after=_after_range(file_loc, groups, landing))
+            if in_chunks:
+                _load_in_chunks(file_loc, in_chunks, stats, landing)
             if by_rows:
                 _load_by_rows(file_loc, by_rows, stats, landing)
         except DataLossError as exc:
@@ -131,6 +150,95 @@ def _by_rows(r: Read) -> bool:
         and bool(r.piece.shape)
         and r.span.stop - r.span.start > slabs.SLAB_BYTES
     )
+
+
+def _placements(r: Read, chunked: bool) -> int:
+    """How many times bytes are placed into ``r``'s target (what a ``Landing`` counts)."""
+    if _by_rows(r):
+        return len(slabs.row_slabs(r))
+    if chunked and _in_chunks(r):
+        return len(_chunk_starts(r))
+    return 1
+
+
+def _in_chunks(r: Read) -> bool:
+    """A read straight into its target, of more than one chunk, with block checksums: read
+    and checked a chunk at a time by each I/O thread (local files), so that the check reads
+    bytes still in the CPU's cache. (Read whole and then checked, the bytes come back from
+    memory: a GiB took 136-144 ms on one rank here that way, 107-113 ms a chunk at a time.)"""
+    return (
+        isinstance(r, DirectRead | RowsRead)
+        and bool(r.entry.block_size and r.entry.block_crcs)
+        and r.span.stop - r.span.start > CHECK_CHUNK
+    )
+
+
+def _chunk_starts(r: Read) -> range:
+    return range(r.span.start, r.span.stop, _chunk_step(r))
+
+
+def _chunk_step(r: Read) -> int:
+    bs = r.entry.block_size
+    return max(1, CHECK_CHUNK // bs) * bs
+
+
+def _landing_parts(b: Bound) -> list[tuple[int, memoryview]]:
+    """(entry offset, buffer) pieces covering ``b``'s span, in order: the target itself, and
+    for a RowsRead the partial checksum blocks around its rows in small buffers."""
+    r = b.read
+    if isinstance(r, DirectRead):
+        return [(0, byte_view(b.out))]
+    parts = [(r.start, byte_view(b.out)[r.dest : r.dest + r.stop - r.start])]
+    if r.span.start < r.start:
+        parts.insert(0, (r.span.start, memoryview(np.empty(r.start - r.span.start, np.uint8))))
+    if r.stop < r.span.stop:
+        parts.append((r.stop, memoryview(np.empty(r.span.stop - r.stop, np.uint8))))
+    return parts
+
+
+def _load_in_chunks(
+    file_loc: storage.Location, bounds: list[Bound], stats: LoadStats, landing: Landing | None
+) -> None:
+    fd = storage.open_local(file_loc)  # once: not an open per chunk
+    try:
+        jobs = []
+        for b in bounds:
+            r = b.read
+            b.parts = _landing_parts(b)
+            step = _chunk_step(r)
+            expected = span_run_crcs(r.entry, r.span, step // r.entry.block_size)
+            stats.bytes_read += r.span.stop - r.span.start
+            jobs += [
+                partial(_load_chunk, file_loc, fd, b, start, min(start + step, r.span.stop), want, landing)
+                for start, want in zip(_chunk_starts(r), expected, strict=True)
+            ]
+        stats.requests += len(jobs)
+        io_threads.run_on_workers(jobs)
+    finally:
+        storage.close_local(fd)
+
+
+def _load_chunk(
+    file_loc: storage.Location,
+    fd: int,
+    b: Bound,
+    start: int,
+    stop: int,
+    expected: int,
+    landing: Landing | None,
+    _scratch: memoryview,
+) -> None:
+    """Read entry bytes ``[start, stop)`` of ``b`` (whole checksum blocks) into place, check them."""
+    r = b.read
+    if landing is not None:
+        landing.touch(r.target)
+    for offset, buf in b.parts:
+        lo, hi = max(offset, start), min(offset + len(buf), stop)
+        if lo < hi:
+            storage.read_ranges(file_loc, [(r.entry.offset + lo, buf[lo - offset : hi - offset])], fd=fd)
+    check_run(file_loc, r, start, stop, expected, partial(_parts_crc, b))
+    if landing is not None:
+        landing.placed(r.target)
 
 
 def _load_by_rows(
@@ -185,11 +293,7 @@ def assign_buffers(bounds: list[Bound]) -> tuple[list[tuple[int, memoryview]], l
             ranges.append((r.entry.offset, byte_view(b.out)))
             groups.append([b])
         elif isinstance(r, RowsRead):
-            b.parts = [(r.start, byte_view(b.out)[r.dest : r.dest + r.stop - r.start])]
-            if r.span.start < r.start:
-                b.parts.insert(0, (r.span.start, memoryview(np.empty(r.start - r.span.start, np.uint8))))
-            if r.stop < r.span.stop:
-                b.parts.append((r.stop, memoryview(np.empty(r.span.stop - r.stop, np.uint8))))
+            b.parts = _landing_parts(b)
             b.pending = len(b.parts)
             for offset, buf in b.parts:
                 ranges.append((r.entry.offset + offset, buf))

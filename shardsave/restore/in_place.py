@@ -43,11 +43,7 @@ from . import slabs
 from .checks import DataFiles, shard_file
 from .planner import plan_reads
 from .reads import DirectRead, LoadStats, Read, RowsRead, Target, Wanted
-from .verify import check_entry, check_run, crc_of_bytes, span_run_crcs
-
-CHECK_CHUNK = 1 << 20
-"""Bytes read and checked at a time in the first pass: a scratch buffer that stays in cache.
-Measured on 1 GiB with two threads: 0.16 s with 1 MiB, 0.23 s with 4 MiB."""
+from .verify import CHECK_CHUNK, check_entry, check_run, crc_of_bytes, span_run_crcs
 
 
 class InPlaceLoad:

@@ -22,6 +22,11 @@ from .reads import Read, StringRead
 CHECK_RUN_BLOCKS = 16
 """Checksum blocks (64 KiB as saved) checked with one CRC call (see crc.run_crcs)."""
 
+CHECK_CHUNK = 1 << 20
+"""Bytes of a local file read and checked at a time by one I/O thread, so that the CRC reads
+them from the CPU's cache rather than from memory. Measured on 1 GiB with two threads: 0.16 s
+with 1 MiB, 0.23 s with 4 MiB."""
+
 
 def check_runs(file_loc: storage.Location, r: Read, span: Span, crc_of: Callable[[int, int], int]) -> None:
     """Check entry bytes ``span`` (aligned to checksum blocks) a run of blocks at a time."""
