@@ -198,7 +198,9 @@ def test_damage_mid_way_names_what_it_overwrote_and_leaves_the_rest(four_ranks, 
             if name in names
         }
         assert of_name == claims, (name, states, error.partly, error.restored, error.untouched)
-    assert (bias.value == -1).all(), "a small variable read into a new array was adopted after the failure"
+    # a small variable is read straight into its own array too, before the large ones
+    assert "b" in error.restored
+    np.testing.assert_array_equal(bias.value, np.arange(7, dtype=np.float32))
 
 
 def test_direct_restore_on_three_ranks_of_four_reads_each_byte_once(four_ranks):
@@ -368,3 +370,80 @@ def test_damage_in_one_chunk_of_a_large_read_is_named(tmp_path, where):
     assert rows_state(part.value, t[first_row:]) == "partly"
     claim = next(k for k in ("partly", "restored", "untouched") if "u" in getattr(error, k))
     assert rows_state(other.value, u) == claim
+
+
+UNSET = 111  # what a variable holds before it is restored (fits every dtype below)
+
+
+def small_tensors(count: int = 400) -> dict[str, np.ndarray]:
+    """Small tensors of several dtypes and sizes (1 byte to 20 KB), packed in one file."""
+    rng = np.random.default_rng(7)
+    dtypes = (np.float32, np.int8, np.float64, np.int16, np.uint32)
+    out = {}
+    for i in range(count):
+        n = int(rng.integers(1, 5000)) if i % 7 else 1
+        out[f"s{i:03d}"] = (np.abs(rng.standard_normal(n)) * 100).astype(dtypes[i % len(dtypes)])
+    return out
+
+
+def test_small_tensors_land_straight_in_their_arrays_a_run_at_a_time(tmp_path):
+    """A direct restore reads whole small tensors into the variables' own arrays, neighbours
+    in one vectored read: a subset of the tensors (gaps between them, some over MAX_GAP),
+    bit-exact, each variable keeping its array. A read-only array, and one array shared
+    by two variables, get new arrays instead."""
+    from shardsave.restore import small_in_place
+
+    stored = small_tensors()
+    prefix = ss.Saver([ss.Variable(n, v, register=False) for n, v in stored.items()]).save(
+        str(tmp_path / "m")
+    )
+    wanted = [n for i, n in enumerate(stored) if i % 3]  # every third left out: gaps
+    assert any(stored[n].nbytes > small_in_place.MAX_GAP for i, n in enumerate(stored) if not i % 3)
+    mine = {n: ss.Variable(n, np.full_like(stored[n], UNSET), register=False) for n in wanted}
+    frozen = np.full_like(stored[wanted[5]], UNSET)
+    frozen.flags.writeable = False
+    mine[wanted[5]] = ss.Variable(wanted[5], frozen, register=False)
+    pair = ("s035", "s070")  # both float32 of shape (1,): one array for both variables
+    assert all(n in wanted and stored[n].shape == (1,) and stored[n].dtype == np.float32 for n in pair)
+    twice = np.full_like(stored[pair[0]], UNSET)
+    for n in pair:
+        mine[n] = ss.Variable(n, twice, register=False)
+    owns = {k: v.value for k, v in mine.items()}
+    saver = ss.Saver(mine, restore_in_place="direct")
+    saver.restore(prefix)
+    for key, v in mine.items():
+        if key not in pair:
+            np.testing.assert_array_equal(v.value, stored[v.name], err_msg=key)
+        if key != wanted[5]:
+            assert v.value is owns[key], key
+    assert mine[wanted[5]].value is not frozen
+    assert twice[0] in (stored[pair[0]][0], stored[pair[1]][0])
+    stats = saver.last_restore_stats
+    assert stats.bytes_reread == 0
+    assert stats.requests < len(wanted) // 3  # runs of neighbours, not a read per tensor
+    needed = sum(stored[n].nbytes for n in wanted)
+    assert needed <= stats.bytes_read <= needed + len(wanted) * small_in_place.MAX_GAP
+
+
+def test_damage_in_one_small_tensor_names_it_and_accounts_for_the_others(tmp_path):
+    """One bit flipped in one small tensor: DataLossError naming it, reported partly
+    overwritten, and every other variable's account is what its array holds."""
+    stored = small_tensors()
+    prefix = ss.Saver([ss.Variable(n, v, register=False) for n, v in stored.items()]).save(
+        str(tmp_path / "m")
+    )
+    victim = "s123"
+    entry = dict(Crafted.load(prefix).entries)[entry_key(victim)]
+    flip(prefix, 0, 1, entry.offset + entry.size // 2)
+    mine = {n: ss.Variable(n, np.full_like(v, UNSET), register=False) for n, v in stored.items()}
+    with pytest.raises(ss.DataLossError) as info:
+        ss.Saver(mine, restore_in_place="direct").restore(prefix)
+    error = info.value
+    assert f"checksum does not match for tensor {victim!r}" in str(error)
+    assert victim in error.partly
+    assert sorted(error.partly + error.restored + error.untouched) == sorted(stored)
+    for name in error.restored:
+        np.testing.assert_array_equal(mine[name].value, stored[name], err_msg=name)
+    for name in error.untouched:
+        assert (mine[name].value == UNSET).all(), name
+    assert error.restored, "the runs before the damaged one were restored whole"

@@ -297,6 +297,24 @@ class TestStorage:
         with pytest.raises(NotFoundError, match=re.escape(store.dir.child("nope").url)):
             storage.open_local(store.dir.child("nope"))
 
+    def test_read_local_run_fills_buffers_one_after_the_other(self, store):
+        if store.kind != "local":
+            pytest.skip("read_local_run is for local files only (direct restore)")
+        store.put("x.bin", b"0123456789")
+        x = store.dir.child("x.bin")
+        fd = storage.open_local(x)
+        try:
+            bufs = [bytearray(3), bytearray(0), bytearray(4)]
+            storage.read_local_run(x, fd, 1, [memoryview(b) for b in bufs])
+            assert [bytes(b) for b in bufs] == [b"123", b"", b"4567"]
+            with pytest.raises(
+                DataLossError,
+                match=f"^{re.escape(x.url)}: file too short: wanted 8 bytes at offset 4, got 6$",
+            ):
+                storage.read_local_run(x, fd, 4, [memoryview(bytearray(5)), memoryview(bytearray(3))])
+        finally:
+            storage.close_local(fd)
+
     def test_read_ranges_of_a_short_file_is_data_loss(self, store):
         store.put("x.bin", b"0123456789")
         x = store.dir.child("x.bin")

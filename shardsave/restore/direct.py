@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from .. import storage
 from ..errors import DataLossError, ShardsaveError
 from ..format.index import Index
 from .checks import DataFiles
 from .fresh import Landing, load
 from .reads import LoadStats, Target
+from .small import InPlace, load_small
 
 LISTED = 20
 """Names listed per kind in the message (all of them are in the error's attributes)."""
@@ -36,16 +39,27 @@ class Direct:
     error (raised by every rank, naming the rank that failed) is given this rank's own
     account by :meth:`explain`."""
 
-    def __init__(self, targets: Sequence[Target]):
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        small_names: Sequence[str] = (),
+        small_arrays: Sequence[np.ndarray] = (),
+    ):
         self.targets = targets
+        self.small_names, self.small_arrays = small_names, small_arrays
+        """Whole small tensors, read in bulk straight into their variables' arrays."""
         self.partly: list[str] = []
         self.restored: list[str] = []
-        self.untouched = [t.name for t in targets]
+        self.untouched = [t.name for t in targets] + list(small_names)
 
     def load(self, prefix: storage.Location, index: Index, stats: LoadStats, files: DataFiles) -> None:
         """Read and check every byte the targets need straight into their arrays."""
         landing = Landing()
         try:
+            if self.small_names:
+                landing.plan_each(range(len(self.targets), len(self.targets) + len(self.small_names)))
+                into = InPlace(self.small_arrays, landing, len(self.targets))
+                load_small(prefix, index, self.small_names, stats, files, into)
             load(prefix, index, self.targets, stats, files, landing)
         except Exception:
             self._account(landing)
@@ -54,13 +68,13 @@ class Direct:
 
     def _account(self, landing: Landing) -> None:
         self.partly, self.restored, self.untouched = [], [], []
-        for i, t in enumerate(self.targets):
+        for i, name in enumerate([t.name for t in self.targets] + list(self.small_names)):
             if i not in landing.touched:
-                self.untouched.append(t.name)
+                self.untouched.append(name)
             elif landing.done(i):
-                self.restored.append(t.name)
+                self.restored.append(name)
             else:
-                self.partly.append(t.name)
+                self.partly.append(name)
 
     def explain(self, exc: Exception, rank: int) -> Exception:
         """``exc`` (the restore's error on this rank) saying what this rank's reads left

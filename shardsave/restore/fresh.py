@@ -78,6 +78,10 @@ class Landing:
         """``parts`` more reads (or slabs of one) will be placed into ``target``."""
         self._left[target] = self._left.get(target, 0) + parts
 
+    def plan_each(self, targets: range) -> None:
+        """One read will be placed into each of ``targets`` (none planned yet)."""
+        self._left.update(dict.fromkeys(targets, 1))
+
     def touch(self, target: int) -> None:
         self.touched.add(target)  # one bytecode under the GIL: safe from any thread
 

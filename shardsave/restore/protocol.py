@@ -29,7 +29,7 @@ from .in_place import InPlaceLoad
 from .index import read_index
 from .reads import LoadStats
 from .small import load_small
-from .targets import finish, targets
+from .targets import finish, small_in_place, targets
 
 if TYPE_CHECKING:
     from .. import storage
@@ -72,6 +72,7 @@ def restore(
             load(loc, index, found.fresh, stats, files)
             if not direct:
                 live.check(found.live, stats)
+            straight = small_in_place(found) if direct and loc.is_local else ([], [])
             small_arrays = []
             if found.small_names:  # these arrays already have their variables' shapes
                 small_arrays = load_small(loc, index, found.small_names, stats, files)
@@ -81,7 +82,7 @@ def restore(
                 var._check_set(arr)
             if direct:  # last: any other failure leaves the variables' own arrays untouched
                 nonlocal single_pass
-                single_pass = Direct(found.live)
+                single_pass = Direct(found.live, *straight)
                 single_pass.load(loc, index, stats, files)
             on_read(stats)
             return found, updates

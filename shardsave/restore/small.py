@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,7 +19,9 @@ from ..format import crc, dtypes
 from ..format.columns import PlainColumns
 from ..format.entry import BundleEntry
 from ..format.index import Index
+from . import small_in_place
 from .checks import DataFiles, check_shape, shape_ok, shard_file, stored_dtype
+from .fresh import Landing
 from .planner import DIRECT_MIN_BYTES
 from .reads import LoadStats
 from .slabs import file_array
@@ -55,8 +58,10 @@ def load_small(
     names: Sequence[str],
     stats: LoadStats,
     files: DataFiles | None = None,
+    into: InPlace | None = None,
 ) -> list[np.ndarray]:
-    """New arrays holding the stored tensors ``names`` (each ``is_small_plain``).
+    """New arrays holding the stored tensors ``names`` (each ``is_small_plain``), or with
+    ``into`` the arrays given, filled in place (small_in_place.py).
 
     Column-wise, for checkpoints of many small tensors: the entries' fields come from the
     index's columns (no object per tensor), neighbouring entries are fetched together,
@@ -87,13 +92,32 @@ def load_small(
         which = np.flatnonzero(fields.shard_id == shard_id)
         file_loc = shard_file(prefix, index, shard_id, names[which[0]])
         _load_small_shard(
-            prefix, file_loc, files.size(shard_id, names[which[0]]), fields, which, names, out, stats
+            prefix, file_loc, files.size(shard_id, names[which[0]]), fields, which, names, out, stats, into
         )
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class InPlace:
+    """Where ``load_small`` reads straight into: ``arrays[k]`` for ``names[k]``, each
+    C-contiguous, writable and of the stored dtype and shape (``targets.small_in_place``
+    makes sure); ``landing`` learns of each as target ``first + k``."""
+
+    arrays: Sequence[np.ndarray]
+    landing: Landing
+    first: int
+
+
 def _load_small_shard(
-    prefix, file_loc, file_size: int, fields: PlainColumns, which: np.ndarray, names, out, stats
+    prefix,
+    file_loc,
+    file_size: int,
+    fields: PlainColumns,
+    which: np.ndarray,
+    names,
+    out,
+    stats,
+    into: InPlace | None = None,
 ) -> None:
     n = len(which)
     which_list = which.tolist()
@@ -131,6 +155,22 @@ def _load_small_shard(
             f"{sizes[j]} bytes: past the end of the file ({file_size} bytes)"
         )
     stats.bytes_needed += int(sizes.sum())
+    if into is not None:
+        arrays = [into.arrays[k] for k in which_list]
+        small_in_place.read_into(
+            file_loc,
+            arrays,
+            starts,
+            sizes,
+            stored,
+            [names[k] for k in which_list],
+            stats,
+            into.landing,
+            [into.first + k for k in which_list],
+        )
+        for k, arr in zip(which_list, arrays, strict=True):
+            out[k] = arr
+        return
     # ranges of entries that touch, cut at about SMALL_RANGE_BYTES
     order = np.argsort(starts, kind="stable")
     s, e = starts[order], starts[order] + sizes[order]

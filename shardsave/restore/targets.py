@@ -129,16 +129,36 @@ def general_targets(
     return found
 
 
-def own_array(var: Variable, dtype: np.dtype) -> np.ndarray | None:
+def small_in_place(found: Found) -> tuple[list[str], list[np.ndarray]]:
+    """For a restore straight into the variables' own arrays (``"direct"``): the names of
+    ``found``'s small tensors whose variables' arrays can take their bytes as they are,
+    and those arrays, taken out of ``found.small_names``/``small_vars`` (an array shared by
+    two variables stays there: each gets a new array)."""
+    names, arrays, seen, other = [], [], set(), []
+    for name, var in zip(found.small_names, found.small_vars, strict=True):
+        own = own_array(var, var.dtype, min_bytes=1)
+        if own is None or id(own) in seen:
+            other.append((name, var))
+            continue
+        seen.add(id(own))
+        names.append(name)
+        arrays.append(own)
+    found.small_names[:] = [name for name, _ in other]
+    found.small_vars[:] = [var for _, var in other]
+    return names, arrays
+
+
+def own_array(var: Variable, dtype: np.dtype, min_bytes: int = IN_PLACE_MIN_BYTES) -> np.ndarray | None:
     """The variable's array if a restore can write into it: the right dtype and shape,
-    C-contiguous, writable, and large enough for two passes to pay off."""
+    C-contiguous, writable, and large enough (``min_bytes``; by default, for two passes
+    to pay off)."""
     arr = var._value
     if (
         arr is None
         or arr.dtype != dtype
         or arr.dtype.hasobject
         or arr.shape != var.shape
-        or arr.nbytes < IN_PLACE_MIN_BYTES
+        or arr.nbytes < min_bytes
         or not arr.flags.c_contiguous
         or not arr.flags.writeable
     ):

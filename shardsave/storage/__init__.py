@@ -211,6 +211,14 @@ def open_local(loc: Location) -> int:
         return local.open_fd(loc)
 
 
+def read_local_run(loc: Location, fd: int, offset: int, buffers: Sequence[memoryview]) -> None:
+    """Fill byte ``buffers``, one after the other, with the bytes of local file ``loc`` (open
+    as ``fd``, from ``open_local``) from ``offset``, in one vectored read. A file shorter
+    than that is :class:`DataLossError`."""
+    with translate_errors(loc, "reading"):
+        local.preadv_exact(fd, offset, buffers, loc)
+
+
 def close_local(fd: int) -> None:
     local.close_fd(fd)
 

@@ -216,18 +216,7 @@ def pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location, 
 
     def one(i: int) -> None:
         offset, buf = ranges[i]
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            try:
-                n = os.preadv(fd, [view[done:]], offset + done)
-            except OSError as exc:  # EIO and the like: the device could not give the bytes
-                raise DataLossError(
-                    f"{loc.url}: reading {len(view)} bytes at offset {offset} failed: {exc}"
-                ) from exc
-            if n == 0:
-                raise short_read(loc, offset, len(view), done)
-            done += n
+        preadv_exact(fd, offset, [memoryview(buf).cast("B")], loc)
         if after is not None:
             after(i)
 
@@ -235,6 +224,29 @@ def pread_all(fd: int, ranges: Sequence[tuple[int, memoryview]], loc: Location, 
         one(0)
         return
     wait_all([io_pool().submit(one, i) for i in range(len(ranges))])
+
+
+def preadv_exact(fd: int, offset: int, views: Sequence[memoryview], loc: Location) -> None:
+    """Fill the byte ``views``, one after the other, with the bytes of ``fd`` from ``offset``:
+    one vectored read (at most the system's IOV_MAX views), repeated if it falls short."""
+    want = sum(map(len, views))
+    left = [v for v in views if len(v)]
+    done = 0
+    while left:
+        try:
+            n = os.preadv(fd, left, offset + done)
+        except OSError as exc:  # EIO and the like: the device could not give the bytes
+            raise DataLossError(f"{loc.url}: reading {want} bytes at offset {offset} failed: {exc}") from exc
+        if n == 0:
+            raise short_read(loc, offset, want, done)
+        done += n
+        full = 0
+        while full < len(left) and n >= len(left[full]):
+            n -= len(left[full])
+            full += 1
+        left = left[full:]
+        if n:
+            left[0] = left[0][n:]
 
 
 class _LocalFile:
