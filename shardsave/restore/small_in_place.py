@@ -6,7 +6,8 @@ faulted into fresh memory and copied once more. Here the neighbours of a local f
 read by one vectored read (``preadv``: one buffer per tensor, the gaps between them into a
 scratch buffer) straight into their arrays, about CHECK_CHUNK at a time by each I/O
 thread, and each tensor is checked against its CRC as soon as its run has arrived, from
-the CPU's cache. For 1,000 vectors of 16 KiB: 8.5 -> x ms a restore on one rank here.
+the CPU's cache. 1,000 vectors of 16 KiB restore in 8.8 ms here this way, in 12-14 ms into
+new arrays (one rank).
 """
 
 from __future__ import annotations
