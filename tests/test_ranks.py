@@ -288,3 +288,36 @@ def test_a_closed_saver_refuses_every_call(tmp_path):
         with pytest.raises(ss.FailedPreconditionError, match=rf"Saver\.{call}: this Saver is closed"):
             getattr(saver, call)(*args)
     assert not (tmp_path / "d.index").exists()
+
+
+@pytest.mark.parametrize(
+    "op, absent, waiting",
+    [("bcast", 0, [1, 2]), ("gather", 1, [0]), ("allgather", 2, [0, 1]), ("scatter", 0, [1, 2])],
+)
+def test_a_rank_that_skips_a_pickled_collective_costs_the_others_the_timeout_not_a_hang(
+    op, absent, waiting, tmp_path
+):
+    """shardsave's bcast, gather, allgather and scatter give every rank what it should get;
+    when one rank (the root, or another) never makes the call, those that need its bytes
+    (``waiting``) raise DeadlineExceededError after about the timeout, and refuse the Comm
+    afterwards (a rank that needs nothing from it may return, as with MPI's own calls)."""
+    script = os.path.join(HERE, "ranks", "collectives.py")
+    proc = run_mpi(RANKS, [script, "--dir", str(tmp_path), "--op", op, "--absent", str(absent)], timeout=60)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    for rank in range(RANKS):
+        lines = (tmp_path / f"rank-{rank}.out").read_text().splitlines()
+        assert lines[:5] == ["ok bcast", "ok gather", "ok gathers", "ok allgather", "ok scatter"], (
+            rank,
+            lines,
+            log,
+        )
+        assert len(lines) == (5 if rank == absent else 7), (rank, lines, log)
+        if rank not in waiting:
+            continue
+        match = re.match(r"DeadlineExceededError after ([\d.]+) s: (.*)", lines[5])
+        assert match, lines[5]
+        assert TIMEOUT - 0.1 <= float(match.group(1)) < TIMEOUT + 5, lines[5]
+        assert f"rank {rank} did not complete a" in match.group(2), lines[5]
+        assert "within 2 s" in match.group(2), lines[5]
+        assert lines[6].startswith("FailedPreconditionError after 0.0 s: "), lines[6]
+        assert "unusable since an earlier collective step timed out" in lines[6], lines[6]

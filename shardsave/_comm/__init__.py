@@ -12,10 +12,11 @@ first step of a call a key such as the prefix) to the coordinator, which polls u
 have arrived or ``timeout`` seconds have passed, combines them and sends every rank the
 same verdict. A rank that never arrives (``if rank == 0: saver.save(...)``) thus costs the
 others at most ``timeout`` seconds and a :class:`~shardsave.errors.DeadlineExceededError`
-naming it. ``all_true`` is such a step too. The blocking collectives (``bcast``,
-``gather``, ``allgather``) are only used right after a successful step, when every rank is
-known to be there. After a deadline the ranks may
-be at different steps, so the communicator is marked broken and refuses further use.
+naming it. ``all_true`` is such a step too. The pickled collectives (``bcast``,
+``gather``, ``allgather``, ``scatter``: bounded.py) are bounded by ``timeout`` as well,
+though they are used right after a successful step, when every rank is known to have
+been there. After a deadline the ranks may be at different steps, so the communicator is
+marked broken and refuses further use.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Comm:
         self._step = 0
         self._broken: str | None = None  # why, once a deadline passed
         self._sends: list[Any] = []  # verdict/report sends not yet known complete
+        self._ahead: dict[int, list[Any]] = {}  # gathered early, for the next gather (bounded.py)
         self._closed = False
         # a communicator this Comm duplicated is freed when it is closed or collected
         self._free = (
@@ -128,14 +130,29 @@ class Comm:
         self.call = call
         self._step = 0
 
+    # pickled collectives, each wait bounded by ``timeout`` (bounded.py)
     def bcast(self, obj: Any, root: int = 0) -> Any:
-        return obj if self._comm is None else self._usable().bcast(obj, root=root)
+        from . import bounded
+
+        return obj if self._comm is None else bounded.bcast(self, obj, root, self._what)
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
-        return [obj] if self._comm is None else self._usable().gather(obj, root=root)
+        from . import bounded
+
+        return [obj] if self._comm is None else bounded.gather(self, obj, root, self._what)
 
     def allgather(self, obj: Any) -> list[Any]:
-        return [obj] if self._comm is None else self._usable().allgather(obj)
+        from . import bounded
+
+        return [obj] if self._comm is None else bounded.allgather(self, obj, self._what)
+
+    def scatter(self, objs: list[Any] | None, root: int = 0) -> Any:
+        """``objs[rank]`` (given on ``root`` only) to each rank."""
+        from . import bounded
+
+        if self._comm is None:
+            return objs[0] if objs else None
+        return bounded.scatter(self, objs, root, self._what)
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
@@ -312,16 +329,16 @@ def _grace(timeout: float) -> float:
     return max(1.0, min(timeout, 30.0))
 
 
-def _poll(ready: Callable[[], bool], deadline: float | None) -> bool:
+def _poll(ready: Callable[[], bool], deadline: float | None, spin: float = SPIN) -> bool:
     """Call ``ready`` until it is true or the ``deadline`` (monotonic) passes, sleeping in
-    between with a growing pause."""
+    between with a growing pause after the first ``spin`` seconds."""
     start = time.monotonic()
     pause = 2e-5
     while not ready():
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return False
-        if now - start < SPIN:  # the others are usually about to arrive: yield, do not sleep
+        if now - start < spin:  # the others are usually about to arrive: yield, do not sleep
             _yield_core()
             continue
         pause = min(pause * 2, MAX_PAUSE if now - start < 1.0 else LONG_PAUSE)

@@ -85,11 +85,6 @@ def stream(
     wait(outgoing, sorted(sends))
 
 
-def scatter(comm: Comm, objs: list[Any] | None) -> Any:
-    """``objs[rank]`` (pickled) to each rank, from the coordinator (``objs`` given there only)."""
-    return objs[0] if comm._comm is None else comm._usable().scatter(objs, root=0)
-
-
 def bcast_bytes(comm: Comm, buf: Any, what: str, root: int = 0) -> None:
     """``buf`` of rank ``root`` into ``buf`` of every other rank (the same size on every
     rank), raw, in pieces below MPI's count limit. Bounded by ``comm.timeout``: a rank
@@ -221,6 +216,6 @@ def host_of_node(comm: Comm) -> str:
 
     local = comm._usable().Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        return local.bcast(socket.gethostname(), root=0)
+        return Comm(local, comm.timeout).bcast(socket.gethostname(), root=0)
     finally:
         local.Free()

@@ -51,7 +51,7 @@ def coordinator_bytes(comm: Comm, what: str, step: Callable[[], bytes], *, key: 
     data = comm.coordinator_step(what, step, key=key)
     if comm._comm is None:
         return data
-    size = comm._usable(what).bcast(None if data is None else len(data))
+    size = comm.bcast(None if data is None else len(data))
     if size >= SHARE_MIN_BYTES:
         try:  # agreed: a node whose copy failed makes every rank raise, not wait
             return comm.every_rank(what, lambda: broadcast(comm, what, data, size))

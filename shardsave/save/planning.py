@@ -8,7 +8,6 @@ agree round but makes each rank receive and plan the whole job's blocks: 88 ms o
 
 from __future__ import annotations
 
-from .._comm import peers
 from ..errors import InvalidArgumentError
 from ..plan import BlockMeta, SavePlan, make_save_plan
 
@@ -28,5 +27,5 @@ def coordinated_plan(job, metas: list[BlockMeta]) -> SavePlan:
         except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
             error = exc
     comm.agree(error, job.what)
-    mine = peers.scatter(comm, shares)
+    mine = comm.scatter(shares)
     return the_plan if comm.is_coordinator else mine
