@@ -447,3 +447,33 @@ def test_damage_in_one_small_tensor_names_it_and_accounts_for_the_others(tmp_pat
     for name in error.untouched:
         assert (mine[name].value == UNSET).all(), name
     assert error.restored, "the runs before the damaged one were restored whole"
+
+
+def test_a_tree_of_small_leaves_restores_directly_as_the_types_it_had(tmp_path):
+    """Small leaves of every kind through a direct restore: scalars come back as their
+    types, a writable array is restored into its own memory, a read-only one as a new
+    array, a per-rank value into its value."""
+    frozen = np.arange(3.0)
+    frozen.flags.writeable = False
+    w = np.arange(4.0)
+    tree = {
+        "step": 5,
+        "lr": np.float32(0.1),
+        "w": w,
+        "ro": frozen,
+        "rng": ss.PerRank(np.arange(3)),
+        "on": True,
+    }
+    saver = ss.Saver(tree, restore_in_place="direct")
+    prefix = saver.save(str(tmp_path / "m"))
+    tree.update(step=9, lr=np.float32(0.5), on=False)
+    w[:] = -1
+    tree["rng"].value[:] = -7
+    out = saver.restore(prefix)
+    assert out["step"] == 5 and type(out["step"]) is int
+    assert out["lr"] == np.float32(0.1) and type(out["lr"]) is np.float32
+    assert out["on"] is True
+    assert out["w"] is w and w.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert out["ro"].tolist() == [0.0, 1.0, 2.0]
+    assert tree["rng"].value.tolist() == [0, 1, 2]
+    assert saver.last_restore_stats.bytes_reread == 0
