@@ -17,6 +17,7 @@ second fsspec instance, boto3), so that a stale cache of this process would be c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -280,30 +281,32 @@ class TestStorage:
         storage.read_ranges(x, [])  # nothing to do
         storage.read_ranges(store.dir.child("missing.bin"), [])  # not even a check
 
-    def test_read_ranges_from_an_open_local_file(self, store):
+    @staticmethod
+    @contextlib.contextmanager
+    def open_local_file(store, why: str):
+        """``x.bin`` holding ``0123456789``, open for reading: (its location, the descriptor)."""
         if store.kind != "local":
-            pytest.skip("open_local is for local files only (in-place restore)")
+            pytest.skip(f"{why} is for local files only")
         store.put("x.bin", b"0123456789")
         x = store.dir.child("x.bin")
         fd = storage.open_local(x)
         try:
+            yield x, fd
+        finally:
+            storage.close_local(fd)
+
+    def test_read_ranges_from_an_open_local_file(self, store):
+        with self.open_local_file(store, "open_local (in-place restore)") as (x, fd):
             store.delete("x.bin")  # the descriptor keeps reading the file it opened
             store.put("x.bin", b"abcdefghij")
             buf = bytearray(3)
             storage.read_ranges(x, [(2, memoryview(buf))], fd=fd)
             assert bytes(buf) == b"234"
-        finally:
-            storage.close_local(fd)
         with pytest.raises(NotFoundError, match=re.escape(store.dir.child("nope").url)):
             storage.open_local(store.dir.child("nope"))
 
     def test_read_local_run_fills_buffers_one_after_the_other(self, store):
-        if store.kind != "local":
-            pytest.skip("read_local_run is for local files only (direct restore)")
-        store.put("x.bin", b"0123456789")
-        x = store.dir.child("x.bin")
-        fd = storage.open_local(x)
-        try:
+        with self.open_local_file(store, "read_local_run (direct restore)") as (x, fd):
             bufs = [bytearray(3), bytearray(0), bytearray(4)]
             storage.read_local_run(x, fd, 1, [memoryview(b) for b in bufs])
             assert [bytes(b) for b in bufs] == [b"123", b"", b"4567"]
@@ -312,8 +315,6 @@ class TestStorage:
                 match=f"^{re.escape(x.url)}: file too short: wanted 8 bytes at offset 4, got 6$",
             ):
                 storage.read_local_run(x, fd, 4, [memoryview(bytearray(5)), memoryview(bytearray(3))])
-        finally:
-            storage.close_local(fd)
 
     def test_read_ranges_of_a_short_file_is_data_loss(self, store):
         store.put("x.bin", b"0123456789")

@@ -236,10 +236,7 @@ def _load_chunk(
     r = b.read
     if landing is not None:
         landing.touch(r.target)
-    for offset, buf in b.parts:
-        lo, hi = max(offset, start), min(offset + len(buf), stop)
-        if lo < hi:
-            storage.read_ranges(file_loc, [(r.entry.offset + lo, buf[lo - offset : hi - offset])], fd=fd)
+    storage.read_local_run(file_loc, fd, r.entry.offset + start, _parts_within(b, start, stop))
     check_run(file_loc, r, start, stop, expected, partial(_parts_crc, b))
     if landing is not None:
         landing.placed(r.target)
@@ -369,13 +366,21 @@ def _after_range(file_loc: storage.Location, groups: list[list[Bound]], landing:
     return after
 
 
-def _parts_crc(b: Bound, start: int, stop: int) -> int:
-    """The CRC32C of entry bytes ``[start, stop)`` of a RowsRead, from its parts."""
-    actual = 0
+def _parts_within(b: Bound, start: int, stop: int) -> list[memoryview]:
+    """The pieces of ``b.parts`` that hold entry bytes ``[start, stop)``, in order."""
+    out = []
     for offset, buf in b.parts:
         lo, hi = max(offset, start), min(offset + len(buf), stop)
         if lo < hi:
-            actual = crc.crc32c(buf[lo - offset : hi - offset], actual)
+            out.append(buf[lo - offset : hi - offset])
+    return out
+
+
+def _parts_crc(b: Bound, start: int, stop: int) -> int:
+    """The CRC32C of entry bytes ``[start, stop)`` of a read landing in parts, from its parts."""
+    actual = 0
+    for piece in _parts_within(b, start, stop):
+        actual = crc.crc32c(piece, actual)
     return actual
 
 
