@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import errors
-from . import Comm, _duplicate, _poll
+from . import SPIN, Comm, _duplicate, _poll, bounded
 
 PIECE = 1 << 30
 """Largest message: MPI counts are 32-bit ints in the classic bindings."""
@@ -95,15 +95,10 @@ def bcast_bytes(comm: Comm, buf: Any, what: str, root: int = 0) -> None:
     from mpi4py import MPI
 
     mpi = comm._usable(what)
-    deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
     view = memoryview(buf).cast("B")
     requests = [mpi.Ibcast([piece, MPI.BYTE], root=root) for piece in pieces(view)]
-    if not _poll(lambda: MPI.Request.Testall(requests), deadline):
-        comm._broken = f"{what}: a broadcast of {len(view)} bytes from rank {root}"
-        raise errors.DeadlineExceededError(
-            f"{what}: rank {comm.rank} did not get the {comm.size} ranks' broadcast of bytes from rank "
-            f"{root} within {comm.timeout:g} s (a rank never arrived or stopped)"
-        )
+    # the agree's short spin: a large index can take seconds to arrive
+    bounded.wait(comm, requests, what, f"a broadcast of {len(view)} bytes from rank {root}", SPIN)
 
 
 def send_all(comm: Comm, rank: int, buffers: Sequence[Any], what: str, tag: int = STREAM_TAG) -> None:
