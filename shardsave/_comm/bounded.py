@@ -17,20 +17,18 @@ bytes are ever unpickled.
 from __future__ import annotations
 
 import pickle
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import errors
+from . import _poll_or_break, _wait_or_break
 
 if TYPE_CHECKING:
     from . import Comm
 
 GATHER_TAG = 0x5A512
 SCATTER_TAG = 0x5A513
-COLLECTIVE_SPIN = 1.0
-"""Seconds a rank polls without sleeping: these calls follow a step every rank passed."""
 INLINE = 4096
 """Bytes of a broadcast's one message: its pickle's size, and the pickle if it fits."""
 
@@ -48,7 +46,7 @@ def bcast(comm: Comm, obj: Any, root: int, what: str) -> Any:
         header[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), np.uint8)
         if len(payload) <= INLINE - 8:
             header[8 : 8 + len(payload)] = np.frombuffer(payload, np.uint8)
-    wait(comm, [mpi.Ibcast([header, MPI.BYTE], root=root)], what, f"a broadcast from rank {root}")
+    _wait_or_break(comm, [mpi.Ibcast([header, MPI.BYTE], root=root)], what, f"a broadcast from rank {root}")
     size = int.from_bytes(header[:8].tobytes(), "little")
     if size <= INLINE - 8:
         return obj if comm.rank == root else pickle.loads(header[8 : 8 + size].tobytes())
@@ -67,7 +65,7 @@ def gather(comm: Comm, obj: Any, root: int, what: str) -> list[Any] | None:
     mpi = comm._usable(what)
     doing = f"a gather to rank {root}"
     if comm.rank != root:
-        wait(comm, [mpi.isend(obj, dest=root, tag=GATHER_TAG)], what, doing)
+        _wait_or_break(comm, [mpi.isend(obj, dest=root, tag=GATHER_TAG)], what, doing)
         return None
     got: dict[int, Any] = {root: obj}
     ahead = comm._ahead  # sent by a rank for a later gather, which it reached first
@@ -85,7 +83,7 @@ def gather(comm: Comm, obj: Any, root: int, what: str) -> list[Any] | None:
                 got[rank] = value
         return len(got) == comm.size
 
-    poll_or_break(comm, arrived, what, doing)
+    _poll_or_break(comm, arrived, what, doing)
     return [got[rank] for rank in range(comm.size)]
 
 
@@ -102,7 +100,7 @@ def scatter(comm: Comm, objs: list[Any] | None, root: int, what: str) -> Any:
         if objs is None or len(objs) != comm.size:
             raise errors.InvalidArgumentError(f"{what}: scatter needs {comm.size} objects on rank {root}")
         sends = [mpi.isend(o, dest=rank, tag=SCATTER_TAG) for rank, o in enumerate(objs) if rank != root]
-        wait(comm, sends, what, doing)
+        _wait_or_break(comm, sends, what, doing)
         return objs[root]
     got: list[Any] = []
 
@@ -112,29 +110,8 @@ def scatter(comm: Comm, objs: list[Any] | None, root: int, what: str) -> Any:
             got.append(message.recv())
         return bool(got)
 
-    poll_or_break(comm, arrived, what, doing)
+    _poll_or_break(comm, arrived, what, doing)
     return got[0]
-
-
-def wait(comm: Comm, requests: list, what: str, doing: str, spin: float = COLLECTIVE_SPIN) -> None:
-    """Poll ``requests`` until done or ``comm.timeout``; then the Comm is broken."""
-    from mpi4py import MPI
-
-    poll_or_break(comm, lambda: MPI.Request.Testall(requests), what, doing, spin)
-
-
-def poll_or_break(comm: Comm, ready, what: str, doing: str, spin: float = COLLECTIVE_SPIN) -> None:
-    """Call ``ready`` until true (``_poll``, sleeping after ``spin`` s) or ``comm.timeout``
-    passes; then mark the Comm broken and raise DeadlineExceededError naming ``doing``."""
-    from . import _poll
-
-    deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
-    if not _poll(ready, deadline, spin):
-        comm._broken = f"{what}: {doing}"
-        raise errors.DeadlineExceededError(
-            f"{what}: rank {comm.rank} did not complete {doing} among the {comm.size} ranks within "
-            f"{comm.timeout:g} s (a rank never arrived or stopped)"
-        )
 
 
 def _dumps(obj: Any) -> bytes:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import errors
-from . import SPIN, Comm, _duplicate, _poll, bounded
+from . import SPIN, Comm, _duplicate, _poll, _wait_or_break
 
 PIECE = 1 << 30
 """Largest message: MPI counts are 32-bit ints in the classic bindings."""
@@ -98,7 +98,7 @@ def bcast_bytes(comm: Comm, buf: Any, what: str, root: int = 0) -> None:
     view = memoryview(buf).cast("B")
     requests = [mpi.Ibcast([piece, MPI.BYTE], root=root) for piece in pieces(view)]
     # the agree's short spin: a large index can take seconds to arrive
-    bounded.wait(comm, requests, what, f"a broadcast of {len(view)} bytes from rank {root}", SPIN)
+    _wait_or_break(comm, requests, what, f"a broadcast of {len(view)} bytes from rank {root}", SPIN)
 
 
 def send_all(comm: Comm, rank: int, buffers: Sequence[Any], what: str, tag: int = STREAM_TAG) -> None:
