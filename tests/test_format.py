@@ -216,6 +216,23 @@ def test_run_crcs_match_the_crc_of_each_run(data, block_size, run_blocks):
         crc.run_crcs(packed[:-4], block_size, len(data), run_blocks)
 
 
+@settings(max_examples=40)
+@given(st.lists(st.binary(max_size=2000), min_size=1, max_size=6), st.integers(1, 300), st.integers(1, 12))
+def test_runs_crcs_of_many_spans_are_each_spans_own(spans, block_size, run_blocks):
+    """Deriving the run CRCs of several spans in one pass gives each span the CRCs of its
+    own runs, whatever their lengths (empty, shorter than a run, ending in a short block)."""
+
+    def packed(data):
+        blocks = [data[i : i + block_size] for i in range(0, len(data), block_size)]
+        return b"".join(crc.mask(crc.crc32c(b)).to_bytes(4, "little") for b in blocks)
+
+    step = block_size * run_blocks
+    together = crc.runs_crcs([(packed(d), len(d)) for d in spans], block_size, run_blocks)
+    assert together == [[crc.crc32c(d[i : i + step]) for i in range(0, len(d), step)] for d in spans]
+    with pytest.raises(ValueError, match="bytes of block CRCs"):
+        crc.runs_crcs([(packed(d), len(d) + block_size) for d in spans], block_size, run_blocks)
+
+
 # --------------------------------------------------------------------------------------
 # table.py
 
@@ -289,6 +306,29 @@ def _check_table_structure(data: bytes, items: list[tuple[bytes, bytes]]) -> int
         pos = off + size + block.TRAILER_SIZE
     assert pos + table.FOOTER_SIZE == len(data)
     return len(blocks)
+
+
+@settings(max_examples=80)
+@given(
+    st.dictionaries(
+        st.binary(max_size=140),
+        st.one_of(st.binary(max_size=20), st.binary(min_size=120, max_size=400)),
+        max_size=90,
+    ).map(lambda d: sorted(d.items())),
+    st.integers(1, 20),
+)
+def test_block_entries_with_short_and_long_headers(items, restart_interval):
+    """A block whose restart runs mix one-byte entry headers and longer ones (values of 128
+    bytes or more, such as a tensor's block CRCs, or long keys) decodes to its entries, in
+    order, and with ``views_over`` gives the long values as views."""
+    builder = block.BlockBuilder(restart_interval)
+    for key, value in items:
+        builder.add(key, value)
+    contents = builder.finish()
+    assert block.block_entries(memoryview(contents), "b") == items
+    assert [k for k, _ in items] == _check_block(contents, restart_interval)
+    views = block.block_entries(memoryview(contents), "b", views_over=200)  # long values as views
+    assert [(k, bytes(v)) for k, v in views] == items
 
 
 sorted_items = st.dictionaries(

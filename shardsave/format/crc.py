@@ -6,6 +6,8 @@ instructions and releases the GIL, so a second thread can checksum while another
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import crc32c as _crc32c
 import numpy as np
 
@@ -87,27 +89,48 @@ def run_crcs(masked_block_crcs: bytes, block_size: int, nbytes: int, run_blocks:
     64 KiB block, which cost a fifth of a restore's checking. The runs made of
     full-length blocks, all but at most the last, are folded together with numpy.
     """
-    blocks = -(-nbytes // block_size)
-    if len(masked_block_crcs) != 4 * blocks:
-        raise ValueError(f"{len(masked_block_crcs)} bytes of block CRCs for {blocks} blocks")
-    rot = np.frombuffer(masked_block_crcs, "<u4").astype(np.uint32) - np.uint32(_MASK_DELTA)
-    crcs = (rot >> np.uint32(17)) | (rot << np.uint32(15))
-    full_runs = (nbytes // block_size) // run_blocks
-    out: list[int] = []
-    if full_runs:
-        runs = crcs[: full_runs * run_blocks].reshape(full_runs, run_blocks)
+    return runs_crcs([(masked_block_crcs, nbytes)], block_size, run_blocks)[0]
+
+
+def runs_crcs(spans: Sequence[tuple[bytes, int]], block_size: int, run_blocks: int) -> list[list[int]]:
+    """``run_crcs`` of each ``(masked_block_crcs, nbytes)``, all of ``block_size`` blocks in
+    runs of ``run_blocks``: the full runs of every span are folded in one numpy pass, which
+    costs about the same for one run as for thousands (160 us for one 32 MiB tensor)."""
+    heads, tails, counts = [], [], []
+    for masked, nbytes in spans:
+        blocks = -(-nbytes // block_size)
+        if len(masked) != 4 * blocks:
+            raise ValueError(f"{len(masked)} bytes of block CRCs for {blocks} blocks")
+        full = (nbytes // block_size) // run_blocks * run_blocks
+        heads.append(masked[: 4 * full])
+        tails.append((masked[4 * full :], nbytes - full * block_size))
+        counts.append(full // run_blocks)
+    crcs = _unmasked(b"".join(heads))
+    folded: list[int] = []
+    if len(crcs):
+        runs = crcs.reshape(-1, run_blocks)
         t0, t1, t2, t3 = (np.array(t, np.uint32) for t in _tables_for(block_size))
         acc = runs[:, 0]
         for i in range(1, run_blocks):
             acc = t0[acc & 0xFF] ^ t1[acc >> 8 & 0xFF] ^ t2[acc >> 16 & 0xFF] ^ t3[acc >> 24] ^ runs[:, i]
-        out = acc.tolist()
-    first = full_runs * run_blocks
-    if first < blocks:  # the tail: fewer than run_blocks blocks, or a short last block
-        acc = int(crcs[first])
-        for i in range(first + 1, blocks):
-            acc = combine(acc, int(crcs[i]), min(block_size, nbytes - i * block_size))
-        out.append(acc)
+        folded = acc.tolist()
+    out, at = [], 0
+    for count, (masked, left) in zip(counts, tails, strict=True):
+        mine = folded[at : at + count]
+        at += count
+        if masked:  # the tail: fewer than run_blocks blocks, or a short last block
+            rest = _unmasked(masked).tolist()
+            acc = rest[0]
+            for i, value in enumerate(rest[1:], 1):
+                acc = combine(acc, value, min(block_size, left - i * block_size))
+            mine.append(acc)
+        out.append(mine)
     return out
+
+
+def _unmasked(masked: bytes) -> np.ndarray:
+    rot = np.frombuffer(masked, "<u4").astype(np.uint32) - np.uint32(_MASK_DELTA)
+    return (rot >> np.uint32(17)) | (rot << np.uint32(15))
 
 
 def masked_crc32cs(buffers: list) -> list[int]:

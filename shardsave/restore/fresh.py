@@ -41,8 +41,9 @@ from .verify import (
     check_run,
     check_runs,
     checked_strings,
+    chunk_blocks,
+    chunk_crcs,
     crc_of_bytes,
-    span_run_crcs,
 )
 
 
@@ -85,9 +86,16 @@ class Landing:
     def touch(self, target: int) -> None:
         self.touched.add(target)  # one bytecode under the GIL: safe from any thread
 
+    def touch_all(self, targets: list[int]) -> None:
+        self.touched.update(targets)  # as touch: one call under the GIL
+
     def placed(self, target: int) -> None:
         with self._lock:
             self._left[target] -= 1
+
+    def placed_whole(self, targets: list[int]) -> None:
+        """Each of ``targets``, planned as one read (``plan_each``), has been placed."""
+        self._left.update(dict.fromkeys(targets, 0))  # one call under the GIL
 
     def done(self, target: int) -> bool:
         return self._left.get(target, 0) == 0
@@ -182,8 +190,7 @@ def _chunk_starts(r: Read) -> range:
 
 
 def _chunk_step(r: Read) -> int:
-    bs = r.entry.block_size
-    return max(1, CHECK_CHUNK // bs) * bs
+    return chunk_blocks(r.entry.block_size) * r.entry.block_size
 
 
 def _landing_parts(b: Bound) -> list[tuple[int, memoryview]]:
@@ -206,15 +213,15 @@ def _load_in_chunks(
     fd = storage.open_local(file_loc)  # once: not an open per chunk
     try:
         jobs = []
-        for b in bounds:
+        expected = chunk_crcs([(b.read.entry, b.read.span) for b in bounds])
+        for b, wants in zip(bounds, expected, strict=True):
             r = b.read
             b.parts = _landing_parts(b)
             step = _chunk_step(r)
-            expected = span_run_crcs(r.entry, r.span, step // r.entry.block_size)
             stats.bytes_read += r.span.stop - r.span.start
             jobs += [
                 partial(_load_chunk, file_loc, fd, b, start, min(start + step, r.span.stop), want, landing)
-                for start, want in zip(_chunk_starts(r), expected, strict=True)
+                for start, want in zip(_chunk_starts(r), wants, strict=True)
             ]
         stats.requests += len(jobs)
         io_threads.run_on_workers(jobs)
@@ -236,8 +243,13 @@ def _load_chunk(
     r = b.read
     if landing is not None:
         landing.touch(r.target)
-    storage.read_local_run(file_loc, fd, r.entry.offset + start, _parts_within(b, start, stop))
-    check_run(file_loc, r, start, stop, expected, partial(_parts_crc, b))
+    pieces = _parts_within(b, start, stop)
+    storage.read_local_run(file_loc, fd, r.entry.offset + start, pieces)
+    actual = 0
+    for piece in pieces:
+        actual = crc.crc32c(piece, actual)
+    if actual != expected:  # raises, naming the block that differs
+        check_run(file_loc, r, start, stop, expected, partial(_parts_crc, b))
     if landing is not None:
         landing.placed(r.target)
 

@@ -43,7 +43,7 @@ from . import slabs
 from .checks import DataFiles, shard_file
 from .planner import plan_reads
 from .reads import DirectRead, LoadStats, Read, RowsRead, Target, Wanted
-from .verify import CHECK_CHUNK, check_entry, check_run, crc_of_bytes, span_run_crcs
+from .verify import CHECK_CHUNK, check_entry, check_run, chunk_blocks, chunk_crcs, crc_of_bytes
 
 
 class InPlaceLoad:
@@ -87,14 +87,17 @@ class InPlaceLoad:
             f = _File(file_loc, fd, os.fstat(fd))
             self._files.append(f)
             stats.files.add(file_loc.url)
+            blocked = [r for r in reads if r.entry.block_size and r.entry.block_crcs]
+            expected_of = dict(
+                zip(map(id, blocked), chunk_crcs([(r.entry, r.span) for r in blocked]), strict=True)
+            )
             for r in reads:
                 e, span = r.entry, r.span
                 stats.bytes_read += span.stop - span.start
                 if e.block_size and e.block_crcs:
-                    per_chunk = max(1, CHECK_CHUNK // e.block_size)
-                    step = per_chunk * e.block_size
+                    step = chunk_blocks(e.block_size) * e.block_size
                     scratch_bytes = max(scratch_bytes, step)
-                    expected = span_run_crcs(e, span, per_chunk)
+                    expected = expected_of[id(r)]
                     jobs += [
                         partial(_check_blocks, file_loc, fd, r, start, min(start + step, span.stop), want)
                         for start, want in zip(range(span.start, span.stop, step), expected, strict=True)

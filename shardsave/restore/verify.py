@@ -7,7 +7,7 @@ blocks is then checked a run of blocks at a time, and a mismatch names the block
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -44,10 +44,35 @@ def crc_of_bytes(data: memoryview, start: int) -> Callable[[int, int], int]:
 def span_run_crcs(e: BundleEntry, span: Span, run_blocks: int) -> list[int]:
     """The CRC32C of each run of ``run_blocks`` checksum blocks of entry bytes ``span``
     (aligned to blocks), from the stored block CRCs (lengths checked by the plan)."""
+    return crc.run_crcs(_span_block_crcs(e, span), e.block_size, span.stop - span.start, run_blocks)
+
+
+def chunk_blocks(block_size: int) -> int:
+    """Checksum blocks in a CHECK_CHUNK: what one I/O thread reads and checks at a time."""
+    return max(1, CHECK_CHUNK // block_size)
+
+
+def chunk_crcs(parts: Sequence[tuple[BundleEntry, Span]]) -> list[list[int]]:
+    """``span_run_crcs`` of each ``(entry, span)`` in runs of ``chunk_blocks``, those of one
+    block size derived together (one numpy pass: 3 ms a GiB in 32 MiB tensors, one by one)."""
+    out: list[list[int]] = [[] for _ in parts]
+    by_size: dict[int, list[int]] = {}
+    for k, (e, _) in enumerate(parts):
+        by_size.setdefault(e.block_size, []).append(k)
+    for bs, which in by_size.items():
+        spans = [
+            (_span_block_crcs(parts[k][0], parts[k][1]), parts[k][1].stop - parts[k][1].start) for k in which
+        ]
+        for k, crcs in zip(which, crc.runs_crcs(spans, bs, chunk_blocks(bs)), strict=True):
+            out[k] = crcs
+    return out
+
+
+def _span_block_crcs(e: BundleEntry, span: Span) -> bytes:
     bs = e.block_size
     first = span.start // bs
     count = -(-(span.stop - span.start) // bs)
-    return crc.run_crcs(e.block_crcs[4 * first : 4 * (first + count)], bs, span.stop - span.start, run_blocks)
+    return e.block_crcs[4 * first : 4 * (first + count)]
 
 
 def check_run(

@@ -215,8 +215,7 @@ def read_local_run(loc: Location, fd: int, offset: int, buffers: Sequence[memory
     """Fill byte ``buffers``, one after the other, with the bytes of local file ``loc`` (open
     as ``fd``, from ``open_local``) from ``offset``, in one vectored read. A file shorter
     than that is :class:`DataLossError`."""
-    with translate_errors(loc, "reading"):
-        local.preadv_exact(fd, offset, buffers, loc)
+    local.preadv_exact(fd, offset, buffers, loc)  # an OSError is already DataLossError there
 
 
 def close_local(fd: int) -> None:
