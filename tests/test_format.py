@@ -233,6 +233,21 @@ def test_runs_crcs_of_many_spans_are_each_spans_own(spans, block_size, run_block
         crc.runs_crcs([(packed(d), len(d) + block_size) for d in spans], block_size, run_blocks)
 
 
+def test_run_crcs_of_tiny_blocks_fold_in_log_steps():
+    """A crafted index may give a tensor 2-byte checksum blocks (consistent CRCs, so not
+    damage): a run of 768 KiB is then 393,216 blocks, not a power of two, so the pairwise
+    fold pads it. The fold one block at a time that this replaced took seconds a MiB and
+    hung a fuzzed restore (the corpus case found-hang-tiny-checksum-blocks-runs-crcs
+    fails on it); this checks the padded fold's values."""
+    data = np.random.default_rng(7).integers(0, 256, (1 << 20) + 3, np.uint8).tobytes()
+    packed = b"".join(
+        crc.mask(crc.crc32c(data[i : i + 2])).to_bytes(4, "little") for i in range(0, len(data), 2)
+    )
+    run = 3 << 17
+    runs = crc.run_crcs(packed, 2, len(data), run)
+    assert runs == [crc.crc32c(data[: 2 * run]), crc.crc32c(data[2 * run :])]
+
+
 # --------------------------------------------------------------------------------------
 # table.py
 
