@@ -132,7 +132,6 @@ def runs_crcs(spans: Sequence[tuple[bytes, int]], block_size: int, run_blocks: i
 
 _MASKED_ZERO = (_MASK_DELTA).to_bytes(4, "little")
 """mask(0): an empty block's CRC as stored, the padding of a tail."""
-_np_tables: dict[int, tuple[np.ndarray, ...]] = {}
 
 
 def _fold_rows(rows: np.ndarray, block_size: int) -> np.ndarray:
@@ -149,18 +148,51 @@ def _fold_rows(rows: np.ndarray, block_size: int) -> np.ndarray:
     padded = 1 << (width - 1).bit_length()
     if padded != width:
         rows = np.hstack([np.zeros((len(rows), padded - width), np.uint32), rows])
+    tables = None
     length = block_size
     while rows.shape[1] > 1:
-        tables = _np_tables.get(length)
-        if tables is None:
-            if len(_np_tables) > 64:
-                _np_tables.clear()
-            tables = _np_tables[length] = tuple(np.array(t, np.uint32) for t in _tables_for(length))
-        t0, t1, t2, t3 = tables
+        tables = _np_shift_tables(length, tables)
         left, right = rows[:, 0::2], rows[:, 1::2]
-        rows = t0[left & 0xFF] ^ t1[left >> 8 & 0xFF] ^ t2[left >> 16 & 0xFF] ^ t3[left >> 24] ^ right
+        rows = _shifted(tables, left) ^ right
         length *= 2
     return rows[:, 0]
+
+
+_np_tables: dict[int, tuple[np.ndarray, ...]] = {}
+_UNIT_COLUMNS = np.uint32(1) << np.arange(32, dtype=np.uint32)
+
+
+def _np_shift_tables(length: int, half: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, ...]:
+    """``_tables_for(length)`` as numpy arrays. Given ``half``, the tables of
+    ``length // 2``, the shift's columns are those of half's applied twice (a shift is
+    linear, so shift(2n) is shift(n) twice): no CRCs over zeros, which cost a ms a table
+    and made a crafted index of many block sizes slow."""
+    tables = _np_tables.get(length)
+    if tables is None:
+        if half is None:
+            base = _crc_of_zeros(length, 0)
+            cols = np.array([_crc_of_zeros(length, 1 << bit) ^ base for bit in range(32)], np.uint32)
+        else:
+            cols = _shifted(half, _shifted(half, _UNIT_COLUMNS))
+        tables = tuple(_byte_table(cols[8 * k : 8 * k + 8]) for k in range(4))
+        if len(_np_tables) > 64:
+            _np_tables.clear()
+        _np_tables[length] = tables
+    return tables
+
+
+def _byte_table(cols: np.ndarray) -> np.ndarray:
+    """The XOR of the columns each byte's set bits pick, for all 256 bytes."""
+    table = np.zeros(256, np.uint32)
+    for bit in range(8):
+        n = 1 << bit
+        table[n : 2 * n] = table[:n] ^ cols[bit]
+    return table
+
+
+def _shifted(tables: tuple[np.ndarray, ...], crcs: np.ndarray) -> np.ndarray:
+    t0, t1, t2, t3 = tables
+    return t0[crcs & 0xFF] ^ t1[crcs >> 8 & 0xFF] ^ t2[crcs >> 16 & 0xFF] ^ t3[crcs >> 24]
 
 
 def _unmasked(masked: bytes) -> np.ndarray:
