@@ -216,6 +216,36 @@ def test_a_tensor_of_four_pieces_still_gets_every_check(tmp_path):
         restore(loc, index, block)
 
 
+@pytest.mark.parametrize("padding", ["repeated records", "a dtype after the records"])
+def test_a_few_piece_tensor_with_a_padded_slice_list_still_gets_every_check(tmp_path, padding):
+    """The lookup is chosen by the number of slice keys, not by the list's length: a
+    crafted full entry of four pieces whose list is padded past LOOKUP_MIN_SLICE_BYTES
+    (repeated records, or a dtype field among them, which protobuf would let override the
+    head) is checked whole and is DataLossError (a fuzz finding: it restored)."""
+    pieces = [((i * ROWS, ROWS), (0, COLS)) for i in range(4)]
+    loc, _, value = write(tmp_path, pieces, shape=(4 * ROWS, COLS), order=list(range(4)))
+    block = Block((ROWS, 0), (ROWS, COLS))
+    if padding == "repeated records":
+        full = BundleEntry(1, (4 * ROWS, COLS), slices=tuple(pieces * 3)).encode()
+        match = "lists 12 slices, the index holds 4"
+    else:
+        full = BundleEntry(1, (4 * ROWS, COLS), slices=tuple(pieces * 2)).encode() + b"\x08\x0e"
+        match = "field tag 0x8 among its slices"
+    items = _items_of(loc)
+    items[-1] = (NAME.encode(), full)
+    index = parse_index(_raw_table(items))
+    assert index.pieces.listed(NAME).raw_len() >= lookup.LOOKUP_MIN_SLICE_BYTES
+    assert not lookup.wants_lookup(index, NAME, block)
+    with pytest.raises(DataLossError, match=match):
+        restore(loc, index, block)
+
+
+def test_pieces_are_counted_from_their_keys(tmp_path):
+    _, index, _ = write(tmp_path)
+    assert index.pieces.more_than(NAME, 5) and index.pieces.more_than(NAME, PIECES - 1)
+    assert not index.pieces.more_than(NAME, PIECES)
+
+
 def test_a_full_entrys_slice_list_stays_in_the_index_buffer(tmp_path):
     """parse_index keeps a full entry's list of slices as a view of the index's buffer
     (on a node that shares the index, every rank's copy of it was 144 MB at ten million

@@ -83,6 +83,7 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
         self._reader = reader
         self._counts = counts  # name -> the slices its full entry lists (framed on use)
         self._cache: dict[str, dict[tuple[Extent, ...], BundleEntry]] = {}
+        self._more: dict[tuple[str, int], bool] = {}
 
     def __getitem__(self, name: str) -> dict[tuple[Extent, ...], BundleEntry]:
         found = self._cache.get(name)
@@ -111,6 +112,17 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._counts
+
+    def more_than(self, name: str, count: int) -> bool:
+        """Whether the index holds more than ``count`` slice keys of ``name``: counted from
+        the keys (a restart run or two), not from the full entry's list, whose length a
+        crafted index may inflate. DecodeError on damage in the runs decoded."""
+        found = self._more.get((name, count))
+        if found is None:
+            prefix = b"\x00" + write_string(name.encode("utf-8"))
+            keys = self._reader.seek_range(prefix, prefix + b"\xff", limit=count + 1)
+            found = self._more[name, count] = len(keys) > count
+        return found
 
     def listed(self, name: str) -> Sequence:
         """The slices the full entry of ``name`` lists (a RawSlices for writers' layout)."""

@@ -305,11 +305,12 @@ class TableReader:
             )
         return found
 
-    def seek_range(self, lo: bytes, hi: bytes) -> list[tuple[bytes, bytes]]:
+    def seek_range(self, lo: bytes, hi: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
         """``range(lo, hi)``, decoding only the restart runs that may hold such keys (a
         binary search over the index block, then over each block's restart points), so
         that a few keys of a table of millions cost microseconds. The runs decoded are
-        checked (``BlockSeeker``), and lie inside their block's separators."""
+        checked (``BlockSeeker``), and lie inside their block's separators. With
+        ``limit``, the first ``limit`` or more such entries (the runs that hold them)."""
         out: list[tuple[bytes, bytes]] = []
         i = bisect.bisect_left(self._separators, lo)
         j = self.seeker(i).last_restart_before(lo) if i < len(self._blocks) else 0
@@ -318,7 +319,7 @@ class TableReader:
             while j < len(block):
                 run = self._checked_run(i, j)
                 out += [(k, v) for k, v in run if lo <= k < hi]
-                if run and run[-1][0] >= hi:
+                if run and run[-1][0] >= hi or (limit is not None and len(out) >= limit):
                     return out
                 j += 1
             i, j = i + 1, 0

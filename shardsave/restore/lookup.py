@@ -20,10 +20,13 @@ from a table block whose checksum was verified, through runs that are bounds-che
 strictly increasing. So every byte a restore uses is verified, and damage in what it uses
 is a DataLossError before a byte of data is read or a buffer allocated: sizes are checked
 before use exactly as before. What is not looked at: pieces that overlap none of the
-block, and whether the list has entries no key holds. A crafted index can therefore put
-two pieces over one region when only one of them meets the block, or a stray piece away
-from it: the block restores the elements the pieces it uses define, with checksums
-matching (a whole-tensor read, or a tensor of few pieces, still gets every check).
+block, and the list itself, which is searched for the records of the pieces used but not
+framed (so neither entries no key holds nor a field among the records, which TF's
+protobuf parse would read, are seen). A crafted index can therefore put two pieces over
+one region when only one of them meets the block, or a stray piece away from it: the
+block restores the elements the pieces it uses define, with checksums matching. A
+whole-tensor read, or a tensor of fewer than LOOKUP_MIN_PIECES slice keys (counted from
+the keys, so a padded list does not pass for many pieces), still gets every check.
 """
 
 from __future__ import annotations
@@ -44,22 +47,33 @@ from .checks import (
     stored_dtype,
 )
 
+LOOKUP_MIN_PIECES = 6
+"""A tensor of fewer slice keys is checked whole: every check applies to every piece and
+to its full entry's whole list. Measured (issue 15): a lookup costs ~0.2 ms a tensor
+whatever its pieces, a whole check ~28 us a piece, so from six to eight pieces on the
+lookup is cheaper, and a restore's work per rank stops growing with the number of ranks
+that saved (it was the whole index's pieces: 80 tensors x 16 pieces, 38 ms a rank,
+against 19 ms by lookup)."""
+
 LOOKUP_MIN_SLICE_BYTES = 64
-"""A full entry whose ``slices`` records take fewer bytes (about six pieces of a matrix,
-10-16 bytes a record) is checked whole: every check applies to every piece. Measured
-(issue 15): a lookup costs ~0.2 ms a tensor whatever its pieces, a whole check ~28 us a
-piece, so from six to eight pieces on the lookup is cheaper, and a restore's work per rank
-stops growing with the number of ranks that saved (it was the whole index's pieces:
-80 tensors x 16 pieces, 38 ms a rank, against 19 ms by lookup)."""
+"""A full entry whose ``slices`` records take fewer bytes (fewer than six pieces of a
+matrix, 10-16 bytes a record) is checked whole without counting its keys."""
 
 
 def wants_lookup(index: Index, name: str, block: Block) -> bool:
     """Whether to find the pieces of ``name`` that ``block`` needs by binary search,
-    rather than decoding and checking all of them."""
+    rather than decoding and checking all of them. Decided by the number of slice keys,
+    not by the list's length alone: a crafted full entry of two pieces whose list is
+    padded past the threshold (a fuzz finding) is checked whole, so its list is framed."""
     if name not in index.pieces or not block.shape or block.shape == index.entries[name].shape:
         return False
     listed = index.pieces.listed(name)
-    return isinstance(listed, RawSlices) and listed.raw_len() >= LOOKUP_MIN_SLICE_BYTES
+    if not isinstance(listed, RawSlices) or listed.raw_len() < LOOKUP_MIN_SLICE_BYTES:
+        return False
+    try:
+        return index.pieces.more_than(name, LOOKUP_MIN_PIECES - 1)
+    except DecodeError:  # damage near the keys: the whole check finds and names it
+        return False
 
 
 def pieces_for(
@@ -113,4 +127,4 @@ def _overlapping(prefix, name: str, full: BundleEntry, found, block: Block) -> l
     return out
 
 
-__all__ = ["LOOKUP_MIN_SLICE_BYTES", "pieces_for", "wants_lookup"]
+__all__ = ["LOOKUP_MIN_PIECES", "LOOKUP_MIN_SLICE_BYTES", "pieces_for", "wants_lookup"]
