@@ -223,7 +223,7 @@ def test_a_few_piece_tensor_with_a_padded_slice_list_still_gets_every_check(tmp_
     (repeated records, or a dtype field among them, which protobuf would let override the
     head) is checked whole and is DataLossError (a fuzz finding: it restored)."""
     pieces = [((i * ROWS, ROWS), (0, COLS)) for i in range(4)]
-    loc, _, value = write(tmp_path, pieces, shape=(4 * ROWS, COLS), order=list(range(4)))
+    loc, _, _ = write(tmp_path, pieces, shape=(4 * ROWS, COLS), order=list(range(4)))
     block = Block((ROWS, 0), (ROWS, COLS))
     if padding == "repeated records":
         full = BundleEntry(1, (4 * ROWS, COLS), slices=tuple(pieces * 3)).encode()

@@ -42,13 +42,18 @@ _shift_tables: dict[int, tuple[list[int], ...]] = {}
 def _tables_for(length: int) -> tuple[list[int], ...]:
     tables = _shift_tables.get(length)
     if tables is None:
-        base = _crc_of_zeros(length, 0)
-        cols = [_crc_of_zeros(length, 1 << bit) ^ base for bit in range(32)]
+        cols = _shift_columns(length)
         tables = tuple([_fold(cols[8 * k : 8 * k + 8], b) for b in range(256)] for k in range(4))
         if len(_shift_tables) > 64:
             _shift_tables.clear()
         _shift_tables[length] = tables
     return tables
+
+
+def _shift_columns(length: int) -> list[int]:
+    """shift(1 << bit, length) for each of the 32 bits: the shift's matrix."""
+    base = _crc_of_zeros(length, 0)
+    return [_crc_of_zeros(length, 1 << bit) ^ base for bit in range(32)]
 
 
 _ZEROS = bytes(1 << 20)
@@ -170,8 +175,7 @@ def _np_shift_tables(length: int, half: tuple[np.ndarray, ...] | None) -> tuple[
     tables = _np_tables.get(length)
     if tables is None:
         if half is None:
-            base = _crc_of_zeros(length, 0)
-            cols = np.array([_crc_of_zeros(length, 1 << bit) ^ base for bit in range(32)], np.uint32)
+            cols = np.array(_shift_columns(length), np.uint32)
         else:
             cols = _shifted(half, _shifted(half, _UNIT_COLUMNS))
         tables = tuple(_byte_table(cols[8 * k : 8 * k + 8]) for k in range(4))

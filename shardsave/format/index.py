@@ -91,7 +91,7 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
             return found
         if name not in self._counts:
             raise KeyError(name)
-        prefix = b"\x00" + write_string(name.encode("utf-8"))
+        prefix = _pieces_prefix(name)
         out: dict[tuple[Extent, ...], BundleEntry] = {}
         for key, value in self._reader.range(prefix, prefix + b"\xff"):
             try:
@@ -119,7 +119,7 @@ class Pieces(Mapping[str, dict[tuple[Extent, ...], BundleEntry]]):
         crafted index may inflate. DecodeError on damage in the runs decoded."""
         found = self._more.get((name, count))
         if found is None:
-            prefix = b"\x00" + write_string(name.encode("utf-8"))
+            prefix = _pieces_prefix(name)
             keys = self._reader.seek_range(prefix, prefix + b"\xff", limit=count + 1)
             found = self._more[name, count] = len(keys) > count
         return found
@@ -192,8 +192,13 @@ class Entries(Mapping[str, BundleEntry]):
         return len(self.names)
 
 
+def _pieces_prefix(name: str) -> bytes:
+    """What every slice key of ``name`` starts with."""
+    return b"\x00" + write_string(name.encode("utf-8"))
+
+
 def _slice_base(name: str, rank: int) -> bytes:
-    return b"\x00" + write_string(name.encode("utf-8")) + write_num_increasing(rank)
+    return _pieces_prefix(name) + write_num_increasing(rank)
 
 
 def _piece_extents(key: bytes, name: str, rank: int) -> tuple[Extent, ...]:
